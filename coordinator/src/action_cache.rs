@@ -1,0 +1,105 @@
+//! `ActionCache`: GetActionResult and UpdateActionResult.
+//!
+//! A result is only returned while every blob it references is still in the
+//! CAS, so a client never receives a hit it cannot download.
+
+use std::sync::Arc;
+
+use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_fs::storage::Storage;
+use casbuild_fs::store::BlobStore;
+use casbuild_fs::tree::child_digest;
+use casbuild_proto::reapi::action_cache_server::ActionCache;
+use casbuild_proto::reapi::{ActionResult, GetActionResultRequest, Tree, UpdateActionResultRequest};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::status::{request_digest, store_status};
+
+/// The action cache service over a coordinator's [`Storage`].
+pub struct ActionCacheService {
+    storage: Arc<Storage>,
+}
+
+impl ActionCacheService {
+    /// Serves `storage`.
+    pub fn new(storage: Arc<Storage>) -> Self {
+        ActionCacheService { storage }
+    }
+}
+
+/// Every blob digest `result` references: output files, stdout/stderr, output
+/// directory Trees and the files inside them. Reading a Tree that is gone
+/// yields its digest, which the caller then finds missing.
+async fn referenced_blobs(
+    cas: &dyn BlobStore,
+    function: DigestFunction,
+    result: &ActionResult,
+) -> Result<Vec<Digest>, String> {
+    let mut digests = Vec::new();
+    for file in &result.output_files {
+        digests.push(child_digest(function, &file.path, file.digest.as_ref())?);
+    }
+    for (name, digest) in [("stdout", &result.stdout_digest), ("stderr", &result.stderr_digest)] {
+        if let Some(digest) = digest {
+            digests.push(child_digest(function, name, Some(digest))?);
+        }
+    }
+    for dir in &result.output_directories {
+        let tree_digest = child_digest(function, &dir.path, dir.tree_digest.as_ref())?;
+        digests.push(tree_digest);
+        let Ok(bytes) = cas.read_all(&tree_digest).await else { continue };
+        let tree = Tree::decode(bytes).map_err(|e| format!("output directory {:?}: Tree does not decode: {e}", dir.path))?;
+        for directory in tree.root.iter().chain(tree.children.iter()) {
+            for file in &directory.files {
+                digests.push(child_digest(function, &file.name, file.digest.as_ref())?);
+            }
+        }
+    }
+    Ok(digests)
+}
+
+#[tonic::async_trait]
+impl ActionCache for ActionCacheService {
+    async fn get_action_result(
+        &self,
+        request: Request<GetActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let request = request.into_inner();
+        let action = request_digest(request.digest_function, request.action_digest.as_ref(), "action_digest")?;
+        let instance = &request.instance_name;
+        let result = self
+            .storage
+            .action_cache()
+            .get(instance, &action)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("no cached result for action {action}")))?;
+        let cas = self.storage.cas(instance);
+        let referenced = referenced_blobs(cas.as_ref(), action.function, &result)
+            .await
+            .map_err(|e| Status::not_found(format!("cached result for action {action} is unusable: {e}")))?;
+        let missing = cas.find_missing(&referenced).await.map_err(store_status)?;
+        if let Some(gone) = missing.first() {
+            return Err(Status::not_found(format!(
+                "cached result for action {action} references blob {gone}, which is no longer in the CAS"
+            )));
+        }
+        Ok(Response::new(result))
+    }
+
+    async fn update_action_result(
+        &self,
+        request: Request<UpdateActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let request = request.into_inner();
+        let action = request_digest(request.digest_function, request.action_digest.as_ref(), "action_digest")?;
+        let result = request.action_result.ok_or_else(|| Status::invalid_argument("action_result is missing"))?;
+        let cas = self.storage.cas(&request.instance_name);
+        referenced_blobs(cas.as_ref(), action.function, &result)
+            .await
+            .map_err(|e| Status::invalid_argument(format!("action_result: {e}")))?;
+        self.storage.action_cache().update(&request.instance_name, &action, &result).await.map_err(store_status)?;
+        Ok(Response::new(result))
+    }
+}

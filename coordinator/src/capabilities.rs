@@ -1,0 +1,52 @@
+//! `Capabilities.GetCapabilities`: what this server supports, so clients pick
+//! a digest function, batch sizes and compression that will work.
+
+use casbuild_fs::digest::DigestFunction;
+use casbuild_proto::reapi::capabilities_server::Capabilities;
+use casbuild_proto::reapi::{
+    compressor, symlink_absolute_path_strategy, ActionCacheUpdateCapabilities, CacheCapabilities,
+    GetCapabilitiesRequest, ServerCapabilities,
+};
+use casbuild_proto::semver::SemVer;
+use tonic::{Request, Response, Status};
+
+/// Answers capability queries from the server's configuration.
+pub struct CapabilitiesService {
+    max_batch_bytes: u64,
+}
+
+impl CapabilitiesService {
+    /// A service announcing `max_batch_bytes` as the batch limit.
+    pub fn new(max_batch_bytes: u64) -> Self {
+        CapabilitiesService { max_batch_bytes }
+    }
+}
+
+fn version(major: i32, minor: i32) -> Option<SemVer> {
+    Some(SemVer { major, minor, patch: 0, prerelease: String::new() })
+}
+
+#[tonic::async_trait]
+impl Capabilities for CapabilitiesService {
+    async fn get_capabilities(
+        &self,
+        _request: Request<GetCapabilitiesRequest>,
+    ) -> Result<Response<ServerCapabilities>, Status> {
+        let cache = CacheCapabilities {
+            digest_functions: DigestFunction::ALL.iter().map(|f| f.to_proto() as i32).collect(),
+            action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities { update_enabled: true }),
+            max_batch_total_size_bytes: self.max_batch_bytes as i64,
+            symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
+            supported_compressors: vec![compressor::Value::Zstd as i32],
+            supported_batch_update_compressors: vec![compressor::Value::Zstd as i32],
+            ..Default::default()
+        };
+        Ok(Response::new(ServerCapabilities {
+            cache_capabilities: Some(cache),
+            execution_capabilities: None,
+            deprecated_api_version: None,
+            low_api_version: version(2, 0),
+            high_api_version: version(2, 3),
+        }))
+    }
+}

@@ -1,0 +1,26 @@
+//! The casbuild coordinator: a REAPI v2 server over `casbuild-fs` storage.
+//!
+//! It serves Capabilities, ContentAddressableStorage, ByteStream and the
+//! ActionCache — enough for any REAPI client to use it as a remote cache —
+//! with instance names as separate namespaces.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use casbuild_fs::storage::{Storage, StorageConfig};
+//! let storage = Arc::new(Storage::open(&StorageConfig::new("/var/cache/casbuild".into()))?);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8980").await?;
+//! casbuild_coordinator::serve(listener, storage, Default::default(), std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+
+mod action_cache;
+mod bytestream;
+mod capabilities;
+mod cas;
+mod compression;
+mod server;
+pub mod status;
+
+pub use bytestream::SESSION_IDLE;
+pub use server::{serve, ServerConfig};

@@ -1,0 +1,67 @@
+//! The gRPC server: every service wired onto one listener, with explicit
+//! shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use casbuild_fs::storage::Storage;
+use casbuild_proto::bytestream::byte_stream_server::ByteStreamServer;
+use casbuild_proto::reapi::action_cache_server::ActionCacheServer;
+use casbuild_proto::reapi::capabilities_server::CapabilitiesServer;
+use casbuild_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::action_cache::ActionCacheService;
+use crate::bytestream::ByteStreamService;
+use crate::capabilities::CapabilitiesService;
+use crate::cas::CasService;
+
+/// Settings of the REAPI server.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Largest total of blob bytes in one batch call, announced in capabilities.
+    pub max_batch_bytes: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { max_batch_bytes: 4 << 20 }
+    }
+}
+
+/// Largest gRPC message accepted: a full batch plus its framing, or a
+/// ByteStream chunk of any reasonable size.
+const MAX_MESSAGE: usize = 16 << 20;
+
+/// Serves the REAPI storage services on `listener` until `shutdown` resolves;
+/// calls in flight are then allowed to finish.
+pub async fn serve(
+    listener: TcpListener,
+    storage: Arc<Storage>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let max_message = MAX_MESSAGE.max(config.max_batch_bytes as usize * 2);
+    let cas = ContentAddressableStorageServer::new(CasService::new(storage.clone(), config.max_batch_bytes))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let bytestream = ByteStreamServer::new(ByteStreamService::new(storage.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let action_cache = ActionCacheServer::new(ActionCacheService::new(storage.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let capabilities = CapabilitiesServer::new(CapabilitiesService::new(config.max_batch_bytes));
+    Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(16 << 20)
+        .initial_connection_window_size(32 << 20)
+        .add_service(capabilities)
+        .add_service(cas)
+        .add_service(bytestream)
+        .add_service(action_cache)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}

@@ -1,0 +1,42 @@
+//! Turning storage and parsing errors into gRPC statuses with the codes REAPI
+//! clients act on.
+
+use casbuild_fs::digest::{Digest, DigestError};
+use casbuild_fs::store::StoreError;
+use casbuild_proto::reapi;
+use tonic::{Code, Status};
+
+/// The status a client should see for a store error.
+pub fn store_status(error: StoreError) -> Status {
+    let code = match &error {
+        StoreError::NotFound { .. } => Code::NotFound,
+        StoreError::DigestMismatch(_) | StoreError::InvalidArgument(_) => Code::InvalidArgument,
+        StoreError::OutOfRange { .. } => Code::OutOfRange,
+        StoreError::ResourceExhausted(_) => Code::ResourceExhausted,
+        StoreError::Unavailable(_) => Code::Unavailable,
+        StoreError::Io { .. } => Code::Internal,
+    };
+    Status::new(code, error.to_string())
+}
+
+/// A malformed digest or unsupported digest function is the client's fault.
+pub fn digest_status(error: DigestError) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+/// Parses a digest from a request, resolving its function from the request's
+/// `digest_function` field; a missing digest names the field.
+pub fn request_digest(function: i32, digest: Option<&reapi::Digest>, field: &str) -> Result<Digest, Status> {
+    let digest = digest.ok_or_else(|| Status::invalid_argument(format!("{field} is missing")))?;
+    Digest::from_request(function, digest).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+/// A `google.rpc.Status` for per-entry results of batch calls.
+pub fn rpc_status(status: &Status) -> casbuild_proto::rpc::Status {
+    casbuild_proto::rpc::Status { code: status.code() as i32, message: status.message().to_string(), details: vec![] }
+}
+
+/// The `google.rpc.Status` meaning success.
+pub fn rpc_ok() -> casbuild_proto::rpc::Status {
+    casbuild_proto::rpc::Status { code: 0, message: String::new(), details: vec![] }
+}

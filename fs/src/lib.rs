@@ -1,0 +1,24 @@
+//! Content-addressed storage for casbuild: digests, ByteStream resource names,
+//! blob stores that compose into tiers, and the action cache.
+//!
+//! ```
+//! use casbuild_fs::digest::DigestFunction;
+//! use casbuild_fs::store::{BlobStore, MemoryStore};
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let store = MemoryStore::new(1 << 20);
+//! let digest = DigestFunction::Blake3.digest_of(b"hello");
+//! store.write(&digest, "hello".into()).await.unwrap();
+//! assert_eq!(store.read_all(&digest).await.unwrap(), "hello");
+//! # });
+//! ```
+
+pub mod action_cache;
+pub mod digest;
+pub mod local_tree;
+pub mod namespace;
+pub mod resource;
+pub mod storage;
+pub mod store;
+pub mod tree;
+
+pub use digest::{Digest, DigestFunction};

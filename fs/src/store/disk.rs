@@ -1,0 +1,585 @@
+//! A blob store on local disk: the durable tier.
+//!
+//! Layout under the root:
+//!
+//! ```text
+//! cas/{instance-dir}/{function}/{hash[0..2]}/{hash}-{size}   one file per blob
+//! tmp/{uuid}                                                 writes in progress
+//! ```
+//!
+//! Writes go to `tmp/` and are renamed into place only after the bytes have
+//! been verified, so a reader never sees half a blob, and a crash leaves at
+//! most garbage in `tmp/` (cleared at the next open). Files are not fsynced:
+//! every read verifies the blob's hash, so a file torn by a power loss is
+//! detected, deleted and reported missing instead of being served.
+//!
+//! An in-memory index (an LRU of sizes) answers `find_missing` without touching
+//! the disk and decides eviction once the byte budget is exceeded. It is rebuilt
+//! from the files at open, ordered by modification time, which reads refresh.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use lru::LruCache;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::digest::{Digest, DigestFunction};
+use crate::namespace::{instance_dir, Namespaces};
+use crate::store::verify::{byte_range, verified};
+use crate::store::{chunked, read_range, BlobStore, BlobStream, BlobWriter, StoreError, Verifier, CHUNK_SIZE};
+
+/// Blobs up to this size are read and verified whole before being returned;
+/// larger ones are streamed, with the final chunk held back until verified.
+const WHOLE_READ_MAX: u64 = 4 << 20;
+
+/// A size-bounded, verified, restart-safe blob store on local disk. Cloning
+/// gives another handle onto the same files.
+#[derive(Clone)]
+pub struct DiskStore {
+    shared: Arc<Shared>,
+    namespace: u32,
+}
+
+struct Shared {
+    root: PathBuf,
+    index: Mutex<Index>,
+}
+
+/// A blob in one namespace.
+type BlobKey = (u32, Digest);
+
+struct Index {
+    blobs: LruCache<BlobKey, ()>,
+    bytes: u64,
+    budget: u64,
+    namespaces: Namespaces,
+}
+
+impl DiskStore {
+    /// Opens (creating if needed) a store under `root` holding at most `budget`
+    /// bytes, and indexes the blobs already there. This scans the directory, so
+    /// call it from a blocking context.
+    pub fn open(root: &Path, budget: u64) -> Result<Self, StoreError> {
+        let cas = root.join("cas");
+        let tmp = root.join("tmp");
+        std::fs::create_dir_all(&cas).map_err(|e| StoreError::io(format!("create {}", cas.display()), e))?;
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| StoreError::io(format!("clear {}", tmp.display()), e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| StoreError::io(format!("create {}", tmp.display()), e))?;
+
+        let mut namespaces = Namespaces::default();
+        let mut found = scan(&cas, &mut namespaces)?;
+        found.sort_by_key(|(_, mtime)| *mtime);
+        let mut index = Index { blobs: LruCache::unbounded(), bytes: 0, budget, namespaces };
+        for (key, _) in found {
+            index.blobs.put(key, ());
+            index.bytes += key.1.size_bytes;
+        }
+        let namespace = index.namespaces.id(&instance_dir(""));
+        let store =
+            DiskStore { shared: Arc::new(Shared { root: root.to_path_buf(), index: Mutex::new(index) }), namespace };
+        let mut index = store.lock();
+        store.evict_over_budget(&mut index);
+        drop(index);
+        Ok(store)
+    }
+
+    /// A handle onto the same files (and budget) for another instance.
+    pub fn namespace(&self, instance: &str) -> Self {
+        let namespace = self.lock().namespaces.id(&instance_dir(instance));
+        DiskStore { shared: self.shared.clone(), namespace }
+    }
+
+    /// Bytes held across all namespaces.
+    pub fn bytes_used(&self) -> u64 {
+        self.lock().bytes
+    }
+
+    /// Where the blob's file lives (whether or not it exists); for tools and tests.
+    pub fn path_of(&self, digest: &Digest) -> PathBuf {
+        let index = self.lock();
+        self.blob_path(&index, self.namespace, digest)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Index> {
+        self.shared.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn blob_path(&self, index: &Index, namespace: u32, digest: &Digest) -> PathBuf {
+        let hash = digest.hash_hex();
+        self.shared
+            .root
+            .join("cas")
+            .join(index.namespaces.dir(namespace))
+            .join(digest.function.name())
+            .join(&hash[..2])
+            .join(format!("{hash}-{}", digest.size_bytes))
+    }
+
+    /// Removes least recently used blobs until the total fits the budget.
+    fn evict_over_budget(&self, index: &mut Index) {
+        while index.bytes > index.budget {
+            let Some(((namespace, digest), ())) = index.blobs.pop_lru() else { break };
+            index.bytes -= digest.size_bytes;
+            let path = self.blob_path(index, namespace, &digest);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!("evicting {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Forgets a blob whose file is gone or corrupt, deleting what is left.
+    fn discard(&self, digest: &Digest) {
+        let mut index = self.lock();
+        if index.blobs.pop(&(self.namespace, *digest)).is_some() {
+            index.bytes -= digest.size_bytes;
+        }
+        let path = self.blob_path(&index, self.namespace, digest);
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// Opens a blob for reading, checking its length; `Ok(None)` when absent.
+    fn open_blob(&self, digest: &Digest) -> Result<Option<File>, StoreError> {
+        let path = {
+            let mut index = self.lock();
+            if index.blobs.get(&(self.namespace, *digest)).is_none() {
+                return Ok(None);
+            }
+            self.blob_path(&index, self.namespace, digest)
+        };
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.discard(digest);
+                return Ok(None);
+            }
+            Err(e) => return Err(StoreError::io(format!("open {}", path.display()), e)),
+        };
+        let len = file.metadata().map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?.len();
+        if len != digest.size_bytes {
+            tracing::error!("{} has {len} bytes, not {}: removed", path.display(), digest.size_bytes);
+            self.discard(digest);
+            return Ok(None);
+        }
+        // Refresh the time the restart scan orders blobs by; failing is harmless.
+        let _ = file.set_modified(SystemTime::now());
+        Ok(Some(file))
+    }
+
+    fn corrupt(&self, digest: &Digest) -> StoreError {
+        tracing::error!("blob {digest:?} on disk does not match its digest: removed");
+        self.discard(digest);
+        StoreError::NotFound { digest: *digest, detail: "its file on disk was corrupt and has been removed".into() }
+    }
+
+    /// Reads and verifies a whole (small) blob.
+    fn read_whole(&self, digest: &Digest) -> Result<Bytes, StoreError> {
+        let mut file = self.open_blob(digest)?.ok_or_else(|| StoreError::not_found(digest))?;
+        let mut data = Vec::with_capacity(digest.size_bytes as usize);
+        file.read_to_end(&mut data).map_err(|e| StoreError::io(format!("read blob {digest:?}"), e))?;
+        if Verifier::check(*digest, &data).is_err() {
+            return Err(self.corrupt(digest));
+        }
+        Ok(Bytes::from(data))
+    }
+
+    /// Moves a verified temp file into place and indexes it. Rename, index and
+    /// eviction happen under one lock, so an eviction can never delete a file
+    /// that a concurrent commit has just put back.
+    fn publish(&self, tmp: &Path, digest: &Digest) -> Result<(), StoreError> {
+        let mut index = self.lock();
+        let key = (self.namespace, *digest);
+        if index.blobs.get(&key).is_some() {
+            return Ok(()); // another writer won; the caller removes its temp file
+        }
+        let path = self.blob_path(&index, self.namespace, digest);
+        let dir = path.parent().expect("blob paths have a parent");
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
+        std::fs::rename(tmp, &path).map_err(|e| StoreError::io(format!("rename into {}", path.display()), e))?;
+        index.blobs.put(key, ());
+        index.bytes += digest.size_bytes;
+        self.evict_over_budget(&mut index);
+        Ok(())
+    }
+
+    fn new_temp_path(&self) -> PathBuf {
+        self.shared.root.join("tmp").join(uuid::Uuid::new_v4().to_string())
+    }
+
+    fn check_budget(&self, digest: &Digest) -> Result<(), StoreError> {
+        let budget = self.lock().budget;
+        if digest.size_bytes > budget {
+            return Err(StoreError::ResourceExhausted(format!(
+                "blob {digest:?} ({} bytes) is larger than the disk budget of {budget} bytes",
+                digest.size_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends a blob's file in chunks; stops early when the reader goes away.
+    fn send_chunks(mut file: File, digest: Digest, tx: mpsc::Sender<Result<Bytes, StoreError>>) {
+        loop {
+            let mut buf = BytesMut::zeroed(CHUNK_SIZE);
+            match read_full(&mut file, &mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.blocking_send(Ok(buf.freeze())).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(StoreError::io(format!("read blob {digest:?}"), e)));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Finds every blob file under `cas/` with its modification time. Files whose name or
+/// length is wrong are deleted.
+fn scan(cas: &Path, namespaces: &mut Namespaces) -> Result<Vec<(BlobKey, SystemTime)>, StoreError> {
+    let mut found = Vec::new();
+    let read_dir = |path: &Path| -> Result<Vec<std::fs::DirEntry>, StoreError> {
+        std::fs::read_dir(path)
+            .and_then(|entries| entries.collect())
+            .map_err(|e| StoreError::io(format!("scan {}", path.display()), e))
+    };
+    for ns_entry in read_dir(cas)? {
+        let namespace = namespaces.id(&ns_entry.file_name().to_string_lossy());
+        for fn_entry in read_dir(&ns_entry.path())? {
+            let Ok(function) = fn_entry.file_name().to_string_lossy().parse::<DigestFunction>() else { continue };
+            for shard in read_dir(&fn_entry.path())? {
+                for file in read_dir(&shard.path())? {
+                    let name = file.file_name().to_string_lossy().into_owned();
+                    let meta =
+                        file.metadata().map_err(|e| StoreError::io(format!("stat {}", file.path().display()), e))?;
+                    let digest = name
+                        .split_once('-')
+                        .and_then(|(hash, size)| Digest::from_hex(function, hash, size.parse().ok()?).ok());
+                    match digest {
+                        Some(digest) if meta.len() == digest.size_bytes => {
+                            found.push(((namespace, digest), meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+                        }
+                        _ => {
+                            tracing::warn!("removing stray file {}", file.path().display());
+                            let _ = std::fs::remove_file(file.path());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::io("disk task", std::io::Error::other(e.to_string())))?
+}
+
+#[async_trait]
+impl BlobStore for DiskStore {
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
+        let mut index = self.lock();
+        Ok(digests
+            .iter()
+            .filter(|d| !d.is_empty_blob() && index.blobs.get(&(self.namespace, **d)).is_none())
+            .copied()
+            .collect())
+    }
+
+    async fn read(&self, digest: &Digest, offset: u64, limit: Option<u64>) -> Result<BlobStream, StoreError> {
+        if digest.is_empty_blob() {
+            return Ok(chunked(Bytes::new(), 0, 0));
+        }
+        let (start, end) = read_range(digest, offset, limit)?;
+        let digest = *digest;
+        let store = self.clone();
+        if digest.size_bytes <= WHOLE_READ_MAX {
+            let data = blocking(move || store.read_whole(&digest)).await?;
+            return Ok(chunked(data, start, end));
+        }
+        let opener = store.clone();
+        let file = blocking(move || opener.open_blob(&digest)).await?.ok_or_else(|| StoreError::not_found(&digest))?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || DiskStore::send_chunks(file, digest, tx));
+        let whole = verified(ReceiverStream::new(rx).boxed(), digest, move || store.corrupt(&digest));
+        Ok(byte_range(whole, start, end))
+    }
+
+    async fn begin_write(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>, StoreError> {
+        self.check_budget(digest)?;
+        let tmp = self.new_temp_path();
+        let path = tmp.clone();
+        let file =
+            blocking(move || File::create(&path).map_err(|e| StoreError::io(format!("create {}", path.display()), e)))
+                .await?;
+        Ok(Box::new(DiskWriter {
+            store: self.clone(),
+            digest: *digest,
+            tmp,
+            state: Some((file, Verifier::new(*digest))),
+            pending: BytesMut::new(),
+            written: 0,
+        }))
+    }
+
+    /// One blocking task for the whole blob: verify, write, rename.
+    async fn write(&self, digest: &Digest, data: Bytes) -> Result<(), StoreError> {
+        Verifier::check(*digest, &data)?;
+        if digest.is_empty_blob() {
+            return Ok(());
+        }
+        self.check_budget(digest)?;
+        let (store, digest, tmp) = (self.clone(), *digest, self.new_temp_path());
+        blocking(move || {
+            let result = std::fs::write(&tmp, &data)
+                .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))
+                .and_then(|()| store.publish(&tmp, &digest));
+            let _ = std::fs::remove_file(&tmp);
+            result
+        })
+        .await
+    }
+}
+
+/// Writes into a temp file, hashing on the way; `commit` renames it into place.
+struct DiskWriter {
+    store: DiskStore,
+    digest: Digest,
+    tmp: PathBuf,
+    /// The temp file and hash state; out on loan while a flush runs.
+    state: Option<(File, Verifier)>,
+    /// Small chunks gathered into one disk write.
+    pending: BytesMut,
+    written: u64,
+}
+
+impl DiskWriter {
+    async fn flush(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let data = self.pending.split().freeze();
+        let (mut file, mut verifier) =
+            self.state.take().ok_or_else(|| StoreError::InvalidArgument("write after a failed write".into()))?;
+        let tmp = self.tmp.clone();
+        let state = blocking(move || {
+            verifier.update(&data)?;
+            file.write_all(&data).map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))?;
+            Ok((file, verifier))
+        })
+        .await?;
+        self.state = Some(state);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BlobWriter for DiskWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+        let total = self.written + chunk.len() as u64;
+        if total > self.digest.size_bytes {
+            return Err(StoreError::InvalidArgument(format!(
+                "blob {:?}: received {total} bytes, more than its size {}",
+                self.digest, self.digest.size_bytes
+            )));
+        }
+        self.written = total;
+        self.pending.extend_from_slice(&chunk);
+        if self.pending.len() >= CHUNK_SIZE {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    fn written(&self) -> u64 {
+        self.written
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        self.flush().await?;
+        let (file, verifier) =
+            self.state.take().ok_or_else(|| StoreError::InvalidArgument("commit after a failed write".into()))?;
+        verifier.finish()?;
+        drop(file);
+        if self.digest.is_empty_blob() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let digest = self.digest;
+        let tmp = self.tmp.clone();
+        blocking(move || store.publish(&tmp, &digest)).await
+    }
+}
+
+impl Drop for DiskWriter {
+    fn drop(&mut self) {
+        // After a successful commit the temp file has been renamed away.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::collect;
+
+    fn blob(seed: u8, len: usize) -> (Digest, Bytes) {
+        let data: Bytes = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<u8>>().into();
+        (DigestFunction::Blake3.digest_of(&data), data)
+    }
+
+    #[tokio::test]
+    async fn blobs_survive_reopen_in_lru_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, da) = blob(1, 1000);
+        let (b, db) = blob(2, 1000);
+        {
+            let store = DiskStore::open(dir.path(), 10_000).unwrap();
+            store.write(&a, da.clone()).await.unwrap();
+            store.write(&b, db.clone()).await.unwrap();
+            // Make `a` clearly older on disk than `b`.
+            let old = SystemTime::now() - std::time::Duration::from_secs(3600);
+            File::open(store.path_of(&a)).unwrap().set_modified(old).unwrap();
+        }
+        let store = DiskStore::open(dir.path(), 1500).unwrap();
+        assert_eq!(store.bytes_used(), 1000, "the older blob was evicted to fit the smaller budget");
+        assert_eq!(store.find_missing(&[a, b]).await.unwrap(), vec![a]);
+        assert_eq!(store.read_all(&b).await.unwrap(), db);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_small_blob_is_removed_and_reported_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        let (a, da) = blob(3, 4096);
+        store.write(&a, da).await.unwrap();
+        let path = store.path_of(&a);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let err = store.read_all(&a).await.unwrap_err();
+        assert!(err.is_not_found() && err.to_string().contains("corrupt"), "{err}");
+        assert!(!path.exists());
+        assert_eq!(store.find_missing(&[a]).await.unwrap(), vec![a]);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_large_blob_never_reaches_the_reader_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        let (a, da) = blob(4, (WHOLE_READ_MAX + 3 * CHUNK_SIZE as u64 + 17) as usize);
+        store.write(&a, da.clone()).await.unwrap();
+        // A good read of a middle range.
+        let part = collect(store.read(&a, 5_000_000, Some(10)).await.unwrap(), 10).await.unwrap();
+        assert_eq!(part, da.slice(5_000_000..5_000_010));
+        let path = store.path_of(&a);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let mut stream = store.read(&a, 0, None).await.unwrap();
+        let mut received = 0;
+        let mut failed = None;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => received += c.len(),
+                Err(e) => failed = Some(e),
+            }
+        }
+        assert!(received < da.len(), "the last chunk is withheld");
+        assert!(failed.expect("the read fails").is_not_found());
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn bad_writes_leave_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        let (a, da) = blob(5, 100);
+        // Overrun.
+        let mut w = store.begin_write(&a).await.unwrap();
+        let err = w.write(Bytes::from(vec![0u8; 101])).await.unwrap_err();
+        assert!(err.to_string().contains("more than its size"), "{err}");
+        drop(w);
+        // Ends early.
+        let mut w = store.begin_write(&a).await.unwrap();
+        w.write(da.slice(..50)).await.unwrap();
+        let err = w.commit().await.unwrap_err();
+        assert!(err.to_string().contains("ended before"), "{err}");
+        // Wrong content.
+        let err = store.write(&a, Bytes::from(vec![0u8; 100])).await.unwrap_err();
+        assert!(matches!(err, StoreError::DigestMismatch(_)), "{err}");
+        assert_eq!(store.find_missing(&[a]).await.unwrap(), vec![a]);
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "temp files removed");
+        // Larger than the whole budget.
+        let small = DiskStore::open(&dir.path().join("small"), 10).unwrap();
+        let err = small.write(&a, da).await.unwrap_err();
+        assert!(matches!(err, StoreError::ResourceExhausted(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_writers_of_one_blob_leave_one_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        let (a, da) = blob(6, 3 << 20);
+        let writers: Vec<_> = (0..16)
+            .map(|_| {
+                let (store, da) = (store.clone(), da.clone());
+                tokio::spawn(async move { store.write(&a, da).await })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(store.bytes_used(), da.len() as u64);
+        assert_eq!(store.read_all(&a).await.unwrap(), da);
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn leftovers_of_a_crash_are_cleared_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, da) = blob(7, 64);
+        {
+            let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+            store.write(&a, da).await.unwrap();
+            std::fs::write(dir.path().join("tmp/half-written"), b"x").unwrap();
+            // A truncated blob file, as a power loss could leave.
+            std::fs::write(store.path_of(&a), b"short").unwrap();
+        }
+        let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(store.find_missing(&[a]).await.unwrap(), vec![a]);
+        assert_eq!(store.bytes_used(), 0);
+    }
+}

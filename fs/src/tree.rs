@@ -1,0 +1,165 @@
+//! Directory protos: decoding and the checks REAPI requires of them.
+//!
+//! A Directory lists files, subdirectories and symlinks, each list sorted by
+//! name, names unique across all three, and no name that could step outside
+//! the directory. A tree that breaks these rules is refused, not interpreted.
+
+use casbuild_proto::reapi::Directory;
+use prost::Message;
+
+use crate::digest::{Digest, DigestFunction};
+
+/// Why a Directory blob cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("directory {digest}: {problem}")]
+pub struct TreeError {
+    /// The offending Directory blob, as `HASH/SIZE`.
+    pub digest: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// Decodes and validates the Directory stored under `digest`.
+pub fn decode_directory(digest: &Digest, bytes: &[u8]) -> Result<Directory, TreeError> {
+    let error = |problem: String| TreeError { digest: digest.to_string(), problem };
+    let directory = Directory::decode(bytes).map_err(|e| error(format!("is not a Directory proto: {e}")))?;
+    validate_directory(&directory, digest.function).map_err(error)?;
+    Ok(directory)
+}
+
+/// Checks entry names, their order and uniqueness, and child digests.
+pub fn validate_directory(directory: &Directory, function: DigestFunction) -> Result<(), String> {
+    let files = directory.files.iter().map(|f| f.name.as_str());
+    let dirs = directory.directories.iter().map(|d| d.name.as_str());
+    let links = directory.symlinks.iter().map(|s| s.name.as_str());
+    for (kind, names) in
+        [("files", files.collect::<Vec<_>>()), ("directories", dirs.collect()), ("symlinks", links.collect())]
+    {
+        for name in &names {
+            check_name(name)?;
+        }
+        for pair in names.windows(2) {
+            if pair[0] == pair[1] {
+                return Err(format!("duplicate name {:?} in {kind}", pair[0]));
+            }
+            if pair[0] > pair[1] {
+                return Err(format!("{kind} are not sorted: {:?} comes before {:?}", pair[0], pair[1]));
+            }
+        }
+    }
+    let mut all: Vec<&str> = directory
+        .files
+        .iter()
+        .map(|f| f.name.as_str())
+        .chain(directory.directories.iter().map(|d| d.name.as_str()))
+        .chain(directory.symlinks.iter().map(|s| s.name.as_str()))
+        .collect();
+    all.sort_unstable();
+    if let Some(pair) = all.windows(2).find(|p| p[0] == p[1]) {
+        return Err(format!("name {:?} is used by two entries", pair[0]));
+    }
+    for file in &directory.files {
+        child_digest(function, &file.name, file.digest.as_ref())?;
+    }
+    for dir in &directory.directories {
+        child_digest(function, &dir.name, dir.digest.as_ref())?;
+    }
+    for link in &directory.symlinks {
+        if link.target.is_empty() {
+            return Err(format!("symlink {:?} has an empty target", link.name));
+        }
+    }
+    Ok(())
+}
+
+/// The digest of a child entry, checked.
+pub fn child_digest(
+    function: DigestFunction,
+    name: &str,
+    digest: Option<&casbuild_proto::reapi::Digest>,
+) -> Result<Digest, String> {
+    let digest = digest.ok_or_else(|| format!("entry {name:?} has no digest"))?;
+    Digest::from_proto(function, digest).map_err(|e| format!("entry {name:?}: {e}"))
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("an entry has an empty name".into());
+    }
+    if name == "." || name == ".." {
+        return Err(format!("entry name {name:?} is not allowed"));
+    }
+    if name.contains('/') || name.contains('\0') {
+        return Err(format!("entry name {name:?} contains '/' or NUL"));
+    }
+    Ok(())
+}
+
+/// Whether `bytes` is exactly the canonical encoding of a valid Directory.
+/// Used to tell a stored Directory from a file blob when only a digest is known.
+pub fn looks_like_directory(digest: &Digest, bytes: &[u8]) -> bool {
+    match decode_directory(digest, bytes) {
+        Ok(dir) => dir.encode_to_vec() == bytes,
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use casbuild_proto::reapi::{DirectoryNode, FileNode, SymlinkNode};
+
+    fn file(name: &str) -> FileNode {
+        FileNode { name: name.into(), digest: Some(DigestFunction::Sha256.empty().to_proto()), ..Default::default() }
+    }
+
+    #[test]
+    fn accepts_a_well_formed_directory() {
+        let dir = Directory {
+            files: vec![file("a"), file("b.txt")],
+            directories: vec![DirectoryNode {
+                name: "sub".into(),
+                digest: Some(DigestFunction::Sha256.empty().to_proto()),
+            }],
+            symlinks: vec![SymlinkNode { name: "z".into(), target: "a".into(), ..Default::default() }],
+            ..Default::default()
+        };
+        validate_directory(&dir, DigestFunction::Sha256).unwrap();
+    }
+
+    #[test]
+    fn rejects_each_kind_of_bad_entry() {
+        let cases: Vec<(Directory, &str)> = vec![
+            (Directory { files: vec![file("b"), file("a")], ..Default::default() }, "not sorted"),
+            (Directory { files: vec![file("a"), file("a")], ..Default::default() }, "duplicate"),
+            (Directory { files: vec![file("x/y")], ..Default::default() }, "contains '/'"),
+            (Directory { files: vec![file("..")], ..Default::default() }, "not allowed"),
+            (Directory { files: vec![file(".")], ..Default::default() }, "not allowed"),
+            (Directory { files: vec![file("")], ..Default::default() }, "empty name"),
+            (
+                Directory {
+                    files: vec![file("a")],
+                    symlinks: vec![SymlinkNode { name: "a".into(), target: "b".into(), ..Default::default() }],
+                    ..Default::default()
+                },
+                "used by two entries",
+            ),
+            (
+                Directory { files: vec![FileNode { name: "a".into(), ..Default::default() }], ..Default::default() },
+                "no digest",
+            ),
+        ];
+        for (dir, want) in cases {
+            let err = validate_directory(&dir, DigestFunction::Sha256).unwrap_err();
+            assert!(err.contains(want), "{err} should mention {want}");
+        }
+    }
+
+    #[test]
+    fn garbage_is_not_a_directory() {
+        let bytes = b"hello world, not a proto";
+        let digest = DigestFunction::Sha256.digest_of(bytes);
+        assert!(!looks_like_directory(&digest, bytes));
+        assert!(decode_directory(&digest, &[0xff, 0xff]).unwrap_err().problem.contains("not a Directory"));
+    }
+}

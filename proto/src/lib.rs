@@ -1,0 +1,26 @@
+//! Wire types for casbuild: the Remote Execution API v2 and its companions
+//! (ByteStream, longrunning, google.rpc, Remote Asset), re-exported from the
+//! `bazel-remote-apis` crate, plus casbuild's own worker protocol.
+//!
+//! Every other crate reaches protobuf types through here, so the REAPI
+//! version in use is decided in one place.
+//!
+//! ```
+//! use casbuild_proto::reapi::Digest;
+//! let d = Digest { hash: "ab".repeat(32), size_bytes: 3 };
+//! assert_eq!(d.size_bytes, 3);
+//! ```
+
+pub use bazel_remote_apis::build::bazel::remote::asset::v1 as asset;
+pub use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+pub use bazel_remote_apis::build::bazel::semver;
+pub use bazel_remote_apis::google::bytestream;
+pub use bazel_remote_apis::google::longrunning;
+pub use bazel_remote_apis::google::protobuf;
+pub use bazel_remote_apis::google::rpc;
+
+/// casbuild's coordinator ↔ worker protocol (`proto/worker.proto`).
+pub mod worker {
+    #![allow(missing_docs)]
+    tonic::include_proto!("casbuild.worker.v1");
+}

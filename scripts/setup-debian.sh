@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the system packages casbuild needs on Debian (run as root):
+#   fuse3            the /cas FUSE mount (fusermount3, /dev/fuse users)
+#   bazel-bootstrap  Bazel 4.2.3, the real REAPI client the tests drive
+# Everything else comes from crates.io through cargo.
+set -euo pipefail
+packages=(fuse3 bazel-bootstrap)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,112 @@
+//! `casbuild coordinator`: the REAPI server on local storage.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use casbuild_coordinator::ServerConfig;
+use casbuild_fs::storage::{Storage, StorageConfig};
+use serde::Deserialize;
+
+use crate::config::{default_data_dir, load_toml, parse_size, ConfigSize};
+
+/// Flags of `casbuild coordinator`; each may also come from `--config`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// TOML file with any of: listen, storage, max_disk, max_memory, max_batch.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to serve on (port 0 picks a free port, printed at start).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory of the blob store and action cache [default: $XDG_CACHE_HOME/casbuild].
+    #[arg(long)]
+    storage: Option<PathBuf>,
+    /// Disk budget; least recently used blobs are evicted beyond it [default: 20GiB].
+    #[arg(long, value_parser = parse_size)]
+    max_disk: Option<u64>,
+    /// Memory budget of the in-memory blob tier [default: 1GiB].
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
+    /// Largest total size of one batch call, announced to clients [default: 4MiB].
+    #[arg(long, value_parser = parse_size)]
+    max_batch: Option<u64>,
+}
+
+/// The `--config` file.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    storage: Option<PathBuf>,
+    max_disk: Option<ConfigSize>,
+    max_memory: Option<ConfigSize>,
+    max_batch: Option<ConfigSize>,
+}
+
+/// Everything the coordinator needs, after flags, file and defaults are merged.
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub storage: StorageConfig,
+    pub server: ServerConfig,
+}
+
+impl Args {
+    /// Merges flags over the config file over defaults.
+    pub fn settings(self) -> anyhow::Result<Settings> {
+        let file: FileConfig = match &self.config {
+            Some(path) => load_toml(path)?,
+            None => FileConfig::default(),
+        };
+        let dir = self.storage.or(file.storage).unwrap_or_else(default_data_dir);
+        let mut storage = StorageConfig::new(dir);
+        if let Some(n) = self.max_disk.or(file.max_disk.map(ConfigSize::bytes)) {
+            storage.max_disk = n;
+        }
+        if let Some(n) = self.max_memory.or(file.max_memory.map(ConfigSize::bytes)) {
+            storage.max_memory = n;
+        }
+        let mut server = ServerConfig::default();
+        if let Some(n) = self.max_batch.or(file.max_batch.map(ConfigSize::bytes)) {
+            server.max_batch_bytes = n;
+        }
+        let listen = self.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8980".parse().expect("valid address"));
+        Ok(Settings { listen, storage, server })
+    }
+}
+
+/// Runs until SIGINT or SIGTERM, then lets calls in flight finish.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let settings = args.settings()?;
+    let storage_config = settings.storage.clone();
+    let storage = tokio::task::spawn_blocking(move || Storage::open(&storage_config))
+        .await?
+        .with_context(|| format!("opening storage in {}", settings.storage.dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
+    let addr = listener.local_addr()?;
+    println!("casbuild coordinator listening on grpc://{addr}");
+    println!(
+        "storage: {} ({} of {} on disk)",
+        settings.storage.dir.display(),
+        bytesize::ByteSize(storage.disk().bytes_used()),
+        bytesize::ByteSize(settings.storage.max_disk)
+    );
+    casbuild_coordinator::serve(listener, Arc::new(storage), settings.server, shutdown_signal())
+        .await
+        .context("serving")?;
+    eprintln!("casbuild coordinator stopped");
+    Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

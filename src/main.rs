@@ -1,0 +1,59 @@
+//! `casbuild`: the one binary. Parses arguments, wires the library crates
+//! together and presents errors; the work itself lives in the crates.
+
+mod cmd;
+mod config;
+
+use clap::{Parser, Subcommand};
+
+/// A content-addressed build filesystem and remote executor (REAPI v2).
+#[derive(Parser)]
+#[command(name = "casbuild", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the REAPI server (CAS, ByteStream, action cache) on local storage.
+    Coordinator(cmd::coordinator::Args),
+    /// Upload, download and list blobs and trees in a remote CAS.
+    #[command(subcommand)]
+    Cas(cmd::cas::Command),
+    /// Measure casbuild against baselines taken in the same run.
+    #[command(subcommand)]
+    Bench(cmd::bench::Command),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CASBUILD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("casbuild: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Coordinator(args) => cmd::coordinator::run(args).await,
+            Command::Cas(command) => cmd::cas::run(command).await,
+            Command::Bench(command) => cmd::bench::run(command).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("casbuild: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
