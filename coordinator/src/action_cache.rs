@@ -49,7 +49,8 @@ async fn referenced_blobs(
         let tree_digest = child_digest(function, &dir.path, dir.tree_digest.as_ref())?;
         digests.push(tree_digest);
         let Ok(bytes) = cas.read_all(&tree_digest).await else { continue };
-        let tree = Tree::decode(bytes).map_err(|e| format!("output directory {:?}: Tree does not decode: {e}", dir.path))?;
+        let tree =
+            Tree::decode(bytes).map_err(|e| format!("output directory {:?}: Tree does not decode: {e}", dir.path))?;
         for directory in tree.root.iter().chain(tree.children.iter()) {
             for file in &directory.files {
                 digests.push(child_digest(function, &file.name, file.digest.as_ref())?);

@@ -234,7 +234,8 @@ impl ByteStream for ByteStreamService {
         if let Some(session) = self.sessions().get(&name) {
             return Ok(Response::new(QueryWriteStatusResponse { committed_size: session.committed, complete: false }));
         }
-        let stored = self.storage.cas(&resource.instance).find_missing(&[resource.digest]).await.map_err(store_status)?;
+        let stored =
+            self.storage.cas(&resource.instance).find_missing(&[resource.digest]).await.map_err(store_status)?;
         let response = if stored.is_empty() {
             QueryWriteStatusResponse { committed_size: resource.digest.size_bytes as i64, complete: true }
         } else {

@@ -1,2 +1,7 @@
-pub async fn run(_c: Command) -> anyhow::Result<()> { Ok(()) }
-#[derive(clap::Subcommand)] pub enum Command { Cas }
+pub async fn run(_c: Command) -> anyhow::Result<()> {
+    Ok(())
+}
+#[derive(clap::Subcommand)]
+pub enum Command {
+    Cas,
+}

@@ -164,7 +164,8 @@ fn list(
     prefix: &str,
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<()> {
-    let dir = tree.get(digest).with_context(|| format!("directory {digest} under {prefix:?} is missing from the CAS"))?;
+    let dir =
+        tree.get(digest).with_context(|| format!("directory {digest} under {prefix:?} is missing from the CAS"))?;
     for sub in &dir.directories {
         let child = child_digest(digest.function, &sub.name, sub.digest.as_ref()).map_err(anyhow::Error::msg)?;
         writeln!(out, "dir   {:>12}  {child}  {prefix}{}/", "-", sub.name)?;

@@ -94,12 +94,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         bytesize::ByteSize(storage.disk().bytes_used()),
         bytesize::ByteSize(settings.storage.max_disk)
     );
-    casbuild_coordinator::serve(listener, Arc::new(storage), settings.server, shutdown_signal())
-        .await
-        .context("serving")?;
+    // On a signal, stop accepting calls and let those in flight finish, but
+    // do not wait longer than the grace period for clients that keep
+    // connections open.
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let signalled = stopping.clone();
+    let server = casbuild_coordinator::serve(listener, Arc::new(storage), settings.server, async move {
+        shutdown_signal().await;
+        signalled.notify_one();
+    });
+    tokio::select! {
+        result = server => result.context("serving")?,
+        () = async { stopping.notified().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            eprintln!("casbuild coordinator: calls still open after {SHUTDOWN_GRACE:?}; stopping anyway");
+        }
+    }
     eprintln!("casbuild coordinator stopped");
     Ok(())
 }
+
+/// How long calls in flight may take to finish after SIGINT/SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Resolves on the first SIGINT or SIGTERM.
 pub async fn shutdown_signal() {

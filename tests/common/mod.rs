@@ -1,0 +1,177 @@
+//! Shared pieces of the end-to-end tests: the real `casbuild` binary started
+//! as a server on a port the OS picks, gRPC clients onto it, and the rule for
+//! tests that need root.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_proto::bytestream::byte_stream_client::ByteStreamClient;
+use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
+use casbuild_proto::reapi::capabilities_client::CapabilitiesClient;
+use casbuild_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use tonic::transport::Channel;
+
+/// The `casbuild` binary under test.
+pub fn casbuild() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_casbuild"))
+}
+
+/// A `casbuild coordinator` process on 127.0.0.1 and a free port, killed
+/// (by its PID) when dropped.
+pub struct Coordinator {
+    child: Child,
+    pub addr: String,
+    pub storage: PathBuf,
+}
+
+impl Coordinator {
+    /// Starts a coordinator on `storage` with extra flags.
+    pub fn start(storage: &Path, extra: &[&str]) -> Coordinator {
+        let mut child = casbuild()
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--storage"])
+            .arg(storage)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting casbuild coordinator");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("casbuild coordinator listening on grpc://") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("coordinator did not report its address within 30 s");
+            }
+        };
+        Coordinator { child, addr, storage: storage.to_path_buf() }
+    }
+
+    pub fn url(&self) -> String {
+        format!("grpc://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.expect("connecting")
+    }
+
+    pub async fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+        ContentAddressableStorageClient::new(self.channel().await).max_decoding_message_size(64 << 20)
+    }
+
+    pub async fn bytestream(&self) -> ByteStreamClient<Channel> {
+        ByteStreamClient::new(self.channel().await).max_decoding_message_size(64 << 20)
+    }
+
+    pub async fn action_cache(&self) -> ActionCacheClient<Channel> {
+        ActionCacheClient::new(self.channel().await)
+    }
+
+    pub async fn capabilities(&self) -> CapabilitiesClient<Channel> {
+        CapabilitiesClient::new(self.channel().await)
+    }
+
+    /// Where the disk tier keeps `digest` of the default instance.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hash = digest.hash_hex();
+        self.storage
+            .join("cas/default")
+            .join(digest.function.name())
+            .join(&hash[..2])
+            .join(format!("{hash}-{}", digest.size_bytes))
+    }
+
+    /// Stops the process with SIGTERM and waits (bounded) for it to exit.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("coordinator did not stop within 20 s of SIGTERM");
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so blobs differ by seed.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256(data: &[u8]) -> Digest {
+    DigestFunction::Sha256.digest_of(data)
+}
+
+pub fn blake3(data: &[u8]) -> Digest {
+    DigestFunction::Blake3.digest_of(data)
+}
+
+/// Whether a test that needs root (mounts, namespaces) may run. With
+/// `CASBUILD_REQUIRE_PRIVILEGED=1` (CI) a missing privilege is a failure;
+/// otherwise the test says it is skipping and returns.
+pub fn privileged(test: &str, probe: impl FnOnce() -> Result<(), String>) -> bool {
+    match probe() {
+        Ok(()) => true,
+        Err(why) if std::env::var("CASBUILD_REQUIRE_PRIVILEGED").as_deref() == Ok("1") => {
+            panic!("{test} needs privileges (CASBUILD_REQUIRE_PRIVILEGED=1): {why}")
+        }
+        Err(why) => {
+            eprintln!("SKIPPED {test}: needs privileges: {why}");
+            false
+        }
+    }
+}
+
+/// A tmpfs of `size` mounted at `dir`, unmounted on drop.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Result<Tmpfs, String> {
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| format!("running mount: {e}"))?;
+        if !status.success() {
+            return Err(format!("mount -t tmpfs on {} failed (not root?)", dir.display()));
+        }
+        Ok(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
