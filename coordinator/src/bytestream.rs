@@ -168,7 +168,8 @@ impl ByteStream for ByteStreamService {
             }
         };
         let responses = stream.map(|chunk| match chunk {
-            Ok(data) => Ok(ReadResponse { data: data.to_vec() }),
+            // Without a copy when the chunk owns its buffer (as disk reads do).
+            Ok(data) => Ok(ReadResponse { data: Vec::from(data) }),
             Err(e) => Err(store_status(e)),
         });
         Ok(Response::new(responses.boxed()))

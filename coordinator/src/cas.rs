@@ -90,7 +90,7 @@ async fn read_one(cas: &dyn BlobStore, digest: Digest, zstd: bool) -> batch_read
                 return Ok((packed, compressor::Value::Zstd));
             }
         }
-        Ok::<_, Status>((data.to_vec(), compressor::Value::Identity))
+        Ok::<_, Status>((Vec::from(data), compressor::Value::Identity))
     }
     .await;
     let (data, compressor, status) = match result {

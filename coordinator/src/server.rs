@@ -9,6 +9,7 @@ use casbuild_proto::bytestream::byte_stream_server::ByteStreamServer;
 use casbuild_proto::reapi::action_cache_server::ActionCacheServer;
 use casbuild_proto::reapi::capabilities_server::CapabilitiesServer;
 use casbuild_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
@@ -54,14 +55,24 @@ pub async fn serve(
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     let capabilities = CapabilitiesServer::new(CapabilitiesService::new(config.max_batch_bytes));
+    // The builder's own tcp_nodelay only applies to listeners it binds, so
+    // set it on each accepted connection: with Nagle on, small responses wait
+    // for the client's delayed ACK (~40 ms per call).
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(stream) = &conn {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::warn!("TCP_NODELAY on a connection: {e}");
+            }
+        }
+        conn
+    });
     Server::builder()
-        .tcp_nodelay(true)
         .initial_stream_window_size(16 << 20)
         .initial_connection_window_size(32 << 20)
         .add_service(capabilities)
         .add_service(cas)
         .add_service(bytestream)
         .add_service(action_cache)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -226,14 +226,17 @@ impl DiskStore {
     }
 
     /// Sends a blob's file in chunks; stops early when the reader goes away.
-    fn send_chunks(mut file: File, digest: Digest, tx: mpsc::Sender<Result<Bytes, StoreError>>) {
+    /// Chunks are read into fresh vectors (no zeroing) that later convert to
+    /// protobuf bytes fields without a copy.
+    fn send_chunks(file: File, digest: Digest, tx: mpsc::Sender<Result<Bytes, StoreError>>) {
+        let mut file = file.take(u64::MAX);
         loop {
-            let mut buf = BytesMut::zeroed(CHUNK_SIZE);
-            match read_full(&mut file, &mut buf) {
+            let mut buf = Vec::with_capacity(CHUNK_SIZE);
+            file.set_limit(CHUNK_SIZE as u64);
+            match file.read_to_end(&mut buf) {
                 Ok(0) => return,
-                Ok(n) => {
-                    buf.truncate(n);
-                    if tx.blocking_send(Ok(buf.freeze())).is_err() {
+                Ok(_) => {
+                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
                         return;
                     }
                 }
@@ -244,20 +247,6 @@ impl DiskStore {
             }
         }
     }
-}
-
-/// Reads until `buf` is full or the file ends.
-fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 /// Finds every blob file under `cas/` with its modification time. Files whose name or
@@ -389,6 +378,11 @@ impl DiskWriter {
             return Ok(());
         }
         let data = self.pending.split().freeze();
+        self.flush_chunk(data).await
+    }
+
+    /// Hashes and writes `data` on a blocking thread.
+    async fn flush_chunk(&mut self, data: Bytes) -> Result<(), StoreError> {
         let (mut file, mut verifier) =
             self.state.take().ok_or_else(|| StoreError::InvalidArgument("write after a failed write".into()))?;
         let tmp = self.tmp.clone();
@@ -414,6 +408,10 @@ impl BlobWriter for DiskWriter {
             )));
         }
         self.written = total;
+        if self.pending.is_empty() && chunk.len() >= CHUNK_SIZE / 2 {
+            // Large chunks go to disk as they are, without gathering.
+            return self.flush_chunk(chunk).await;
+        }
         self.pending.extend_from_slice(&chunk);
         if self.pending.len() >= CHUNK_SIZE {
             self.flush().await?;

@@ -117,7 +117,7 @@ impl RemoteStore {
                 .into_iter()
                 .map(|(digest, data)| batch_update_blobs_request::Request {
                     digest: Some(digest.to_proto()),
-                    data: data.to_vec(),
+                    data: Vec::from(data),
                     compressor: 0,
                 })
                 .collect();
@@ -339,7 +339,7 @@ impl RemoteWriter {
             resource_name: if self.written == 0 { self.resource.clone() } else { String::new() },
             write_offset: self.written as i64,
             finish_write,
-            data: data.to_vec(),
+            data: Vec::from(data),
         };
         let len = request.data.len() as u64;
         let sent = match &self.tx {
