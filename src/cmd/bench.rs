@@ -1,7 +1,305 @@
-pub async fn run(_c: Command) -> anyhow::Result<()> {
-    Ok(())
-}
+//! `casbuild bench`: throughput and latency measured against baselines taken
+//! in the same run on the same machine, reported as medians and ratios.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_fs::storage::{Storage, StorageConfig};
+use casbuild_fs::store::{BlobStore, RemoteStore, RemoteStoreOptions, CHUNK_SIZE};
+use casbuild_proto::reapi::capabilities_client::CapabilitiesClient;
+use casbuild_proto::reapi::GetCapabilitiesRequest;
+use futures::StreamExt;
+
+use crate::config::parse_size;
+
 #[derive(clap::Subcommand)]
 pub enum Command {
-    Cas,
+    /// The storage API over loopback: ByteStream upload/download of one large
+    /// blob, FindMissingBlobs of many digests, BatchUpdateBlobs of many small blobs.
+    Cas(CasArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CasArgs {
+    /// Size of the large blob moved through ByteStream.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    size: u64,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Number of digests / small blobs in the FindMissing and batch workloads.
+    #[arg(long, default_value_t = 10_000)]
+    count: usize,
+    /// Size of each small blob.
+    #[arg(long, default_value = "4KiB", value_parser = parse_size)]
+    small_size: u64,
+    /// Scratch directory for the store and the baselines [default: a temp dir].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Digest function of the blobs.
+    #[arg(long, default_value = "sha256")]
+    digest_function: DigestFunction,
+}
+
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Cas(args) => bench_cas(args).await,
+    }
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn gb_per_s(bytes: u64, time: Duration) -> f64 {
+    bytes as f64 / time.as_secs_f64() / 1e9
+}
+
+/// Fills `len` bytes that do not compress and differ per `seed`.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes back dirty pages before a timed section, so no measurement pays
+/// for the writeback of the one before it.
+async fn settle_disk() -> anyhow::Result<()> {
+    let status = tokio::process::Command::new("sync").status().await.context("running sync")?;
+    anyhow::ensure!(status.success(), "sync failed");
+    Ok(())
+}
+
+/// One row of the report.
+struct Row {
+    name: String,
+    casbuild: String,
+    baseline_name: &'static str,
+    baseline: String,
+    ratio: f64,
+}
+
+async fn bench_cas(args: CasArgs) -> anyhow::Result<()> {
+    let scratch = match &args.dir {
+        Some(dir) => tempfile::tempdir_in(dir)?,
+        None => tempfile::tempdir()?,
+    };
+    let mut storage_config = StorageConfig::new(scratch.path().join("store"));
+    storage_config.max_disk = u64::MAX;
+    let storage = tokio::task::spawn_blocking(move || Storage::open(&storage_config)).await??;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server =
+        tokio::spawn(casbuild_coordinator::serve(listener, Arc::new(storage), Default::default(), async move {
+            let _ = stop_rx.await;
+        }));
+    let remote = RemoteStore::connect(&format!("grpc://{addr}"), RemoteStoreOptions::default()).await?;
+    let function = args.digest_function;
+    let mut rows = Vec::new();
+
+    eprintln!("bench: {} runs of a {} blob over ByteStream", args.runs, bytesize::ByteSize(args.size));
+    let (upload, download, native_write, native_read) =
+        large_blob(&remote, function, args.size, args.runs, &scratch.path().join("native")).await?;
+    rows.push(Row {
+        name: format!("ByteStream upload, {} blob", bytesize::ByteSize(args.size)),
+        casbuild: format!("{:.2} GB/s", gb_per_s(args.size, upload)),
+        baseline_name: "write to a local file",
+        baseline: format!("{:.2} GB/s", gb_per_s(args.size, native_write)),
+        ratio: native_write.as_secs_f64() / upload.as_secs_f64(),
+    });
+    rows.push(Row {
+        name: format!("ByteStream download, {} blob", bytesize::ByteSize(args.size)),
+        casbuild: format!("{:.2} GB/s", gb_per_s(args.size, download)),
+        baseline_name: "read the local file",
+        baseline: format!("{:.2} GB/s", gb_per_s(args.size, native_read)),
+        ratio: native_read.as_secs_f64() / download.as_secs_f64(),
+    });
+
+    eprintln!("bench: {} small blobs of {}", args.count, bytesize::ByteSize(args.small_size));
+    let (batch, native_files) =
+        small_blobs(&remote, function, args.count, args.small_size, args.runs, &scratch.path().join("files")).await?;
+    rows.push(Row {
+        name: format!("BatchUpdateBlobs, {} × {}", args.count, bytesize::ByteSize(args.small_size)),
+        casbuild: format!("{:.0} ms", batch.as_secs_f64() * 1e3),
+        baseline_name: "create, write, rename each as a local file, one thread",
+        baseline: format!("{:.0} ms", native_files.as_secs_f64() * 1e3),
+        ratio: native_files.as_secs_f64() / batch.as_secs_f64(),
+    });
+
+    let (find_missing, round_trip) = find_missing_latency(&remote, function, args.count, args.runs.max(21)).await?;
+    rows.push(Row {
+        name: format!("FindMissingBlobs, {} digests", args.count),
+        casbuild: format!("{:.2} ms", find_missing.as_secs_f64() * 1e3),
+        baseline_name: "empty GetCapabilities call",
+        baseline: format!("{:.2} ms", round_trip.as_secs_f64() * 1e3),
+        ratio: round_trip.as_secs_f64() / find_missing.as_secs_f64(),
+    });
+
+    println!("| workload | casbuild (median) | baseline | baseline (median) | speed vs baseline |");
+    println!("| --- | --- | --- | --- | --- |");
+    for row in rows {
+        println!("| {} | {} | {} | {} | {:.2}× |", row.name, row.casbuild, row.baseline_name, row.baseline, row.ratio);
+    }
+    let _ = stop_tx.send(());
+    drop(remote);
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    Ok(())
+}
+
+/// Median times of: upload through ByteStream, download through ByteStream,
+/// writing the same bytes to a local file, reading that file back.
+async fn large_blob(
+    remote: &RemoteStore,
+    function: DigestFunction,
+    size: u64,
+    runs: usize,
+    native: &std::path::Path,
+) -> anyhow::Result<(Duration, Duration, Duration, Duration)> {
+    let data = Bytes::from(noise(1, size as usize));
+    let (mut up, mut down, mut write, mut read) = (vec![], vec![], vec![], vec![]);
+    for run in 0..runs {
+        // A distinct blob each run, so no upload is short-cut as already present.
+        let mut blob = data.to_vec();
+        blob[..8].copy_from_slice(&(run as u64 + 1).to_le_bytes());
+        let blob = Bytes::from(blob);
+        let digest = function.digest_of(&blob);
+
+        settle_disk().await?;
+        let start = Instant::now();
+        let mut writer = remote.begin_write(&digest).await?;
+        for at in (0..blob.len()).step_by(CHUNK_SIZE) {
+            writer.write(blob.slice(at..blob.len().min(at + CHUNK_SIZE))).await?;
+        }
+        writer.commit().await?;
+        up.push(start.elapsed());
+
+        let start = Instant::now();
+        let mut stream = remote.read(&digest, 0, None).await?;
+        let mut received = 0;
+        while let Some(chunk) = stream.next().await {
+            received += chunk?.len();
+        }
+        down.push(start.elapsed());
+        anyhow::ensure!(received == blob.len(), "downloaded {received} bytes, not {}", blob.len());
+
+        let (path, bytes) = (native.to_path_buf(), blob.clone());
+        settle_disk().await?;
+        let (w, r) = tokio::task::spawn_blocking(move || -> std::io::Result<(Duration, Duration)> {
+            use std::io::{Read, Write};
+            let start = Instant::now();
+            let mut file = std::fs::File::create(&path)?;
+            for piece in bytes.chunks(CHUNK_SIZE) {
+                file.write_all(piece)?;
+            }
+            drop(file);
+            let w = start.elapsed();
+            let start = Instant::now();
+            let mut file = std::fs::File::open(&path)?;
+            let mut buf = vec![0u8; CHUNK_SIZE];
+            while file.read(&mut buf)? > 0 {}
+            let r = start.elapsed();
+            std::fs::remove_file(&path)?;
+            Ok((w, r))
+        })
+        .await??;
+        write.push(w);
+        read.push(r);
+        eprintln!(
+            "  run {}: upload {:.2} GB/s, download {:.2} GB/s, file write {:.2} GB/s, file read {:.2} GB/s",
+            run + 1,
+            gb_per_s(size, up[run]),
+            gb_per_s(size, down[run]),
+            gb_per_s(size, w),
+            gb_per_s(size, r)
+        );
+    }
+    Ok((median(up), median(down), median(write), median(read)))
+}
+
+/// Median times of uploading `count` distinct small blobs with batch calls,
+/// and of writing them as files (create, write, rename, like the disk store).
+async fn small_blobs(
+    remote: &RemoteStore,
+    function: DigestFunction,
+    count: usize,
+    size: u64,
+    runs: usize,
+    native: &std::path::Path,
+) -> anyhow::Result<(Duration, Duration)> {
+    let (mut batch, mut files) = (vec![], vec![]);
+    for run in 0..runs {
+        let blobs: Vec<(Digest, Bytes)> = (0..count)
+            .map(|i| {
+                let data = Bytes::from(noise((run * count + i) as u64 + 1_000_000, size as usize));
+                (function.digest_of(&data), data)
+            })
+            .collect();
+        settle_disk().await?;
+        let start = Instant::now();
+        remote.upload(blobs.clone()).await?;
+        batch.push(start.elapsed());
+
+        let dir = native.join(run.to_string());
+        settle_disk().await?;
+        let elapsed = tokio::task::spawn_blocking(move || -> std::io::Result<Duration> {
+            std::fs::create_dir_all(&dir)?;
+            let start = Instant::now();
+            for (digest, data) in &blobs {
+                let tmp = dir.join(format!("{}.tmp", digest.hash_hex()));
+                std::fs::write(&tmp, data)?;
+                std::fs::rename(&tmp, dir.join(digest.hash_hex()))?;
+            }
+            let elapsed = start.elapsed();
+            std::fs::remove_dir_all(&dir)?;
+            Ok(elapsed)
+        })
+        .await??;
+        files.push(elapsed);
+        eprintln!("  run {}: batch upload {:?}, local files {:?}", run + 1, batch[run], elapsed);
+    }
+    Ok((median(batch), median(files)))
+}
+
+/// Median latency of FindMissingBlobs for `count` digests (half of them
+/// present), and of an empty round trip on the same channel.
+async fn find_missing_latency(
+    remote: &RemoteStore,
+    function: DigestFunction,
+    count: usize,
+    runs: usize,
+) -> anyhow::Result<(Duration, Duration)> {
+    let present: Vec<(Digest, Bytes)> = (0..count / 2)
+        .map(|i| {
+            let data = Bytes::from(format!("present blob {i}"));
+            (function.digest_of(&data), data)
+        })
+        .collect();
+    remote.upload(present.clone()).await?;
+    let mut digests: Vec<Digest> = present.iter().map(|(d, _)| *d).collect();
+    digests.extend((0..count - count / 2).map(|i| function.digest_of(format!("absent blob {i}").as_bytes())));
+    let mut capabilities = CapabilitiesClient::new(remote.channel());
+    let (mut find, mut ping) = (vec![], vec![]);
+    for _ in 0..runs {
+        let start = Instant::now();
+        let missing = remote.find_missing(&digests).await?;
+        find.push(start.elapsed());
+        anyhow::ensure!(missing.len() == count - count / 2, "FindMissing found {} missing", missing.len());
+        let start = Instant::now();
+        capabilities.get_capabilities(GetCapabilitiesRequest::default()).await.context("GetCapabilities")?;
+        ping.push(start.elapsed());
+    }
+    Ok((median(find), median(ping)))
 }

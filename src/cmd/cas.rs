@@ -237,6 +237,9 @@ async fn materialize(
     root: &Digest,
     dest: &Path,
 ) -> anyhow::Result<()> {
+    if std::fs::read_dir(dest).map(|mut entries| entries.next().is_some()).unwrap_or(false) {
+        bail!("{} already exists and is not empty; give a new directory", dest.display());
+    }
     // Plan every entry first, then fetch small files in batches.
     let mut stack = vec![(*root, dest.to_path_buf())];
     let mut files: Vec<(Digest, PathBuf, bool)> = Vec::new();
