@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run the REAPI server (CAS, ByteStream, action cache) on local storage.
     Coordinator(cmd::coordinator::Args),
+    /// Mount a remote CAS as a lazily fetched, read-only filesystem.
+    Mount(cmd::mount::Args),
     /// Upload, download and list blobs and trees in a remote CAS.
     #[command(subcommand)]
     Cas(cmd::cas::Command),
@@ -45,6 +47,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Coordinator(args) => cmd::coordinator::run(args).await,
+            Command::Mount(args) => cmd::mount::run(args).await,
             Command::Cas(command) => cmd::cas::run(command).await,
             Command::Bench(command) => cmd::bench::run(command).await,
         }

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Output;
 
-use common::{bytes, casbuild, Coordinator};
+use common::{casbuild, sample_tree, Coordinator};
 
 fn run(args: &[&str]) -> Output {
     casbuild().args(args).output().expect("running casbuild")
@@ -22,18 +22,6 @@ fn fails(args: &[&str]) -> String {
     let out = run(args);
     assert!(!out.status.success(), "casbuild {args:?} should fail");
     String::from_utf8(out.stderr).unwrap()
-}
-
-fn sample_tree(root: &Path) {
-    std::fs::create_dir_all(root.join("src/nested/deeper")).unwrap();
-    std::fs::create_dir_all(root.join("empty-dir")).unwrap();
-    std::fs::write(root.join("src/main.c"), "int main(void) { return 0; }\n").unwrap();
-    std::fs::write(root.join("src/nested/deeper/data.bin"), bytes(5, 3 << 20)).unwrap();
-    std::fs::write(root.join("src/nested/same.c"), "int main(void) { return 0; }\n").unwrap();
-    std::fs::write(root.join("empty"), "").unwrap();
-    std::fs::write(root.join("run.sh"), "#!/bin/sh\necho hi\n").unwrap();
-    std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::os::unix::fs::symlink("src/main.c", root.join("link")).unwrap();
 }
 
 /// Compares two trees: names, kinds, contents, executable bits, link targets.

@@ -15,6 +15,7 @@
 pub mod action_cache;
 pub mod digest;
 pub mod local_tree;
+pub mod mount;
 pub mod namespace;
 pub mod resource;
 pub mod storage;

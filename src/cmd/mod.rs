@@ -3,3 +3,4 @@
 pub mod bench;
 pub mod cas;
 pub mod coordinator;
+pub mod mount;

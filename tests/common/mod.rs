@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -92,6 +93,12 @@ impl Coordinator {
             .join(format!("{hash}-{}", digest.size_bytes))
     }
 
+    /// Kills the process with SIGKILL, as a crash would, and reaps it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stops the process with SIGTERM and waits (bounded) for it to exit.
     pub fn stop(mut self) {
         let pid = self.child.id().to_string();
@@ -112,6 +119,21 @@ impl Drop for Coordinator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A small tree with every kind of entry: nested directories, an empty
+/// directory and file, an executable, a symlink, duplicate contents and a
+/// multi-MiB file.
+pub fn sample_tree(root: &Path) {
+    std::fs::create_dir_all(root.join("src/nested/deeper")).unwrap();
+    std::fs::create_dir_all(root.join("empty-dir")).unwrap();
+    std::fs::write(root.join("src/main.c"), "int main(void) { return 0; }\n").unwrap();
+    std::fs::write(root.join("src/nested/deeper/data.bin"), bytes(5, 3 << 20)).unwrap();
+    std::fs::write(root.join("src/nested/same.c"), "int main(void) { return 0; }\n").unwrap();
+    std::fs::write(root.join("empty"), "").unwrap();
+    std::fs::write(root.join("run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("src/main.c", root.join("link")).unwrap();
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so blobs differ by seed.

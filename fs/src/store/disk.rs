@@ -17,6 +17,7 @@
 //! the disk and decides eviction once the byte budget is exceeded. It is rebuilt
 //! from the files at open, ordered by modification time, which reads refresh.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -57,6 +58,8 @@ type BlobKey = (u32, Digest);
 
 struct Index {
     blobs: LruCache<BlobKey, ()>,
+    /// Blobs in use by a reader that holds their file open: never evicted.
+    pins: HashMap<BlobKey, u32>,
     bytes: u64,
     budget: u64,
     namespaces: Namespaces,
@@ -78,7 +81,7 @@ impl DiskStore {
         let mut namespaces = Namespaces::default();
         let mut found = scan(&cas, &mut namespaces)?;
         found.sort_by_key(|(_, mtime)| *mtime);
-        let mut index = Index { blobs: LruCache::unbounded(), bytes: 0, budget, namespaces };
+        let mut index = Index { blobs: LruCache::unbounded(), pins: HashMap::new(), bytes: 0, budget, namespaces };
         for (key, _) in found {
             index.blobs.put(key, ());
             index.bytes += key.1.size_bytes;
@@ -96,6 +99,11 @@ impl DiskStore {
     pub fn namespace(&self, instance: &str) -> Self {
         let namespace = self.lock().namespaces.id(&instance_dir(instance));
         DiskStore { shared: self.shared.clone(), namespace }
+    }
+
+    /// The byte budget.
+    pub fn budget(&self) -> u64 {
+        self.lock().budget
     }
 
     /// Bytes held across all namespaces.
@@ -124,16 +132,39 @@ impl DiskStore {
             .join(format!("{hash}-{}", digest.size_bytes))
     }
 
-    /// Removes least recently used blobs until the total fits the budget.
+    /// Removes least recently used blobs until the total fits the budget,
+    /// skipping pinned ones (the total may stay over budget while they are).
     fn evict_over_budget(&self, index: &mut Index) {
-        while index.bytes > index.budget {
-            let Some(((namespace, digest), ())) = index.blobs.pop_lru() else { break };
-            index.bytes -= digest.size_bytes;
-            let path = self.blob_path(index, namespace, &digest);
+        if index.bytes <= index.budget {
+            return;
+        }
+        let mut excess = index.bytes - index.budget;
+        let mut victims = Vec::new();
+        for (key, ()) in index.blobs.iter().rev() {
+            if excess == 0 {
+                break;
+            }
+            if !index.pins.contains_key(key) {
+                victims.push(*key);
+                excess = excess.saturating_sub(key.1.size_bytes);
+            }
+        }
+        for key in victims {
+            index.blobs.pop(&key);
+            index.bytes -= key.1.size_bytes;
+            let path = self.blob_path(index, key.0, &key.1);
             if let Err(e) = std::fs::remove_file(&path) {
                 tracing::warn!("evicting {}: {e}", path.display());
             }
         }
+    }
+
+    /// Keeps `digest` from being evicted until the guard is dropped; pins nest.
+    /// A blob may be pinned before it is written, so that it cannot be evicted
+    /// between arriving and being opened.
+    pub fn pin(&self, digest: &Digest) -> PinGuard {
+        *self.lock().pins.entry((self.namespace, *digest)).or_insert(0) += 1;
+        PinGuard { store: self.clone(), digest: *digest }
     }
 
     /// Forgets a blob whose file is gone or corrupt, deleting what is left.
@@ -144,6 +175,17 @@ impl DiskStore {
         }
         let path = self.blob_path(&index, self.namespace, digest);
         let _ = std::fs::remove_file(path);
+    }
+
+    /// Opens a blob's file for a caller that serves its bytes itself (the FUSE
+    /// mount hands the file to the kernel). The length is checked, the hash is
+    /// not: it was verified when the blob was written, and re-hashing on every
+    /// open would make warm reads as slow as cold ones. `Ok(None)` when absent.
+    pub fn open_trusted(&self, digest: &Digest) -> Result<Option<File>, StoreError> {
+        if digest.is_empty_blob() {
+            return Ok(None);
+        }
+        self.open_blob(digest)
     }
 
     /// Opens a blob for reading, checking its length; `Ok(None)` when absent.
@@ -244,6 +286,26 @@ impl DiskStore {
                     let _ = tx.blocking_send(Err(StoreError::io(format!("read blob {digest:?}"), e)));
                     return;
                 }
+            }
+        }
+    }
+}
+
+/// Keeps one blob of a [`DiskStore`] from eviction while it lives.
+pub struct PinGuard {
+    store: DiskStore,
+    digest: Digest,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let mut index = self.store.lock();
+        let key = (self.store.namespace, self.digest);
+        if let Some(count) = index.pins.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                index.pins.remove(&key);
+                self.store.evict_over_budget(&mut index);
             }
         }
     }
@@ -473,6 +535,26 @@ mod tests {
         assert_eq!(store.bytes_used(), 1000, "the older blob was evicted to fit the smaller budget");
         assert_eq!(store.find_missing(&[a, b]).await.unwrap(), vec![a]);
         assert_eq!(store.read_all(&b).await.unwrap(), db);
+    }
+
+    #[tokio::test]
+    async fn pinned_blobs_are_not_evicted_until_unpinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 2500).unwrap();
+        let (a, da) = blob(4, 1000);
+        let (b, db) = blob(5, 1000);
+        let (c, dc) = blob(6, 1000);
+        let pin = store.pin(&a);
+        store.write(&a, da).await.unwrap();
+        store.write(&b, db).await.unwrap();
+        store.write(&c, dc).await.unwrap();
+        assert_eq!(store.find_missing(&[a, b, c]).await.unwrap(), vec![b], "the oldest unpinned blob went");
+        drop(pin);
+        store.find_missing(&[c]).await.unwrap();
+        let (d, dd) = blob(7, 1000);
+        store.write(&d, dd).await.unwrap();
+        assert_eq!(store.find_missing(&[a, c, d]).await.unwrap(), vec![a], "unpinned, a is evictable again");
+        assert_eq!(store.bytes_used(), 2000);
     }
 
     #[tokio::test]

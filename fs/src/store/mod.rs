@@ -24,7 +24,7 @@ use futures::stream::{BoxStream, StreamExt};
 
 use crate::digest::Digest;
 
-pub use disk::DiskStore;
+pub use disk::{DiskStore, PinGuard};
 pub use memory::MemoryStore;
 pub use remote::{RemoteStore, RemoteStoreOptions};
 pub use tiered::TieredStore;

@@ -1,0 +1,112 @@
+//! What a command did inside one input root: the paths it looked up (found or
+//! not), opened, read and listed. The sandbox turns this into hermeticity
+//! reports ("tried to read `src/config.h`, which is not a declared input") and
+//! into hints about declared inputs that were never touched.
+//!
+//! Paths are relative to the input root, `/`-separated; the root itself is "".
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+/// A snapshot of one input root's access log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccessReport {
+    /// Paths looked up that exist.
+    pub found: BTreeSet<String>,
+    /// Paths looked up that do not exist (ENOENT).
+    pub not_found: BTreeSet<String>,
+    /// Files opened.
+    pub opened: BTreeSet<String>,
+    /// Files whose bytes were read through the filesystem. With FUSE
+    /// passthrough the kernel reads cached files directly, so there an open is
+    /// the finest signal and this set stays empty.
+    pub read: BTreeSet<String>,
+    /// Directories listed.
+    pub listed: BTreeSet<String>,
+}
+
+impl AccessReport {
+    /// Every path the command touched in any way.
+    pub fn touched(&self) -> BTreeSet<&str> {
+        [&self.found, &self.opened, &self.read, &self.listed].into_iter().flatten().map(String::as_str).collect()
+    }
+}
+
+/// One input root's log, appended to by the FUSE threads.
+#[derive(Debug, Default)]
+pub struct AccessLog {
+    report: Mutex<AccessReport>,
+}
+
+/// What happened to a path.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Access {
+    Found,
+    NotFound,
+    Opened,
+    Read,
+    Listed,
+}
+
+impl AccessLog {
+    pub(crate) fn record(&self, access: Access, path: &str) {
+        let mut report = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        let set = match access {
+            Access::Found => &mut report.found,
+            Access::NotFound => &mut report.not_found,
+            Access::Opened => &mut report.opened,
+            Access::Read => &mut report.read,
+            Access::Listed => &mut report.listed,
+        };
+        // Most accesses repeat a path already logged: avoid the allocation then.
+        if !set.contains(path) {
+            set.insert(path.to_owned());
+        }
+    }
+
+    /// A copy of what has been logged so far.
+    pub fn report(&self) -> AccessReport {
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Forgets everything logged so far.
+    pub fn clear(&self) {
+        *self.report.lock().unwrap_or_else(|e| e.into_inner()) = AccessReport::default();
+    }
+}
+
+/// `parent/name`, or `name` at the root.
+pub(crate) fn join(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{parent}/{name}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_each_kind_once_and_clears() {
+        let log = AccessLog::default();
+        log.record(Access::Found, "src");
+        log.record(Access::Found, "src");
+        log.record(Access::NotFound, "src/config.h");
+        log.record(Access::Opened, "src/main.c");
+        log.record(Access::Listed, "");
+        let report = log.report();
+        assert_eq!(report.found.len(), 1);
+        assert!(report.not_found.contains("src/config.h"));
+        assert_eq!(report.touched(), ["", "src", "src/main.c"].into_iter().collect());
+        log.clear();
+        assert_eq!(log.report(), AccessReport::default());
+    }
+
+    #[test]
+    fn joins_paths_from_the_root() {
+        assert_eq!(join("", "a"), "a");
+        assert_eq!(join("a/b", "c"), "a/b/c");
+    }
+}

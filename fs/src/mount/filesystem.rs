@@ -1,0 +1,441 @@
+//! The FUSE request handlers: `fuser::Filesystem` over the inode table and
+//! the blob cache.
+//!
+//! Requests arrive on several fuser threads. A handler that needs the network
+//! (a Directory proto, a blob) blocks its own thread on the tokio runtime
+//! while the fetch runs there; no lock is held meanwhile, so other requests
+//! proceed. Fetches are bounded by the cache's idle timeout, after which the
+//! request fails with EIO instead of hanging.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen,
+    ReplyStatfs, Request,
+};
+use tokio::runtime::Handle;
+
+use crate::digest::{Digest, DigestFunction};
+use crate::mount::access_log::{Access, AccessLog};
+use crate::mount::blob_cache::{BlobCache, CachedBlob, FetchError};
+use crate::mount::inodes::{Children, DirNode, Inodes, Node, NodeKind, Virtual, FIXED_MTIME, INPUTS};
+use crate::tree::decode_directory;
+
+/// Content never changes, so the kernel may cache names and attributes for
+/// as long as it likes; input roots that go away are invalidated explicitly.
+const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+const BLOCK_SIZE: u32 = 4096;
+
+/// State shared by the FUSE threads and the owning process.
+pub(crate) struct MountState {
+    pub inodes: Inodes,
+    pub cache: Arc<BlobCache>,
+    pub runtime: Handle,
+    /// Whether to ask the kernel for passthrough reads.
+    pub want_passthrough: bool,
+    /// Whether the kernel agreed to passthrough.
+    pub passthrough: AtomicBool,
+    handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    /// One backing file per inode while any handle of it is open.
+    backing: Mutex<HashMap<u64, Weak<BackingId>>>,
+    next_fh: AtomicU64,
+    pub passthrough_opens: AtomicU64,
+}
+
+struct OpenFile {
+    blob: CachedBlob,
+    /// Keeps the kernel's backing file registered while this handle is open.
+    _backing: Option<Arc<BackingId>>,
+    /// Where reads are logged, for files inside an input root.
+    scope: Option<(Arc<AccessLog>, String)>,
+    logged_read: AtomicBool,
+}
+
+impl MountState {
+    pub fn new(cache: Arc<BlobCache>, runtime: Handle, want_passthrough: bool) -> Self {
+        MountState {
+            inodes: Inodes::new(),
+            cache,
+            runtime,
+            want_passthrough,
+            passthrough: AtomicBool::new(false),
+            handles: Mutex::new(HashMap::new()),
+            backing: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            passthrough_opens: AtomicU64::new(0),
+        }
+    }
+
+    pub fn open_files(&self) -> usize {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// The `fuser::Filesystem` the session runs.
+pub(crate) struct CasFs {
+    pub state: Arc<MountState>,
+}
+
+fn fetch_errno(what: &str, error: FetchError) -> Errno {
+    tracing::warn!("{what}: {error}");
+    Errno::EIO
+}
+
+impl CasFs {
+    fn node(&self, ino: INodeNo) -> Result<Arc<Node>, Errno> {
+        self.state.inodes.get(ino.0).ok_or(Errno::ESTALE)
+    }
+
+    /// The entries of a CAS directory, fetching its Directory proto on first use.
+    fn load(&self, node: &Node, dir: &DirNode) -> Result<Arc<Children>, Errno> {
+        if let Some(children) = dir.loaded() {
+            return Ok(children);
+        }
+        let cache = self.state.cache.clone();
+        let bytes = self
+            .state
+            .runtime
+            .block_on(async move { cache.read_small(&dir.digest).await })
+            .map_err(|e| fetch_errno("loading a directory", e))?;
+        let directory = decode_directory(&dir.digest, &bytes).map_err(|e| {
+            tracing::warn!("{e}");
+            Errno::EIO
+        })?;
+        Ok(self.state.inodes.install_children(node, &directory))
+    }
+
+    /// Every entry of a directory with its inode, in a stable order.
+    fn entries(&self, node: &Node) -> Result<Vec<(String, u64)>, Errno> {
+        match &node.kind {
+            NodeKind::Virtual(v) => Ok(self.state.inodes.virtual_children(*v)),
+            NodeKind::Dir(dir) => Ok(self.load(node, dir)?.entries.clone()),
+            _ => Err(Errno::ENOTDIR),
+        }
+    }
+
+    fn lookup_child(&self, parent: &Node, name: &str) -> Result<Arc<Node>, Errno> {
+        let ino = match &parent.kind {
+            NodeKind::Virtual(Virtual::Inputs) => self.state.inodes.input_ino(name),
+            NodeKind::Virtual(Virtual::BlobsOf(f)) => return self.lookup_by_digest(parent, *f, false, name),
+            NodeKind::Virtual(Virtual::TreesOf(f)) => return self.lookup_by_digest(parent, *f, true, name),
+            NodeKind::Virtual(v) => {
+                self.state.inodes.virtual_children(*v).into_iter().find(|(n, _)| n == name).map(|(_, ino)| ino)
+            }
+            NodeKind::Dir(dir) => self.load(parent, dir)?.get(name),
+            _ => return Err(Errno::ENOTDIR),
+        };
+        ino.and_then(|ino| self.state.inodes.get(ino)).ok_or(Errno::ENOENT)
+    }
+
+    /// `blobs/{f}/HASH-SIZE` or `trees/{f}/HASH-SIZE`: exists if the CAS has it.
+    fn lookup_by_digest(&self, parent: &Node, f: DigestFunction, tree: bool, name: &str) -> Result<Arc<Node>, Errno> {
+        let digest = name
+            .rsplit_once('-')
+            .and_then(|(hash, size)| Digest::from_hex(f, hash, size.parse().ok()?).ok())
+            .ok_or(Errno::ENOENT)?;
+        if let Some(node) = self.state.inodes.by_digest(tree, &digest).and_then(|ino| self.state.inodes.get(ino)) {
+            return Ok(node);
+        }
+        let cache = self.state.cache.clone();
+        if tree {
+            // Load the root Directory now: it proves the tree exists and is needed next anyway.
+            match self.state.runtime.block_on(async move { cache.read_small(&digest).await }) {
+                Ok(bytes) => {
+                    decode_directory(&digest, &bytes).map_err(|e| {
+                        tracing::warn!("{e}");
+                        Errno::EIO
+                    })?;
+                }
+                Err(FetchError::NotFound(_)) => return Err(Errno::ENOENT),
+                Err(e) => return Err(fetch_errno("looking up a tree", e)),
+            }
+        } else {
+            let present = self.state.runtime.block_on(async move { cache.has(&digest).await });
+            match present {
+                Ok(true) => {}
+                Ok(false) => return Err(Errno::ENOENT),
+                Err(e) => return Err(fetch_errno("looking up a blob", e)),
+            }
+        }
+        Ok(self.state.inodes.add_by_digest(parent.ino, tree, digest))
+    }
+
+    fn attr(&self, node: &Node) -> FileAttr {
+        let fixed = SystemTime::UNIX_EPOCH + FIXED_MTIME;
+        let (kind, perm, size, mtime, nlink) = match &node.kind {
+            NodeKind::Virtual(_) => (FileType::Directory, 0o555, 0, fixed, 2),
+            NodeKind::Dir(dir) => (FileType::Directory, 0o555, 0, dir.mtime, 2),
+            NodeKind::File(file) => {
+                let perm = if file.executable { 0o555 } else { 0o444 };
+                (FileType::RegularFile, perm, file.digest.size_bytes, file.mtime, 1)
+            }
+            NodeKind::Symlink(target) => (FileType::Symlink, 0o777, target.len() as u64, fixed, 1),
+        };
+        FileAttr {
+            ino: INodeNo(node.ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: BLOCK_SIZE,
+            flags: 0,
+        }
+    }
+
+    fn kind(node: &Node) -> FileType {
+        match node.kind {
+            NodeKind::Virtual(_) | NodeKind::Dir(_) => FileType::Directory,
+            NodeKind::File(_) => FileType::RegularFile,
+            NodeKind::Symlink(_) => FileType::Symlink,
+        }
+    }
+
+    /// Opens a regular file: makes its blob local and hands the kernel either
+    /// a passthrough backing file or our own handle to read from.
+    fn open_file(&self, node: &Node, reply: ReplyOpen) {
+        let NodeKind::File(file) = &node.kind else {
+            let errno = if matches!(node.kind, NodeKind::Symlink(_)) { Errno::ELOOP } else { Errno::EISDIR };
+            return reply.error(errno);
+        };
+        if let Some(scope) = &node.scope {
+            scope.log.record(Access::Opened, &scope.path);
+        }
+        let cache = self.state.cache.clone();
+        let digest = file.digest;
+        let blob = match self.state.runtime.block_on(async move { cache.open(&digest).await }) {
+            Ok(blob) => blob,
+            Err(e) => return reply.error(fetch_errno("opening a file", e)),
+        };
+        let backing = match (&blob.file, self.state.passthrough.load(Ordering::Relaxed)) {
+            (Some(fd), true) => self.backing_for(node.ino, fd, &reply),
+            _ => None,
+        };
+        let fh = self.state.next_fh.fetch_add(1, Ordering::Relaxed);
+        let scope = node.scope.as_ref().map(|s| (s.log.clone(), s.path.clone()));
+        let open = OpenFile { blob, _backing: backing.clone(), scope, logged_read: AtomicBool::new(false) };
+        self.state.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, Arc::new(open));
+        match backing {
+            Some(id) => {
+                self.state.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                // The kernel refuses passthrough opens with caching flags
+                // (EIO): the backing file's own page cache serves instead.
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
+            }
+            // Content never changes: keep cached pages across opens.
+            None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        }
+    }
+
+    /// The inode's registered backing file, registering `fd` if there is none.
+    /// `None` (plain reads) if the kernel refuses it.
+    fn backing_for(&self, ino: u64, fd: &std::fs::File, reply: &ReplyOpen) -> Option<Arc<BackingId>> {
+        let mut backing = self.state.backing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(id) = backing.get(&ino).and_then(Weak::upgrade) {
+            return Some(id);
+        }
+        match reply.open_backing(fd) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                backing.insert(ino, Arc::downgrade(&id));
+                Some(id)
+            }
+            Err(e) => {
+                tracing::warn!("FUSE passthrough refused ({e}); serving reads from userspace");
+                self.state.passthrough.store(false, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+}
+
+impl fuser::Filesystem for CasFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_CACHE_SYMLINKS;
+        let _ = config.add_capabilities(wanted);
+        if self.state.want_passthrough
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            // Depth 1: an overlayfs may still be stacked on top of this mount.
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.state.passthrough.store(true, Ordering::Relaxed);
+        }
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let parent = match self.node(parent) {
+            Ok(node) => node,
+            Err(e) => return reply.error(e),
+        };
+        let Ok(name) = std::str::from_utf8(name.as_bytes()) else { return reply.error(Errno::ENOENT) };
+        let result = self.lookup_child(&parent, name);
+        if let (Some(scope), Ok(_) | Err(Errno::ENOENT)) = (parent.child_scope(name), &result) {
+            let access = if result.is_ok() { Access::Found } else { Access::NotFound };
+            scope.log.record(access, &scope.path);
+        }
+        match result {
+            Ok(node) => reply.entry(&TTL, &self.attr(&node), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.node(ino) {
+            Ok(node) => reply.attr(&TTL, &self.attr(&node)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.node(ino) {
+            Ok(node) => match &node.kind {
+                NodeKind::Symlink(target) => reply.data(target.as_bytes()),
+                _ => reply.error(Errno::EINVAL),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        match self.node(ino) {
+            Ok(node) => self.open_file(&node, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let open = self.state.handles.lock().unwrap_or_else(|e| e.into_inner()).get(&fh.0).cloned();
+        let Some(open) = open else { return reply.error(Errno::EBADF) };
+        if let Some((log, path)) = &open.scope {
+            if !open.logged_read.swap(true, Ordering::Relaxed) {
+                log.record(Access::Read, path);
+            }
+        }
+        let Some(file) = open.blob.file.as_ref() else { return reply.data(&[]) };
+        let mut buf = vec![0; size as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return reply.error(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))),
+            }
+        }
+        reply.data(&buf[..filled])
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        let closed = self.state.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh.0);
+        drop(closed); // unpins the blob and, with the last handle, the backing file
+        reply.ok()
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino) {
+            // CAS directories never change: let the kernel cache their listings.
+            Ok(node) if matches!(node.kind, NodeKind::Dir(_)) => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR)
+            }
+            Ok(node) if matches!(node.kind, NodeKind::Virtual(_)) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.node(ino).and_then(|node| self.listing(&node)) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(e),
+        };
+        for (i, (name, ino, kind)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), i as u64 + 1, kind, &name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let entries = match self.node(ino).and_then(|node| self.listing(&node)) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(e),
+        };
+        for (i, (name, ino, _)) in entries.into_iter().enumerate().skip(offset as usize) {
+            let Some(child) = self.state.inodes.get(ino) else { continue };
+            if reply.add(INodeNo(ino), i as u64 + 1, &name, &TTL, &self.attr(&child), Generation(0)) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let local = self.state.cache.local();
+        let (budget, used) = (local.budget(), local.bytes_used());
+        let blocks = budget / BLOCK_SIZE as u64;
+        let free = budget.saturating_sub(used) / BLOCK_SIZE as u64;
+        let files = self.state.inodes.len() as u64;
+        reply.statfs(blocks, free, free, files, 0, BLOCK_SIZE, 255, BLOCK_SIZE)
+    }
+}
+
+impl CasFs {
+    /// A directory's entries for readdir: `.`, `..`, then its children.
+    fn listing(&self, node: &Node) -> Result<Vec<(String, u64, FileType)>, Errno> {
+        let entries = self.entries(node)?;
+        if let Some(scope) = &node.scope {
+            scope.log.record(Access::Listed, &scope.path);
+        }
+        let mut listing = Vec::with_capacity(entries.len() + 2);
+        listing.push((".".to_owned(), node.ino, FileType::Directory));
+        listing.push(("..".to_owned(), node.parent, FileType::Directory));
+        for (name, ino) in entries {
+            let Some(child) = self.state.inodes.get(ino) else { continue };
+            listing.push((name, ino, Self::kind(&child)));
+        }
+        Ok(listing)
+    }
+}
+
+/// The inode of `inputs/`, for invalidating its entries.
+pub(crate) const INPUTS_INO: INodeNo = INodeNo(INPUTS);

@@ -1,0 +1,68 @@
+//! `casbuild mount`: the /cas filesystem of a remote CAS, for inspection and
+//! for tools; workers mount it in-process instead.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
+use casbuild_fs::store::{DiskStore, RemoteStore, RemoteStoreOptions};
+
+use crate::cmd::coordinator::shutdown_signal;
+use crate::config::{default_data_dir, parse_size};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Where to mount (created if missing; a stale mount there is detached).
+    mountpoint: PathBuf,
+    /// The CAS server, as grpc://HOST:PORT.
+    #[arg(long, env = "CASBUILD_REMOTE", default_value = "grpc://127.0.0.1:8980")]
+    remote: String,
+    /// REAPI instance name.
+    #[arg(long, default_value = "")]
+    instance: String,
+    /// Local blob cache [default: $XDG_CACHE_HOME/casbuild/mount-cache].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Byte budget of the local blob cache (open files are never evicted).
+    #[arg(long, value_parser = parse_size, default_value = "20GiB")]
+    cache_size: u64,
+    /// Seconds a fetch may go without progress before the read fails with EIO.
+    #[arg(long, default_value_t = 30)]
+    fetch_timeout: u64,
+    /// FUSE request threads.
+    #[arg(long, default_value_t = 16)]
+    threads: usize,
+    /// Serve every read from userspace even where FUSE passthrough works.
+    #[arg(long)]
+    no_passthrough: bool,
+}
+
+/// Mounts, prints the mount point, and unmounts on SIGINT or SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(args.fetch_timeout.max(1));
+    let remote = RemoteStore::connect(
+        &args.remote,
+        RemoteStoreOptions { instance: args.instance.clone(), timeout, ..Default::default() },
+    )
+    .await
+    .with_context(|| format!("connecting to {}", args.remote))?;
+    let cache_dir = args.cache_dir.unwrap_or_else(|| default_data_dir().join("mount-cache"));
+    let (dir, budget) = (cache_dir.clone(), args.cache_size);
+    let local = tokio::task::spawn_blocking(move || DiskStore::open(&dir, budget))
+        .await?
+        .with_context(|| format!("opening the blob cache in {}", cache_dir.display()))?
+        .namespace(&args.instance);
+    let cache = Arc::new(BlobCache::new(local, remote, timeout));
+    let options = MountOptions { threads: args.threads, passthrough: !args.no_passthrough };
+    let runtime = tokio::runtime::Handle::current();
+    let mountpoint = args.mountpoint.clone();
+    let mount = tokio::task::spawn_blocking(move || CasMount::mount(&mountpoint, cache, runtime, &options)).await??;
+    println!("casbuild mount ready at {}", mount.mountpoint().display());
+    shutdown_signal().await;
+    let stats = mount.stats();
+    tokio::task::spawn_blocking(move || mount.unmount()).await?.context("unmounting")?;
+    eprintln!("casbuild mount: unmounted ({} blobs fetched)", stats.remote_reads);
+    Ok(())
+}
