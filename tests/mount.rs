@@ -215,25 +215,32 @@ fn nothing_is_fetched_before_it_is_needed() {
 #[test]
 fn concurrent_readers_of_one_blob_cause_one_remote_read() {
     let Some(fx) = Fixture::start("concurrent_readers_of_one_blob_cause_one_remote_read", 1 << 30) else { return };
-    let data = bytes(9, 16 * MIB);
-    let root = fx.upload_tree("shared", |dir| std::fs::write(dir.join("big.bin"), &data).unwrap());
-    let path = fx.mount().register("shared", root).unwrap().join("big.bin");
-    std::fs::metadata(&path).unwrap();
-    let before = fx.remote_reads();
-    let barrier = Arc::new(std::sync::Barrier::new(16));
-    let readers: Vec<_> = (0..16)
-        .map(|_| {
-            let (path, barrier) = (path.clone(), barrier.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                std::fs::read(path).unwrap()
+    // A large blob (streamed into the disk cache) and a small one (kept in memory).
+    let (big, small) = (bytes(9, 16 * MIB), bytes(10, 10_000));
+    let root = fx.upload_tree("shared", |dir| {
+        std::fs::write(dir.join("big.bin"), &big).unwrap();
+        std::fs::write(dir.join("small.bin"), &small).unwrap();
+    });
+    let dir = fx.mount().register("shared", root).unwrap();
+    for (name, data) in [("big.bin", big), ("small.bin", small)] {
+        let path = dir.join(name);
+        std::fs::metadata(&path).unwrap();
+        let before = fx.remote_reads();
+        let barrier = Arc::new(std::sync::Barrier::new(16));
+        let readers: Vec<_> = (0..16)
+            .map(|_| {
+                let (path, barrier) = (path.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    std::fs::read(path).unwrap()
+                })
             })
-        })
-        .collect();
-    for reader in readers {
-        assert!(reader.join().unwrap() == data);
+            .collect();
+        for reader in readers {
+            assert!(reader.join().unwrap() == data, "{name}");
+        }
+        assert_eq!(fx.remote_reads() - before, 1, "16 concurrent opens of {name} share one fetch");
     }
-    assert_eq!(fx.remote_reads() - before, 1, "16 concurrent opens share one fetch");
 }
 
 #[test]

@@ -17,7 +17,15 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
 
 use crate::digest::Digest;
-use crate::store::{BlobStore, DiskStore, PinGuard, RemoteStore, StoreError};
+use crate::store::{BlobStore, DiskStore, MemoryStore, PinGuard, RemoteStore, StoreError};
+
+/// Blobs up to this size are fetched whole with BatchReadBlobs, served from
+/// memory and written to the disk cache behind the reader's back; larger
+/// ones are streamed through ByteStream straight into their cache file.
+const SMALL_BLOB: u64 = 64 << 10;
+
+/// Default memory budget for small blobs.
+const MEMORY_BUDGET: u64 = 256 << 20;
 
 /// Why a blob could not be made local; cheap to clone for shared waiters.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -30,20 +38,47 @@ pub enum FetchError {
     Failed(String),
 }
 
-/// An open local copy of a blob, pinned in the cache while this lives.
+/// An open local copy of a blob: a cache file (pinned while this lives) or,
+/// for small blobs, the bytes in memory. Neither for the empty blob.
 pub struct CachedBlob {
-    /// The blob's file; `None` for the empty blob, which has none.
+    /// The blob's cache file.
     pub file: Option<File>,
+    /// The blob's bytes, for small blobs served from memory.
+    pub data: Option<Bytes>,
     _pin: Option<PinGuard>,
 }
 
-type Flight = Shared<BoxFuture<'static, Result<(), FetchError>>>;
+impl CachedBlob {
+    fn file(file: File, pin: PinGuard) -> Self {
+        CachedBlob { file: Some(file), data: None, _pin: Some(pin) }
+    }
+
+    fn bytes(data: Bytes) -> Self {
+        CachedBlob { file: None, data: Some(data), _pin: None }
+    }
+}
+
+/// A fetch in progress: into the local cache (`None`) or, for Directory
+/// protos, into memory (`Some`).
+type Flight = Shared<BoxFuture<'static, Result<Option<Bytes>, FetchError>>>;
+
+/// Where a flight puts what it fetches.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Dest {
+    /// Streamed into the disk cache.
+    Cache,
+    /// Kept in memory only (Directory protos, which the mount decodes).
+    Memory,
+    /// Into the memory tier, and written to the disk cache in the background.
+    Small,
+}
 
 /// Local copies of remote blobs.
 pub struct BlobCache {
     local: DiskStore,
+    memory: MemoryStore,
     remote: RemoteStore,
-    flights: Mutex<HashMap<Digest, Flight>>,
+    flights: Mutex<HashMap<(Digest, Dest), Flight>>,
     remote_reads: AtomicU64,
     idle_timeout: Duration,
 }
@@ -52,7 +87,14 @@ impl BlobCache {
     /// A cache of `remote` blobs in `local`; a fetch fails after `idle_timeout`
     /// without progress.
     pub fn new(local: DiskStore, remote: RemoteStore, idle_timeout: Duration) -> Self {
-        BlobCache { local, remote, flights: Mutex::new(HashMap::new()), remote_reads: AtomicU64::new(0), idle_timeout }
+        BlobCache {
+            local,
+            memory: MemoryStore::new(MEMORY_BUDGET),
+            remote,
+            flights: Mutex::new(HashMap::new()),
+            remote_reads: AtomicU64::new(0),
+            idle_timeout,
+        }
     }
 
     /// How many blob reads went to the remote CAS (each fetch counts once,
@@ -91,51 +133,66 @@ impl BlobCache {
     /// stays pinned in the local cache (never evicted) while the result lives.
     pub async fn open(self: &Arc<Self>, digest: &Digest) -> Result<CachedBlob, FetchError> {
         if digest.is_empty_blob() {
-            return Ok(CachedBlob { file: None, _pin: None });
+            return Ok(CachedBlob { file: None, data: None, _pin: None });
+        }
+        let small = digest.size_bytes <= SMALL_BLOB;
+        if small {
+            if let Ok(data) = self.memory.read_all(digest).await {
+                return Ok(CachedBlob::bytes(data));
+            }
         }
         // Pin first, so that a fetched blob cannot be evicted before we open it.
         let pin = self.local.pin(digest);
         if let Some(file) = self.open_local(digest)? {
-            return Ok(CachedBlob { file: Some(file), _pin: Some(pin) });
+            return Ok(CachedBlob::file(file, pin));
         }
-        self.fetch(digest).await?;
+        if small {
+            return match self.fetch(digest, Dest::Small).await? {
+                Some(data) => Ok(CachedBlob::bytes(data)),
+                None => Err(FetchError::Failed(format!("blob {digest} was not delivered"))),
+            };
+        }
+        self.fetch(digest, Dest::Cache).await?;
         match self.open_local(digest)? {
-            Some(file) => Ok(CachedBlob { file: Some(file), _pin: Some(pin) }),
+            Some(file) => Ok(CachedBlob::file(file, pin)),
             None => Err(FetchError::Failed(format!("blob {digest} vanished from the local cache after its fetch"))),
         }
     }
 
-    /// The bytes of a small blob (a Directory), via the local cache.
-    pub async fn read_small(self: &Arc<Self>, digest: &Digest) -> Result<Bytes, FetchError> {
+    /// The bytes of a Directory proto, fetched into memory (verified, and
+    /// shared by concurrent callers). Directories are not written to the disk
+    /// cache: the mount keeps them decoded, and a file per directory would
+    /// cost more than the round trip.
+    pub async fn read_directory(self: &Arc<Self>, digest: &Digest) -> Result<Bytes, FetchError> {
         if digest.is_empty_blob() {
             return Ok(Bytes::new());
         }
-        for _ in 0..3 {
-            match self.local.read_all(digest).await {
-                Ok(bytes) => return Ok(bytes),
-                Err(e) if e.is_not_found() => self.fetch(digest).await?,
-                Err(e) => return Err(FetchError::Failed(e.to_string())),
-            }
+        match self.fetch(digest, Dest::Memory).await? {
+            Some(bytes) => Ok(bytes),
+            None => Err(FetchError::Failed(format!("directory {digest} was not delivered"))),
         }
-        Err(FetchError::Failed(format!("blob {digest} was evicted from the local cache as soon as it arrived")))
     }
 
     fn open_local(&self, digest: &Digest) -> Result<Option<File>, FetchError> {
         self.local.open_trusted(digest).map_err(|e| FetchError::Failed(e.to_string()))
     }
 
-    /// Fetches `digest` into the local store, joining a fetch in progress.
-    async fn fetch(self: &Arc<Self>, digest: &Digest) -> Result<(), FetchError> {
+    /// Fetches `digest`, joining a fetch in progress.
+    async fn fetch(self: &Arc<Self>, digest: &Digest, into: Dest) -> Result<Option<Bytes>, FetchError> {
+        let key = (*digest, into);
         let flight = {
             let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
             flights
-                .entry(*digest)
+                .entry(key)
                 .or_insert_with(|| {
                     let cache = self.clone();
-                    let digest = *digest;
                     let task = tokio::spawn(async move {
-                        let result = cache.download(&digest).await;
-                        cache.flights.lock().unwrap_or_else(|e| e.into_inner()).remove(&digest);
+                        let result = match into {
+                            Dest::Cache => cache.download(&key.0).await.map(|()| None),
+                            Dest::Memory => cache.download_to_memory(&key.0).await.map(Some),
+                            Dest::Small => cache.download_small(&key.0).await.map(Some),
+                        };
+                        cache.flights.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
                         result
                     });
                     async move { task.await.unwrap_or_else(|e| Err(FetchError::Failed(format!("fetch task: {e}")))) }
@@ -145,6 +202,42 @@ impl BlobCache {
                 .clone()
         };
         flight.await
+    }
+
+    async fn download_to_memory(&self, digest: &Digest) -> Result<Bytes, FetchError> {
+        self.remote_reads.fetch_add(1, Ordering::Relaxed);
+        self.fetch_small(digest).await
+    }
+
+    /// A small blob into memory, then (not awaited) into the disk cache.
+    async fn download_small(self: &Arc<Self>, digest: &Digest) -> Result<Bytes, FetchError> {
+        let data = self.download_to_memory(digest).await?;
+        if let Err(e) = self.memory.write(digest, data.clone()).await {
+            tracing::warn!("caching {digest} in memory: {e}");
+        }
+        let (local, digest, copy) = (self.local.clone(), *digest, data.clone());
+        tokio::spawn(async move {
+            if let Err(e) = local.write(&digest, copy).await {
+                tracing::warn!("writing {digest} to the disk cache: {e}");
+            }
+        });
+        Ok(data)
+    }
+
+    /// One blob with one unary BatchReadBlobs call, verified by the store.
+    async fn fetch_small(&self, digest: &Digest) -> Result<Bytes, FetchError> {
+        let failed = |e: StoreError| match e {
+            StoreError::NotFound { .. } => FetchError::NotFound(digest.to_string()),
+            other => FetchError::Failed(format!("fetching {digest}: {other}")),
+        };
+        match tokio::time::timeout(self.idle_timeout, self.remote.read_batch(&[*digest])).await {
+            Err(_) => Err(FetchError::Failed(format!("fetching {digest}: no answer for {:?}", self.idle_timeout))),
+            Ok(Err(e)) => Err(failed(e)),
+            Ok(Ok(mut found)) => match found.pop() {
+                Some((_, result)) => result.map_err(failed),
+                None => Err(FetchError::NotFound(digest.to_string())),
+            },
+        }
     }
 
     async fn download(&self, digest: &Digest) -> Result<(), FetchError> {

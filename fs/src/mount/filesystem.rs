@@ -103,7 +103,7 @@ impl CasFs {
         let bytes = self
             .state
             .runtime
-            .block_on(async move { cache.read_small(&dir.digest).await })
+            .block_on(async move { cache.read_directory(&dir.digest).await })
             .map_err(|e| fetch_errno("loading a directory", e))?;
         let directory = decode_directory(&dir.digest, &bytes).map_err(|e| {
             tracing::warn!("{e}");
@@ -147,7 +147,7 @@ impl CasFs {
         let cache = self.state.cache.clone();
         if tree {
             // Load the root Directory now: it proves the tree exists and is needed next anyway.
-            match self.state.runtime.block_on(async move { cache.read_small(&digest).await }) {
+            match self.state.runtime.block_on(async move { cache.read_directory(&digest).await }) {
                 Ok(bytes) => {
                     decode_directory(&digest, &bytes).map_err(|e| {
                         tracing::warn!("{e}");
@@ -341,6 +341,11 @@ impl fuser::Filesystem for CasFs {
                 log.record(Access::Read, path);
             }
         }
+        if let Some(data) = &open.blob.data {
+            let start = (offset as usize).min(data.len());
+            let end = start.saturating_add(size as usize).min(data.len());
+            return reply.data(&data[start..end]);
+        }
         let Some(file) = open.blob.file.as_ref() else { return reply.data(&[]) };
         let mut buf = vec![0; size as usize];
         let mut filled = 0;
@@ -370,11 +375,28 @@ impl fuser::Filesystem for CasFs {
         reply.ok()
     }
 
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: fuser::ReplyEmpty) {
+        reply.ok() // nothing is ever written
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENODATA)
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        if size == 0 {
+            reply.size(0)
+        } else {
+            reply.data(&[])
+        }
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino) {
-            // CAS directories never change: let the kernel cache their listings.
+            // CAS directories never change: let the kernel cache their listings
+            // (without KEEP_CACHE it drops the cached listing at every open).
             Ok(node) if matches!(node.kind, NodeKind::Dir(_)) => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR)
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE)
             }
             Ok(node) if matches!(node.kind, NodeKind::Virtual(_)) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Ok(_) => reply.error(Errno::ENOTDIR),

@@ -1,27 +1,18 @@
-//! `casbuild bench`: throughput and latency measured against baselines taken
-//! in the same run on the same machine, reported as medians and ratios.
+//! `casbuild bench cas`: the storage API over loopback.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
 use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::storage::{Storage, StorageConfig};
-use casbuild_fs::store::{BlobStore, RemoteStore, RemoteStoreOptions, CHUNK_SIZE};
+use casbuild_fs::store::{BlobStore, RemoteStore, CHUNK_SIZE};
 use casbuild_proto::reapi::capabilities_client::CapabilitiesClient;
 use casbuild_proto::reapi::GetCapabilitiesRequest;
 use futures::StreamExt;
 
+use super::{gb_per_s, median, noise, print_table, settle_disk, LocalServer, Row};
 use crate::config::parse_size;
-
-#[derive(clap::Subcommand)]
-pub enum Command {
-    /// The storage API over loopback: ByteStream upload/download of one large
-    /// blob, FindMissingBlobs of many digests, BatchUpdateBlobs of many small blobs.
-    Cas(CasArgs),
-}
 
 #[derive(clap::Args)]
 pub struct CasArgs {
@@ -45,68 +36,13 @@ pub struct CasArgs {
     digest_function: DigestFunction,
 }
 
-pub async fn run(command: Command) -> anyhow::Result<()> {
-    match command {
-        Command::Cas(args) => bench_cas(args).await,
-    }
-}
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
-
-fn gb_per_s(bytes: u64, time: Duration) -> f64 {
-    bytes as f64 / time.as_secs_f64() / 1e9
-}
-
-/// Fills `len` bytes that do not compress and differ per `seed`.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// Writes back dirty pages before a timed section, so no measurement pays
-/// for the writeback of the one before it.
-async fn settle_disk() -> anyhow::Result<()> {
-    let status = tokio::process::Command::new("sync").status().await.context("running sync")?;
-    anyhow::ensure!(status.success(), "sync failed");
-    Ok(())
-}
-
-/// One row of the report.
-struct Row {
-    name: String,
-    casbuild: String,
-    baseline_name: &'static str,
-    baseline: String,
-    ratio: f64,
-}
-
-async fn bench_cas(args: CasArgs) -> anyhow::Result<()> {
+pub async fn bench_cas(args: CasArgs) -> anyhow::Result<()> {
     let scratch = match &args.dir {
         Some(dir) => tempfile::tempdir_in(dir)?,
         None => tempfile::tempdir()?,
     };
-    let mut storage_config = StorageConfig::new(scratch.path().join("store"));
-    storage_config.max_disk = u64::MAX;
-    let storage = tokio::task::spawn_blocking(move || Storage::open(&storage_config)).await??;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server =
-        tokio::spawn(casbuild_coordinator::serve(listener, Arc::new(storage), Default::default(), async move {
-            let _ = stop_rx.await;
-        }));
-    let remote = RemoteStore::connect(&format!("grpc://{addr}"), RemoteStoreOptions::default()).await?;
+    let server = LocalServer::start(&scratch.path().join("store")).await?;
+    let remote = server.remote.clone();
     let function = args.digest_function;
     let mut rows = Vec::new();
 
@@ -148,14 +84,9 @@ async fn bench_cas(args: CasArgs) -> anyhow::Result<()> {
         ratio: round_trip.as_secs_f64() / find_missing.as_secs_f64(),
     });
 
-    println!("| workload | casbuild (median) | baseline | baseline (median) | speed vs baseline |");
-    println!("| --- | --- | --- | --- | --- |");
-    for row in rows {
-        println!("| {} | {} | {} | {} | {:.2}× |", row.name, row.casbuild, row.baseline_name, row.baseline, row.ratio);
-    }
-    let _ = stop_tx.send(());
+    print_table(&rows);
     drop(remote);
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    server.stop().await;
     Ok(())
 }
 

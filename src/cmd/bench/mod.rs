@@ -1,0 +1,107 @@
+//! `casbuild bench`: throughput and latency measured against baselines taken
+//! in the same run on the same machine, reported as medians and ratios.
+
+mod cas;
+mod mount;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use casbuild_fs::storage::{Storage, StorageConfig};
+use casbuild_fs::store::{RemoteStore, RemoteStoreOptions};
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// The storage API over loopback: ByteStream upload/download of one large
+    /// blob, FindMissingBlobs of many digests, BatchUpdateBlobs of many small blobs.
+    Cas(cas::CasArgs),
+    /// The /cas FUSE mount: registration, metadata walks, lazy and sequential
+    /// reads, against local disk and eager staging.
+    Mount(mount::MountArgs),
+}
+
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Cas(args) => cas::bench_cas(args).await,
+        Command::Mount(args) => mount::bench_mount(args).await,
+    }
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn gb_per_s(bytes: u64, time: Duration) -> f64 {
+    bytes as f64 / time.as_secs_f64() / 1e9
+}
+
+/// Fills `len` bytes that do not compress and differ per `seed`.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes back dirty pages before a timed section, so no measurement pays
+/// for the writeback of the one before it.
+async fn settle_disk() -> anyhow::Result<()> {
+    let status = tokio::process::Command::new("sync").status().await.context("running sync")?;
+    anyhow::ensure!(status.success(), "sync failed");
+    Ok(())
+}
+
+/// One row of the report.
+struct Row {
+    name: String,
+    casbuild: String,
+    baseline_name: &'static str,
+    baseline: String,
+    ratio: f64,
+}
+
+/// Prints the rows as a Markdown table.
+fn print_table(rows: &[Row]) {
+    println!("| workload | casbuild (median) | baseline | baseline (median) | speed vs baseline |");
+    println!("| --- | --- | --- | --- | --- |");
+    for row in rows {
+        println!("| {} | {} | {} | {} | {:.2}× |", row.name, row.casbuild, row.baseline_name, row.baseline, row.ratio);
+    }
+}
+
+/// A coordinator serving an unbounded store in `dir`, in this process.
+struct LocalServer {
+    remote: RemoteStore,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl LocalServer {
+    async fn start(dir: &Path) -> anyhow::Result<LocalServer> {
+        let mut storage_config = StorageConfig::new(dir.to_path_buf());
+        storage_config.max_disk = u64::MAX;
+        let storage = tokio::task::spawn_blocking(move || Storage::open(&storage_config)).await??;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("grpc://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(casbuild_coordinator::serve(listener, Arc::new(storage), Default::default(), async {
+            let _ = stopped.await;
+        }));
+        let remote = RemoteStore::connect(&url, RemoteStoreOptions::default()).await.context("connecting")?;
+        Ok(LocalServer { remote, stop, task })
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}

@@ -1,0 +1,429 @@
+//! `casbuild bench mount`: the /cas mount against the same trees on local
+//! disk and against eager staging (downloading a whole tree before use).
+//!
+//! Tree A is many small files in many directories, tree B a few large files.
+//! Both are uploaded to a coordinator in this process; every cold figure uses
+//! a fresh mount with an empty blob cache.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
+use casbuild_fs::store::{DiskStore, RemoteStore};
+
+use super::{gb_per_s, median, noise, print_table, settle_disk, LocalServer, Row};
+use crate::config::parse_size;
+
+#[derive(clap::Args)]
+pub struct MountArgs {
+    /// Files in tree A (1–8 KiB each).
+    #[arg(long, default_value_t = 100_000)]
+    files: usize,
+    /// Directories tree A's files are spread over.
+    #[arg(long, default_value_t = 1_000)]
+    dirs: usize,
+    /// Size of tree B's large file.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    big: u64,
+    /// Number of tree B's medium files.
+    #[arg(long, default_value_t = 100)]
+    medium_count: usize,
+    /// Size of each of tree B's medium files.
+    #[arg(long, default_value = "10MiB", value_parser = parse_size)]
+    medium: u64,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Scratch directory [default: a temp dir].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// The fixture: a server holding both trees, and their local copies.
+struct Setup {
+    server: LocalServer,
+    scratch: PathBuf,
+    tree_a: PathBuf,
+    root_a: Digest,
+    files_a: Vec<PathBuf>,
+    tree_b: PathBuf,
+    root_b: Digest,
+    mounts: usize,
+}
+
+/// A fresh mount with an empty blob cache.
+struct Fresh {
+    mount: CasMount,
+    cache_dir: PathBuf,
+}
+
+impl Setup {
+    async fn fresh_mount(&mut self) -> anyhow::Result<Fresh> {
+        self.mounts += 1;
+        let cache_dir = self.scratch.join(format!("cache-{}", self.mounts));
+        let mountpoint = self.scratch.join(format!("mnt-{}", self.mounts));
+        let dir = cache_dir.clone();
+        let local = tokio::task::spawn_blocking(move || DiskStore::open(&dir, u64::MAX)).await??;
+        let cache = Arc::new(BlobCache::new(local, self.server.remote.clone(), Duration::from_secs(60)));
+        let runtime = tokio::runtime::Handle::current();
+        let mount =
+            tokio::task::spawn_blocking(move || CasMount::mount(&mountpoint, cache, runtime, &MountOptions::default()))
+                .await??;
+        Ok(Fresh { mount, cache_dir })
+    }
+}
+
+impl Fresh {
+    async fn close(self) -> anyhow::Result<()> {
+        let Fresh { mount, cache_dir } = self;
+        let mountpoint = mount.mountpoint().to_path_buf();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            mount.unmount()?;
+            std::fs::remove_dir_all(&cache_dir)?;
+            std::fs::remove_dir(&mountpoint)?;
+            Ok(())
+        })
+        .await?
+    }
+}
+
+pub async fn bench_mount(args: MountArgs) -> anyhow::Result<()> {
+    let scratch = match &args.dir {
+        Some(dir) => tempfile::tempdir_in(dir)?,
+        None => tempfile::tempdir()?,
+    };
+    let mut setup = prepare(&args, scratch.path()).await?;
+    let runs = args.runs.max(1);
+    let mut rows = Vec::new();
+
+    eprintln!("bench: registration");
+    rows.extend(registration(&mut setup).await?);
+    eprintln!("bench: find + stat of tree A");
+    rows.extend(walk_tree(&mut setup, runs).await?);
+    eprintln!("bench: reading 1% of tree A");
+    rows.push(random_percent(&mut setup, runs).await?);
+    eprintln!("bench: reading all of tree A");
+    rows.push(read_all(&mut setup, runs).await?);
+    eprintln!("bench: sequential read of the {} file", bytesize::ByteSize(args.big));
+    rows.extend(sequential(&mut setup, runs, args.big).await?);
+
+    print_table(&rows);
+    setup.server.stop().await;
+    Ok(())
+}
+
+/// Writes both trees, uploads them, and returns the fixture.
+async fn prepare(args: &MountArgs, scratch: &Path) -> anyhow::Result<Setup> {
+    let server = LocalServer::start(&scratch.join("store")).await?;
+    let (tree_a, tree_b) = (scratch.join("tree-a"), scratch.join("tree-b"));
+    eprintln!(
+        "bench: writing tree A ({} files in {} directories) and tree B ({} + {} × {})",
+        args.files,
+        args.dirs,
+        bytesize::ByteSize(args.big),
+        args.medium_count,
+        bytesize::ByteSize(args.medium)
+    );
+    let (a, b, files, dirs) = (tree_a.clone(), tree_b.clone(), args.files, args.dirs.max(1));
+    let (big, medium_count, medium) = (args.big, args.medium_count, args.medium);
+    let files_a = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<PathBuf>> {
+        let mut paths = Vec::with_capacity(files);
+        for i in 0..files {
+            let dir = a.join(format!("d{:04}", i % dirs));
+            if i < dirs {
+                std::fs::create_dir_all(&dir)?;
+            }
+            let rel = PathBuf::from(format!("d{:04}/f{i:06}", i % dirs));
+            let size = 1024 + (i * 7919) % (7 * 1024 + 1);
+            std::fs::write(a.join(&rel), noise(i as u64 + 1, size))?;
+            paths.push(rel);
+        }
+        std::fs::create_dir_all(&b)?;
+        std::fs::write(b.join("big.bin"), noise(u64::MAX, big as usize))?;
+        for i in 0..medium_count {
+            std::fs::write(b.join(format!("m{i:03}.bin")), noise(u64::MAX - 1 - i as u64, medium as usize))?;
+        }
+        Ok(paths)
+    })
+    .await??;
+    let start = Instant::now();
+    let root_a = crate::cmd::cas::upload(&server.remote, &tree_a, DigestFunction::Blake3).await?;
+    let root_b = crate::cmd::cas::upload(&server.remote, &tree_b, DigestFunction::Blake3).await?;
+    eprintln!("bench: uploaded both trees in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(Setup { server, scratch: scratch.to_path_buf(), tree_a, root_a, files_a, tree_b, root_b, mounts: 0 })
+}
+
+/// Empties the kernel's page, dentry and inode caches (needs root).
+fn drop_caches() -> anyhow::Result<()> {
+    let status = std::process::Command::new("sync").status().context("running sync")?;
+    anyhow::ensure!(status.success(), "sync failed");
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("writing /proc/sys/vm/drop_caches (needs root)")
+}
+
+/// Runs blocking file system work off the async runtime and times it.
+async fn timed<T: Send + 'static>(
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<(Duration, T)> {
+    tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        let value = work()?;
+        Ok((start.elapsed(), value))
+    })
+    .await?
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+fn millis(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1e3)
+}
+
+fn row(name: String, casbuild: String, baseline_name: &'static str, baseline: String, ratio: f64) -> Row {
+    Row { name, casbuild, baseline_name, baseline, ratio }
+}
+
+/// Registration latency for both trees, against creating one directory.
+async fn registration(setup: &mut Setup) -> anyhow::Result<Vec<Row>> {
+    let fresh = setup.fresh_mount().await?;
+    let mut rows = Vec::new();
+    let mkdir_root = setup.scratch.join("mkdir");
+    std::fs::create_dir_all(&mkdir_root)?;
+    let (_, mkdir) = timed(move || {
+        let mut samples = Vec::new();
+        for i in 0..1000 {
+            let start = Instant::now();
+            std::fs::create_dir(mkdir_root.join(i.to_string()))?;
+            samples.push(start.elapsed());
+        }
+        std::fs::remove_dir_all(&mkdir_root)?;
+        Ok(median(samples))
+    })
+    .await?;
+    for (label, root) in [("tree A", setup.root_a), ("tree B", setup.root_b)] {
+        let mut samples = Vec::new();
+        for i in 0..1000 {
+            let name = format!("{label}-{i}");
+            let start = Instant::now();
+            fresh.mount.register(&name, root)?;
+            samples.push(start.elapsed());
+        }
+        let took = median(samples);
+        rows.push(row(
+            format!("register {label} as an input root"),
+            micros(took),
+            "mkdir of one empty directory on local disk",
+            micros(mkdir),
+            mkdir.as_secs_f64() / took.as_secs_f64(),
+        ));
+    }
+    fresh.close().await?;
+    Ok(rows)
+}
+
+/// Entries under `dir`, each stat'ed, recursively.
+fn walk(dir: &Path) -> std::io::Result<usize> {
+    let mut count = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let meta = std::fs::symlink_metadata(&path)?;
+        count += 1;
+        if meta.is_dir() {
+            count += walk(&path)?;
+        }
+    }
+    Ok(count)
+}
+
+/// `find`+stat of tree A on a fresh mount (cold) and again (warm), against
+/// the local copy after dropping the kernel's caches (cold) and again (warm).
+async fn walk_tree(setup: &mut Setup, runs: usize) -> anyhow::Result<Vec<Row>> {
+    let (mut cold, mut warm, mut local_cold, mut local_warm) = (vec![], vec![], vec![], vec![]);
+    let want = setup.files_a.len()
+        + setup.files_a.iter().filter_map(|p| p.parent()).collect::<std::collections::BTreeSet<_>>().len();
+    for run in 0..runs {
+        let fresh = setup.fresh_mount().await?;
+        let root = fresh.mount.register("a", setup.root_a)?;
+        for samples in [&mut cold, &mut warm] {
+            let path = root.clone();
+            let (took, n) = timed(move || Ok(walk(&path)?)).await?;
+            anyhow::ensure!(n == want, "the mount showed {n} entries, not {want}");
+            samples.push(took);
+        }
+        fresh.close().await?;
+        drop_caches()?;
+        for samples in [&mut local_cold, &mut local_warm] {
+            let path = setup.tree_a.clone();
+            let (took, n) = timed(move || Ok(walk(&path)?)).await?;
+            anyhow::ensure!(n == want, "the local tree has {n} entries, not {want}");
+            samples.push(took);
+        }
+        eprintln!(
+            "  run {}: mount cold {:?} warm {:?}; local disk cold {:?} warm {:?}",
+            run + 1,
+            cold[run],
+            warm[run],
+            local_cold[run],
+            local_warm[run]
+        );
+    }
+    let (cold, warm, local_cold, local_warm) = (median(cold), median(warm), median(local_cold), median(local_warm));
+    Ok(vec![
+        row(
+            format!("find + stat of tree A ({want} entries), cold"),
+            millis(cold),
+            "same tree on local disk, kernel caches dropped",
+            millis(local_cold),
+            local_cold.as_secs_f64() / cold.as_secs_f64(),
+        ),
+        row(
+            format!("find + stat of tree A ({want} entries), warm"),
+            millis(warm),
+            "same tree on local disk, warm",
+            millis(local_warm),
+            local_warm.as_secs_f64() / warm.as_secs_f64(),
+        ),
+    ])
+}
+
+/// Reads each file fully; returns the bytes read.
+fn read_files(root: &Path, files: &[PathBuf]) -> std::io::Result<u64> {
+    let mut total = 0;
+    let mut buf = vec![0; 64 << 10];
+    for rel in files {
+        let mut file = std::fs::File::open(root.join(rel))?;
+        loop {
+            match file.read(&mut buf)? {
+                0 => break,
+                n => total += n as u64,
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Downloads the tree to a new directory, as `casbuild cas download` does.
+async fn stage(remote: &RemoteStore, root: &Digest, dest: &Path) -> anyhow::Result<()> {
+    crate::cmd::cas::download(remote, root, dest, false).await
+}
+
+/// One run of reading `files` of tree A through a fresh mount, and of
+/// staging the whole tree and then reading them from local disk.
+async fn lazy_and_eager(setup: &mut Setup, files: Vec<PathBuf>, run: usize) -> anyhow::Result<(Duration, Duration)> {
+    let fresh = setup.fresh_mount().await?;
+    let root = fresh.mount.register("a", setup.root_a)?;
+    let list = files.clone();
+    let (lazy, _) = timed(move || Ok(read_files(&root, &list)?)).await?;
+    fresh.close().await?;
+
+    let dest = setup.scratch.join(format!("staged-{run}"));
+    settle_disk().await?;
+    let start = Instant::now();
+    stage(&setup.server.remote, &setup.root_a, &dest).await?;
+    let staged = dest.clone();
+    timed(move || Ok(read_files(&staged, &files)?)).await?;
+    let eager = start.elapsed();
+    tokio::fs::remove_dir_all(&dest).await?;
+    Ok((lazy, eager))
+}
+
+/// Lazily reading a random 1% of tree A, against staging all of it first.
+async fn random_percent(setup: &mut Setup, runs: usize) -> anyhow::Result<Row> {
+    let count = (setup.files_a.len() / 100).max(1);
+    let (mut lazy, mut eager) = (vec![], vec![]);
+    for run in 0..runs {
+        // A different random sample each run (xorshift-driven).
+        let pick = noise(run as u64 + 77, count * 8);
+        let files: Vec<PathBuf> = pick
+            .chunks(8)
+            .map(|c| setup.files_a[u64::from_le_bytes(c.try_into().unwrap()) as usize % setup.files_a.len()].clone())
+            .collect();
+        let (l, e) = lazy_and_eager(setup, files, run).await?;
+        lazy.push(l);
+        eager.push(e);
+        eprintln!("  run {}: lazy {:?}, eager staging {:?}", run + 1, lazy[run], eager[run]);
+    }
+    let (lazy, eager) = (median(lazy), median(eager));
+    Ok(row(
+        format!("read a random 1% of tree A ({count} files), cold"),
+        millis(lazy),
+        "eager staging: download the whole tree, then read",
+        millis(eager),
+        eager.as_secs_f64() / lazy.as_secs_f64(),
+    ))
+}
+
+/// Reading every file of tree A through a fresh mount, against staging it.
+async fn read_all(setup: &mut Setup, runs: usize) -> anyhow::Result<Row> {
+    let (mut lazy, mut eager) = (vec![], vec![]);
+    for run in 0..runs {
+        let (l, e) = lazy_and_eager(setup, setup.files_a.clone(), run).await?;
+        lazy.push(l);
+        eager.push(e);
+        eprintln!("  run {}: lazy {:?}, eager staging {:?}", run + 1, lazy[run], eager[run]);
+    }
+    let (lazy, eager) = (median(lazy), median(eager));
+    Ok(row(
+        format!("read all of tree A ({} files), cold, one reader", setup.files_a.len()),
+        millis(lazy),
+        "eager staging: download the whole tree, then read",
+        millis(eager),
+        eager.as_secs_f64() / lazy.as_secs_f64(),
+    ))
+}
+
+/// Reading the large file of tree B, cold and warm, against local disk.
+async fn sequential(setup: &mut Setup, runs: usize, size: u64) -> anyhow::Result<Vec<Row>> {
+    let (mut cold, mut warm, mut local_cold, mut local_warm) = (vec![], vec![], vec![], vec![]);
+    let mut passthrough = false;
+    for run in 0..runs {
+        let fresh = setup.fresh_mount().await?;
+        let file = fresh.mount.register("b", setup.root_b)?.join("big.bin");
+        for samples in [&mut cold, &mut warm] {
+            let path = file.clone();
+            let (took, n) = timed(move || Ok(read_files(Path::new("/"), &[path])?)).await?;
+            anyhow::ensure!(n == size, "read {n} bytes, not {size}");
+            samples.push(took);
+        }
+        passthrough = fresh.mount.stats().passthrough;
+        fresh.close().await?;
+        drop_caches()?;
+        for samples in [&mut local_cold, &mut local_warm] {
+            let path = setup.tree_b.join("big.bin");
+            let (took, _) = timed(move || Ok(read_files(Path::new("/"), &[path])?)).await?;
+            samples.push(took);
+        }
+        eprintln!(
+            "  run {}: mount cold {:.2} GB/s warm {:.2} GB/s; local disk cold {:.2} GB/s warm {:.2} GB/s",
+            run + 1,
+            gb_per_s(size, cold[run]),
+            gb_per_s(size, warm[run]),
+            gb_per_s(size, local_cold[run]),
+            gb_per_s(size, local_warm[run])
+        );
+    }
+    let (cold, warm, local_cold, local_warm) = (median(cold), median(warm), median(local_cold), median(local_warm));
+    let size_text = bytesize::ByteSize(size);
+    let how = if passthrough { "passthrough" } else { "userspace reads" };
+    Ok(vec![
+        row(
+            format!("sequential read of a {size_text} file, cold (fetch included)"),
+            format!("{:.2} GB/s", gb_per_s(size, cold)),
+            "local disk, kernel caches dropped",
+            format!("{:.2} GB/s", gb_per_s(size, local_cold)),
+            local_cold.as_secs_f64() / cold.as_secs_f64(),
+        ),
+        row(
+            format!("sequential read of a {size_text} file, warm ({how})"),
+            format!("{:.2} GB/s", gb_per_s(size, warm)),
+            "local disk, warm",
+            format!("{:.2} GB/s", gb_per_s(size, local_warm)),
+            local_warm.as_secs_f64() / warm.as_secs_f64(),
+        ),
+    ])
+}
