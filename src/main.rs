@@ -29,6 +29,11 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // The sandbox helper runs before anything else starts threads.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == casbuild_exec::sandbox::HELPER_ARG) {
+        return casbuild_exec::sandbox::helper_main(&args[2..]);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CASBUILD_LOG")

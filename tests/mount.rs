@@ -457,3 +457,33 @@ fn the_cli_mounts_unmounts_on_sigterm_and_replaces_a_stale_mount() {
     assert!(wait_exit(&mut child.0).success());
     assert!(!is_mounted(&mountpoint), "unmounted on SIGTERM");
 }
+
+#[test]
+fn a_sandboxed_command_works_on_an_input_root_and_its_misses_are_logged() {
+    let Some(fx) = Fixture::start("a_sandboxed_command_works_on_an_input_root", 1 << 30) else { return };
+    let root = fx.upload_tree("action", |dir| {
+        std::fs::create_dir_all(dir.join("src")).unwrap();
+        std::fs::write(dir.join("src/main.c"), "#include \"config.h\"\nint main(void) { return 0; }\n").unwrap();
+        std::fs::write(dir.join("src/unused.c"), "int unused;\n").unwrap();
+    });
+    let input = fx.mount().register("lease-1", root).unwrap();
+    let scratch = fx.dir.path().join("scratch");
+    let mut spec = casbuild_exec::sandbox::SandboxSpec::new(
+        input,
+        scratch,
+        ["cc", "-c", "src/main.c", "-o", "out/main.o"].map(String::from).to_vec(),
+    );
+    spec.env = vec![("PATH".into(), "/usr/bin:/bin".into())];
+    spec.writable_dirs = vec!["out".into()];
+    spec.timeout_ms = Some(60_000);
+    let sandbox = casbuild_exec::sandbox::Sandbox::new(env!("CARGO_BIN_EXE_casbuild"));
+    let report = fx.runtime.block_on(sandbox.run(&spec)).unwrap();
+    let stderr = std::fs::read_to_string(casbuild_exec::sandbox::Sandbox::stderr_path(&spec)).unwrap();
+    assert_eq!(report.exit_code, Some(1), "config.h is not a declared input: {report:?} {stderr}");
+    assert!(stderr.contains("config.h"), "{stderr}");
+
+    let log = fx.mount().access_report("lease-1").unwrap();
+    assert!(log.opened.contains("src/main.c"), "{log:?}");
+    assert!(log.not_found.contains("src/config.h"), "the compiler's miss is logged: {log:?}");
+    assert!(!log.touched().contains("src/unused.c"), "declared but unread: {log:?}");
+}

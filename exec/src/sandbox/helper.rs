@@ -1,0 +1,402 @@
+//! The sandbox helper: a short-lived process (`casbuild __sandbox-helper
+//! SPEC`) that builds the namespaces and runs one command. It is a separate,
+//! single-threaded process so that forking and namespace changes never meet
+//! the worker's threads.
+//!
+//! ```text
+//! helper (host pid namespace)  unshare(PID), fork, wait with the timeout, write report.json
+//!  └─ init, pid 1            unshare(mount, net, ipc, uts); mounts; pivot_root; fork; reap all
+//!      └─ command, pid 2     limits, drop to uid/gid, no_new_privs, execve
+//! ```
+//!
+//! When init exits the kernel kills everything left in the pid namespace, and
+//! the mount namespace goes with its last process: nothing outlives the run,
+//! on the host nothing is ever mounted.
+
+use std::ffi::{CString, OsString};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::{kill, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
+
+use super::spec::{RunReport, SandboxSpec, ScratchLayout};
+
+/// Devices a sandbox gets, bound from the host.
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Entry point of `casbuild __sandbox-helper SPEC`: runs the spec and writes
+/// its report next to it. Exit status 0 unless the report cannot be written.
+pub fn helper_main(args: &[OsString]) -> std::process::ExitCode {
+    let Some(spec_path) = args.first() else {
+        eprintln!("sandbox helper: missing the spec path");
+        return std::process::ExitCode::FAILURE;
+    };
+    let spec: SandboxSpec = match std::fs::read(spec_path)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+    {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("sandbox helper: reading {}: {e}", Path::new(spec_path).display());
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let layout = ScratchLayout::new(&spec.scratch);
+    let report = run(&spec, &layout);
+    match serde_json::to_vec(&report).map_err(std::io::Error::other).and_then(|b| std::fs::write(&layout.report, b)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sandbox helper: writing {}: {e}", layout.report.display());
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(spec: &SandboxSpec, layout: &ScratchLayout) -> RunReport {
+    let start = Instant::now();
+    let mut report = match run_namespaced(spec, layout) {
+        Ok(report) => report,
+        Err(e) => RunReport { error: Some(e), ..Default::default() },
+    };
+    report.wall_micros = start.elapsed().as_micros() as u64;
+    report
+}
+
+fn run_namespaced(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<RunReport, String> {
+    let stdout = File::create(&layout.stdout).map_err(|e| format!("creating {}: {e}", layout.stdout.display()))?;
+    let stderr = File::create(&layout.stderr).map_err(|e| format!("creating {}: {e}", layout.stderr.display()))?;
+    let (status_read, status_write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    unshare(CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
+    // SAFETY: this process is single-threaded (the helper starts no threads),
+    // so the child may run arbitrary code after the fork.
+    let child = match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => {
+            drop(status_read);
+            init(spec, layout, File::from(status_write), stdout.as_fd(), stderr.as_fd())
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(status_write);
+    let timed_out = wait_with_timeout(child, spec.timeout_ms)?;
+    let mut status = String::new();
+    File::from(status_read).read_to_string(&mut status).map_err(|e| format!("reading the init status: {e}"))?;
+    let mut report = RunReport { timed_out, ..Default::default() };
+    match status.trim_end().split_once(' ') {
+        Some(("exit", code)) => report.exit_code = code.parse().ok(),
+        Some(("signal", sig)) => report.signal = sig.parse().ok(),
+        Some(("error", message)) => report.error = Some(message.to_owned()),
+        _ if timed_out => {}
+        _ => report.error = Some(format!("the sandbox's init ended without a status ({status:?})")),
+    }
+    Ok(report)
+}
+
+/// Waits for init; past the timeout, kills it (and with it the namespace).
+/// Returns whether the timeout struck.
+fn wait_with_timeout(child: Pid, timeout_ms: Option<u64>) -> Result<bool, String> {
+    let mut timed_out = false;
+    if let Some(ms) = timeout_ms {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new file
+        // descriptor or -1; no memory is passed.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) };
+        if fd < 0 {
+            return Err(format!("pidfd_open: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let deadline = Instant::now() + std::time::Duration::from_millis(ms);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = nix::poll::PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+                .unwrap_or(nix::poll::PollTimeout::MAX);
+            let mut fds = [nix::poll::PollFd::new(pidfd.as_fd(), nix::poll::PollFlags::POLLIN)];
+            match nix::poll::poll(&mut fds, wait) {
+                Ok(0) if left.is_zero() => {
+                    timed_out = true;
+                    let _ = kill(child, Signal::SIGKILL);
+                    break;
+                }
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => break,
+                Err(e) => return Err(format!("poll: {e}")),
+            }
+        }
+    }
+    loop {
+        match waitpid(child, None) {
+            Ok(_) => return Ok(timed_out),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(format!("waitpid: {e}")),
+        }
+    }
+}
+
+/// Pid 1 of the sandbox: builds its file system, runs the command, reaps
+/// everything, reports on `status`, and exits — taking the namespace with it.
+fn init(
+    spec: &SandboxSpec,
+    layout: &ScratchLayout,
+    mut status: File,
+    stdout: std::os::fd::BorrowedFd<'_>,
+    stderr: std::os::fd::BorrowedFd<'_>,
+) -> ! {
+    let line = match build_root(spec, layout).and_then(|()| run_command(spec, stdout, stderr)) {
+        Ok(WaitStatus::Exited(_, code)) => format!("exit {code}"),
+        Ok(WaitStatus::Signaled(_, signal, _)) => format!("signal {}", signal as i32),
+        Ok(other) => format!("error unexpected wait status {other:?}"),
+        Err(e) => format!("error {e}"),
+    };
+    let _ = writeln!(status, "{line}");
+    std::process::exit(0)
+}
+
+fn sys(what: impl FnOnce() -> String) -> impl FnOnce(nix::errno::Errno) -> String {
+    move |e| format!("{}: {e}", what())
+}
+
+fn io(what: impl FnOnce() -> String) -> impl FnOnce(std::io::Error) -> String {
+    move |e| format!("{}: {e}", what())
+}
+
+/// The path `inside` (absolute, as the command will see it) under `root`.
+fn under(root: &Path, inside: &Path) -> PathBuf {
+    root.join(inside.strip_prefix("/").unwrap_or(inside))
+}
+
+/// Mounts the sandbox's file system under the scratch root and pivots into it.
+fn build_root(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<(), String> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys(|| "prctl(PDEATHSIG)".into()))?;
+    let flags =
+        CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    unshare(flags).map_err(sys(|| "unshare(mount, net, ipc, uts)".into()))?;
+    nix::unistd::sethostname("casbuild").map_err(sys(|| "sethostname".into()))?;
+    let none: Option<&str> = None;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(sys(|| "making / private".into()))?;
+
+    let root = &layout.root;
+    for dir in [root, &layout.upper, &layout.overlay_work] {
+        std::fs::create_dir_all(dir).map_err(io(|| format!("creating {}", dir.display())))?;
+    }
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(Some("tmpfs"), root, Some("tmpfs"), nosuid, Some("mode=0755,size=16m"))
+        .map_err(sys(|| "mounting the root tmpfs".into()))?;
+
+    // The working tree: the input root under a private writable layer.
+    let work = under(root, &spec.work_dir);
+    std::fs::create_dir_all(&work).map_err(io(|| format!("creating {}", work.display())))?;
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        spec.input_root.display(),
+        layout.upper.display(),
+        layout.overlay_work.display()
+    );
+    mount(Some("overlay"), &work, Some("overlay"), nosuid, Some(options.as_str()))
+        .map_err(sys(|| format!("mounting the overlay over {}", spec.input_root.display())))?;
+    // Inputs are read-only (0555) in the CAS; the command may write where its
+    // outputs go, in its working directory, and at the top of the tree.
+    let writable = [String::new(), spec.cwd.clone()].into_iter().chain(spec.writable_dirs.iter().cloned());
+    for dir in writable {
+        let path = work.join(&dir);
+        std::fs::create_dir_all(&path).map_err(io(|| format!("creating {dir:?} in the working tree")))?;
+        std::os::unix::fs::chown(&path, Some(spec.uid), Some(spec.gid))
+            .map_err(io(|| format!("chown {dir:?} in the working tree")))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .map_err(io(|| format!("chmod {dir:?} in the working tree")))?;
+    }
+
+    for host in &spec.toolchain {
+        bind_read_only(host, &under(root, host))?;
+    }
+
+    let proc_dir = root.join("proc");
+    std::fs::create_dir_all(&proc_dir).map_err(io(|| "creating /proc".into()))?;
+    mount(Some("proc"), &proc_dir, Some("proc"), nosuid | MsFlags::MS_NOEXEC, none)
+        .map_err(sys(|| "mounting /proc".into()))?;
+    build_dev(&root.join("dev"))?;
+    let tmp = root.join("tmp");
+    std::fs::create_dir_all(&tmp).map_err(io(|| "creating /tmp".into()))?;
+    mount(Some("tmpfs"), &tmp, Some("tmpfs"), nosuid, Some("mode=1777")).map_err(sys(|| "mounting /tmp".into()))?;
+
+    nix::unistd::chdir(root).map_err(sys(|| "chdir to the new root".into()))?;
+    nix::unistd::pivot_root(".", ".").map_err(sys(|| "pivot_root".into()))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(sys(|| "detaching the old root".into()))?;
+    nix::unistd::chdir("/").map_err(sys(|| "chdir /".into()))?;
+    Ok(())
+}
+
+/// Binds a host path read-only at `target`; recreates symlinks (merged /usr
+/// makes `/bin` one); skips paths this host does not have.
+fn bind_read_only(host: &Path, target: &Path) -> Result<(), String> {
+    let Ok(meta) = std::fs::symlink_metadata(host) else { return Ok(()) };
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(io(|| format!("creating {}", parent.display())))?;
+    }
+    if meta.file_type().is_symlink() {
+        let link = std::fs::read_link(host).map_err(io(|| format!("reading link {}", host.display())))?;
+        return std::os::unix::fs::symlink(link, target).map_err(io(|| format!("symlink {}", target.display())));
+    }
+    if meta.is_dir() {
+        std::fs::create_dir_all(target).map_err(io(|| format!("creating {}", target.display())))?;
+    } else {
+        File::create(target).map_err(io(|| format!("creating {}", target.display())))?;
+    }
+    let none: Option<&str> = None;
+    mount(Some(host), target, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)
+        .map_err(sys(|| format!("binding {}", host.display())))?;
+    let read_only =
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(none, target, none, read_only, none).map_err(sys(|| format!("making {} read-only", host.display())))
+}
+
+/// A minimal /dev: a few devices bound from the host, /dev/shm, fd links.
+fn build_dev(dev: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dev).map_err(io(|| "creating /dev".into()))?;
+    mount(Some("tmpfs"), dev, Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=0755,size=64k"))
+        .map_err(sys(|| "mounting /dev".into()))?;
+    let none: Option<&str> = None;
+    for name in DEVICES {
+        let (host, target) = (Path::new("/dev").join(name), dev.join(name));
+        File::create(&target).map_err(io(|| format!("creating /dev/{name}")))?;
+        mount(Some(&host), &target, none, MsFlags::MS_BIND, none).map_err(sys(|| format!("binding /dev/{name}")))?;
+    }
+    let shm = dev.join("shm");
+    std::fs::create_dir_all(&shm).map_err(io(|| "creating /dev/shm".into()))?;
+    mount(Some("tmpfs"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))
+        .map_err(sys(|| "mounting /dev/shm".into()))?;
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(name)).map_err(io(|| format!("creating /dev/{name}")))?;
+    }
+    Ok(())
+}
+
+/// Forks the command, reaps every process until the command has ended, and
+/// returns its wait status; a failure to start it comes back as an error.
+fn run_command(
+    spec: &SandboxSpec,
+    stdout: std::os::fd::BorrowedFd<'_>,
+    stderr: std::os::fd::BorrowedFd<'_>,
+) -> Result<WaitStatus, String> {
+    // Everything the child needs is prepared here, before the fork.
+    let cwd = spec.work_dir.join(&spec.cwd);
+    let program = resolve_program(spec)?;
+    let argv = cstrings(spec.argv.iter().map(String::as_str))?;
+    let env =
+        cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().iter().map(String::as_str))?;
+    let program_c = CString::new(program.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    let (error_read, error_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys(|| "pipe".into()))?;
+    // SAFETY: init is single-threaded, so the child may run arbitrary code.
+    match unsafe { fork() }.map_err(sys(|| "fork".into()))? {
+        ForkResult::Child => {
+            drop(error_read);
+            let error = exec_command(spec, &cwd, &program_c, &argv, &env, stdout, stderr);
+            let _ = File::from(error_write).write_all(error.as_bytes());
+            std::process::exit(127)
+        }
+        ForkResult::Parent { child } => {
+            drop(error_write);
+            let status = loop {
+                match waitpid(None::<Pid>, None) {
+                    Ok(status) if status.pid() == Some(child) => break status,
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(format!("waiting for the command: {e}")),
+                }
+            };
+            let mut error = String::new();
+            let _ = File::from(error_read).read_to_string(&mut error);
+            if error.is_empty() {
+                Ok(status)
+            } else {
+                Err(error)
+            }
+        }
+    }
+}
+
+fn cstrings<'a>(items: impl Iterator<Item = &'a str>) -> Result<Vec<CString>, String> {
+    items.map(|s| CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"))).collect()
+}
+
+/// argv[0] as a path inside the sandbox: as given when it has a slash
+/// (relative to the working directory), else the first executable match on
+/// the command's own PATH.
+fn resolve_program(spec: &SandboxSpec) -> Result<PathBuf, String> {
+    let name = &spec.argv[0];
+    if name.contains('/') {
+        return Ok(PathBuf::from(name));
+    }
+    let path = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).unwrap_or("");
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let candidate = spec.work_dir.join(&spec.cwd).join(dir).join(name);
+        if let Ok(meta) = std::fs::metadata(&candidate) {
+            if meta.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(format!("command not found: {name:?} is not on the action's PATH {path:?}"))
+}
+
+/// In the command's process: limits, identity, then execve. Returns only on
+/// failure, with the reason.
+fn exec_command(
+    spec: &SandboxSpec,
+    cwd: &Path,
+    program: &CString,
+    argv: &[CString],
+    env: &[CString],
+    stdout: std::os::fd::BorrowedFd<'_>,
+    stderr: std::os::fd::BorrowedFd<'_>,
+) -> String {
+    let result = (|| -> Result<(), String> {
+        let null = File::open("/dev/null").map_err(io(|| "opening /dev/null".into()))?;
+        nix::unistd::dup2_stdin(&null).map_err(sys(|| "stdin".into()))?;
+        nix::unistd::dup2_stdout(stdout).map_err(sys(|| "stdout".into()))?;
+        nix::unistd::dup2_stderr(stderr).map_err(sys(|| "stderr".into()))?;
+        nix::unistd::chdir(cwd).map_err(sys(|| format!("working directory {}", cwd.display())))?;
+        let limits = &spec.limits;
+        for (resource, value) in [
+            (Resource::RLIMIT_CORE, 0),
+            (Resource::RLIMIT_NOFILE, limits.max_open_files),
+            (Resource::RLIMIT_NPROC, limits.max_processes),
+            (Resource::RLIMIT_FSIZE, limits.max_file_bytes),
+        ] {
+            setrlimit(resource, value, value).map_err(sys(|| format!("setrlimit {resource:?}")))?;
+        }
+        nix::unistd::setgroups(&[]).map_err(sys(|| "setgroups".into()))?;
+        nix::unistd::setgid(Gid::from_raw(spec.gid)).map_err(sys(|| format!("setgid {}", spec.gid)))?;
+        nix::unistd::setuid(Uid::from_raw(spec.uid)).map_err(sys(|| format!("setuid {}", spec.uid)))?;
+        nix::sys::prctl::set_no_new_privs().map_err(sys(|| "no_new_privs".into()))?;
+        // The helper is a Rust program, which ignores SIGPIPE; commands expect the default.
+        // SAFETY: setting a signal to its default disposition installs no handler code.
+        unsafe { nix::sys::signal::signal(Signal::SIGPIPE, SigHandler::SigDfl) }
+            .map_err(sys(|| "resetting SIGPIPE".into()))?;
+        nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+            .map_err(sys(|| "clearing the signal mask".into()))?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        return format!("setting up the command: {e}");
+    }
+    let Err(e) = nix::unistd::execve(program, argv, env);
+    let name = program.to_string_lossy();
+    match e {
+        nix::errno::Errno::ENOENT => format!("command not found: {name}"),
+        nix::errno::Errno::EACCES => format!("cannot execute {name}: permission denied (not executable?)"),
+        other => format!("cannot execute {name}: {other}"),
+    }
+}

@@ -1,0 +1,217 @@
+//! What to run and how it went: the contract between the worker and the
+//! sandbox helper process, written as JSON files in the scratch directory.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Host paths bound read-only into every sandbox unless configured otherwise:
+/// enough for a shell and a C toolchain, nothing else of the host.
+pub const DEFAULT_TOOLCHAIN: &[&str] = &[
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc/alternatives",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+];
+
+/// Where the input root appears inside the sandbox.
+pub const DEFAULT_WORK_DIR: &str = "/work";
+
+/// Resource limits applied to the command (and everything it starts).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Limits {
+    /// Processes the sandbox user may have (RLIMIT_NPROC).
+    pub max_processes: u64,
+    /// Open files per process (RLIMIT_NOFILE).
+    pub max_open_files: u64,
+    /// Largest file the command may write, stdout and stderr included
+    /// (RLIMIT_FSIZE); writing past it kills the writer with SIGXFSZ.
+    pub max_file_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_processes: 512, max_open_files: 4096, max_file_bytes: 4 << 30 }
+    }
+}
+
+/// One command to run sandboxed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// The host directory that becomes the working tree's read-only lower
+    /// layer (on a worker, `/cas/inputs/NAME`).
+    pub input_root: PathBuf,
+    /// A host directory for this run only: the overlay's upper layer, the
+    /// sandbox root, stdout and stderr. The caller removes it.
+    pub scratch: PathBuf,
+    /// Where the working tree appears inside the sandbox.
+    pub work_dir: PathBuf,
+    /// The command's working directory, relative to the working tree.
+    pub cwd: String,
+    /// Arguments; the first names the program (looked up on the
+    /// environment's PATH when it has no slash).
+    pub argv: Vec<String>,
+    /// The environment, exactly: nothing is inherited.
+    pub env: Vec<(String, String)>,
+    /// Directories (relative to the working tree) created before the command
+    /// runs and made writable for it: parents of declared outputs.
+    pub writable_dirs: Vec<String>,
+    /// Host paths bound read-only at the same place inside.
+    pub toolchain: Vec<PathBuf>,
+    /// The user and group the command runs as.
+    pub uid: u32,
+    /// See `uid`.
+    pub gid: u32,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Wall-clock limit in milliseconds; everything in the sandbox is killed
+    /// when it passes. `None`: no limit.
+    pub timeout_ms: Option<u64>,
+}
+
+impl SandboxSpec {
+    /// A spec with the defaults for everything but what to run and where.
+    pub fn new(input_root: PathBuf, scratch: PathBuf, argv: Vec<String>) -> Self {
+        SandboxSpec {
+            input_root,
+            scratch,
+            work_dir: PathBuf::from(DEFAULT_WORK_DIR),
+            cwd: String::new(),
+            argv,
+            env: Vec::new(),
+            writable_dirs: Vec::new(),
+            toolchain: DEFAULT_TOOLCHAIN.iter().map(PathBuf::from).collect(),
+            uid: 65534,
+            gid: 65534,
+            limits: Limits::default(),
+            timeout_ms: None,
+        }
+    }
+
+    /// Checks what the command asks for before anything is set up.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.argv.is_empty() || self.argv[0].is_empty() {
+            return Err("the command has no arguments (argv[0] names the program)".into());
+        }
+        if self.argv.iter().chain(self.env.iter().flat_map(|(k, v)| [k, v])).any(|s| s.contains('\0')) {
+            return Err("arguments and environment may not contain NUL bytes".into());
+        }
+        if let Some((k, _)) = self.env.iter().find(|(k, _)| k.is_empty() || k.contains('=')) {
+            return Err(format!("invalid environment variable name {k:?}"));
+        }
+        relative_inside(&self.cwd).map_err(|e| format!("working directory {:?}: {e}", self.cwd))?;
+        for dir in &self.writable_dirs {
+            relative_inside(dir).map_err(|e| format!("output directory {dir:?}: {e}"))?;
+        }
+        if !self.work_dir.is_absolute() || self.work_dir == Path::new("/") {
+            return Err(format!("work_dir {} must be an absolute path below /", self.work_dir.display()));
+        }
+        for path in [&self.input_root, &self.scratch] {
+            let text = path.to_string_lossy();
+            if !path.is_absolute() || text.contains([',', ':', '\\']) {
+                return Err(format!("{text} must be absolute and free of ',', ':' and '\\' (overlayfs options)"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `path` is relative and stays inside the tree it is relative to.
+pub fn relative_inside(path: &str) -> Result<(), String> {
+    for component in Path::new(path).components() {
+        match component {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => return Err("'..' would leave the input root".into()),
+            Component::RootDir | Component::Prefix(_) => return Err("must be relative to the input root".into()),
+        }
+    }
+    Ok(())
+}
+
+/// How a sandboxed command ended.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RunReport {
+    /// Exit status, when the command exited.
+    pub exit_code: Option<i32>,
+    /// The signal that killed it, when one did.
+    pub signal: Option<i32>,
+    /// Whether the timeout killed it.
+    pub timed_out: bool,
+    /// Why it could not run at all (set-up failure, program not found, ...).
+    pub error: Option<String>,
+    /// Wall time from starting the sandbox to the command's end, in µs.
+    pub wall_micros: u64,
+}
+
+impl RunReport {
+    /// Whether the command ran and exited with status 0.
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0) && self.error.is_none() && !self.timed_out
+    }
+}
+
+/// Files of one run inside its scratch directory.
+pub(crate) struct ScratchLayout {
+    pub root: PathBuf,
+    pub upper: PathBuf,
+    pub overlay_work: PathBuf,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    pub spec: PathBuf,
+    pub report: PathBuf,
+}
+
+impl ScratchLayout {
+    pub fn new(scratch: &Path) -> Self {
+        ScratchLayout {
+            root: scratch.join("root"),
+            upper: scratch.join("upper"),
+            overlay_work: scratch.join("overlay-work"),
+            stdout: scratch.join("stdout"),
+            stderr: scratch.join("stderr"),
+            spec: scratch.join("spec.json"),
+            report: scratch.join("report.json"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_must_stay_inside_the_input_root() {
+        assert!(relative_inside("").is_ok());
+        assert!(relative_inside("a/./b").is_ok());
+        assert!(relative_inside("a/../b").is_err());
+        assert!(relative_inside("/etc").is_err());
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_a_reason() {
+        let spec = |argv: &[&str]| {
+            SandboxSpec::new("/in".into(), "/scratch".into(), argv.iter().map(|s| s.to_string()).collect())
+        };
+        assert!(spec(&["true"]).validate().is_ok());
+        assert!(spec(&[]).validate().unwrap_err().contains("no arguments"));
+        let mut s = spec(&["true"]);
+        s.cwd = "../up".into();
+        assert!(s.validate().unwrap_err().contains("working directory"));
+        let mut s = spec(&["true"]);
+        s.writable_dirs = vec!["/abs".into()];
+        assert!(s.validate().unwrap_err().contains("output directory"));
+        let mut s = spec(&["true"]);
+        s.env = vec![("A=B".into(), "x".into())];
+        assert!(s.validate().is_err());
+    }
+}

@@ -1,0 +1,254 @@
+//! The sandbox runner with real namespaces, overlays and processes: a
+//! compile-like action, the command's view of the world, bad input, and
+//! hostile commands that must not affect the host. Needs root.
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use casbuild_exec::sandbox::{RunReport, Sandbox, SandboxError, SandboxSpec};
+use common::privileged;
+
+/// An input directory and a scratch directory under one temp dir.
+struct Case {
+    dir: tempfile::TempDir,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Case {
+    fn new(test: &str) -> Option<Case> {
+        let ok = privileged(test, || {
+            if nix::unistd::geteuid().is_root() {
+                Ok(())
+            } else {
+                Err("namespaces, overlayfs and pivot_root need root".into())
+            }
+        });
+        if !ok {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("in")).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        Some(Case { dir, runtime })
+    }
+
+    fn input(&self) -> PathBuf {
+        self.dir.path().join("in")
+    }
+
+    fn write(&self, rel: &str, contents: &str) {
+        let path = self.input().join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+    }
+
+    /// A spec running `argv` with a plain PATH and a 30 s timeout.
+    fn spec(&self, argv: &[&str]) -> SandboxSpec {
+        let mut spec = SandboxSpec::new(
+            self.input(),
+            self.dir.path().join("scratch"),
+            argv.iter().map(|s| s.to_string()).collect(),
+        );
+        spec.env = vec![("PATH".into(), "/usr/bin:/bin".into())];
+        spec.timeout_ms = Some(30_000);
+        spec
+    }
+
+    fn try_run(&self, spec: &SandboxSpec) -> Result<RunReport, SandboxError> {
+        let sandbox = Sandbox::new(env!("CARGO_BIN_EXE_casbuild"));
+        self.runtime.block_on(sandbox.run(spec))
+    }
+
+    fn run(&self, spec: &SandboxSpec) -> (RunReport, String, String) {
+        let report = self.try_run(spec).expect("the sandbox runs");
+        let stdout = std::fs::read_to_string(Sandbox::stdout_path(spec)).unwrap_or_default();
+        let stderr = std::fs::read_to_string(Sandbox::stderr_path(spec)).unwrap_or_default();
+        (report, stdout, stderr)
+    }
+
+    fn sh(&self, script: &str) -> (RunReport, String, String) {
+        self.run(&self.spec(&["sh", "-c", script]))
+    }
+}
+
+/// Host processes whose command line contains `needle`.
+fn processes_matching(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) && !cmdline.contains("sandbox") {
+                found.push(cmdline);
+            }
+        }
+    }
+    found
+}
+
+fn no_mounts_under(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    !info.contains(path.to_str().unwrap())
+}
+
+#[test]
+fn a_compile_action_builds_its_output_from_declared_inputs() {
+    let Some(case) = Case::new("a_compile_action_builds_its_output_from_declared_inputs") else { return };
+    case.write("src/main.c", "#include \"lib/answer.h\"\nint main(void) { return ANSWER - 42; }\n");
+    case.write("include/lib/answer.h", "#define ANSWER 42\n");
+    let mut spec = case.spec(&["cc", "-Iinclude", "-c", "src/main.c", "-o", "out/obj/main.o"]);
+    spec.writable_dirs = vec!["out/obj".into()];
+    let (report, _, stderr) = case.run(&spec);
+    assert!(report.success(), "{report:?}: {stderr}");
+    let object = Sandbox::upper_path(&spec).join("out/obj/main.o");
+    let bytes = std::fs::read(&object).expect("the object file is in the upper layer");
+    assert_eq!(&bytes[..4], b"\x7fELF");
+    assert!(!case.input().join("out").exists(), "the input directory is untouched");
+    assert!(no_mounts_under(case.dir.path()), "nothing stays mounted on the host");
+}
+
+#[test]
+fn the_command_sees_only_its_sandbox() {
+    let Some(case) = Case::new("the_command_sees_only_its_sandbox") else { return };
+    case.write("data.txt", "declared\n");
+    let mut spec = case.spec(&["sh", "-c", "echo pid=$$; id -u; id -g; hostname; env | sort; pwd; cat data.txt; ls /"]);
+    spec.env.push(("ONLY_THIS".into(), "1".into()));
+    spec.uid = 61001;
+    spec.gid = 61001;
+    let (report, stdout, stderr) = case.run(&spec);
+    assert!(report.success(), "{report:?}: {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "pid=2", "the command is the first child of the sandbox's init");
+    assert_eq!(lines[1..3], ["61001", "61001"]);
+    assert_eq!(lines[3], "casbuild");
+    // `env` shows exactly the declared variables (sh adds PWD and SHLVL of its own).
+    let env: Vec<&str> = lines.iter().copied().filter(|l| l.contains('=') && !l.starts_with("pid=")).collect();
+    assert!(env.contains(&"ONLY_THIS=1") && env.contains(&"PATH=/usr/bin:/bin"), "{env:?}");
+    assert!(!env.iter().any(|l| l.starts_with("HOME=") || l.starts_with("USER=")), "nothing inherited: {env:?}");
+    assert!(lines.contains(&"/work") && lines.contains(&"declared"));
+    let root: Vec<&str> = lines.iter().rev().take_while(|l| !l.contains('=') && **l != "declared").copied().collect();
+    for absent in ["root", "home", "var", "srv"] {
+        assert!(!root.contains(&absent), "/{absent} is not visible: {root:?}");
+    }
+}
+
+#[test]
+fn bad_commands_get_a_clear_error() {
+    let Some(case) = Case::new("bad_commands_get_a_clear_error") else { return };
+    case.write("script.sh", "#!/bin/sh\necho hi\n");
+    let (report, _, _) = case.run(&case.spec(&["no-such-tool", "x"]));
+    assert!(report.error.as_deref().unwrap_or("").contains("command not found"), "{report:?}");
+    let (report, _, _) = case.run(&case.spec(&["./script.sh"]));
+    assert!(report.error.as_deref().unwrap_or("").contains("permission denied"), "{report:?}");
+
+    let mut spec = case.spec(&[]);
+    assert!(matches!(case.try_run(&spec), Err(SandboxError::Invalid(m)) if m.contains("no arguments")));
+    spec = case.spec(&["true"]);
+    spec.cwd = "../..".into();
+    assert!(matches!(case.try_run(&spec), Err(SandboxError::Invalid(m)) if m.contains("working directory")));
+    spec = case.spec(&["true"]);
+    spec.writable_dirs = vec!["/etc".into()];
+    assert!(matches!(case.try_run(&spec), Err(SandboxError::Invalid(m)) if m.contains("output directory")));
+    assert!(no_mounts_under(case.dir.path()));
+}
+
+#[test]
+fn host_files_and_escapes_are_out_of_reach() {
+    let Some(case) = Case::new("host_files_and_escapes_are_out_of_reach") else { return };
+    let secret = case.dir.path().join("secret.txt");
+    std::fs::write(&secret, "host secret").unwrap();
+    std::os::unix::fs::symlink(&secret, case.input().join("leak")).unwrap();
+    let script = format!(
+        "cat {s}; cat leak; cat ../../../../{s}; cat /etc/shadow; ls /root; \
+         echo x > /usr/evil; echo x > /evil; echo x > /etc/evil; echo ok > /tmp/t && cat /tmp/t",
+        s = secret.display()
+    );
+    let (report, stdout, stderr) = case.sh(&script);
+    assert_eq!(report.exit_code, Some(0), "{report:?}: {stderr}");
+    assert!(!stdout.contains("host secret"), "{stdout}");
+    assert_eq!(stdout.trim(), "ok", "only the private /tmp is writable outside the tree");
+    for denied in ["/usr/evil", "/evil", "/etc/evil"] {
+        assert!(!Path::new(denied).exists());
+    }
+    assert!(stderr.contains("Read-only file system") || stderr.contains("Permission denied"), "{stderr}");
+}
+
+#[test]
+fn the_network_is_isolated() {
+    let Some(case) = Case::new("the_network_is_isolated") else { return };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (report, stdout, _) =
+        case.run(&case.spec(&["bash", "-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected")]));
+    assert_ne!(report.exit_code, Some(0));
+    assert!(!stdout.contains("connected"));
+    assert_eq!(listener.accept().unwrap_err().kind(), std::io::ErrorKind::WouldBlock, "nothing reached the host");
+}
+
+#[test]
+fn daemons_die_with_the_action_and_timeouts_kill_everything() {
+    let Some(case) = Case::new("daemons_die_with_the_action_and_timeouts_kill_everything") else { return };
+    let (report, _, _) = case.sh("sleep 4242 & sleep 4243 & echo started");
+    assert!(report.success(), "{report:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(processes_matching("sleep 424").is_empty(), "background processes were killed");
+
+    let mut spec = case.spec(&["sh", "-c", "sleep 4244 & sleep 4245"]);
+    spec.timeout_ms = Some(500);
+    let (report, _, _) = case.run(&spec);
+    assert!(report.timed_out && report.exit_code.is_none(), "{report:?}");
+    assert!(report.wall_micros < 10_000_000, "killed soon after the timeout: {report:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(processes_matching("sleep 424").is_empty(), "everything in the sandbox was killed");
+    assert!(no_mounts_under(case.dir.path()));
+}
+
+#[test]
+fn a_fork_bomb_and_a_flood_of_output_are_contained() {
+    let Some(case) = Case::new("a_fork_bomb_and_a_flood_of_output_are_contained") else { return };
+    let mut spec = case.spec(&["sh", "-c", "bomb() { bomb | bomb & }; bomb; sleep 2"]);
+    spec.uid = 61002;
+    spec.gid = 61002;
+    spec.limits.max_processes = 64;
+    spec.timeout_ms = Some(5_000);
+    let (report, _, _) = case.run(&spec);
+    assert!(report.error.is_none(), "{report:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    let left = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.metadata().map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 61002).unwrap_or(false))
+        .count();
+    assert_eq!(left, 0, "no process of the bomb survives");
+
+    let mut spec = case.spec(&["yes", "flood"]);
+    spec.limits.max_file_bytes = 1 << 20;
+    let (report, _, _) = case.run(&spec);
+    assert_eq!(report.signal, Some(libc::SIGXFSZ), "{report:?}");
+    let mut stdout = Vec::new();
+    std::fs::File::open(Sandbox::stdout_path(&spec)).unwrap().read_to_end(&mut stdout).unwrap();
+    assert!(stdout.len() <= 1 << 20, "stdout is capped at the file size limit ({} bytes)", stdout.len());
+}
+
+#[test]
+fn outputs_keep_their_kinds_and_bits() {
+    let Some(case) = Case::new("outputs_keep_their_kinds_and_bits") else { return };
+    let mut spec = case.spec(&[
+        "sh",
+        "-c",
+        "printf x > out/file && printf '#!/bin/sh\\n' > out/tool && chmod 755 out/tool \
+         && mkdir -p out/dir/sub && printf y > out/dir/sub/f && ln -s file out/link",
+    ]);
+    spec.writable_dirs = vec!["out".into()];
+    let (report, _, stderr) = case.run(&spec);
+    assert!(report.success(), "{report:?}: {stderr}");
+    let upper = Sandbox::upper_path(&spec).join("out");
+    assert_eq!(std::fs::read(upper.join("file")).unwrap(), b"x");
+    assert_eq!(std::fs::metadata(upper.join("tool")).unwrap().permissions().mode() & 0o111, 0o111);
+    assert_eq!(std::fs::read(upper.join("dir/sub/f")).unwrap(), b"y");
+    assert_eq!(std::fs::read_link(upper.join("link")).unwrap(), Path::new("file"));
+}
