@@ -215,7 +215,15 @@ fn build_root(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<(), String> 
     }
 
     for host in &spec.toolchain {
-        bind_read_only(host, &under(root, host))?;
+        let target = under(root, host);
+        if host.starts_with("/etc") && !host.is_dir() {
+            // Small configuration files: copying them onto the root tmpfs
+            // (root-owned, so read-only to the command) is cheaper than a
+            // bind mount and a read-only remount each. Directories are bound.
+            copy_file(host, &target)?;
+        } else {
+            bind_read_only(host, &target)?;
+        }
     }
 
     let proc_dir = root.join("proc");
@@ -232,6 +240,20 @@ fn build_root(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<(), String> 
     umount2(".", MntFlags::MNT_DETACH).map_err(sys(|| "detaching the old root".into()))?;
     nix::unistd::chdir("/").map_err(sys(|| "chdir /".into()))?;
     Ok(())
+}
+
+/// Copies a host file or symlink to `target`; skips paths this host does not have.
+fn copy_file(host: &Path, target: &Path) -> Result<(), String> {
+    let Ok(meta) = std::fs::symlink_metadata(host) else { return Ok(()) };
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(io(|| format!("creating {}", parent.display())))?;
+    }
+    if meta.file_type().is_symlink() {
+        let link = std::fs::read_link(host).map_err(io(|| format!("reading link {}", host.display())))?;
+        std::os::unix::fs::symlink(link, target).map_err(io(|| format!("symlink {}", target.display())))
+    } else {
+        std::fs::copy(host, target).map(drop).map_err(io(|| format!("copying {}", host.display())))
+    }
 }
 
 /// Binds a host path read-only at `target`; recreates symlinks (merged /usr

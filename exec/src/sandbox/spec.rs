@@ -5,8 +5,10 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Host paths bound read-only into every sandbox unless configured otherwise:
-/// enough for a shell and a C toolchain, nothing else of the host.
+/// Host paths made visible, read-only, in every sandbox unless configured
+/// otherwise: enough for a shell and a C toolchain, nothing else of the host.
+/// Paths under `/etc` are copied into the sandbox (they are small); the rest
+/// are bind-mounted.
 pub const DEFAULT_TOOLCHAIN: &[&str] = &[
     "/usr",
     "/bin",
@@ -66,7 +68,8 @@ pub struct SandboxSpec {
     /// Directories (relative to the working tree) created before the command
     /// runs and made writable for it: parents of declared outputs.
     pub writable_dirs: Vec<String>,
-    /// Host paths bound read-only at the same place inside.
+    /// Host paths visible read-only at the same place inside (see
+    /// [`DEFAULT_TOOLCHAIN`]).
     pub toolchain: Vec<PathBuf>,
     /// The user and group the command runs as.
     pub uid: u32,

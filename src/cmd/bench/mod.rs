@@ -3,6 +3,7 @@
 
 mod cas;
 mod mount;
+mod sandbox;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,12 +21,15 @@ pub enum Command {
     /// The /cas FUSE mount: registration, metadata walks, lazy and sequential
     /// reads, against local disk and eager staging.
     Mount(mount::MountArgs),
+    /// The sandbox around `true`: set-up to tear-down, against fork/exec and bwrap.
+    Sandbox(sandbox::SandboxArgs),
 }
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Cas(args) => cas::bench_cas(args).await,
         Command::Mount(args) => mount::bench_mount(args).await,
+        Command::Sandbox(args) => sandbox::bench_sandbox(args).await,
     }
 }
 

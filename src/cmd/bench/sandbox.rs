@@ -1,0 +1,113 @@
+//! `casbuild bench sandbox`: the cost of a sandbox around a trivial command,
+//! against plain fork/exec and against bubblewrap doing the same.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use casbuild_exec::sandbox::{Sandbox, SandboxSpec};
+
+use super::{median, print_table, Row};
+
+#[derive(clap::Args)]
+pub struct SandboxArgs {
+    /// Runs of each variant (median and p99 are reported).
+    #[arg(long, default_value_t = 300)]
+    runs: usize,
+    /// Scratch directory [default: a temp dir].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+fn p99(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[(samples.len() * 99 / 100).min(samples.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+/// bwrap with what casbuild sets up: new namespaces, read-only toolchain,
+/// /proc, /dev, /tmp, the input tree (bound: this bwrap has no overlay).
+fn bwrap(input: &Path) -> Command {
+    let mut command = Command::new("bwrap");
+    command.args(["--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/usr", "/usr"]);
+    for link in ["bin", "sbin", "lib", "lib64"] {
+        let host = Path::new("/").join(link);
+        if let Ok(target) = std::fs::read_link(&host) {
+            command.arg("--symlink").arg(target).arg(&host);
+        }
+    }
+    command.args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--bind"]);
+    command.arg(input).args(["/work", "--chdir", "/work", "--", "/bin/true"]);
+    command
+}
+
+pub async fn bench_sandbox(args: SandboxArgs) -> anyhow::Result<()> {
+    let scratch = match &args.dir {
+        Some(dir) => tempfile::tempdir_in(dir)?,
+        None => tempfile::tempdir()?,
+    };
+    let input = scratch.path().join("input");
+    std::fs::create_dir_all(&input)?;
+    let helper = std::env::current_exe()?;
+    let sandbox = Sandbox::new(&helper);
+    let runs = args.runs.max(1);
+    let have_bwrap = Command::new("bwrap").arg("--version").stdout(Stdio::null()).status().is_ok();
+    let (mut plain, mut ours, mut theirs) = (vec![], vec![], vec![]);
+    eprintln!("bench: {runs} runs of `true`: fork/exec, casbuild sandbox, bwrap");
+    for run in 0..runs {
+        let input2 = input.clone();
+        let (p, b) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Duration, Option<Duration>)> {
+            let start = Instant::now();
+            anyhow::ensure!(Command::new("/bin/true").status()?.success(), "true failed");
+            let p = start.elapsed();
+            let b = if have_bwrap {
+                let start = Instant::now();
+                let status = bwrap(&input2).status()?;
+                anyhow::ensure!(status.success(), "bwrap failed: {status}");
+                Some(start.elapsed())
+            } else {
+                None
+            };
+            Ok((p, b))
+        })
+        .await??;
+        plain.push(p);
+        theirs.extend(b);
+
+        // Set-up, run and tear-down, scratch removal included.
+        let mut spec =
+            SandboxSpec::new(input.clone(), scratch.path().join(format!("run-{run}")), vec!["/bin/true".into()]);
+        spec.timeout_ms = Some(60_000);
+        let start = Instant::now();
+        let report = sandbox.run(&spec).await?;
+        tokio::fs::remove_dir_all(&spec.scratch).await?;
+        ours.push(start.elapsed());
+        anyhow::ensure!(report.success(), "sandboxed true failed: {report:?}");
+    }
+    let (plain_med, ours_med) = (median(plain.clone()), median(ours.clone()));
+    let mut rows = vec![Row {
+        name: "sandboxed `true`, set-up to tear-down".into(),
+        casbuild: format!("{} (p99 {})", ms(ours_med), ms(p99(ours.clone()))),
+        baseline_name: "fork/exec of `true`",
+        baseline: format!("{} (p99 {})", ms(plain_med), ms(p99(plain))),
+        ratio: plain_med.as_secs_f64() / ours_med.as_secs_f64(),
+    }];
+    if !theirs.is_empty() {
+        let theirs_med = median(theirs.clone());
+        rows.push(Row {
+            name: "sandboxed `true`, set-up to tear-down".into(),
+            casbuild: format!("{} (p99 {})", ms(ours_med), ms(p99(ours))),
+            baseline_name: "bwrap with the same namespaces and mounts",
+            baseline: format!("{} (p99 {})", ms(theirs_med), ms(p99(theirs))),
+            ratio: theirs_med.as_secs_f64() / ours_med.as_secs_f64(),
+        });
+    } else {
+        eprintln!("bench: bwrap is not installed (apt-get install bubblewrap); its row is left out");
+    }
+    print_table(&rows);
+    println!("\noverhead over fork/exec (medians): {}", ms(ours_med.saturating_sub(plain_med)));
+    Ok(())
+}
