@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run the REAPI server (CAS, ByteStream, action cache) on local storage.
     Coordinator(cmd::coordinator::Args),
+    /// Run one action sandboxed on this host: a stored Action, or a command over a directory.
+    Exec(cmd::exec::Args),
     /// Mount a remote CAS as a lazily fetched, read-only filesystem.
     Mount(cmd::mount::Args),
     /// Upload, download and list blobs and trees in a remote CAS.
@@ -53,6 +55,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Coordinator(args) => cmd::coordinator::run(args).await,
             Command::Mount(args) => cmd::mount::run(args).await,
+            Command::Exec(args) => cmd::exec::run(args).await,
             Command::Cas(command) => cmd::cas::run(command).await,
             Command::Bench(command) => cmd::bench::run(command).await,
         }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
 use casbuild_fs::store::{DiskStore, RemoteStore, RemoteStoreOptions};
-use common::{bytes, casbuild, privileged, sample_tree, Coordinator};
+use common::{bytes, casbuild, needs_root, privileged, sample_tree, Coordinator};
 
 const MIB: usize = 1 << 20;
 /// How long a fetch may stall before the mount gives up (EIO).
@@ -422,13 +422,7 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 #[test]
 fn the_cli_mounts_unmounts_on_sigterm_and_replaces_a_stale_mount() {
     let dir = tempfile::tempdir().unwrap();
-    if !privileged("the_cli_mounts_unmounts_on_sigterm_and_replaces_a_stale_mount", || {
-        if nix::unistd::geteuid().is_root() && Path::new("/dev/fuse").exists() {
-            Ok(())
-        } else {
-            Err("mounting FUSE needs root and /dev/fuse".into())
-        }
-    }) {
+    if !needs_root("the_cli_mounts_unmounts_on_sigterm_and_replaces_a_stale_mount", true) {
         return;
     }
     let server = Coordinator::start(&dir.path().join("storage"), &[]);

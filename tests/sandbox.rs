@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use casbuild_exec::sandbox::{RunReport, Sandbox, SandboxError, SandboxSpec};
-use common::privileged;
+use common::needs_root;
 
 /// An input directory and a scratch directory under one temp dir.
 struct Case {
@@ -20,14 +20,7 @@ struct Case {
 
 impl Case {
     fn new(test: &str) -> Option<Case> {
-        let ok = privileged(test, || {
-            if nix::unistd::geteuid().is_root() {
-                Ok(())
-            } else {
-                Err("namespaces, overlayfs and pivot_root need root".into())
-            }
-        });
-        if !ok {
+        if !needs_root(test, false) {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -1,4 +1,6 @@
 //! Sandboxed execution of REAPI actions over the /cas mount: Linux namespaces,
 //! an overlay working tree, limits and a timeout.
 
+pub mod outputs;
+pub mod runner;
 pub mod sandbox;

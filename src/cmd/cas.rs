@@ -14,20 +14,20 @@ use casbuild_fs::tree::{child_digest, looks_like_directory};
 use casbuild_proto::reapi::Directory;
 use futures::StreamExt;
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Options every `cas` subcommand takes.
 #[derive(clap::Args, Clone)]
 pub struct Remote {
     /// The server, as grpc://HOST:PORT.
     #[arg(long, env = "CASBUILD_REMOTE", default_value = "grpc://127.0.0.1:8980")]
-    remote: String,
+    pub remote: String,
     /// REAPI instance name.
     #[arg(long, default_value = "")]
-    instance: String,
+    pub instance: String,
     /// Digest function of the digests given and printed.
     #[arg(long, default_value = "blake3")]
-    digest_function: DigestFunction,
+    pub digest_function: DigestFunction,
 }
 
 impl Remote {
@@ -110,40 +110,17 @@ pub async fn upload(store: &RemoteStore, path: &Path, function: DigestFunction) 
     }
     let root = path.to_path_buf();
     let tree = tokio::task::spawn_blocking(move || LocalTree::scan(&root, function)).await??;
-    let all: Vec<Digest> = tree.directories.keys().chain(tree.files.keys()).copied().collect();
-    let missing = store.find_missing(&all).await?;
-    let mut small = Vec::new();
-    for digest in missing {
-        if let Some(bytes) = tree.directories.get(&digest) {
-            small.push((digest, bytes.clone()));
-        } else if let Some(file) = tree.files.get(&digest) {
-            if digest.size_bytes <= CHUNK_SIZE as u64 {
-                let data = tokio::fs::read(file).await.with_context(|| format!("reading {}", file.display()))?;
-                small.push((digest, Bytes::from(data)));
-            } else {
-                upload_file(store, &digest, file).await?;
-            }
-        }
-    }
-    store.upload(small).await?;
+    let directories = tree.directories.iter().map(|(d, b)| (*d, b.clone())).collect();
+    store.upload_missing(directories, &tree.files).await?;
     Ok(tree.root)
 }
 
 /// Streams one file into the CAS without holding it in memory.
 async fn upload_file(store: &RemoteStore, digest: &Digest, path: &Path) -> anyhow::Result<()> {
-    let mut file = tokio::fs::File::open(path).await.with_context(|| format!("opening {}", path.display()))?;
-    let mut writer = store.begin_write(digest).await?;
-    loop {
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        let n = file.read(&mut buf).await.with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        buf.truncate(n);
-        writer.write(Bytes::from(buf)).await?;
-    }
-    writer.commit().await.with_context(|| format!("uploading {} (did it change while being read?)", path.display()))?;
-    Ok(())
+    store
+        .upload_file(digest, path)
+        .await
+        .with_context(|| format!("uploading {} (did it change while being read?)", path.display()))
 }
 
 /// Every Directory of a tree, by digest.
@@ -209,7 +186,7 @@ fn set_executable(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Streams a blob into `dest`; the blob is verified as it arrives.
-async fn download_file(store: &RemoteStore, digest: &Digest, dest: &Path, executable: bool) -> anyhow::Result<()> {
+pub async fn download_file(store: &RemoteStore, digest: &Digest, dest: &Path, executable: bool) -> anyhow::Result<()> {
     let mut stream = store.read(digest, 0, None).await?;
     let mut file = tokio::fs::File::create(dest).await.with_context(|| format!("creating {}", dest.display()))?;
     while let Some(chunk) = stream.next().await {
@@ -231,7 +208,7 @@ async fn download_file(store: &RemoteStore, digest: &Digest, dest: &Path, execut
 }
 
 /// Writes the tree rooted at `digest` into the new directory `dest`.
-async fn materialize(
+pub async fn materialize(
     store: &RemoteStore,
     tree: &HashMap<Digest, Directory>,
     root: &Digest,

@@ -3,4 +3,5 @@
 pub mod bench;
 pub mod cas;
 pub mod coordinator;
+pub mod exec;
 pub mod mount;

@@ -174,6 +174,19 @@ pub fn privileged(test: &str, probe: impl FnOnce() -> Result<(), String>) -> boo
     }
 }
 
+/// Whether a test that needs root (and, with `fuse`, /dev/fuse) may run; see [`privileged`].
+pub fn needs_root(test: &str, fuse: bool) -> bool {
+    privileged(test, || {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("mounts and namespaces need root".into());
+        }
+        if fuse && !Path::new("/dev/fuse").exists() {
+            return Err("there is no /dev/fuse".into());
+        }
+        Ok(())
+    })
+}
+
 /// A tmpfs of `size` mounted at `dir`, unmounted on drop.
 pub struct Tmpfs(PathBuf);
 

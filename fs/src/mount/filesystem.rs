@@ -391,6 +391,21 @@ impl fuser::Filesystem for CasFs {
         }
     }
 
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Overlayfs asks lower files for their flags on copy-up; there are none.
+        reply.error(Errno::ENOTTY)
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino) {
             // CAS directories never change: let the kernel cache their listings

@@ -2,6 +2,7 @@
 //! BatchUpdateBlobs/BatchReadBlobs for small blobs, ByteStream for large ones.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -201,6 +202,49 @@ impl RemoteStore {
                 return Ok(directories);
             }
         }
+    }
+
+    /// Uploads whichever of these blobs the remote lacks: `in_memory` as
+    /// given, `files` read from disk (streamed through ByteStream when
+    /// large). Returns how many blobs were uploaded.
+    pub async fn upload_missing(
+        &self,
+        in_memory: Vec<(Digest, Bytes)>,
+        files: &BTreeMap<Digest, PathBuf>,
+    ) -> Result<usize, StoreError> {
+        let all: Vec<Digest> = in_memory.iter().map(|(d, _)| *d).chain(files.keys().copied()).collect();
+        let missing: std::collections::HashSet<Digest> = self.find_missing(&all).await?.into_iter().collect();
+        let mut small: Vec<(Digest, Bytes)> = in_memory.into_iter().filter(|(d, _)| missing.contains(d)).collect();
+        let count = missing.len();
+        for (digest, path) in files.iter().filter(|(d, _)| missing.contains(d)) {
+            if digest.size_bytes <= CHUNK_SIZE as u64 {
+                let data =
+                    tokio::fs::read(path).await.map_err(|e| StoreError::io(format!("read {}", path.display()), e))?;
+                small.push((*digest, Bytes::from(data)));
+            } else {
+                self.upload_file(digest, path).await?;
+            }
+        }
+        self.upload(small).await?;
+        Ok(count)
+    }
+
+    /// Streams one file into the CAS without holding it in memory.
+    pub async fn upload_file(&self, digest: &Digest, path: &Path) -> Result<(), StoreError> {
+        use tokio::io::AsyncReadExt;
+        let io = |e| StoreError::io(format!("read {}", path.display()), e);
+        let mut file = tokio::fs::File::open(path).await.map_err(io)?;
+        let mut writer = self.begin_write(digest).await?;
+        loop {
+            let mut buf = vec![0u8; CHUNK_SIZE];
+            let n = file.read(&mut buf).await.map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            writer.write(Bytes::from(buf)).await?;
+        }
+        writer.commit().await
     }
 
     async fn write_stream(&self, digest: &Digest, data: Bytes) -> Result<(), StoreError> {

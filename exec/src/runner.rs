@@ -1,0 +1,287 @@
+//! One REAPI action, start to finish, on this host: fetch the Action and
+//! Command, register the input root on the /cas mount, run the command in the
+//! sandbox over it, collect and upload outputs, and build the ActionResult —
+//! with a hermeticity report when the action fails.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_fs::local_tree::hash_file;
+use casbuild_fs::mount::{AccessReport, CasMount};
+use casbuild_fs::store::{BlobStore, RemoteStore, StoreError};
+use casbuild_fs::tree::child_digest;
+use casbuild_proto::protobuf::Timestamp;
+use casbuild_proto::reapi::{Action, ActionResult, Command, ExecutedActionMetadata};
+use prost::Message;
+
+use crate::outputs::{collect, output_parents};
+use crate::sandbox::{Limits, RunReport, Sandbox, SandboxSpec, DEFAULT_TOOLCHAIN, DEFAULT_WORK_DIR};
+
+/// Most undeclared paths listed in one hermeticity report.
+const REPORT_LINES: usize = 20;
+
+/// How this host runs actions.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    /// Per-action scratch directories live here; leftovers are removed at start.
+    pub scratch_root: PathBuf,
+    /// The `casbuild` binary that serves as the sandbox helper.
+    pub helper: PathBuf,
+    /// Host paths visible read-only in the sandbox.
+    pub toolchain: Vec<PathBuf>,
+    /// The user and group commands run as.
+    pub uid: u32,
+    /// See `uid`.
+    pub gid: u32,
+    /// Resource limits per action.
+    pub limits: Limits,
+    /// The name reported in ExecutedActionMetadata.worker.
+    pub worker_name: String,
+}
+
+impl RunnerConfig {
+    /// Defaults for everything but where scratch space and the helper are.
+    pub fn new(scratch_root: PathBuf, helper: PathBuf) -> Self {
+        RunnerConfig {
+            scratch_root,
+            helper,
+            toolchain: DEFAULT_TOOLCHAIN.iter().map(PathBuf::from).collect(),
+            uid: 65534,
+            gid: 65534,
+            limits: Limits::default(),
+            worker_name: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        }
+    }
+}
+
+/// Why an action could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// Blobs the action needs are not in the CAS (REAPI: FAILED_PRECONDITION).
+    #[error("missing from the CAS: {}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))]
+    MissingBlobs(Vec<Digest>),
+    /// The Action or Command is malformed (REAPI: INVALID_ARGUMENT).
+    #[error("invalid action: {0}")]
+    Invalid(String),
+    /// Something on this host or the network failed (REAPI: INTERNAL/UNAVAILABLE).
+    #[error("{0}")]
+    Infrastructure(String),
+}
+
+/// The outcome of an action that ran.
+#[derive(Debug)]
+pub struct Execution {
+    /// The result, ready for the action cache.
+    pub result: ActionResult,
+    /// For failed actions: the hermeticity report and how the command ended.
+    pub message: String,
+    /// What the command touched in its input root.
+    pub access: AccessReport,
+    /// How the sandboxed command ended.
+    pub report: RunReport,
+    /// Whether the Action asked not to be cached.
+    pub do_not_cache: bool,
+}
+
+/// Runs actions over a /cas mount.
+pub struct Runner {
+    config: RunnerConfig,
+    mount: Arc<CasMount>,
+    remote: RemoteStore,
+    sandbox: Sandbox,
+    next: AtomicU64,
+}
+
+/// One action between registration and unregistration.
+struct Run<'a> {
+    action: &'a Action,
+    command: &'a Command,
+    function: DigestFunction,
+    input: PathBuf,
+    scratch: PathBuf,
+    writable: Vec<String>,
+    name: &'a str,
+}
+
+fn timestamp(at: SystemTime) -> Option<Timestamp> {
+    let since = at.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+    Some(Timestamp { seconds: since.as_secs() as i64, nanos: since.subsec_nanos() as i32 })
+}
+
+fn infra(what: &str) -> impl FnOnce(StoreError) -> ExecError + '_ {
+    move |e| ExecError::Infrastructure(format!("{what}: {e}"))
+}
+
+impl Runner {
+    /// A runner; removes scratch directories a killed worker left behind.
+    pub fn new(config: RunnerConfig, mount: Arc<CasMount>, remote: RemoteStore) -> Result<Self, ExecError> {
+        let root = &config.scratch_root;
+        if root.exists() {
+            std::fs::remove_dir_all(root)
+                .map_err(|e| ExecError::Infrastructure(format!("clearing {}: {e}", root.display())))?;
+        }
+        std::fs::create_dir_all(root)
+            .map_err(|e| ExecError::Infrastructure(format!("creating {}: {e}", root.display())))?;
+        let sandbox = Sandbox::new(&config.helper);
+        Ok(Runner { config, mount, remote, sandbox, next: AtomicU64::new(1) })
+    }
+
+    /// Fetches a proto the action needs; absent → MissingBlobs.
+    async fn fetch<M: Message + Default>(&self, digest: &Digest, what: &str) -> Result<M, ExecError> {
+        let bytes = match self.remote.read_all(digest).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.is_not_found() => return Err(ExecError::MissingBlobs(vec![*digest])),
+            Err(e) => return Err(infra(&format!("fetching the {what}"))(e)),
+        };
+        M::decode(bytes.as_ref()).map_err(|e| ExecError::Invalid(format!("the {what} {digest} does not decode: {e}")))
+    }
+
+    /// Runs the action stored under `action_digest`.
+    pub async fn execute(&self, action_digest: &Digest) -> Result<Execution, ExecError> {
+        let worker_start = SystemTime::now();
+        let function = action_digest.function;
+        let action: Action = self.fetch(action_digest, "Action").await?;
+        let command_digest = child_digest(function, "command_digest", action.command_digest.as_ref())
+            .map_err(|e| ExecError::Invalid(format!("Action: {e}")))?;
+        let input_root = child_digest(function, "input_root_digest", action.input_root_digest.as_ref())
+            .map_err(|e| ExecError::Invalid(format!("Action: {e}")))?;
+        let command: Command = self.fetch(&command_digest, "Command").await?;
+        let writable = output_parents(&command).map_err(ExecError::Invalid)?;
+        if !input_root.is_empty_blob()
+            && !self.remote.find_missing(&[input_root]).await.map_err(infra("FindMissing"))?.is_empty()
+        {
+            return Err(ExecError::MissingBlobs(vec![input_root]));
+        }
+
+        let name = format!("{}-{}", &action_digest.hash_hex()[..16], self.next.fetch_add(1, Ordering::Relaxed));
+        let fetch_start = SystemTime::now();
+        let input = self.mount.register(&name, input_root).map_err(|e| ExecError::Infrastructure(e.to_string()))?;
+        let fetch_done = SystemTime::now();
+        let scratch = self.config.scratch_root.join(&name);
+        let run = Run {
+            action: &action,
+            command: &command,
+            function,
+            input,
+            scratch: scratch.clone(),
+            writable,
+            name: &name,
+        };
+        let result = self.run_registered(run).await;
+        let _ = self.mount.unregister(&name);
+        let _ = tokio::fs::remove_dir_all(&scratch).await;
+        let mut execution = result?;
+        let metadata = execution.result.execution_metadata.get_or_insert_with(Default::default);
+        metadata.worker_start_timestamp = timestamp(worker_start);
+        metadata.input_fetch_start_timestamp = timestamp(fetch_start);
+        metadata.input_fetch_completed_timestamp = timestamp(fetch_done);
+        metadata.worker_completed_timestamp = timestamp(SystemTime::now());
+        Ok(execution)
+    }
+
+    async fn run_registered(&self, run: Run<'_>) -> Result<Execution, ExecError> {
+        let Run { action, command, function, input, scratch, writable, name } = run;
+        let mut spec = SandboxSpec::new(input, scratch, command.arguments.clone());
+        spec.work_dir = PathBuf::from(DEFAULT_WORK_DIR);
+        spec.cwd = command.working_directory.clone();
+        spec.env = command.environment_variables.iter().map(|v| (v.name.clone(), v.value.clone())).collect();
+        spec.writable_dirs = writable;
+        spec.toolchain = self.config.toolchain.clone();
+        spec.uid = self.config.uid;
+        spec.gid = self.config.gid;
+        spec.limits = self.config.limits.clone();
+        spec.timeout_ms =
+            action.timeout.as_ref().map(|t| (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000);
+        spec.validate().map_err(ExecError::Invalid)?;
+
+        let exec_start = SystemTime::now();
+        let report = self.sandbox.run(&spec).await.map_err(|e| ExecError::Infrastructure(e.to_string()))?;
+        let exec_done = SystemTime::now();
+        let access = self.mount.access_report(name).unwrap_or_default();
+        if let Some(error) = &report.error {
+            // The command never ran (not found, not executable, bad set-up).
+            let mut result = ActionResult { exit_code: 127, ..Default::default() };
+            let stderr = Bytes::from(format!("casbuild: {error}\n"));
+            let digest = function.digest_of(&stderr);
+            self.remote.upload(vec![(digest, stderr)]).await.map_err(infra("uploading stderr"))?;
+            result.stderr_digest = Some(digest.to_proto());
+            return Ok(Execution { result, message: error.clone(), access, report, do_not_cache: true });
+        }
+
+        let upload_start = SystemTime::now();
+        let upper_cwd = Sandbox::upper_path(&spec).join(&spec.cwd);
+        let collected = tokio::task::spawn_blocking({
+            let command = command.clone();
+            move || collect(&upper_cwd, &command, function)
+        })
+        .await
+        .map_err(|e| ExecError::Infrastructure(e.to_string()))?
+        .map_err(ExecError::Invalid)?;
+        let mut result = collected.result;
+        let mut files = collected.files;
+        for (path, field) in [
+            (Sandbox::stdout_path(&spec), &mut result.stdout_digest),
+            (Sandbox::stderr_path(&spec), &mut result.stderr_digest),
+        ] {
+            let p = path.clone();
+            let digest = tokio::task::spawn_blocking(move || hash_file(&p, function))
+                .await
+                .map_err(|e| ExecError::Infrastructure(e.to_string()))?
+                .map_err(|e| ExecError::Infrastructure(format!("hashing {}: {e}", path.display())))?;
+            *field = Some(digest.to_proto());
+            if !digest.is_empty_blob() {
+                files.insert(digest, path);
+            }
+        }
+        self.remote.upload_missing(collected.blobs, &files).await.map_err(infra("uploading outputs"))?;
+        let upload_done = SystemTime::now();
+
+        result.exit_code = match (report.exit_code, report.signal) {
+            (Some(code), _) => code,
+            (None, Some(signal)) => 128 + signal,
+            (None, None) => 128 + libc::SIGKILL,
+        };
+        result.execution_metadata = Some(ExecutedActionMetadata {
+            worker: self.config.worker_name.clone(),
+            execution_start_timestamp: timestamp(exec_start),
+            execution_completed_timestamp: timestamp(exec_done),
+            output_upload_start_timestamp: timestamp(upload_start),
+            output_upload_completed_timestamp: timestamp(upload_done),
+            ..Default::default()
+        });
+        let message = if report.success() { String::new() } else { failure_message(&report, &access) };
+        Ok(Execution { result, message, access, report, do_not_cache: action.do_not_cache })
+    }
+}
+
+/// How a failed command ended, and the paths it tried to read that are not
+/// in its input root.
+pub fn failure_message(report: &RunReport, access: &AccessReport) -> String {
+    let mut lines = Vec::new();
+    if report.timed_out {
+        lines.push("the action timed out and everything it started was killed".to_owned());
+    } else if let Some(signal) = report.signal {
+        lines.push(format!("the command was killed by signal {signal}"));
+    } else if let Some(code) = report.exit_code {
+        lines.push(format!("the command exited with status {code}"));
+    }
+    for path in access.not_found.iter().take(REPORT_LINES) {
+        lines.push(format!("undeclared input: {path} (lookup: not found)"));
+    }
+    if access.not_found.len() > REPORT_LINES {
+        lines.push(format!("... and {} more undeclared paths", access.not_found.len() - REPORT_LINES));
+    }
+    lines.join("\n")
+}
+
+/// The declared inputs a successful action never touched: files in the
+/// input root that were neither opened nor looked up. `declared` lists the
+/// input root's file paths.
+pub fn unread_inputs<'a>(declared: impl IntoIterator<Item = &'a str>, access: &AccessReport) -> Vec<&'a str> {
+    let touched = access.touched();
+    declared.into_iter().filter(|p| !touched.contains(p)).collect()
+}

@@ -1,0 +1,246 @@
+//! `casbuild exec`: run one action on this host, in the sandbox over a /cas
+//! mount — a stored Action by digest, or a command over a local directory.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use casbuild_exec::runner::{ExecError, Execution, Runner, RunnerConfig};
+use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
+use casbuild_fs::store::{BlobStore, DiskStore, RemoteStore};
+use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
+use casbuild_proto::reapi::command::EnvironmentVariable;
+use casbuild_proto::reapi::{Action, Command, Directory, Tree, UpdateActionResultRequest};
+use prost::Message;
+
+use crate::cmd::cas::{download_file, materialize, upload, Remote};
+use crate::config::{default_data_dir, parse_size};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    remote: Remote,
+    /// Where to mount the CAS [default: a private directory under the cache dir].
+    #[arg(long)]
+    mount: Option<PathBuf>,
+    /// Local blob cache [default: $XDG_CACHE_HOME/casbuild/mount-cache].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Byte budget of the local blob cache.
+    #[arg(long, value_parser = parse_size, default_value = "20GiB")]
+    cache_size: u64,
+    /// Do not write the result to the action cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Upload this directory as the input root and run the command after `--`.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// A declared output (relative to the input root), downloaded after the run; repeatable.
+    #[arg(long = "output")]
+    outputs: Vec<String>,
+    /// NAME=VALUE for the command's environment; repeatable [default: PATH=/usr/local/bin:/usr/bin:/bin].
+    #[arg(long = "env")]
+    env: Vec<String>,
+    /// Where outputs are downloaded [default: the --input directory].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Seconds the command may run.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// HASH/SIZE of a stored Action to run (instead of --input and a command).
+    action: Option<String>,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let function = args.remote.digest_function;
+    let remote = args.remote.connect().await.with_context(|| format!("connecting to {}", args.remote.remote))?;
+
+    // What to run: a stored action, or one built from --input and the command.
+    let (action_digest, input_dir) = match (&args.action, &args.input) {
+        (Some(text), None) if args.command.is_empty() => {
+            (Digest::parse(function, text).with_context(|| format!("action digest {text:?}"))?, None)
+        }
+        (None, Some(dir)) if !args.command.is_empty() => (store_action(&remote, &args, dir).await?, Some(dir.clone())),
+        _ => bail!("give either ACTION_DIGEST, or --input DIR and a command after `--`"),
+    };
+    eprintln!("casbuild: action {action_digest}");
+
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| default_data_dir().join("mount-cache"));
+    let mountpoint =
+        args.mount.clone().unwrap_or_else(|| default_data_dir().join(format!("exec-mount-{}", std::process::id())));
+    let scratch = default_data_dir().join(format!("exec-scratch-{}", std::process::id()));
+    let (dir, budget) = (cache_dir.clone(), args.cache_size);
+    let local = tokio::task::spawn_blocking(move || DiskStore::open(&dir, budget))
+        .await?
+        .with_context(|| format!("opening the blob cache in {}", cache_dir.display()))?
+        .namespace(&args.remote.instance);
+    let cache = Arc::new(BlobCache::new(local, remote.clone(), Duration::from_secs(60)));
+    let runtime = tokio::runtime::Handle::current();
+    let point = mountpoint.clone();
+    let mount = Arc::new(
+        tokio::task::spawn_blocking(move || CasMount::mount(&point, cache, runtime, &MountOptions::default()))
+            .await??,
+    );
+    let config = RunnerConfig::new(scratch.clone(), std::env::current_exe().context("finding casbuild itself")?);
+    let runner = Runner::new(config, mount.clone(), remote.clone())?;
+    let outcome = runner.execute(&action_digest).await;
+    drop(runner);
+    let _ = std::fs::remove_dir_all(&scratch);
+    if let Ok(mount) = Arc::try_unwrap(mount) {
+        tokio::task::spawn_blocking(move || mount.unmount()).await?.context("unmounting")?;
+        let _ = std::fs::remove_dir(&mountpoint);
+    }
+    let execution = match outcome {
+        Ok(execution) => execution,
+        Err(ExecError::MissingBlobs(digests)) => bail!(
+            "the CAS lacks blobs this action needs: {}",
+            digests.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+        ),
+        Err(e) => return Err(e.into()),
+    };
+
+    let cacheable = !args.no_cache && !execution.do_not_cache && execution.result.exit_code == 0;
+    if cacheable {
+        let mut client = ActionCacheClient::new(remote.channel());
+        client
+            .update_action_result(UpdateActionResultRequest {
+                instance_name: args.remote.instance.clone(),
+                action_digest: Some(action_digest.to_proto()),
+                action_result: Some(execution.result.clone()),
+                results_cache_policy: None,
+                digest_function: function.to_proto() as i32,
+            })
+            .await
+            .context("writing the action cache")?;
+    }
+    match input_dir {
+        None => print_result(&execution, function),
+        Some(dir) => {
+            let out = args.out.clone().unwrap_or(dir);
+            replay_and_download(&remote, &execution, function, &out).await?;
+        }
+    }
+    if !execution.message.is_empty() {
+        eprintln!("casbuild: {}", execution.message.replace('\n', "\ncasbuild: "));
+    }
+    std::process::exit(execution.result.exit_code.clamp(0, 255))
+}
+
+/// Uploads the input directory, the Command and the Action; returns the Action's digest.
+async fn store_action(remote: &RemoteStore, args: &Args, dir: &Path) -> anyhow::Result<Digest> {
+    let function = args.remote.digest_function;
+    let input_root = upload(remote, dir, function).await?;
+    let mut env: Vec<EnvironmentVariable> = args
+        .env
+        .iter()
+        .map(|pair| match pair.split_once('=') {
+            Some((name, value)) if !name.is_empty() => {
+                Ok(EnvironmentVariable { name: name.into(), value: value.into() })
+            }
+            _ => bail!("--env {pair:?} must look like NAME=VALUE"),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    if !env.iter().any(|v| v.name == "PATH") {
+        env.push(EnvironmentVariable { name: "PATH".into(), value: "/usr/local/bin:/usr/bin:/bin".into() });
+    }
+    env.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut output_paths = args.outputs.clone();
+    output_paths.sort();
+    let command =
+        Command { arguments: args.command.clone(), environment_variables: env, output_paths, ..Default::default() };
+    let command_bytes = Bytes::from(command.encode_to_vec());
+    let command_digest = function.digest_of(&command_bytes);
+    let action = Action {
+        command_digest: Some(command_digest.to_proto()),
+        input_root_digest: Some(input_root.to_proto()),
+        timeout: args.timeout.map(|s| casbuild_proto::protobuf::Duration { seconds: s as i64, nanos: 0 }),
+        ..Default::default()
+    };
+    let action_bytes = Bytes::from(action.encode_to_vec());
+    let action_digest = function.digest_of(&action_bytes);
+    remote.upload(vec![(command_digest, command_bytes), (action_digest, action_bytes)]).await?;
+    Ok(action_digest)
+}
+
+fn print_result(execution: &Execution, function: DigestFunction) {
+    let result = &execution.result;
+    let digest = |d: &Option<casbuild_proto::reapi::Digest>| {
+        d.as_ref().and_then(|d| Digest::from_proto(function, d).ok()).map(|d| d.to_string()).unwrap_or_default()
+    };
+    println!("exit_code: {}", result.exit_code);
+    for file in &result.output_files {
+        let exec = if file.is_executable { " executable" } else { "" };
+        println!("output_file: {} {}{exec}", file.path, digest(&file.digest));
+    }
+    for dir in &result.output_directories {
+        println!("output_directory: {} tree {}", dir.path, digest(&dir.tree_digest));
+    }
+    for link in &result.output_symlinks {
+        println!("output_symlink: {} -> {}", link.path, link.target);
+    }
+    println!("stdout: {}", digest(&result.stdout_digest));
+    println!("stderr: {}", digest(&result.stderr_digest));
+    if let Some(meta) = &result.execution_metadata {
+        println!("worker: {}", meta.worker);
+    }
+}
+
+/// Writes the command's stdout and stderr to ours and downloads its outputs into `out`.
+async fn replay_and_download(
+    remote: &RemoteStore,
+    execution: &Execution,
+    function: DigestFunction,
+    out: &Path,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let result = &execution.result;
+    let proto = |d: &Option<casbuild_proto::reapi::Digest>| -> anyhow::Result<Option<Digest>> {
+        d.as_ref().map(|d| Digest::from_proto(function, d)).transpose().map_err(anyhow::Error::from)
+    };
+    for (digest, to_stdout) in [(&result.stdout_digest, true), (&result.stderr_digest, false)] {
+        if let Some(digest) = proto(digest)?.filter(|d| !d.is_empty_blob()) {
+            let bytes = remote.read_all(&digest).await?;
+            if to_stdout {
+                std::io::stdout().write_all(&bytes)?;
+            } else {
+                std::io::stderr().write_all(&bytes)?;
+            }
+        }
+    }
+    for file in &result.output_files {
+        let digest = proto(&file.digest)?.context("an output file without a digest")?;
+        let dest = out.join(&file.path);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let _ = std::fs::remove_file(&dest);
+        download_file(remote, &digest, &dest, file.is_executable).await?;
+    }
+    for dir in &result.output_directories {
+        let digest = proto(&dir.tree_digest)?.context("an output directory without a tree")?;
+        let tree = Tree::decode(remote.read_all(&digest).await?.as_ref())?;
+        let root = tree.root.context("a Tree without a root")?;
+        let mut directories: HashMap<Digest, Directory> = HashMap::new();
+        for child in tree.children {
+            directories.insert(function.digest_of(&child.encode_to_vec()), child);
+        }
+        let root_digest = function.digest_of(&root.encode_to_vec());
+        directories.insert(root_digest, root);
+        let dest = out.join(&dir.path);
+        let _ = std::fs::remove_dir_all(&dest);
+        materialize(remote, &directories, &root_digest, &dest).await?;
+    }
+    for link in &result.output_symlinks {
+        let dest = out.join(&link.path);
+        let _ = std::fs::remove_file(&dest);
+        std::os::unix::fs::symlink(&link.target, &dest).with_context(|| format!("symlink {}", dest.display()))?;
+    }
+    Ok(())
+}
