@@ -6,6 +6,8 @@ mod common;
 
 use std::process::Output;
 
+use std::path::Path;
+
 use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_proto::reapi::GetActionResultRequest;
 use common::{casbuild, needs_root, Coordinator};
@@ -77,7 +79,11 @@ fn a_command_over_a_directory_runs_remotely_and_its_outputs_come_back() {
     let Some(env) = Env::start("a_command_over_a_directory_runs_remotely") else { return };
     let src = env.source(
         "src",
-        &[("main.c", "#include \"inc/v.h\"\nint main(void) { return V; }\n"), ("inc/v.h", "#define V 0\n")],
+        &[
+            ("main.c", "#include \"inc/v.h\"\nint main(void) { return V; }\n"),
+            ("inc/v.h", "#define V 0\n"),
+            ("unused.txt", "never read\n"),
+        ],
     );
     let out_dir = env.dir.path().join("out");
     let out = env.exec(&[
@@ -89,16 +95,24 @@ fn a_command_over_a_directory_runs_remotely_and_its_outputs_come_back() {
         "bin/main",
         "--output",
         "logs",
+        "--output",
+        "latest",
+        "--show-unread",
         "--",
         "sh",
         "-c",
-        "cc -o bin/main main.c && mkdir -p logs && echo built > logs/build.txt && echo to-stdout",
+        "cc -o bin/main main.c && mkdir -p logs && echo built > logs/build.txt && ln -s bin/main latest \
+         && echo to-stdout",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "to-stdout\n", "the command's stdout is replayed");
     let binary = out_dir.join("bin/main");
     assert!(std::process::Command::new(&binary).status().unwrap().success(), "the compiled program runs on the host");
     assert_eq!(std::fs::read_to_string(out_dir.join("logs/build.txt")).unwrap(), "built\n");
+    assert_eq!(std::fs::read_link(out_dir.join("latest")).unwrap(), Path::new("bin/main"));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("unread input: unused.txt"), "declared but unread inputs are listed: {stderr}");
+    assert!(!stderr.contains("unread input: main.c"), "{stderr}");
 
     // The result is in the action cache, and running the stored action by digest gives it again.
     let action = action_of(&out);
@@ -124,6 +138,15 @@ fn a_failing_action_names_the_undeclared_input_and_is_not_cached() {
     assert!(stderr.contains("No such file or directory"), "the command's own stderr is replayed: {stderr}");
     assert_eq!(env.cached(&action_of(&out)).unwrap_err().code(), Code::NotFound, "failures are not cached");
 
+    let out = env.exec(&["--input", &src, "--timeout", "1", "--", "sh", "-c", "sleep 600 & sleep 300"]);
+    assert_eq!(out.status.code(), Some(128 + 9), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("timed out"), "{}", text(&out.stderr));
+    let scratch_left = std::fs::read_dir(env.dir.path().join("xdg/casbuild"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("exec-"))
+        .count();
+    assert_eq!(scratch_left, 0, "scratch space and the mount point are removed after a timeout");
     let out = env.exec(&["--input", &src, "--", "sh", "-c", "exit 3"]);
     assert_eq!(out.status.code(), Some(3));
     let out = env.exec(&["--input", &src, "--", "no-such-compiler", "-c", "x.c"]);

@@ -85,6 +85,8 @@ pub struct Execution {
     pub report: RunReport,
     /// Whether the Action asked not to be cached.
     pub do_not_cache: bool,
+    /// The action's input root.
+    pub input_root: Digest,
 }
 
 /// Runs actions over a /cas mount.
@@ -102,6 +104,7 @@ struct Run<'a> {
     command: &'a Command,
     function: DigestFunction,
     input: PathBuf,
+    input_root: Digest,
     scratch: PathBuf,
     writable: Vec<String>,
     name: &'a str,
@@ -167,6 +170,7 @@ impl Runner {
             command: &command,
             function,
             input,
+            input_root,
             scratch: scratch.clone(),
             writable,
             name: &name,
@@ -184,7 +188,7 @@ impl Runner {
     }
 
     async fn run_registered(&self, run: Run<'_>) -> Result<Execution, ExecError> {
-        let Run { action, command, function, input, scratch, writable, name } = run;
+        let Run { action, command, function, input, input_root, scratch, writable, name } = run;
         let mut spec = SandboxSpec::new(input, scratch, command.arguments.clone());
         spec.work_dir = PathBuf::from(DEFAULT_WORK_DIR);
         spec.cwd = command.working_directory.clone();
@@ -209,7 +213,7 @@ impl Runner {
             let digest = function.digest_of(&stderr);
             self.remote.upload(vec![(digest, stderr)]).await.map_err(infra("uploading stderr"))?;
             result.stderr_digest = Some(digest.to_proto());
-            return Ok(Execution { result, message: error.clone(), access, report, do_not_cache: true });
+            return Ok(Execution { result, message: error.clone(), access, report, do_not_cache: true, input_root });
         }
 
         let upload_start = SystemTime::now();
@@ -254,7 +258,7 @@ impl Runner {
             ..Default::default()
         });
         let message = if report.success() { String::new() } else { failure_message(&report, &access) };
-        Ok(Execution { result, message, access, report, do_not_cache: action.do_not_cache })
+        Ok(Execution { result, message, access, report, do_not_cache: action.do_not_cache, input_root })
     }
 }
 

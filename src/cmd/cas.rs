@@ -123,6 +123,33 @@ async fn upload_file(store: &RemoteStore, digest: &Digest, path: &Path) -> anyho
         .with_context(|| format!("uploading {} (did it change while being read?)", path.display()))
 }
 
+/// The paths of every file and symlink in the tree rooted at `root`.
+pub async fn file_paths(store: &RemoteStore, root: &Digest) -> anyhow::Result<Vec<String>> {
+    fn walk(
+        tree: &HashMap<Digest, Directory>,
+        digest: &Digest,
+        prefix: &str,
+        out: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        let dir = tree.get(digest).with_context(|| format!("directory {digest} is missing from the CAS"))?;
+        out.extend(dir.files.iter().map(|f| format!("{prefix}{}", f.name)));
+        out.extend(dir.symlinks.iter().map(|l| format!("{prefix}{}", l.name)));
+        for sub in &dir.directories {
+            let child = child_digest(digest.function, &sub.name, sub.digest.as_ref()).map_err(anyhow::Error::msg)?;
+            walk(tree, &child, &format!("{prefix}{}/", sub.name), out)?;
+        }
+        Ok(())
+    }
+    if root.is_empty_blob() {
+        return Ok(Vec::new());
+    }
+    let tree = fetch_tree(store, root).await?;
+    let mut out = Vec::new();
+    walk(&tree, root, "", &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
 /// Every Directory of a tree, by digest.
 async fn fetch_tree(store: &RemoteStore, root: &Digest) -> anyhow::Result<HashMap<Digest, Directory>> {
     let directories = store.get_tree(root).await?;

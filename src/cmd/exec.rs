@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use casbuild_exec::runner::{ExecError, Execution, Runner, RunnerConfig};
+use casbuild_exec::runner::{unread_inputs, ExecError, Execution, Runner, RunnerConfig};
 use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
 use casbuild_fs::store::{BlobStore, DiskStore, RemoteStore};
@@ -17,7 +17,7 @@ use casbuild_proto::reapi::command::EnvironmentVariable;
 use casbuild_proto::reapi::{Action, Command, Directory, Tree, UpdateActionResultRequest};
 use prost::Message;
 
-use crate::cmd::cas::{download_file, materialize, upload, Remote};
+use crate::cmd::cas::{download_file, file_paths, materialize, upload, Remote};
 use crate::config::{default_data_dir, parse_size};
 
 #[derive(clap::Args)]
@@ -48,6 +48,9 @@ pub struct Args {
     /// Where outputs are downloaded [default: the --input directory].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// After a successful run, list the declared inputs the command never touched.
+    #[arg(long)]
+    show_unread: bool,
     /// Seconds the command may run.
     #[arg(long)]
     timeout: Option<u64>,
@@ -129,6 +132,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     if !execution.message.is_empty() {
         eprintln!("casbuild: {}", execution.message.replace('\n', "\ncasbuild: "));
+    }
+    if args.show_unread && execution.result.exit_code == 0 {
+        let declared = file_paths(&remote, &execution.input_root).await?;
+        for path in unread_inputs(declared.iter().map(String::as_str), &execution.access) {
+            eprintln!("casbuild: unread input: {path}");
+        }
     }
     std::process::exit(execution.result.exit_code.clamp(0, 255))
 }
