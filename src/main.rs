@@ -16,6 +16,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a coordinator and a local worker together: remote execution on this machine.
+    Up(cmd::up::Args),
     /// Run the REAPI server (CAS, ByteStream, action cache) on local storage.
     Coordinator(cmd::coordinator::Args),
     /// Run one action sandboxed on this host: a stored Action, or a command over a directory.
@@ -54,6 +56,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Coordinator(args) => cmd::coordinator::run(args).await,
+            Command::Up(args) => cmd::up::run(args).await,
             Command::Mount(args) => cmd::mount::run(args).await,
             Command::Exec(args) => cmd::exec::run(args).await,
             Command::Cas(command) => cmd::cas::run(command).await,

@@ -4,49 +4,23 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::Coordinator;
 
-/// Finds `bazel`; without it the test fails in CI and skips elsewhere.
-fn bazel_available() -> bool {
-    common::privileged("bazel_remote_cache", || {
-        let ok = Command::new("bazel").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-        if ok {
-            Ok(())
-        } else {
-            Err("bazel is not installed (scripts/setup-debian.sh installs bazel-bootstrap)".into())
-        }
-    })
-}
-
-/// Runs one bazel command in `workspace` with a private output root, in batch
-/// mode (no server left behind), bounded by `timeout`. Returns combined output.
+/// Runs bazel and insists that it succeeds.
 fn bazel(workspace: &Path, output_root: &Path, args: &[&str]) -> String {
-    let output = Command::new("timeout")
-        .args(["600", "bazel", "--batch", "--nohome_rc"])
-        .arg(format!("--output_user_root={}", output_root.display()))
-        .args(args)
-        .current_dir(workspace)
-        .output()
-        .expect("running bazel");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "bazel {args:?} failed:\n{text}");
+    let (ok, text) = common::bazel::run(workspace, output_root, args);
+    assert!(ok, "bazel {args:?} failed:\n{text}");
     text
 }
 
-/// The number in Bazel's "N remote cache hit" summary, 0 when absent.
 fn remote_cache_hits(output: &str) -> u32 {
-    let line = output.lines().find(|l| l.contains(" processes:")).unwrap_or_else(|| panic!("no summary in:\n{output}"));
-    line.split([':', ','])
-        .filter_map(|part| part.trim().strip_suffix(" remote cache hit"))
-        .filter_map(|n| n.trim().parse::<u32>().ok())
-        .sum()
+    common::bazel::processes(output, " remote cache hit")
 }
 
 #[test]
 fn a_clean_rebuild_is_served_from_the_remote_cache() {
-    if !bazel_available() {
+    if !common::bazel::available("bazel_remote_cache") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

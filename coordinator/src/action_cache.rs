@@ -60,6 +60,32 @@ async fn referenced_blobs(
     Ok(digests)
 }
 
+/// The cached result of `action`, as long as every blob it references is
+/// still in the CAS; otherwise NOT_FOUND saying why.
+pub(crate) async fn usable_cached_result(
+    storage: &Storage,
+    instance: &str,
+    action: &Digest,
+) -> Result<ActionResult, Status> {
+    let result = storage
+        .action_cache()
+        .get(instance, action)
+        .await
+        .map_err(store_status)?
+        .ok_or_else(|| Status::not_found(format!("no cached result for action {action}")))?;
+    let cas = storage.cas(instance);
+    let referenced = referenced_blobs(cas.as_ref(), action.function, &result)
+        .await
+        .map_err(|e| Status::not_found(format!("cached result for action {action} is unusable: {e}")))?;
+    let missing = cas.find_missing(&referenced).await.map_err(store_status)?;
+    if let Some(gone) = missing.first() {
+        return Err(Status::not_found(format!(
+            "cached result for action {action} references blob {gone}, which is no longer in the CAS"
+        )));
+    }
+    Ok(result)
+}
+
 #[tonic::async_trait]
 impl ActionCache for ActionCacheService {
     async fn get_action_result(
@@ -68,24 +94,7 @@ impl ActionCache for ActionCacheService {
     ) -> Result<Response<ActionResult>, Status> {
         let request = request.into_inner();
         let action = request_digest(request.digest_function, request.action_digest.as_ref(), "action_digest")?;
-        let instance = &request.instance_name;
-        let result = self
-            .storage
-            .action_cache()
-            .get(instance, &action)
-            .await
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("no cached result for action {action}")))?;
-        let cas = self.storage.cas(instance);
-        let referenced = referenced_blobs(cas.as_ref(), action.function, &result)
-            .await
-            .map_err(|e| Status::not_found(format!("cached result for action {action} is unusable: {e}")))?;
-        let missing = cas.find_missing(&referenced).await.map_err(store_status)?;
-        if let Some(gone) = missing.first() {
-            return Err(Status::not_found(format!(
-                "cached result for action {action} references blob {gone}, which is no longer in the CAS"
-            )));
-        }
+        let result = usable_cached_result(&self.storage, &request.instance_name, &action).await?;
         Ok(Response::new(result))
     }
 

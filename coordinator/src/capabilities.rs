@@ -5,7 +5,7 @@ use casbuild_fs::digest::DigestFunction;
 use casbuild_proto::reapi::capabilities_server::Capabilities;
 use casbuild_proto::reapi::{
     compressor, symlink_absolute_path_strategy, ActionCacheUpdateCapabilities, CacheCapabilities,
-    GetCapabilitiesRequest, ServerCapabilities,
+    ExecutionCapabilities, GetCapabilitiesRequest, ServerCapabilities,
 };
 use casbuild_proto::semver::SemVer;
 use tonic::{Request, Response, Status};
@@ -13,12 +13,13 @@ use tonic::{Request, Response, Status};
 /// Answers capability queries from the server's configuration.
 pub struct CapabilitiesService {
     max_batch_bytes: u64,
+    exec_enabled: bool,
 }
 
 impl CapabilitiesService {
     /// A service announcing `max_batch_bytes` as the batch limit.
-    pub fn new(max_batch_bytes: u64) -> Self {
-        CapabilitiesService { max_batch_bytes }
+    pub fn new(max_batch_bytes: u64, exec_enabled: bool) -> Self {
+        CapabilitiesService { max_batch_bytes, exec_enabled }
     }
 }
 
@@ -43,7 +44,12 @@ impl Capabilities for CapabilitiesService {
         };
         Ok(Response::new(ServerCapabilities {
             cache_capabilities: Some(cache),
-            execution_capabilities: None,
+            execution_capabilities: self.exec_enabled.then(|| ExecutionCapabilities {
+                digest_function: DigestFunction::Sha256.to_proto() as i32,
+                digest_functions: DigestFunction::ALL.iter().map(|f| f.to_proto() as i32).collect(),
+                exec_enabled: true,
+                ..Default::default()
+            }),
             deprecated_api_version: None,
             low_api_version: version(2, 0),
             high_api_version: version(2, 3),

@@ -19,8 +19,11 @@ mod bytestream;
 mod capabilities;
 mod cas;
 mod compression;
+mod execution;
+pub mod scheduler;
 mod server;
 pub mod status;
 
 pub use bytestream::SESSION_IDLE;
-pub use server::{serve, ServerConfig};
+pub use scheduler::{ActionExecutor, Executed, ExecutorError, Scheduler};
+pub use server::{serve, serve_with_execution, ServerConfig};

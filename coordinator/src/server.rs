@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use casbuild_fs::storage::Storage;
 use casbuild_proto::bytestream::byte_stream_server::ByteStreamServer;
+use casbuild_proto::longrunning::operations_server::OperationsServer;
 use casbuild_proto::reapi::action_cache_server::ActionCacheServer;
 use casbuild_proto::reapi::capabilities_server::CapabilitiesServer;
 use casbuild_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
+use casbuild_proto::reapi::execution_server::ExecutionServer;
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -18,6 +20,8 @@ use crate::action_cache::ActionCacheService;
 use crate::bytestream::ByteStreamService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
+use crate::execution::ExecutionService;
+use crate::scheduler::Scheduler;
 
 /// Settings of the REAPI server.
 #[derive(Clone, Debug)]
@@ -44,6 +48,18 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with_execution(listener, storage, config, None, shutdown).await
+}
+
+/// Like [`serve`], plus the Execution and Operations services when a
+/// scheduler is given (and capabilities announcing execution).
+pub async fn serve_with_execution(
+    listener: TcpListener,
+    storage: Arc<Storage>,
+    config: ServerConfig,
+    scheduler: Option<Arc<Scheduler>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
     let max_message = MAX_MESSAGE.max(config.max_batch_bytes as usize * 2);
     let cas = ContentAddressableStorageServer::new(CasService::new(storage.clone(), config.max_batch_bytes))
         .max_decoding_message_size(max_message)
@@ -54,7 +70,10 @@ pub async fn serve(
     let action_cache = ActionCacheServer::new(ActionCacheService::new(storage.clone()))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let capabilities = CapabilitiesServer::new(CapabilitiesService::new(config.max_batch_bytes));
+    let capabilities = CapabilitiesServer::new(CapabilitiesService::new(config.max_batch_bytes, scheduler.is_some()));
+    let execution = scheduler.map(|scheduler| ExecutionService::new(storage.clone(), scheduler));
+    let operations = execution.clone().map(OperationsServer::new);
+    let execution = execution.map(ExecutionServer::new);
     // The builder's own tcp_nodelay only applies to listeners it binds, so
     // set it on each accepted connection: with Nagle on, small responses wait
     // for the client's delayed ACK (~40 ms per call).
@@ -73,6 +92,8 @@ pub async fn serve(
         .add_service(cas)
         .add_service(bytestream)
         .add_service(action_cache)
+        .add_optional_service(execution)
+        .add_optional_service(operations)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

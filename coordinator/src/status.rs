@@ -40,3 +40,50 @@ pub fn rpc_status(status: &Status) -> casbuild_proto::rpc::Status {
 pub fn rpc_ok() -> casbuild_proto::rpc::Status {
     casbuild_proto::rpc::Status { code: 0, message: String::new(), details: vec![] }
 }
+
+/// `google.rpc.PreconditionFailure`, which the crate of generated REAPI types
+/// does not include; the field numbers are those of the published message.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PreconditionFailure {
+    /// What is wrong.
+    #[prost(message, repeated, tag = "1")]
+    pub violations: Vec<Violation>,
+}
+
+/// One violated precondition.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Violation {
+    /// The kind: REAPI uses "MISSING" for absent blobs.
+    #[prost(string, tag = "1")]
+    pub r#type: String,
+    /// What: `blobs/{hash}/{size}` for a blob.
+    #[prost(string, tag = "2")]
+    pub subject: String,
+    /// Why, for people.
+    #[prost(string, tag = "3")]
+    pub description: String,
+}
+
+/// FAILED_PRECONDITION listing `missing` blobs as REAPI clients expect: one
+/// MISSING violation per blob, subject `blobs/{hash}/{size}`.
+pub fn precondition_missing(missing: &[Digest]) -> casbuild_proto::rpc::Status {
+    let failure = PreconditionFailure {
+        violations: missing
+            .iter()
+            .map(|d| Violation {
+                r#type: "MISSING".into(),
+                subject: format!("blobs/{}/{}", d.hash_hex(), d.size_bytes),
+                description: "the action needs this blob and the CAS does not have it".into(),
+            })
+            .collect(),
+    };
+    let listed: Vec<String> = missing.iter().take(10).map(|d| d.to_string()).collect();
+    casbuild_proto::rpc::Status {
+        code: Code::FailedPrecondition as i32,
+        message: format!("{} input blob(s) missing from the CAS: {}", missing.len(), listed.join(", ")),
+        details: vec![casbuild_proto::protobuf::Any {
+            type_url: "type.googleapis.com/google.rpc.PreconditionFailure".into(),
+            value: prost::Message::encode_to_vec(&failure),
+        }],
+    }
+}

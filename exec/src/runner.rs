@@ -216,6 +216,12 @@ impl Runner {
             return Ok(Execution { result, message: error.clone(), access, report, do_not_cache: true, input_root });
         }
 
+        let message =
+            if report.success() { String::new() } else { failure_message(&report, &access, &spec.writable_dirs) };
+        if !message.is_empty() {
+            // Clients show a failed action's stderr; put the report where it is seen.
+            append_report(&Sandbox::stderr_path(&spec), &message).await;
+        }
         let upload_start = SystemTime::now();
         let upper_cwd = Sandbox::upper_path(&spec).join(&spec.cwd);
         let collected = tokio::task::spawn_blocking({
@@ -257,14 +263,24 @@ impl Runner {
             output_upload_completed_timestamp: timestamp(upload_done),
             ..Default::default()
         });
-        let message = if report.success() { String::new() } else { failure_message(&report, &access) };
         Ok(Execution { result, message, access, report, do_not_cache: action.do_not_cache, input_root })
     }
 }
 
+/// Appends `message` to a stderr file, each line prefixed with `casbuild: `.
+async fn append_report(stderr: &std::path::Path, message: &str) {
+    use tokio::io::AsyncWriteExt;
+    let text: String = message.lines().map(|line| format!("casbuild: {line}\n")).collect();
+    let file = tokio::fs::OpenOptions::new().append(true).open(stderr).await;
+    if let Err(e) = async { file?.write_all(text.as_bytes()).await }.await {
+        tracing::warn!("appending the hermeticity report to {}: {e}", stderr.display());
+    }
+}
+
 /// How a failed command ended, and the paths it tried to read that are not
-/// in its input root.
-pub fn failure_message(report: &RunReport, access: &AccessReport) -> String {
+/// in its input root. Lookups of the directories the worker created for
+/// outputs (`created`, and their parents) are not the command's doing.
+pub fn failure_message(report: &RunReport, access: &AccessReport, created: &[String]) -> String {
     let mut lines = Vec::new();
     if report.timed_out {
         lines.push("the action timed out and everything it started was killed".to_owned());
@@ -273,11 +289,13 @@ pub fn failure_message(report: &RunReport, access: &AccessReport) -> String {
     } else if let Some(code) = report.exit_code {
         lines.push(format!("the command exited with status {code}"));
     }
-    for path in access.not_found.iter().take(REPORT_LINES) {
+    let ours = |path: &str| created.iter().any(|dir| dir == path || dir.starts_with(&format!("{path}/")));
+    let undeclared: Vec<&String> = access.not_found.iter().filter(|p| !ours(p)).collect();
+    for path in undeclared.iter().take(REPORT_LINES) {
         lines.push(format!("undeclared input: {path} (lookup: not found)"));
     }
-    if access.not_found.len() > REPORT_LINES {
-        lines.push(format!("... and {} more undeclared paths", access.not_found.len() - REPORT_LINES));
+    if undeclared.len() > REPORT_LINES {
+        lines.push(format!("... and {} more undeclared paths", undeclared.len() - REPORT_LINES));
     }
     lines.join("\n")
 }
@@ -288,4 +306,25 @@ pub fn failure_message(report: &RunReport, access: &AccessReport) -> String {
 pub fn unread_inputs<'a>(declared: impl IntoIterator<Item = &'a str>, access: &AccessReport) -> Vec<&'a str> {
     let touched = access.touched();
     declared.into_iter().filter(|p| !touched.contains(p)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_names_undeclared_paths_but_not_the_workers_own_directories() {
+        let mut access = AccessReport::default();
+        for path in ["bazel-out", "bazel-out/bin", "pkg", "src/config.h"] {
+            access.not_found.insert(path.to_owned());
+        }
+        let report = RunReport { exit_code: Some(1), ..Default::default() };
+        let message = failure_message(&report, &access, &["bazel-out/bin/pkg".to_owned()]);
+        assert_eq!(
+            message,
+            "the command exited with status 1\n\
+             undeclared input: pkg (lookup: not found)\n\
+             undeclared input: src/config.h (lookup: not found)"
+        );
+    }
 }

@@ -130,9 +130,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             replay_and_download(&remote, &execution, function, &out).await?;
         }
     }
-    if !execution.message.is_empty() {
-        eprintln!("casbuild: {}", execution.message.replace('\n', "\ncasbuild: "));
-    }
     if args.show_unread && execution.result.exit_code == 0 {
         let declared = file_paths(&remote, &execution.input_root).await?;
         for path in unread_inputs(declared.iter().map(String::as_str), &execution.access) {
@@ -198,6 +195,9 @@ fn print_result(execution: &Execution, function: DigestFunction) {
     println!("stderr: {}", digest(&result.stderr_digest));
     if let Some(meta) = &result.execution_metadata {
         println!("worker: {}", meta.worker);
+    }
+    for line in execution.message.lines() {
+        println!("message: {line}");
     }
 }
 

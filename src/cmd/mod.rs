@@ -5,3 +5,4 @@ pub mod cas;
 pub mod coordinator;
 pub mod exec;
 pub mod mount;
+pub mod up;

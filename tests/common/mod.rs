@@ -3,6 +3,8 @@
 //! tests that need root.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod bazel;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -27,24 +29,32 @@ pub struct Coordinator {
     child: Child,
     pub addr: String,
     pub storage: PathBuf,
+    /// Stop with SIGTERM when dropped (`casbuild up` must unmount its /cas).
+    graceful: bool,
 }
 
 impl Coordinator {
     /// Starts a coordinator on `storage` with extra flags.
     pub fn start(storage: &Path, extra: &[&str]) -> Coordinator {
-        let mut child = casbuild()
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--storage"])
-            .arg(storage)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting casbuild coordinator");
+        let mut args = vec!["coordinator", "--listen", "127.0.0.1:0", "--storage", storage.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Coordinator::spawn(&args, "casbuild coordinator listening on grpc://", storage, false)
+    }
+
+    /// Starts `casbuild up` (coordinator and local worker) keeping everything in `dir`.
+    pub fn start_up(dir: &Path) -> Coordinator {
+        let args = ["up", "--listen", "127.0.0.1:0", "--dir", dir.to_str().unwrap()];
+        Coordinator::spawn(&args, "casbuild up listening on grpc://", &dir.join("store"), true)
+    }
+
+    fn spawn(args: &[&str], ready: &'static str, storage: &Path, graceful: bool) -> Coordinator {
+        let mut child =
+            casbuild().args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("starting casbuild");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("casbuild coordinator listening on grpc://") {
+                if let Some(addr) = line.strip_prefix(ready) {
                     let _ = tx.send(addr.to_string());
                 }
             }
@@ -53,10 +63,10 @@ impl Coordinator {
             Ok(addr) => addr,
             Err(_) => {
                 let _ = child.kill();
-                panic!("coordinator did not report its address within 30 s");
+                panic!("casbuild {args:?} did not report its address within 30 s");
             }
         };
-        Coordinator { child, addr, storage: storage.to_path_buf() }
+        Coordinator { child, addr, storage: storage.to_path_buf(), graceful }
     }
 
     pub fn url(&self) -> String {
@@ -101,23 +111,37 @@ impl Coordinator {
 
     /// Stops the process with SIGTERM and waits (bounded) for it to exit.
     pub fn stop(mut self) {
+        assert!(self.terminate(Duration::from_secs(20)), "casbuild did not stop within 20 s of SIGTERM");
+    }
+
+    /// Sends SIGTERM (unless the process was already reaped) and waits up
+    /// to `timeout` for it to exit; returns whether it did.
+    fn terminate(&mut self, timeout: Duration) -> bool {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return true; // already reaped: its PID may belong to someone else now
+        }
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                return true;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("coordinator did not stop within 20 s of SIGTERM");
+        false
     }
 }
 
 impl Drop for Coordinator {
+    /// A coordinator is killed (as a crash would); `casbuild up` gets SIGTERM
+    /// first so that it unmounts its /cas even when a test fails, and SIGKILL
+    /// if it has not exited after 10 s.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !self.graceful || !self.terminate(Duration::from_secs(10)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

@@ -178,6 +178,12 @@ impl CasMount {
     /// Unmounts (lazily: processes still using the mount keep working until
     /// they let go) and waits for the FUSE threads to finish.
     pub fn unmount(self) -> std::io::Result<()> {
+        self.shutdown()
+    }
+
+    /// [`CasMount::unmount`] for a mount shared behind an `Arc`: later calls
+    /// find it already unmounted.
+    pub fn shutdown(&self) -> std::io::Result<()> {
         self.take_session().map_or(Ok(()), BackgroundSession::umount_and_join)
     }
 

@@ -1,0 +1,141 @@
+//! The Execution service (Execute, WaitExecution) and the longrunning
+//! Operations service (GetOperation, CancelOperation) over the [`Scheduler`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use casbuild_fs::storage::Storage;
+use casbuild_proto::longrunning::operations_server::Operations;
+use casbuild_proto::longrunning::{
+    CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest, ListOperationsResponse,
+    Operation, WaitOperationRequest,
+};
+use casbuild_proto::protobuf::Empty;
+use casbuild_proto::reapi::execution_server::Execution;
+use casbuild_proto::reapi::{ExecuteRequest, ExecuteResponse, WaitExecutionRequest};
+use futures::Stream;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::action_cache::usable_cached_result;
+use crate::scheduler::{finished, Scheduler};
+use crate::status::{request_digest, rpc_ok};
+
+type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
+
+/// Execution and Operations, sharing one scheduler.
+#[derive(Clone)]
+pub struct ExecutionService {
+    storage: Arc<Storage>,
+    scheduler: Arc<Scheduler>,
+}
+
+impl ExecutionService {
+    /// Serves `scheduler`, looking up results in `storage`'s action cache.
+    pub fn new(storage: Arc<Storage>, scheduler: Arc<Scheduler>) -> Self {
+        ExecutionService { storage, scheduler }
+    }
+}
+
+/// Every change of an operation, ending with the one that is done.
+fn updates(mut receiver: watch::Receiver<Operation>) -> OperationStream {
+    Box::pin(async_stream(move |tx| async move {
+        loop {
+            let operation = receiver.borrow_and_update().clone();
+            let done = operation.done;
+            if tx.send(Ok(operation)).await.is_err() || done {
+                return;
+            }
+            if receiver.changed().await.is_err() {
+                return;
+            }
+        }
+    }))
+}
+
+/// A stream fed by a spawned task through a channel.
+fn async_stream<F, Fut>(body: F) -> impl Stream<Item = Result<Operation, Status>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Operation, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(body(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[tonic::async_trait]
+impl Execution for ExecutionService {
+    type ExecuteStream = OperationStream;
+    type WaitExecutionStream = OperationStream;
+
+    async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<Self::ExecuteStream>, Status> {
+        let request = request.into_inner();
+        let action = request_digest(request.digest_function, request.action_digest.as_ref(), "action_digest")?;
+        let instance = request.instance_name;
+        if !request.skip_cache_lookup {
+            let cached = match usable_cached_result(&self.storage, &instance, &action).await {
+                Ok(result) => Some(result),
+                Err(status) if status.code() == tonic::Code::NotFound => None,
+                Err(status) => return Err(status),
+            };
+            if let Some(result) = cached {
+                let name = format!("operations/{}", uuid::Uuid::new_v4());
+                let response = ExecuteResponse {
+                    result: Some(result),
+                    cached_result: true,
+                    status: Some(rpc_ok()),
+                    ..Default::default()
+                };
+                let operation = finished(&name, &action, response);
+                return Ok(Response::new(Box::pin(futures::stream::iter([Ok(operation)]))));
+            }
+        }
+        Ok(Response::new(updates(self.scheduler.submit(&instance, action))))
+    }
+
+    async fn wait_execution(
+        &self,
+        request: Request<WaitExecutionRequest>,
+    ) -> Result<Response<Self::WaitExecutionStream>, Status> {
+        let name = request.into_inner().name;
+        let receiver =
+            self.scheduler.watch(&name).ok_or_else(|| Status::not_found(format!("no operation {name:?}")))?;
+        Ok(Response::new(updates(receiver)))
+    }
+}
+
+#[tonic::async_trait]
+impl Operations for ExecutionService {
+    async fn list_operations(
+        &self,
+        _request: Request<ListOperationsRequest>,
+    ) -> Result<Response<ListOperationsResponse>, Status> {
+        Err(Status::unimplemented("listing operations is not supported"))
+    }
+
+    async fn get_operation(&self, request: Request<GetOperationRequest>) -> Result<Response<Operation>, Status> {
+        let name = request.into_inner().name;
+        let receiver =
+            self.scheduler.watch(&name).ok_or_else(|| Status::not_found(format!("no operation {name:?}")))?;
+        let operation = receiver.borrow().clone();
+        Ok(Response::new(operation))
+    }
+
+    async fn delete_operation(&self, _request: Request<DeleteOperationRequest>) -> Result<Response<Empty>, Status> {
+        Err(Status::unimplemented("deleting operations is not supported"))
+    }
+
+    async fn cancel_operation(&self, request: Request<CancelOperationRequest>) -> Result<Response<Empty>, Status> {
+        let name = request.into_inner().name;
+        if self.scheduler.cancel(&name) {
+            Ok(Response::new(Empty {}))
+        } else {
+            Err(Status::not_found(format!("no operation {name:?}")))
+        }
+    }
+
+    async fn wait_operation(&self, _request: Request<WaitOperationRequest>) -> Result<Response<Operation>, Status> {
+        Err(Status::unimplemented("use Execution.WaitExecution"))
+    }
+}

@@ -1,0 +1,299 @@
+//! The scheduler: turns Execute requests into jobs, runs each distinct
+//! action once however many clients ask for it, and publishes every job's
+//! progress as a stream of `Operation` snapshots.
+//!
+//! A job: look up the action cache (unless told to skip it), check that every
+//! input blob is in the CAS (else FAILED_PRECONDITION with the missing
+//! digests, which Bazel answers by uploading them and retrying), wait for a
+//! free slot, run on an [`ActionExecutor`], write the action cache for
+//! successful cacheable results, publish the ExecuteResponse.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use casbuild_fs::digest::Digest;
+use casbuild_fs::storage::Storage;
+use casbuild_fs::tree::{child_digest, decode_directory};
+use casbuild_proto::longrunning::{operation, Operation};
+use casbuild_proto::protobuf::Any;
+use casbuild_proto::reapi::execution_stage::Value as Stage;
+use casbuild_proto::reapi::{Action, ActionResult, Command, ExecuteOperationMetadata, ExecuteResponse};
+use prost::Message;
+use tokio::sync::{watch, Semaphore};
+use tonic::Code;
+
+use crate::status::{precondition_missing, rpc_ok};
+
+/// How long a finished operation can still be looked up by name.
+const KEEP_FINISHED: Duration = Duration::from_secs(600);
+
+/// What an executor reports for an action it ran.
+#[derive(Clone, Debug)]
+pub struct Executed {
+    /// The result (exit code, outputs, logs) — whatever the exit code.
+    pub result: ActionResult,
+    /// A human-readable note for the client (why it failed, what it missed).
+    pub message: String,
+    /// Whether the action's timeout killed it.
+    pub timed_out: bool,
+    /// Whether the Action asked not to be cached.
+    pub do_not_cache: bool,
+}
+
+/// Why an executor could not run an action.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ExecutorError {
+    /// Blobs the action needs are not in the CAS.
+    #[error("missing blobs")]
+    MissingBlobs(Vec<Digest>),
+    /// The action is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The executor or its host failed.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Runs actions somewhere: a local worker in `casbuild up`, remote workers later.
+#[tonic::async_trait]
+pub trait ActionExecutor: Send + Sync + 'static {
+    /// Runs the action stored under `action` in `instance`.
+    async fn execute(&self, instance: &str, action: &Digest) -> Result<Executed, ExecutorError>;
+}
+
+struct Job {
+    name: String,
+    key: (String, Digest),
+    state: watch::Sender<Operation>,
+    task: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+#[derive(Default)]
+struct Jobs {
+    running: HashMap<(String, Digest), Arc<Job>>,
+    by_name: HashMap<String, Arc<Job>>,
+}
+
+/// Schedules Execute requests onto an executor with a fixed number of slots.
+pub struct Scheduler {
+    storage: Arc<Storage>,
+    executor: Arc<dyn ActionExecutor>,
+    slots: Arc<Semaphore>,
+    jobs: Mutex<Jobs>,
+}
+
+fn any<M: Message>(type_name: &str, message: &M) -> Any {
+    Any { type_url: format!("type.googleapis.com/{type_name}"), value: message.encode_to_vec() }
+}
+
+fn metadata(stage: Stage, action: &Digest) -> Any {
+    let metadata = ExecuteOperationMetadata {
+        stage: stage as i32,
+        action_digest: Some(action.to_proto()),
+        digest_function: action.function.to_proto() as i32,
+        ..Default::default()
+    };
+    any("build.bazel.remote.execution.v2.ExecuteOperationMetadata", &metadata)
+}
+
+/// A finished operation carrying `response`.
+pub fn finished(name: &str, action: &Digest, response: ExecuteResponse) -> Operation {
+    Operation {
+        name: name.to_owned(),
+        metadata: Some(metadata(Stage::Completed, action)),
+        done: true,
+        result: Some(operation::Result::Response(any("build.bazel.remote.execution.v2.ExecuteResponse", &response))),
+    }
+}
+
+fn error_response(code: Code, message: String) -> ExecuteResponse {
+    ExecuteResponse {
+        status: Some(casbuild_proto::rpc::Status { code: code as i32, message, details: vec![] }),
+        ..Default::default()
+    }
+}
+
+impl Scheduler {
+    /// A scheduler running at most `slots` actions at once on `executor`.
+    pub fn new(storage: Arc<Storage>, executor: Arc<dyn ActionExecutor>, slots: usize) -> Arc<Self> {
+        Arc::new(Scheduler {
+            storage,
+            executor,
+            slots: Arc::new(Semaphore::new(slots.max(1))),
+            jobs: Mutex::new(Jobs::default()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Jobs> {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts (or joins) the job for `action` and returns its updates.
+    pub fn submit(self: &Arc<Self>, instance: &str, action: Digest) -> watch::Receiver<Operation> {
+        let key = (instance.to_owned(), action);
+        let mut jobs = self.lock();
+        if let Some(job) = jobs.running.get(&key) {
+            return job.state.subscribe();
+        }
+        let name = format!("operations/{}", uuid::Uuid::new_v4());
+        let queued =
+            Operation { name: name.clone(), metadata: Some(metadata(Stage::Queued, &action)), ..Default::default() };
+        let (state, receiver) = watch::channel(queued);
+        let job = Arc::new(Job { name: name.clone(), key: key.clone(), state, task: Mutex::new(None) });
+        jobs.running.insert(key, job.clone());
+        jobs.by_name.insert(name, job.clone());
+        drop(jobs);
+        let scheduler = self.clone();
+        let runner = job.clone();
+        let handle = tokio::spawn(async move {
+            let response = scheduler.run(&runner).await;
+            scheduler.finish(&runner, response);
+        });
+        *job.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.abort_handle());
+        receiver
+    }
+
+    /// The updates of an operation by name, if it is known.
+    pub fn watch(&self, name: &str) -> Option<watch::Receiver<Operation>> {
+        self.lock().by_name.get(name).map(|job| job.state.subscribe())
+    }
+
+    /// Cancels a queued or running operation: its command is killed and it
+    /// finishes with CANCELLED. Returns false for unknown names.
+    pub fn cancel(self: &Arc<Self>, name: &str) -> bool {
+        let Some(job) = self.lock().by_name.get(name).cloned() else { return false };
+        if job.state.borrow().done {
+            return true;
+        }
+        if let Some(task) = job.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+        self.finish(&job, error_response(Code::Cancelled, "the operation was cancelled".into()));
+        true
+    }
+
+    fn finish(self: &Arc<Self>, job: &Arc<Job>, response: ExecuteResponse) {
+        {
+            let mut jobs = self.lock();
+            if jobs.running.get(&job.key).is_some_and(|j| Arc::ptr_eq(j, job)) {
+                jobs.running.remove(&job.key);
+            }
+        }
+        job.state.send_if_modified(|op| {
+            if op.done {
+                return false;
+            }
+            *op = finished(&job.name, &job.key.1, response);
+            true
+        });
+        let scheduler = Arc::downgrade(self);
+        let name = job.name.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(KEEP_FINISHED).await;
+            if let Some(scheduler) = scheduler.upgrade() {
+                scheduler.lock().by_name.remove(&name);
+            }
+        });
+    }
+
+    async fn run(&self, job: &Job) -> ExecuteResponse {
+        let (instance, action) = (&job.key.0, &job.key.1);
+        match self.missing_inputs(instance, action).await {
+            Ok(missing) if !missing.is_empty() => {
+                return ExecuteResponse { status: Some(precondition_missing(&missing)), ..Default::default() };
+            }
+            Ok(_) => {}
+            Err(response) => return response,
+        }
+        let Ok(_slot) = self.slots.clone().acquire_owned().await else {
+            return error_response(Code::Unavailable, "the scheduler is shutting down".into());
+        };
+        job.state.send_modify(|op| op.metadata = Some(metadata(Stage::Executing, action)));
+        match self.executor.execute(instance, action).await {
+            Ok(executed) => {
+                let cacheable = executed.result.exit_code == 0 && !executed.do_not_cache && !executed.timed_out;
+                if cacheable {
+                    if let Err(e) = self.storage.action_cache().update(instance, action, &executed.result).await {
+                        tracing::warn!("caching the result of {action}: {e}");
+                    }
+                }
+                let status = if executed.timed_out {
+                    casbuild_proto::rpc::Status {
+                        code: Code::DeadlineExceeded as i32,
+                        message: executed.message.clone(),
+                        details: vec![],
+                    }
+                } else {
+                    rpc_ok()
+                };
+                ExecuteResponse {
+                    result: Some(executed.result),
+                    status: Some(status),
+                    message: executed.message,
+                    ..Default::default()
+                }
+            }
+            Err(ExecutorError::MissingBlobs(missing)) => {
+                ExecuteResponse { status: Some(precondition_missing(&missing)), ..Default::default() }
+            }
+            Err(ExecutorError::Invalid(message)) => error_response(Code::InvalidArgument, message),
+            Err(ExecutorError::Unavailable(message)) => error_response(Code::Unavailable, message),
+        }
+    }
+
+    /// The Action, Command, Directories and files of `action` that the CAS
+    /// lacks. A malformed action comes back as a finished error response.
+    async fn missing_inputs(&self, instance: &str, action: &Digest) -> Result<Vec<Digest>, ExecuteResponse> {
+        let cas = self.storage.cas(instance);
+        let function = action.function;
+        let invalid = |m: String| error_response(Code::InvalidArgument, m);
+        let read = |digest: Digest| {
+            let cas = cas.clone();
+            async move {
+                match cas.read_all(&digest).await {
+                    Ok(bytes) => Ok(Some(bytes)),
+                    Err(e) if e.is_not_found() => Ok(None),
+                    Err(e) => Err(error_response(Code::Internal, format!("reading {digest}: {e}"))),
+                }
+            }
+        };
+        let Some(bytes) = read(*action).await? else { return Ok(vec![*action]) };
+        let action_proto =
+            Action::decode(bytes).map_err(|e| invalid(format!("Action {action} does not decode: {e}")))?;
+        let command =
+            child_digest(function, "command_digest", action_proto.command_digest.as_ref()).map_err(invalid)?;
+        let root =
+            child_digest(function, "input_root_digest", action_proto.input_root_digest.as_ref()).map_err(invalid)?;
+        let mut missing = Vec::new();
+        match read(command).await? {
+            Some(bytes) => {
+                Command::decode(bytes).map_err(|e| invalid(format!("Command {command} does not decode: {e}")))?;
+            }
+            None => missing.push(command),
+        }
+        let mut files = Vec::new();
+        let mut pending = vec![root];
+        while let Some(digest) = pending.pop() {
+            if digest.is_empty_blob() {
+                continue;
+            }
+            let Some(bytes) = read(digest).await? else {
+                missing.push(digest);
+                continue;
+            };
+            let directory = decode_directory(&digest, &bytes).map_err(|e| invalid(e.to_string()))?;
+            for file in &directory.files {
+                files.push(child_digest(function, &file.name, file.digest.as_ref()).map_err(invalid)?);
+            }
+            for sub in &directory.directories {
+                pending.push(child_digest(function, &sub.name, sub.digest.as_ref()).map_err(invalid)?);
+            }
+        }
+        files.sort();
+        files.dedup();
+        let absent = cas.find_missing(&files).await.map_err(|e| error_response(Code::Internal, e.to_string()))?;
+        missing.extend(absent);
+        Ok(missing)
+    }
+}

@@ -1,0 +1,120 @@
+//! `casbuild up`: a coordinator and one local worker in one process, on an
+//! embedded store — remote execution for one machine with no configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use casbuild_coordinator::{ActionExecutor, Executed, ExecutorError, Scheduler, ServerConfig};
+use casbuild_exec::runner::{ExecError, Runner, RunnerConfig};
+use casbuild_fs::digest::Digest;
+use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
+use casbuild_fs::storage::{Storage, StorageConfig};
+use casbuild_fs::store::{DiskStore, RemoteStore, RemoteStoreOptions};
+
+use crate::cmd::coordinator::shutdown_signal;
+use crate::config::{default_data_dir, parse_size};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address to serve on (port 0 picks a free port, printed at start).
+    #[arg(long, default_value = "127.0.0.1:8980")]
+    listen: SocketAddr,
+    /// Directory for the store, the worker's cache, its mount and scratch space
+    /// [default: $XDG_CACHE_HOME/casbuild].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Disk budget of the store; least recently used blobs are evicted beyond it.
+    #[arg(long, value_parser = parse_size, default_value = "20GiB")]
+    max_disk: u64,
+    /// Actions run at once [default: the number of CPUs].
+    #[arg(long)]
+    slots: Option<usize>,
+}
+
+/// The worker inside `casbuild up`: runs actions through the sandbox over its
+/// own /cas mount, talking to the coordinator over loopback like any worker.
+#[derive(Default)]
+struct LocalWorker {
+    runner: tokio::sync::OnceCell<Runner>,
+}
+
+#[tonic::async_trait]
+impl ActionExecutor for LocalWorker {
+    async fn execute(&self, instance: &str, action: &Digest) -> Result<Executed, ExecutorError> {
+        if !instance.is_empty() {
+            return Err(ExecutorError::Invalid(format!(
+                "the local worker serves the default instance only, not {instance:?}"
+            )));
+        }
+        let runner = self.runner.get().ok_or_else(|| ExecutorError::Unavailable("the worker is starting".into()))?;
+        match runner.execute(action).await {
+            Ok(execution) => Ok(Executed {
+                result: execution.result,
+                message: execution.message,
+                timed_out: execution.report.timed_out,
+                do_not_cache: execution.do_not_cache,
+            }),
+            Err(ExecError::MissingBlobs(missing)) => Err(ExecutorError::MissingBlobs(missing)),
+            Err(ExecError::Invalid(message)) => Err(ExecutorError::Invalid(message)),
+            Err(ExecError::Infrastructure(message)) => Err(ExecutorError::Unavailable(message)),
+        }
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let dir = args.dir.unwrap_or_else(default_data_dir);
+    let mut storage_config = StorageConfig::new(dir.join("store"));
+    storage_config.max_disk = args.max_disk;
+    let config = storage_config.clone();
+    let storage = Arc::new(
+        tokio::task::spawn_blocking(move || Storage::open(&config))
+            .await?
+            .with_context(|| format!("opening storage in {}", storage_config.dir.display()))?,
+    );
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let url = format!("grpc://{addr}");
+    let slots = args.slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let worker = Arc::new(LocalWorker::default());
+    let scheduler = Scheduler::new(storage.clone(), worker.clone(), slots);
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let stop = stopping.clone();
+    let server = tokio::spawn(casbuild_coordinator::serve_with_execution(
+        listener,
+        storage,
+        ServerConfig::default(),
+        Some(scheduler),
+        async move { stop.notified().await },
+    ));
+
+    // The worker half: a blob cache and /cas mount of its own, fed over loopback.
+    let remote = RemoteStore::connect(&url, RemoteStoreOptions::default()).await?;
+    let cache_dir = dir.join("worker-cache");
+    let local = tokio::task::spawn_blocking(move || DiskStore::open(&cache_dir, u64::MAX / 2)).await??;
+    let cache = Arc::new(BlobCache::new(local, remote.clone(), Duration::from_secs(60)));
+    let mountpoint = dir.join("cas");
+    let runtime = tokio::runtime::Handle::current();
+    let point = mountpoint.clone();
+    let mount = Arc::new(
+        tokio::task::spawn_blocking(move || CasMount::mount(&point, cache, runtime, &MountOptions::default()))
+            .await?
+            .context("mounting the worker's /cas (needs root and /dev/fuse)")?,
+    );
+    let helper = std::env::current_exe().context("finding casbuild itself")?;
+    let runner = Runner::new(RunnerConfig::new(dir.join("scratch"), helper), mount.clone(), remote)?;
+    let _ = worker.runner.set(runner);
+
+    println!("casbuild up listening on {url}");
+    println!("store: {}; worker: {slots} slots, /cas at {}", dir.join("store").display(), mountpoint.display());
+    println!("build with Bazel: bazel build --remote_executor={url} //...");
+    shutdown_signal().await;
+    stopping.notify_one();
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    tokio::task::spawn_blocking(move || mount.shutdown()).await?.context("unmounting /cas")?;
+    eprintln!("casbuild up stopped");
+    Ok(())
+}
