@@ -98,6 +98,25 @@ pub struct Runner {
     next: AtomicU64,
 }
 
+/// An input root registered on the mount and its scratch directory,
+/// released on drop.
+struct Lease<'a> {
+    mount: &'a CasMount,
+    name: &'a str,
+    scratch: &'a std::path::Path,
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let _ = self.mount.unregister(self.name);
+        if let Err(e) = std::fs::remove_dir_all(self.scratch) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("removing {}: {e}", self.scratch.display());
+            }
+        }
+    }
+}
+
 /// One action between registration and unregistration.
 struct Run<'a> {
     action: &'a Action,
@@ -175,10 +194,10 @@ impl Runner {
             writable,
             name: &name,
         };
-        let result = self.run_registered(run).await;
-        let _ = self.mount.unregister(&name);
-        let _ = tokio::fs::remove_dir_all(&scratch).await;
-        let mut execution = result?;
+        // Unregisters and removes scratch space however the run ends, also
+        // when this future is dropped (the operation was cancelled).
+        let _lease = Lease { mount: &self.mount, name: &name, scratch: &scratch };
+        let mut execution = self.run_registered(run).await?;
         let metadata = execution.result.execution_metadata.get_or_insert_with(Default::default);
         metadata.worker_start_timestamp = timestamp(worker_start);
         metadata.input_fetch_start_timestamp = timestamp(fetch_start);

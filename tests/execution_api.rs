@@ -1,0 +1,225 @@
+//! The Execution and Operations services of `casbuild up`, driven with a
+//! plain gRPC client: concurrency, deduplication, missing inputs, operation
+//! lookup, cancellation. Needs root (the local worker mounts FUSE).
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+
+use bytes::Bytes;
+use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_proto::longrunning::operations_client::OperationsClient;
+use casbuild_proto::longrunning::{operation, CancelOperationRequest, GetOperationRequest, Operation};
+use casbuild_proto::reapi::command::EnvironmentVariable;
+use casbuild_proto::reapi::execution_client::ExecutionClient;
+use casbuild_proto::reapi::{
+    batch_update_blobs_request, Action, BatchUpdateBlobsRequest, Command, Directory, ExecuteRequest, ExecuteResponse,
+    WaitExecutionRequest,
+};
+use common::{needs_root, Coordinator};
+use prost::Message;
+use tonic::Code;
+
+const F: DigestFunction = DigestFunction::Sha256;
+
+fn blob<M: Message>(message: &M) -> (Digest, Bytes) {
+    let bytes = Bytes::from(message.encode_to_vec());
+    (F.digest_of(&bytes), bytes)
+}
+
+/// An Action running `script` with `sh`, its output `out`, and the blobs to upload.
+fn shell_action(script: &str) -> (Digest, Vec<(Digest, Bytes)>) {
+    let command = Command {
+        arguments: vec!["sh".into(), "-c".into(), script.into()],
+        environment_variables: vec![EnvironmentVariable { name: "PATH".into(), value: "/usr/bin:/bin".into() }],
+        output_paths: vec!["out".into()],
+        ..Default::default()
+    };
+    let (command_digest, command_bytes) = blob(&command);
+    let (root_digest, root_bytes) = blob(&Directory::default());
+    let action = Action {
+        command_digest: Some(command_digest.to_proto()),
+        input_root_digest: Some(root_digest.to_proto()),
+        ..Default::default()
+    };
+    let (action_digest, action_bytes) = blob(&action);
+    (action_digest, vec![(command_digest, command_bytes), (root_digest, root_bytes), (action_digest, action_bytes)])
+}
+
+async fn upload(server: &Coordinator, blobs: Vec<(Digest, Bytes)>) {
+    let requests = blobs
+        .into_iter()
+        .map(|(d, data)| batch_update_blobs_request::Request {
+            digest: Some(d.to_proto()),
+            data: data.to_vec(),
+            compressor: 0,
+        })
+        .collect();
+    let response = server
+        .cas()
+        .await
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            requests,
+            digest_function: F.to_proto() as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.responses.iter().all(|r| r.status.as_ref().is_none_or(|s| s.code == 0)));
+}
+
+fn execute_request(action: &Digest, skip_cache_lookup: bool) -> ExecuteRequest {
+    ExecuteRequest {
+        action_digest: Some(action.to_proto()),
+        skip_cache_lookup,
+        digest_function: F.to_proto() as i32,
+        ..Default::default()
+    }
+}
+
+/// Every Operation of an Execute (or WaitExecution) stream, to the last.
+async fn operations(mut stream: tonic::Streaming<Operation>) -> Vec<Operation> {
+    let mut all = Vec::new();
+    while let Some(op) = stream.message().await.unwrap() {
+        all.push(op);
+    }
+    all
+}
+
+fn response_of(op: &Operation) -> ExecuteResponse {
+    assert!(op.done, "the last operation is done");
+    match &op.result {
+        Some(operation::Result::Response(any)) => ExecuteResponse::decode(any.value.as_slice()).unwrap(),
+        other => panic!("no ExecuteResponse: {other:?}"),
+    }
+}
+
+fn output_digest(response: &ExecuteResponse) -> String {
+    let result = response.result.as_ref().expect("a result");
+    result.output_files[0].digest.as_ref().unwrap().hash.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_hundred_executes_of_fifty_actions_run_each_action_once() {
+    if !needs_root("five_hundred_executes_of_fifty_actions_run_each_action_once", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start_up(dir.path());
+    // Each action writes random bytes: had it run twice, waiters would see different outputs.
+    let mut actions = Vec::new();
+    for i in 0..50 {
+        let (digest, blobs) = shell_action(&format!("sleep 0.2; head -c 32 /dev/urandom > out # {i}"));
+        upload(&server, blobs).await;
+        actions.push(digest);
+    }
+    let channel = server.channel().await;
+    let calls: Vec<_> = (0..500)
+        .map(|i| {
+            let action = actions[i % 50];
+            let mut client = ExecutionClient::new(channel.clone());
+            tokio::spawn(async move {
+                let stream = client.execute(execute_request(&action, false)).await.unwrap().into_inner();
+                (action, operations(stream).await)
+            })
+        })
+        .collect();
+    let mut outputs: HashMap<Digest, HashSet<String>> = HashMap::new();
+    for call in calls {
+        let (action, ops) = tokio::time::timeout(std::time::Duration::from_secs(300), call).await.unwrap().unwrap();
+        let response = response_of(ops.last().unwrap());
+        assert_eq!(response.status.as_ref().map_or(0, |s| s.code), 0, "{response:?}");
+        outputs.entry(action).or_default().insert(output_digest(&response));
+    }
+    assert_eq!(outputs.len(), 50);
+    for (action, seen) in &outputs {
+        assert_eq!(seen.len(), 1, "action {action} ran more than once: {seen:?}");
+    }
+
+    // Later Executes are cache hits; skip_cache_lookup runs the action again.
+    let mut client = ExecutionClient::new(channel.clone());
+    let ops = operations(client.execute(execute_request(&actions[0], false)).await.unwrap().into_inner()).await;
+    let hit = response_of(ops.last().unwrap());
+    assert!(hit.cached_result);
+    assert!(outputs[&actions[0]].contains(&output_digest(&hit)));
+    let ops = operations(client.execute(execute_request(&actions[0], true)).await.unwrap().into_inner()).await;
+    let rerun = response_of(ops.last().unwrap());
+    assert!(!rerun.cached_result);
+    assert!(!outputs[&actions[0]].contains(&output_digest(&rerun)), "skip_cache_lookup runs it again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_inputs_unknown_operations_and_cancellation() {
+    if !needs_root("missing_inputs_unknown_operations_and_cancellation", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start_up(dir.path());
+    let channel = server.channel().await;
+    let mut execution = ExecutionClient::new(channel.clone());
+    let mut operations_client = OperationsClient::new(channel.clone());
+
+    // A missing Command: FAILED_PRECONDITION naming it, as Bazel expects.
+    // (The input root is the empty Directory, which every CAS holds.)
+    let (action, blobs) = shell_action("echo never > out");
+    let command = blobs[0].0;
+    upload(&server, blobs.into_iter().filter(|(d, _)| *d == action).collect()).await;
+    let ops = operations(execution.execute(execute_request(&action, false)).await.unwrap().into_inner()).await;
+    let response = response_of(ops.last().unwrap());
+    let status = response.status.unwrap();
+    assert_eq!(status.code, Code::FailedPrecondition as i32, "{}", status.message);
+    let failure =
+        casbuild_coordinator::status::PreconditionFailure::decode(status.details[0].value.as_slice()).unwrap();
+    assert_eq!(failure.violations.len(), 1, "{failure:?}");
+    assert_eq!(failure.violations[0].r#type, "MISSING");
+    assert_eq!(failure.violations[0].subject, format!("blobs/{}/{}", command.hash_hex(), command.size_bytes));
+
+    // An action that has never been uploaded at all.
+    let absent = F.digest_of(b"no such action");
+    let ops = operations(execution.execute(execute_request(&absent, false)).await.unwrap().into_inner()).await;
+    assert_eq!(response_of(ops.last().unwrap()).status.unwrap().code, Code::FailedPrecondition as i32);
+
+    // Unknown operation names are NOT_FOUND everywhere.
+    let name = "operations/does-not-exist".to_string();
+    let err = operations_client.get_operation(GetOperationRequest { name: name.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = execution.wait_execution(WaitExecutionRequest { name }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // A long action: watched by name from a second stream, then cancelled.
+    let (slow, blobs) = shell_action("sleep 300; echo late > out");
+    upload(&server, blobs).await;
+    let mut stream = execution.execute(execute_request(&slow, false)).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(!first.done && first.name.starts_with("operations/"));
+    let got = operations_client.get_operation(GetOperationRequest { name: first.name.clone() }).await.unwrap();
+    assert_eq!(got.into_inner().name, first.name);
+    let waiter =
+        execution.wait_execution(WaitExecutionRequest { name: first.name.clone() }).await.unwrap().into_inner();
+    operations_client.cancel_operation(CancelOperationRequest { name: first.name.clone() }).await.unwrap();
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(30), operations(stream)).await.unwrap();
+    let cancelled = response_of(rest.last().unwrap());
+    assert_eq!(cancelled.status.unwrap().code, Code::Cancelled as i32);
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(30), operations(waiter)).await.unwrap();
+    assert!(waited.last().unwrap().done, "WaitExecution sees the same end");
+    // The cancelled command itself is gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sleepers("sleep 300; echo late") > 0 {
+        assert!(std::time::Instant::now() < deadline, "the cancelled command is still running");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Processes whose command line contains `needle`.
+fn sleepers(needle: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+                .unwrap_or(false)
+        })
+        .count()
+}
