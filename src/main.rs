@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run a coordinator and a local worker together: remote execution on this machine.
     Up(cmd::up::Args),
+    /// Pull actions from a coordinator and run them sandboxed over this host's /cas mount.
+    Worker(cmd::worker::Args),
     /// Run the REAPI server (CAS, ByteStream, action cache) on local storage.
     Coordinator(cmd::coordinator::Args),
     /// Run one action sandboxed on this host: a stored Action, or a command over a directory.
@@ -57,6 +59,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Coordinator(args) => cmd::coordinator::run(args).await,
             Command::Up(args) => cmd::up::run(args).await,
+            Command::Worker(args) => cmd::worker::run(args).await,
             Command::Mount(args) => cmd::mount::run(args).await,
             Command::Exec(args) => cmd::exec::run(args).await,
             Command::Cas(command) => cmd::cas::run(command).await,

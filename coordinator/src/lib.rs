@@ -23,7 +23,9 @@ mod execution;
 pub mod scheduler;
 mod server;
 pub mod status;
+pub mod workers;
 
 pub use bytestream::SESSION_IDLE;
 pub use scheduler::{ActionExecutor, Executed, ExecutorError, Scheduler};
-pub use server::{serve, serve_with_execution, ServerConfig};
+pub use server::{serve, serve_with_execution, ExecutionConfig, ServerConfig};
+pub use workers::{PoolConfig, WorkerPool};

@@ -58,8 +58,14 @@ pub enum ExecutorError {
 /// Runs actions somewhere: a local worker in `casbuild up`, remote workers later.
 #[tonic::async_trait]
 pub trait ActionExecutor: Send + Sync + 'static {
-    /// Runs the action stored under `action` in `instance`.
-    async fn execute(&self, instance: &str, action: &Digest) -> Result<Executed, ExecutorError>;
+    /// Runs the action stored under `action` in `instance`, on a host whose
+    /// platform has every property in `platform`.
+    async fn execute(
+        &self,
+        instance: &str,
+        action: &Digest,
+        platform: &[(String, String)],
+    ) -> Result<Executed, ExecutorError>;
 }
 
 struct Job {
@@ -199,18 +205,18 @@ impl Scheduler {
 
     async fn run(&self, job: &Job) -> ExecuteResponse {
         let (instance, action) = (&job.key.0, &job.key.1);
-        match self.missing_inputs(instance, action).await {
-            Ok(missing) if !missing.is_empty() => {
+        let platform = match self.missing_inputs(instance, action).await {
+            Ok((missing, _)) if !missing.is_empty() => {
                 return ExecuteResponse { status: Some(precondition_missing(&missing)), ..Default::default() };
             }
-            Ok(_) => {}
+            Ok((_, platform)) => platform,
             Err(response) => return response,
-        }
+        };
         let Ok(_slot) = self.slots.clone().acquire_owned().await else {
             return error_response(Code::Unavailable, "the scheduler is shutting down".into());
         };
         job.state.send_modify(|op| op.metadata = Some(metadata(Stage::Executing, action)));
-        match self.executor.execute(instance, action).await {
+        match self.executor.execute(instance, action, &platform).await {
             Ok(executed) => {
                 let cacheable = executed.result.exit_code == 0 && !executed.do_not_cache && !executed.timed_out;
                 if cacheable {
@@ -243,8 +249,13 @@ impl Scheduler {
     }
 
     /// The Action, Command, Directories and files of `action` that the CAS
-    /// lacks. A malformed action comes back as a finished error response.
-    async fn missing_inputs(&self, instance: &str, action: &Digest) -> Result<Vec<Digest>, ExecuteResponse> {
+    /// lacks, and the platform the Action asks for. A malformed action comes
+    /// back as a finished error response.
+    async fn missing_inputs(
+        &self,
+        instance: &str,
+        action: &Digest,
+    ) -> Result<(Vec<Digest>, Vec<(String, String)>), ExecuteResponse> {
         let cas = self.storage.cas(instance);
         let function = action.function;
         let invalid = |m: String| error_response(Code::InvalidArgument, m);
@@ -258,13 +269,18 @@ impl Scheduler {
                 }
             }
         };
-        let Some(bytes) = read(*action).await? else { return Ok(vec![*action]) };
+        let Some(bytes) = read(*action).await? else { return Ok((vec![*action], Vec::new())) };
         let action_proto =
             Action::decode(bytes).map_err(|e| invalid(format!("Action {action} does not decode: {e}")))?;
         let command =
             child_digest(function, "command_digest", action_proto.command_digest.as_ref()).map_err(invalid)?;
         let root =
             child_digest(function, "input_root_digest", action_proto.input_root_digest.as_ref()).map_err(invalid)?;
+        let platform: Vec<(String, String)> = action_proto
+            .platform
+            .iter()
+            .flat_map(|p| p.properties.iter().map(|q| (q.name.clone(), q.value.clone())))
+            .collect();
         let mut missing = Vec::new();
         match read(command).await? {
             Some(bytes) => {
@@ -294,6 +310,6 @@ impl Scheduler {
         files.dedup();
         let absent = cas.find_missing(&files).await.map_err(|e| error_response(Code::Internal, e.to_string()))?;
         missing.extend(absent);
-        Ok(missing)
+        Ok((missing, platform))
     }
 }

@@ -11,6 +11,7 @@ use casbuild_proto::reapi::action_cache_server::ActionCacheServer;
 use casbuild_proto::reapi::capabilities_server::CapabilitiesServer;
 use casbuild_proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 use casbuild_proto::reapi::execution_server::ExecutionServer;
+use casbuild_proto::worker::workers_server::WorkersServer;
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -22,6 +23,7 @@ use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
 use crate::execution::ExecutionService;
 use crate::scheduler::Scheduler;
+use crate::workers::{WorkerPool, WorkersService};
 
 /// Settings of the REAPI server.
 #[derive(Clone, Debug)]
@@ -51,15 +53,28 @@ pub async fn serve(
     serve_with_execution(listener, storage, config, None, shutdown).await
 }
 
-/// Like [`serve`], plus the Execution and Operations services when a
-/// scheduler is given (and capabilities announcing execution).
+/// What serves Execute: the scheduler, and the remote worker pool it places
+/// actions on (whose `Workers` service is then served too).
+pub struct ExecutionConfig {
+    /// The scheduler behind Execution and Operations.
+    pub scheduler: Arc<Scheduler>,
+    /// Remote workers, when the scheduler's executor is a pool.
+    pub workers: Option<Arc<WorkerPool>>,
+}
+
+/// Like [`serve`], plus the Execution and Operations services (and the
+/// workers' service) when execution is configured.
 pub async fn serve_with_execution(
     listener: TcpListener,
     storage: Arc<Storage>,
     config: ServerConfig,
-    scheduler: Option<Arc<Scheduler>>,
+    execution: Option<ExecutionConfig>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let (scheduler, workers) = match execution {
+        Some(e) => (Some(e.scheduler), e.workers),
+        None => (None, None),
+    };
     let max_message = MAX_MESSAGE.max(config.max_batch_bytes as usize * 2);
     let cas = ContentAddressableStorageServer::new(CasService::new(storage.clone(), config.max_batch_bytes))
         .max_decoding_message_size(max_message)
@@ -74,6 +89,7 @@ pub async fn serve_with_execution(
     let execution = scheduler.map(|scheduler| ExecutionService::new(storage.clone(), scheduler));
     let operations = execution.clone().map(OperationsServer::new);
     let execution = execution.map(ExecutionServer::new);
+    let workers = workers.map(|pool| WorkersServer::new(WorkersService::new(pool)));
     // The builder's own tcp_nodelay only applies to listeners it binds, so
     // set it on each accepted connection: with Nagle on, small responses wait
     // for the client's delayed ACK (~40 ms per call).
@@ -94,6 +110,7 @@ pub async fn serve_with_execution(
         .add_service(action_cache)
         .add_optional_service(execution)
         .add_optional_service(operations)
+        .add_optional_service(workers)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use casbuild_coordinator::ServerConfig;
+use casbuild_coordinator::{ExecutionConfig, PoolConfig, Scheduler, ServerConfig, WorkerPool};
 use casbuild_fs::storage::{Storage, StorageConfig};
 use serde::Deserialize;
 
@@ -32,6 +32,12 @@ pub struct Args {
     /// Largest total size of one batch call, announced to clients [default: 4MiB].
     #[arg(long, value_parser = parse_size)]
     max_batch: Option<u64>,
+    /// The secret workers must present (`casbuild worker --worker-token`); without it any worker may join.
+    #[arg(long, env = "CASBUILD_WORKER_TOKEN")]
+    worker_token: Option<String>,
+    /// How often workers heartbeat, in milliseconds; three missed heartbeats lose a worker its leases.
+    #[arg(long, default_value_t = 3000)]
+    heartbeat_ms: u64,
 }
 
 /// The `--config` file.
@@ -50,6 +56,7 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub storage: StorageConfig,
     pub server: ServerConfig,
+    pub pool: PoolConfig,
 }
 
 impl Args {
@@ -72,7 +79,12 @@ impl Args {
             server.max_batch_bytes = n;
         }
         let listen = self.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8980".parse().expect("valid address"));
-        Ok(Settings { listen, storage, server })
+        let pool = PoolConfig {
+            heartbeat_interval: std::time::Duration::from_millis(self.heartbeat_ms.max(10)),
+            token: self.worker_token.filter(|t| !t.is_empty()),
+            ..PoolConfig::default()
+        };
+        Ok(Settings { listen, storage, server, pool })
     }
 }
 
@@ -99,10 +111,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // connections open.
     let stopping = Arc::new(tokio::sync::Notify::new());
     let signalled = stopping.clone();
-    let server = casbuild_coordinator::serve(listener, Arc::new(storage), settings.server, async move {
-        shutdown_signal().await;
-        signalled.notify_one();
-    });
+    let storage = Arc::new(storage);
+    let workers = WorkerPool::new(settings.pool);
+    // Capacity is the workers' to decide; the scheduler only queues.
+    let scheduler = Scheduler::new(storage.clone(), workers.clone(), 1 << 20);
+    let execution = ExecutionConfig { scheduler, workers: Some(workers) };
+    let server =
+        casbuild_coordinator::serve_with_execution(listener, storage, settings.server, Some(execution), async move {
+            shutdown_signal().await;
+            signalled.notify_one();
+        });
     tokio::select! {
         result = server => result.context("serving")?,
         () = async { stopping.notified().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {

@@ -6,3 +6,4 @@ pub mod coordinator;
 pub mod exec;
 pub mod mount;
 pub mod up;
+pub mod worker;

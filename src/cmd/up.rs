@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use casbuild_coordinator::{ActionExecutor, Executed, ExecutorError, Scheduler, ServerConfig};
+use casbuild_coordinator::{ActionExecutor, Executed, ExecutionConfig, ExecutorError, Scheduler, ServerConfig};
 use casbuild_exec::runner::{ExecError, Runner, RunnerConfig};
 use casbuild_fs::digest::Digest;
 use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
@@ -43,7 +43,12 @@ struct LocalWorker {
 
 #[tonic::async_trait]
 impl ActionExecutor for LocalWorker {
-    async fn execute(&self, instance: &str, action: &Digest) -> Result<Executed, ExecutorError> {
+    async fn execute(
+        &self,
+        instance: &str,
+        action: &Digest,
+        _platform: &[(String, String)],
+    ) -> Result<Executed, ExecutorError> {
         if !instance.is_empty() {
             return Err(ExecutorError::Invalid(format!(
                 "the local worker serves the default instance only, not {instance:?}"
@@ -87,7 +92,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         listener,
         storage,
         ServerConfig::default(),
-        Some(scheduler),
+        Some(ExecutionConfig { scheduler, workers: None }),
         async move { stop.notified().await },
     ));
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod bazel;
+pub mod execute;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -47,7 +48,9 @@ impl Coordinator {
         Coordinator::spawn(&args, "casbuild up listening on grpc://", &dir.join("store"), true)
     }
 
-    fn spawn(args: &[&str], ready: &'static str, storage: &Path, graceful: bool) -> Coordinator {
+    /// Starts `casbuild ARGS` and waits for the stdout line starting with
+    /// `ready`; the rest of that line becomes `addr`.
+    pub fn spawn(args: &[&str], ready: &'static str, storage: &Path, graceful: bool) -> Coordinator {
         let mut child =
             casbuild().args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("starting casbuild");
         let stdout = child.stdout.take().expect("piped stdout");

@@ -1,0 +1,347 @@
+//! Remote workers: the `Workers` service of `proto/worker.proto` and the pool
+//! that places actions on them.
+//!
+//! Placement follows yadcc: a worker's effective capacity is the smaller of
+//! its slots and its idle CPUs; a lease goes to the worker with the lowest
+//! running/effective ratio that matches the action's platform, and never to
+//! a full one — when every worker is full, actions wait in the queue. A worker
+//! that misses heartbeats loses its leases, which are requeued (a bounded
+//! number of times, then the action fails with UNAVAILABLE).
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_proto::reapi::ActionResult;
+use casbuild_proto::worker::complete_request::Outcome;
+use casbuild_proto::worker::workers_server::Workers;
+use casbuild_proto::worker::{
+    BlobDigest, CompleteRequest, CompleteResponse, HeartbeatRequest, HeartbeatResponse, Lease, LeasesRequest,
+    RegisterRequest, RegisterResponse,
+};
+use futures::Stream;
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Code, Request, Response, Status};
+
+use crate::scheduler::{ActionExecutor, Executed, ExecutorError};
+
+/// How often workers heartbeat, and how long leases last without one.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// The interval workers are told to heartbeat at.
+    pub heartbeat_interval: Duration,
+    /// Heartbeats a worker may miss before it loses its leases.
+    pub missed_heartbeats: u32,
+    /// Times an action is requeued after its worker vanished.
+    pub max_attempts: u32,
+    /// The shared secret workers must present; `None` accepts any worker.
+    pub token: Option<String>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig { heartbeat_interval: Duration::from_secs(3), missed_heartbeats: 3, max_attempts: 3, token: None }
+    }
+}
+
+type ActionOutcome = Result<Executed, ExecutorError>;
+
+/// An action waiting for, or running on, a worker.
+struct Pending {
+    instance: String,
+    action: Digest,
+    platform: Vec<(String, String)>,
+    attempts: u32,
+    done: oneshot::Sender<ActionOutcome>,
+}
+
+struct Worker {
+    platform: Vec<(String, String)>,
+    slots: u32,
+    free_cpus: u32,
+    running: Vec<String>,
+    last_heartbeat: Instant,
+    leases: Option<mpsc::Sender<Result<Lease, Status>>>,
+}
+
+impl Worker {
+    fn effective(&self) -> u32 {
+        self.slots.min(self.free_cpus.max(1))
+    }
+
+    fn can_take(&self, platform: &[(String, String)]) -> bool {
+        self.leases.is_some()
+            && (self.running.len() as u32) < self.effective()
+            && platform.iter().all(|p| self.platform.contains(p))
+    }
+}
+
+#[derive(Default)]
+struct Pool {
+    workers: HashMap<String, Worker>,
+    queue: VecDeque<Pending>,
+    /// Lease id → the action and the worker running it.
+    leased: HashMap<String, (Pending, String)>,
+}
+
+/// The remote worker pool; an [`ActionExecutor`] for the scheduler and the
+/// `Workers` gRPC service for workers.
+pub struct WorkerPool {
+    config: PoolConfig,
+    pool: Mutex<Pool>,
+}
+
+impl WorkerPool {
+    /// A pool with no workers yet; starts its heartbeat reaper.
+    pub fn new(config: PoolConfig) -> Arc<Self> {
+        let pool = Arc::new(WorkerPool { config, pool: Mutex::new(Pool::default()) });
+        let weak = Arc::downgrade(&pool);
+        let every = pool.config.heartbeat_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(pool) = weak.upgrade() else { return };
+                pool.reap();
+            }
+        });
+        pool
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.config.token else { return Ok(()) };
+        let presented = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        if presented == Some(format!("Bearer {token}").as_str()) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("this coordinator needs the worker token (casbuild worker --worker-token)"))
+        }
+    }
+
+    /// Hands queued actions to workers with free capacity, least loaded first.
+    fn dispatch(pool: &mut Pool) {
+        let mut index = 0;
+        while index < pool.queue.len() {
+            let platform = &pool.queue[index].platform;
+            let best = pool
+                .workers
+                .iter()
+                .filter(|(_, w)| w.can_take(platform))
+                .min_by(|(_, a), (_, b)| {
+                    let ratio = |w: &Worker| w.running.len() as f64 / w.effective() as f64;
+                    ratio(a).total_cmp(&ratio(b))
+                })
+                .map(|(id, _)| id.clone());
+            let Some(worker_id) = best else {
+                index += 1;
+                continue;
+            };
+            let pending = pool.queue.remove(index).expect("index is in range");
+            let lease_id = uuid::Uuid::new_v4().to_string();
+            let lease = Lease {
+                lease_id: lease_id.clone(),
+                instance_name: pending.instance.clone(),
+                digest_function: pending.action.function.to_proto() as i32,
+                action_digest: Some(BlobDigest {
+                    hash: pending.action.hash_hex(),
+                    size_bytes: pending.action.size_bytes as i64,
+                }),
+                deadline_unix_ms: 0,
+            };
+            let worker = pool.workers.get_mut(&worker_id).expect("chosen from the map");
+            let sent = worker.leases.as_ref().is_some_and(|tx| tx.try_send(Ok(lease)).is_ok());
+            if sent {
+                worker.running.push(lease_id.clone());
+                pool.leased.insert(lease_id, (pending, worker_id));
+            } else {
+                // The stream is gone or full: stop sending there, keep the action.
+                worker.leases = None;
+                pool.queue.insert(index, pending);
+            }
+        }
+    }
+
+    /// Removes workers whose heartbeats stopped and requeues their leases.
+    fn reap(&self) {
+        let limit = self.config.heartbeat_interval * self.config.missed_heartbeats;
+        let mut pool = self.lock();
+        let dead: Vec<String> =
+            pool.workers.iter().filter(|(_, w)| w.last_heartbeat.elapsed() > limit).map(|(id, _)| id.clone()).collect();
+        for id in dead {
+            tracing::warn!("worker {id} missed its heartbeats; requeueing its leases");
+            self.forget_worker(&mut pool, &id);
+        }
+        Self::dispatch(&mut pool);
+    }
+
+    fn forget_worker(&self, pool: &mut Pool, id: &str) {
+        let Some(worker) = pool.workers.remove(id) else { return };
+        for lease in worker.running {
+            if let Some((mut pending, _)) = pool.leased.remove(&lease) {
+                pending.attempts += 1;
+                if pending.attempts > self.config.max_attempts {
+                    let message = format!(
+                        "action {} was lost with {} workers in a row; giving up",
+                        pending.action, pending.attempts
+                    );
+                    let _ = pending.done.send(Err(ExecutorError::Unavailable(message)));
+                } else {
+                    pool.queue.push_front(pending);
+                }
+            }
+        }
+    }
+
+    /// Workers known right now, for tests and status pages.
+    pub fn worker_count(&self) -> usize {
+        self.lock().workers.len()
+    }
+}
+
+#[tonic::async_trait]
+impl ActionExecutor for WorkerPool {
+    async fn execute(
+        &self,
+        instance: &str,
+        action: &Digest,
+        platform: &[(String, String)],
+    ) -> Result<Executed, ExecutorError> {
+        let (done, outcome) = oneshot::channel();
+        {
+            let mut pool = self.lock();
+            pool.queue.push_back(Pending {
+                instance: instance.to_owned(),
+                action: *action,
+                platform: platform.to_vec(),
+                attempts: 0,
+                done,
+            });
+            Self::dispatch(&mut pool);
+        }
+        outcome.await.unwrap_or_else(|_| Err(ExecutorError::Unavailable("the coordinator dropped the action".into())))
+    }
+}
+
+type LeaseStream = Pin<Box<dyn Stream<Item = Result<Lease, Status>> + Send>>;
+
+/// The gRPC face of the pool.
+#[derive(Clone)]
+pub struct WorkersService {
+    pool: Arc<WorkerPool>,
+}
+
+impl WorkersService {
+    /// Serves `pool` to workers.
+    pub fn new(pool: Arc<WorkerPool>) -> Self {
+        WorkersService { pool }
+    }
+}
+
+fn missing_digests(function: DigestFunction, missing: &[BlobDigest]) -> Vec<Digest> {
+    missing.iter().filter_map(|d| Digest::from_hex(function, &d.hash, d.size_bytes).ok()).collect()
+}
+
+#[tonic::async_trait]
+impl Workers for WorkersService {
+    type LeasesStream = LeaseStream;
+
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        self.pool.authorize(&request)?;
+        let request = request.into_inner();
+        if request.worker_id.is_empty() || request.slots == 0 {
+            return Err(Status::invalid_argument("a worker needs an id and at least one slot"));
+        }
+        let mut pool = self.pool.lock();
+        // A restarted worker: its old leases are lost.
+        self.pool.forget_worker(&mut pool, &request.worker_id);
+        pool.workers.insert(
+            request.worker_id.clone(),
+            Worker {
+                platform: request.platform.into_iter().map(|p| (p.name, p.value)).collect(),
+                slots: request.slots,
+                free_cpus: request.slots,
+                running: Vec::new(),
+                last_heartbeat: Instant::now(),
+                leases: None,
+            },
+        );
+        tracing::info!("worker {} registered with {} slots", request.worker_id, request.slots);
+        Ok(Response::new(RegisterResponse {
+            heartbeat_interval_ms: self.pool.config.heartbeat_interval.as_millis() as u32,
+        }))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        self.pool.authorize(&request)?;
+        let request = request.into_inner();
+        let mut pool = self.pool.lock();
+        let worker = pool
+            .workers
+            .get_mut(&request.worker_id)
+            .ok_or_else(|| Status::not_found(format!("worker {} is not registered", request.worker_id)))?;
+        worker.last_heartbeat = Instant::now();
+        worker.free_cpus = request.free_cpus;
+        if request.slots > 0 {
+            worker.slots = request.slots;
+        }
+        WorkerPool::dispatch(&mut pool);
+        Ok(Response::new(HeartbeatResponse {}))
+    }
+
+    async fn leases(&self, request: Request<LeasesRequest>) -> Result<Response<Self::LeasesStream>, Status> {
+        self.pool.authorize(&request)?;
+        let id = request.into_inner().worker_id;
+        let (tx, rx) = mpsc::channel(64);
+        {
+            let mut pool = self.pool.lock();
+            let worker =
+                pool.workers.get_mut(&id).ok_or_else(|| Status::not_found(format!("worker {id} is not registered")))?;
+            worker.leases = Some(tx);
+            WorkerPool::dispatch(&mut pool);
+        }
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn complete(&self, request: Request<CompleteRequest>) -> Result<Response<CompleteResponse>, Status> {
+        self.pool.authorize(&request)?;
+        let request = request.into_inner();
+        let mut pool = self.pool.lock();
+        let Some((pending, owner)) = pool.leased.remove(&request.lease_id) else {
+            return Err(Status::not_found(format!("lease {} is not held (expired?)", request.lease_id)));
+        };
+        if owner != request.worker_id {
+            pool.leased.insert(request.lease_id.clone(), (pending, owner));
+            return Err(Status::permission_denied("the lease belongs to another worker"));
+        }
+        if let Some(worker) = pool.workers.get_mut(&owner) {
+            worker.running.retain(|l| *l != request.lease_id);
+            worker.last_heartbeat = Instant::now();
+        }
+        let function = pending.action.function;
+        let outcome = match request.outcome {
+            Some(Outcome::ActionResult(bytes)) => ActionResult::decode(bytes.as_slice())
+                .map(|result| Executed {
+                    result,
+                    message: request.message,
+                    timed_out: request.timed_out,
+                    do_not_cache: request.do_not_cache,
+                })
+                .map_err(|e| ExecutorError::Unavailable(format!("the worker sent a bad ActionResult: {e}"))),
+            Some(Outcome::Error(error)) => Err(match Code::from(error.code) {
+                Code::FailedPrecondition => ExecutorError::MissingBlobs(missing_digests(function, &error.missing)),
+                Code::InvalidArgument => ExecutorError::Invalid(error.message),
+                _ => ExecutorError::Unavailable(error.message),
+            }),
+            None => Err(ExecutorError::Unavailable("the worker reported no outcome".into())),
+        };
+        let _ = pending.done.send(outcome);
+        WorkerPool::dispatch(&mut pool);
+        Ok(Response::new(CompleteResponse {}))
+    }
+}

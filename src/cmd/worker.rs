@@ -1,0 +1,243 @@
+//! `casbuild worker`: pulls leases from a coordinator and runs them through
+//! the sandbox over this host's /cas mount.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use casbuild_exec::runner::{ExecError, Runner, RunnerConfig};
+use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
+use casbuild_fs::store::{DiskStore, RemoteStore, RemoteStoreOptions};
+use casbuild_proto::worker::complete_request::Outcome;
+use casbuild_proto::worker::workers_client::WorkersClient;
+use casbuild_proto::worker::{
+    BlobDigest, CompleteRequest, HeartbeatRequest, Lease, LeaseError, LeasesRequest, PlatformProperty, RegisterRequest,
+};
+use prost::Message;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::cmd::coordinator::shutdown_signal;
+use crate::config::{default_data_dir, parse_size};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The coordinator, as grpc://HOST:PORT.
+    #[arg(long, env = "CASBUILD_COORDINATOR", default_value = "grpc://127.0.0.1:8980")]
+    coordinator: String,
+    /// Where to mount the CAS.
+    #[arg(long, default_value = "/cas")]
+    mount: PathBuf,
+    /// Actions run at once [default: the number of CPUs].
+    #[arg(long)]
+    slots: Option<u32>,
+    /// Scratch space for actions [default: $XDG_CACHE_HOME/casbuild/worker-scratch].
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    /// Local blob cache [default: $XDG_CACHE_HOME/casbuild/worker-cache].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Byte budget of the local blob cache.
+    #[arg(long, value_parser = parse_size, default_value = "20GiB")]
+    cache_size: u64,
+    /// The secret the coordinator asks workers for.
+    #[arg(long, env = "CASBUILD_WORKER_TOKEN")]
+    worker_token: Option<String>,
+    /// This worker's id, also reported in results [default: HOSTNAME-PID].
+    #[arg(long)]
+    name: Option<String>,
+    /// NAME=VALUE platform property this worker offers; repeatable.
+    #[arg(long = "platform")]
+    platform: Vec<String>,
+}
+
+type Client = WorkersClient<InterceptedService<Channel, Auth>>;
+
+/// Adds the worker token to every call.
+#[derive(Clone)]
+struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request.metadata_mut().insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let id = args.name.clone().unwrap_or_else(|| {
+        let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+        format!("{host}-{}", std::process::id())
+    });
+    let slots = args.slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() as u32));
+    let platform = args
+        .platform
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((name, value)) => Ok(PlatformProperty { name: name.into(), value: value.into() }),
+            None => bail!("--platform {p:?} must look like NAME=VALUE"),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let token = match &args.worker_token {
+        Some(t) => Some(format!("Bearer {t}").parse().context("the worker token must be printable ASCII")?),
+        None => None,
+    };
+    let remote = RemoteStore::connect(&args.coordinator, RemoteStoreOptions::default())
+        .await
+        .with_context(|| format!("connecting to {}", args.coordinator))?;
+    let mut client: Client = WorkersClient::with_interceptor(remote.channel(), Auth(token));
+    let register =
+        RegisterRequest { worker_id: id.clone(), platform, slots, version: env!("CARGO_PKG_VERSION").into() };
+    let interval = match client.register(register.clone()).await {
+        Ok(response) => Duration::from_millis(response.into_inner().heartbeat_interval_ms.max(10) as u64),
+        Err(status) if status.code() == Code::Unauthenticated => {
+            bail!("the coordinator refused this worker: {}", status.message())
+        }
+        Err(status) => bail!("registering with {}: {}", args.coordinator, status.message()),
+    };
+
+    let data = default_data_dir();
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| data.join("worker-cache"));
+    let budget = args.cache_size;
+    let dir = cache_dir.clone();
+    let local = tokio::task::spawn_blocking(move || DiskStore::open(&dir, budget))
+        .await?
+        .with_context(|| format!("opening the blob cache in {}", cache_dir.display()))?;
+    let cache = Arc::new(BlobCache::new(local, remote.clone(), Duration::from_secs(60)));
+    let runtime = tokio::runtime::Handle::current();
+    let point = args.mount.clone();
+    let mount = Arc::new(
+        tokio::task::spawn_blocking(move || CasMount::mount(&point, cache, runtime, &MountOptions::default()))
+            .await?
+            .context("mounting /cas (needs root and /dev/fuse)")?,
+    );
+    let mut config = RunnerConfig::new(
+        args.scratch.clone().unwrap_or_else(|| data.join("worker-scratch")),
+        std::env::current_exe().context("finding casbuild itself")?,
+    );
+    config.worker_name = id.clone();
+    let runner = Arc::new(Runner::new(config, mount.clone(), remote)?);
+    println!("casbuild worker {id} serving {} with {slots} slots, /cas at {}", args.coordinator, args.mount.display());
+
+    let running = Arc::new(AtomicU32::new(0));
+    let heartbeats = tokio::spawn(heartbeat_loop(client.clone(), register.clone(), interval, running.clone()));
+    let mut tasks = tokio::task::JoinSet::new();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    'serve: loop {
+        let mut stream = match client.leases(LeasesRequest { worker_id: id.clone() }).await {
+            Ok(stream) => stream.into_inner(),
+            Err(status) => {
+                tracing::warn!("opening the lease stream: {}; retrying", status.message());
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => { let _ = client.register(register.clone()).await; continue 'serve }
+                    () = &mut signal => break 'serve,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                lease = stream.message() => match lease {
+                    Ok(Some(lease)) => {
+                        let (runner, client, running, id) = (runner.clone(), client.clone(), running.clone(), id.clone());
+                        running.fetch_add(1, Ordering::Relaxed);
+                        tasks.spawn(async move {
+                            run_lease(&runner, client, &id, lease).await;
+                            running.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    }
+                    // The coordinator went away or dropped us: register again.
+                    Ok(None) | Err(_) => {
+                        tokio::time::sleep(interval).await;
+                        let _ = client.register(register.clone()).await;
+                        continue 'serve;
+                    }
+                },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                () = &mut signal => break 'serve,
+            }
+        }
+    }
+    // Drain: no new leases (the stream is closed), finish the running ones.
+    eprintln!("casbuild worker {id}: draining {} running actions", running.load(Ordering::Relaxed));
+    while tasks.join_next().await.is_some() {}
+    heartbeats.abort();
+    drop(runner);
+    tokio::task::spawn_blocking(move || mount.shutdown()).await?.context("unmounting /cas")?;
+    eprintln!("casbuild worker {id} stopped");
+    Ok(())
+}
+
+/// Reports load every `interval`; re-registers if the coordinator forgot us.
+async fn heartbeat_loop(mut client: Client, register: RegisterRequest, interval: Duration, running: Arc<AtomicU32>) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    loop {
+        tokio::time::sleep(interval).await;
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
+            .unwrap_or(0.0);
+        let ours = running.load(Ordering::Relaxed);
+        // Idle CPUs, not counting what our own actions keep busy.
+        let others = (load - ours as f64).max(0.0);
+        let free_cpus = (cpus - others).round().max(1.0) as u32;
+        let beat = HeartbeatRequest {
+            worker_id: register.worker_id.clone(),
+            running: ours,
+            slots: register.slots,
+            load_15s: load,
+            free_cpus,
+        };
+        if let Err(status) = client.heartbeat(beat).await {
+            if status.code() == Code::NotFound {
+                let _ = client.register(register.clone()).await;
+            }
+        }
+    }
+}
+
+/// Runs one lease and reports it.
+async fn run_lease(runner: &Runner, mut client: Client, id: &str, lease: Lease) {
+    let action = lease.action_digest.as_ref().and_then(|d| {
+        let function = DigestFunction::resolve(lease.digest_function, &d.hash).ok()?;
+        Digest::from_hex(function, &d.hash, d.size_bytes).ok()
+    });
+    let error = |code: Code, message: String, missing: Vec<BlobDigest>| {
+        Outcome::Error(LeaseError { code: code as i32, message, missing })
+    };
+    let mut request =
+        CompleteRequest { worker_id: id.to_owned(), lease_id: lease.lease_id.clone(), ..Default::default() };
+    request.outcome = Some(match action {
+        None => error(Code::InvalidArgument, "the lease has no valid action digest".into(), vec![]),
+        Some(_) if !lease.instance_name.is_empty() => {
+            error(Code::InvalidArgument, "this worker serves the default instance only".into(), vec![])
+        }
+        Some(action) => match runner.execute(&action).await {
+            Ok(execution) => {
+                request.message = execution.message;
+                request.timed_out = execution.report.timed_out;
+                request.do_not_cache = execution.do_not_cache;
+                Outcome::ActionResult(execution.result.encode_to_vec())
+            }
+            Err(ExecError::MissingBlobs(missing)) => {
+                let digests = missing
+                    .iter()
+                    .map(|d| BlobDigest { hash: d.hash_hex(), size_bytes: d.size_bytes as i64 })
+                    .collect();
+                error(Code::FailedPrecondition, "inputs are missing from the CAS".into(), digests)
+            }
+            Err(ExecError::Invalid(message)) => error(Code::InvalidArgument, message, vec![]),
+            Err(ExecError::Infrastructure(message)) => error(Code::Unavailable, message, vec![]),
+        },
+    });
+    if let Err(status) = client.complete(request).await {
+        tracing::warn!("reporting lease {}: {}", lease.lease_id, status.message());
+    }
+}

@@ -1,0 +1,93 @@
+//! Executing actions through the REAPI Execution service from tests: building
+//! and uploading shell actions, and reading Operation streams.
+
+use bytes::Bytes;
+use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_proto::longrunning::{operation, Operation};
+use casbuild_proto::reapi::command::EnvironmentVariable;
+use casbuild_proto::reapi::{
+    batch_update_blobs_request, Action, BatchUpdateBlobsRequest, Command, Directory, ExecuteRequest, ExecuteResponse,
+};
+use prost::Message;
+
+use super::Coordinator;
+
+pub const F: DigestFunction = DigestFunction::Sha256;
+
+pub fn blob<M: Message>(message: &M) -> (Digest, Bytes) {
+    let bytes = Bytes::from(message.encode_to_vec());
+    (F.digest_of(&bytes), bytes)
+}
+
+/// An Action running `script` with `sh`, its output `out`, and the blobs to upload.
+pub fn shell_action(script: &str) -> (Digest, Vec<(Digest, Bytes)>) {
+    let command = Command {
+        arguments: vec!["sh".into(), "-c".into(), script.into()],
+        environment_variables: vec![EnvironmentVariable { name: "PATH".into(), value: "/usr/bin:/bin".into() }],
+        output_paths: vec!["out".into()],
+        ..Default::default()
+    };
+    let (command_digest, command_bytes) = blob(&command);
+    let (root_digest, root_bytes) = blob(&Directory::default());
+    let action = Action {
+        command_digest: Some(command_digest.to_proto()),
+        input_root_digest: Some(root_digest.to_proto()),
+        ..Default::default()
+    };
+    let (action_digest, action_bytes) = blob(&action);
+    (action_digest, vec![(command_digest, command_bytes), (root_digest, root_bytes), (action_digest, action_bytes)])
+}
+
+pub async fn upload(server: &Coordinator, blobs: Vec<(Digest, Bytes)>) {
+    let requests = blobs
+        .into_iter()
+        .map(|(d, data)| batch_update_blobs_request::Request {
+            digest: Some(d.to_proto()),
+            data: data.to_vec(),
+            compressor: 0,
+        })
+        .collect();
+    let response = server
+        .cas()
+        .await
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            requests,
+            digest_function: F.to_proto() as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.responses.iter().all(|r| r.status.as_ref().is_none_or(|s| s.code == 0)));
+}
+
+pub fn execute_request(action: &Digest, skip_cache_lookup: bool) -> ExecuteRequest {
+    ExecuteRequest {
+        action_digest: Some(action.to_proto()),
+        skip_cache_lookup,
+        digest_function: F.to_proto() as i32,
+        ..Default::default()
+    }
+}
+
+/// Every Operation of an Execute (or WaitExecution) stream, to the last.
+pub async fn operations(mut stream: tonic::Streaming<Operation>) -> Vec<Operation> {
+    let mut all = Vec::new();
+    while let Some(op) = stream.message().await.unwrap() {
+        all.push(op);
+    }
+    all
+}
+
+pub fn response_of(op: &Operation) -> ExecuteResponse {
+    assert!(op.done, "the last operation is done");
+    match &op.result {
+        Some(operation::Result::Response(any)) => ExecuteResponse::decode(any.value.as_slice()).unwrap(),
+        other => panic!("no ExecuteResponse: {other:?}"),
+    }
+}
+
+pub fn output_digest(response: &ExecuteResponse) -> String {
+    let result = response.result.as_ref().expect("a result");
+    result.output_files[0].digest.as_ref().unwrap().hash.clone()
+}

@@ -1,0 +1,148 @@
+//! A coordinator with two `casbuild worker` processes (two mounts, two
+//! caches): the worker token, work spread over both, a worker SIGKILLed
+//! mid-action whose leases finish on the other, and cached results that
+//! survive a coordinator restart. Needs root (FUSE, namespaces).
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use casbuild_proto::reapi::execution_client::ExecutionClient;
+use common::execute::{execute_request, operations, response_of, shell_action, upload};
+use common::{casbuild, needs_root, Coordinator};
+
+const TOKEN: &str = "s3cret-worker-token";
+
+/// Starts `casbuild worker` number `n` with its own mount, cache and scratch.
+fn worker(server: &Coordinator, dir: &Path, n: u32) -> Coordinator {
+    let base = dir.join(format!("worker-{n}"));
+    let path = |sub: &str| base.join(sub).to_str().unwrap().to_owned();
+    let name = format!("w{n}");
+    let args = [
+        "worker",
+        "--coordinator",
+        &server.url(),
+        "--mount",
+        &path("cas"),
+        "--cache-dir",
+        &path("cache"),
+        "--scratch",
+        &path("scratch"),
+        "--slots",
+        "2",
+        "--worker-token",
+        TOKEN,
+        "--name",
+        &name,
+    ];
+    Coordinator::spawn(&args, "casbuild worker ", &base, true)
+}
+
+/// Detaches a mount a killed worker left behind.
+struct Detach(std::path::PathBuf);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn worker_of(response: &casbuild_proto::reapi::ExecuteResponse) -> String {
+    response.result.as_ref().and_then(|r| r.execution_metadata.as_ref()).map(|m| m.worker.clone()).unwrap_or_default()
+}
+
+/// Executes each action once, concurrently; returns the responses.
+async fn execute_all(
+    server: &Coordinator,
+    actions: &[casbuild_fs::digest::Digest],
+) -> Vec<casbuild_proto::reapi::ExecuteResponse> {
+    let channel = server.channel().await;
+    let calls: Vec<_> = actions
+        .iter()
+        .map(|action| {
+            let (mut client, action) = (ExecutionClient::new(channel.clone()), *action);
+            tokio::spawn(async move {
+                let stream = client.execute(execute_request(&action, false)).await.unwrap().into_inner();
+                response_of(operations(stream).await.last().unwrap())
+            })
+        })
+        .collect();
+    let mut responses = Vec::new();
+    for call in calls {
+        responses.push(tokio::time::timeout(Duration::from_secs(120), call).await.expect("bounded").unwrap());
+    }
+    responses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_work_survive_a_crash_and_results_outlive_the_coordinator() {
+    if !needs_root("two_workers_share_work", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    let flags = ["--worker-token", TOKEN, "--heartbeat-ms", "200"];
+    let server = Coordinator::start(&storage, &flags);
+
+    // A worker without the token is turned away.
+    let refused = casbuild()
+        .args(["worker", "--coordinator", &server.url(), "--mount"])
+        .arg(dir.path().join("intruder"))
+        .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("refused"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    let _detach = [Detach(dir.path().join("worker-1/cas")), Detach(dir.path().join("worker-2/cas"))];
+    let w1 = worker(&server, dir.path(), 1);
+    let w2 = worker(&server, dir.path(), 2);
+
+    // Work spreads over both workers.
+    let mut actions = Vec::new();
+    for i in 0..12 {
+        let (digest, blobs) = shell_action(&format!("sleep 0.4; head -c 32 /dev/urandom > out # spread {i}"));
+        upload(&server, blobs).await;
+        actions.push(digest);
+    }
+    let responses = execute_all(&server, &actions).await;
+    let mut workers = HashSet::new();
+    for response in &responses {
+        assert_eq!(response.status.as_ref().map_or(0, |s| s.code), 0, "{response:?}");
+        workers.insert(worker_of(response));
+    }
+    assert_eq!(workers, HashSet::from(["w1".to_owned(), "w2".to_owned()]), "both workers ran actions");
+
+    // SIGKILL one worker while actions run: its leases are requeued on the other.
+    let mut slow = Vec::new();
+    for i in 0..4 {
+        let (digest, blobs) = shell_action(&format!("sleep 2; head -c 32 /dev/urandom > out # crash {i}"));
+        upload(&server, blobs).await;
+        slow.push(digest);
+    }
+    let server_ref = &server;
+    let run = execute_all(server_ref, &slow);
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        w1.kill();
+    };
+    let (responses, ()) = tokio::join!(run, kill);
+    for response in &responses {
+        assert_eq!(response.status.as_ref().map_or(0, |s| s.code), 0, "{response:?}");
+        assert_eq!(worker_of(response), "w2", "everything finished on the surviving worker");
+    }
+
+    // Restart the coordinator on the same storage: results are still cached.
+    drop(w2); // SIGTERM: the worker drains and unmounts
+    server.stop();
+    let server = Coordinator::start(&storage, &flags);
+    let mut client = ExecutionClient::new(server.channel().await);
+    let ops = operations(client.execute(execute_request(&actions[0], false)).await.unwrap().into_inner()).await;
+    assert!(response_of(ops.last().unwrap()).cached_result, "the action cache survived the restart");
+}
