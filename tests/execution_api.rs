@@ -12,7 +12,7 @@ use casbuild_proto::longrunning::{CancelOperationRequest, GetOperationRequest};
 use casbuild_proto::reapi::execution_client::ExecutionClient;
 use casbuild_proto::reapi::WaitExecutionRequest;
 use common::execute::{execute_request, operations, output_digest, response_of, shell_action, upload, F};
-use common::{needs_root, Coordinator};
+use common::{needs_root, processes_with, Coordinator};
 use prost::Message;
 use tonic::Code;
 
@@ -121,21 +121,8 @@ async fn missing_inputs_unknown_operations_and_cancellation() {
     assert!(waited.last().unwrap().done, "WaitExecution sees the same end");
     // The cancelled command itself is gone.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while sleepers("sleep 300; echo late") > 0 {
+    while !processes_with("sleep 300; echo late").is_empty() {
         assert!(std::time::Instant::now() < deadline, "the cancelled command is still running");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-}
-
-/// Processes whose command line contains `needle`.
-fn sleepers(needle: &str) -> usize {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
-                .unwrap_or(false)
-        })
-        .count()
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use casbuild_exec::sandbox::{RunReport, Sandbox, SandboxError, SandboxSpec};
-use common::needs_root;
+use common::{needs_root, processes_with};
 
 /// An input directory and a scratch directory under one temp dir.
 struct Case {
@@ -66,20 +66,6 @@ impl Case {
     fn sh(&self, script: &str) -> (RunReport, String, String) {
         self.run(&self.spec(&["sh", "-c", script]))
     }
-}
-
-/// Host processes whose command line contains `needle`.
-fn processes_matching(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(needle) && !cmdline.contains("sandbox") {
-                found.push(cmdline);
-            }
-        }
-    }
-    found
 }
 
 fn no_mounts_under(path: &Path) -> bool {
@@ -188,7 +174,7 @@ fn daemons_die_with_the_action_and_timeouts_kill_everything() {
     let (report, _, _) = case.sh("sleep 4242 & sleep 4243 & echo started");
     assert!(report.success(), "{report:?}");
     std::thread::sleep(Duration::from_millis(100));
-    assert!(processes_matching("sleep 424").is_empty(), "background processes were killed");
+    assert!(processes_with("sleep 424").is_empty(), "background processes were killed");
 
     let mut spec = case.spec(&["sh", "-c", "sleep 4244 & sleep 4245"]);
     spec.timeout_ms = Some(500);
@@ -196,7 +182,7 @@ fn daemons_die_with_the_action_and_timeouts_kill_everything() {
     assert!(report.timed_out && report.exit_code.is_none(), "{report:?}");
     assert!(report.wall_micros < 10_000_000, "killed soon after the timeout: {report:?}");
     std::thread::sleep(Duration::from_millis(100));
-    assert!(processes_matching("sleep 424").is_empty(), "everything in the sandbox was killed");
+    assert!(processes_with("sleep 424").is_empty(), "everything in the sandbox was killed");
     assert!(no_mounts_under(case.dir.path()));
 }
 

@@ -11,12 +11,16 @@ use std::time::Duration;
 
 use casbuild_proto::reapi::execution_client::ExecutionClient;
 use common::execute::{execute_request, operations, response_of, shell_action, upload};
-use common::{casbuild, needs_root, Coordinator};
+use common::{casbuild, needs_root, processes_with, Coordinator};
 
 const TOKEN: &str = "s3cret-worker-token";
 
 /// Starts `casbuild worker` number `n` with its own mount, cache and scratch.
 fn worker(server: &Coordinator, dir: &Path, n: u32) -> Coordinator {
+    worker_with_slots(server, dir, n, "2")
+}
+
+fn worker_with_slots(server: &Coordinator, dir: &Path, n: u32, slots: &str) -> Coordinator {
     let base = dir.join(format!("worker-{n}"));
     let path = |sub: &str| base.join(sub).to_str().unwrap().to_owned();
     let name = format!("w{n}");
@@ -31,7 +35,7 @@ fn worker(server: &Coordinator, dir: &Path, n: u32) -> Coordinator {
         "--scratch",
         &path("scratch"),
         "--slots",
-        "2",
+        slots,
         "--worker-token",
         TOKEN,
         "--name",
@@ -145,4 +149,69 @@ async fn two_workers_share_work_survive_a_crash_and_results_outlive_the_coordina
     let mut client = ExecutionClient::new(server.channel().await);
     let ops = operations(client.execute(execute_request(&actions[0], false)).await.unwrap().into_inner()).await;
     assert!(response_of(ops.last().unwrap()).cached_result, "the action cache survived the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_actions_run_by_priority_and_cancelling_stops_a_remote_command() {
+    if !needs_root("queued_actions_run_by_priority", true) {
+        return;
+    }
+    use casbuild_proto::longrunning::operations_client::OperationsClient;
+    use casbuild_proto::longrunning::CancelOperationRequest;
+    use casbuild_proto::reapi::ExecutionPolicy;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN, "--heartbeat-ms", "200"]);
+    let _detach = Detach(dir.path().join("worker-1/cas"));
+    let _w1 = worker_with_slots(&server, dir.path(), 1, "1");
+    let channel = server.channel().await;
+
+    // One slot, busy with a blocker; then priorities 5, 1, 3 arrive in that order.
+    let (blocker, blobs) = shell_action("sleep 1; echo blocker > out");
+    upload(&server, blobs).await;
+    let mut client = ExecutionClient::new(channel.clone());
+    let blocking = client.execute(execute_request(&blocker, false)).await.unwrap().into_inner();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut calls = Vec::new();
+    for priority in [5, 1, 3] {
+        let (action, blobs) = shell_action(&format!("date +%s%N > out # priority {priority}"));
+        upload(&server, blobs).await;
+        let mut request = execute_request(&action, false);
+        request.execution_policy = Some(ExecutionPolicy { priority });
+        let mut client = ExecutionClient::new(channel.clone());
+        let stream = client.execute(request).await.unwrap().into_inner();
+        calls.push((priority, tokio::spawn(operations(stream))));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    operations(blocking).await;
+    let mut started = Vec::new();
+    for (priority, call) in calls {
+        let ops = tokio::time::timeout(Duration::from_secs(60), call).await.unwrap().unwrap();
+        let response = response_of(ops.last().unwrap());
+        let meta = response.result.unwrap().execution_metadata.unwrap();
+        let at = meta.execution_start_timestamp.unwrap();
+        started.push((at.seconds, at.nanos, priority));
+    }
+    started.sort();
+    let order: Vec<i32> = started.iter().map(|s| s.2).collect();
+    assert_eq!(order, [1, 3, 5], "lower priority values run first");
+
+    // Cancel an operation running on the worker: its command is killed there.
+    let (slow, blobs) = shell_action("sleep 300; echo remote-cancel > out");
+    upload(&server, blobs).await;
+    let mut stream = client.execute(execute_request(&slow, false)).await.unwrap().into_inner();
+    let name = stream.message().await.unwrap().unwrap().name;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while processes_with("sleep 300; echo remote-cancel").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the action never started on the worker");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    OperationsClient::new(channel.clone()).cancel_operation(CancelOperationRequest { name }).await.unwrap();
+    let rest = tokio::time::timeout(Duration::from_secs(30), operations(stream)).await.unwrap();
+    assert_eq!(response_of(rest.last().unwrap()).status.unwrap().code, tonic::Code::Cancelled as i32);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !processes_with("sleep 300; echo remote-cancel").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the cancelled command still runs on the worker");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -91,7 +91,8 @@ impl Execution for ExecutionService {
                 return Ok(Response::new(Box::pin(futures::stream::iter([Ok(operation)]))));
             }
         }
-        Ok(Response::new(updates(self.scheduler.submit(&instance, action))))
+        let priority = request.execution_policy.map_or(0, |p| p.priority);
+        Ok(Response::new(updates(self.scheduler.submit(&instance, action, priority))))
     }
 
     async fn wait_execution(

@@ -26,6 +26,6 @@ pub mod status;
 pub mod workers;
 
 pub use bytestream::SESSION_IDLE;
-pub use scheduler::{ActionExecutor, Executed, ExecutorError, Scheduler};
+pub use scheduler::{ActionExecutor, ActionRequest, Executed, ExecutorError, Scheduler};
 pub use server::{serve, serve_with_execution, ExecutionConfig, ServerConfig};
 pub use workers::{PoolConfig, WorkerPool};

@@ -55,22 +55,31 @@ pub enum ExecutorError {
     Unavailable(String),
 }
 
-/// Runs actions somewhere: a local worker in `casbuild up`, remote workers later.
+/// One action to run, as the scheduler hands it to an executor.
+#[derive(Clone, Debug)]
+pub struct ActionRequest {
+    /// The REAPI instance.
+    pub instance: String,
+    /// The Action's digest.
+    pub action: Digest,
+    /// Platform properties the host must have (from the Action).
+    pub platform: Vec<(String, String)>,
+    /// ExecutionPolicy.priority: lower runs sooner; 0 is the default.
+    pub priority: i32,
+}
+
+/// Runs actions: the local worker of `casbuild up`, or the remote worker pool.
+/// Dropping the future cancels the action.
 #[tonic::async_trait]
 pub trait ActionExecutor: Send + Sync + 'static {
-    /// Runs the action stored under `action` in `instance`, on a host whose
-    /// platform has every property in `platform`.
-    async fn execute(
-        &self,
-        instance: &str,
-        action: &Digest,
-        platform: &[(String, String)],
-    ) -> Result<Executed, ExecutorError>;
+    /// Runs `request.action` on a host with the requested platform.
+    async fn execute(&self, request: ActionRequest) -> Result<Executed, ExecutorError>;
 }
 
 struct Job {
     name: String,
     key: (String, Digest),
+    priority: i32,
     state: watch::Sender<Operation>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -136,7 +145,7 @@ impl Scheduler {
     }
 
     /// Starts (or joins) the job for `action` and returns its updates.
-    pub fn submit(self: &Arc<Self>, instance: &str, action: Digest) -> watch::Receiver<Operation> {
+    pub fn submit(self: &Arc<Self>, instance: &str, action: Digest, priority: i32) -> watch::Receiver<Operation> {
         let key = (instance.to_owned(), action);
         let mut jobs = self.lock();
         if let Some(job) = jobs.running.get(&key) {
@@ -146,7 +155,7 @@ impl Scheduler {
         let queued =
             Operation { name: name.clone(), metadata: Some(metadata(Stage::Queued, &action)), ..Default::default() };
         let (state, receiver) = watch::channel(queued);
-        let job = Arc::new(Job { name: name.clone(), key: key.clone(), state, task: Mutex::new(None) });
+        let job = Arc::new(Job { name: name.clone(), key: key.clone(), priority, state, task: Mutex::new(None) });
         jobs.running.insert(key, job.clone());
         jobs.by_name.insert(name, job.clone());
         drop(jobs);
@@ -216,7 +225,8 @@ impl Scheduler {
             return error_response(Code::Unavailable, "the scheduler is shutting down".into());
         };
         job.state.send_modify(|op| op.metadata = Some(metadata(Stage::Executing, action)));
-        match self.executor.execute(instance, action, &platform).await {
+        let request = ActionRequest { instance: instance.clone(), action: *action, platform, priority: job.priority };
+        match self.executor.execute(request).await {
             Ok(executed) => {
                 let cacheable = executed.result.exit_code == 0 && !executed.do_not_cache && !executed.timed_out;
                 if cacheable {

@@ -16,17 +16,18 @@ use std::time::{Duration, Instant};
 use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_proto::reapi::ActionResult;
 use casbuild_proto::worker::complete_request::Outcome;
+use casbuild_proto::worker::lease_update::Update;
 use casbuild_proto::worker::workers_server::Workers;
 use casbuild_proto::worker::{
-    BlobDigest, CompleteRequest, CompleteResponse, HeartbeatRequest, HeartbeatResponse, Lease, LeasesRequest,
-    RegisterRequest, RegisterResponse,
+    BlobDigest, CompleteRequest, CompleteResponse, HeartbeatRequest, HeartbeatResponse, Lease, LeaseUpdate,
+    LeasesRequest, RegisterRequest, RegisterResponse,
 };
 use futures::Stream;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Request, Response, Status};
 
-use crate::scheduler::{ActionExecutor, Executed, ExecutorError};
+use crate::scheduler::{ActionExecutor, ActionRequest, Executed, ExecutorError};
 
 /// How often workers heartbeat, and how long leases last without one.
 #[derive(Clone, Debug)]
@@ -51,6 +52,9 @@ type ActionOutcome = Result<Executed, ExecutorError>;
 
 /// An action waiting for, or running on, a worker.
 struct Pending {
+    /// Identifies the request across queue and leases, for cancellation.
+    ticket: u64,
+    priority: i32,
     instance: String,
     action: Digest,
     platform: Vec<(String, String)>,
@@ -64,7 +68,7 @@ struct Worker {
     free_cpus: u32,
     running: Vec<String>,
     last_heartbeat: Instant,
-    leases: Option<mpsc::Sender<Result<Lease, Status>>>,
+    leases: Option<mpsc::Sender<Result<LeaseUpdate, Status>>>,
 }
 
 impl Worker {
@@ -82,7 +86,9 @@ impl Worker {
 #[derive(Default)]
 struct Pool {
     workers: HashMap<String, Worker>,
+    /// Ordered by priority (lower first), then arrival.
     queue: VecDeque<Pending>,
+    next_ticket: u64,
     /// Lease id → the action and the worker running it.
     leased: HashMap<String, (Pending, String)>,
 }
@@ -155,7 +161,8 @@ impl WorkerPool {
                 deadline_unix_ms: 0,
             };
             let worker = pool.workers.get_mut(&worker_id).expect("chosen from the map");
-            let sent = worker.leases.as_ref().is_some_and(|tx| tx.try_send(Ok(lease)).is_ok());
+            let update = LeaseUpdate { update: Some(Update::Lease(lease)) };
+            let sent = worker.leases.as_ref().is_some_and(|tx| tx.try_send(Ok(update)).is_ok());
             if sent {
                 worker.running.push(lease_id.clone());
                 pool.leased.insert(lease_id, (pending, worker_id));
@@ -192,10 +199,41 @@ impl WorkerPool {
                     );
                     let _ = pending.done.send(Err(ExecutorError::Unavailable(message)));
                 } else {
-                    pool.queue.push_front(pending);
+                    Self::enqueue(&mut pool.queue, pending, true);
                 }
             }
         }
+    }
+
+    /// Puts `pending` after every queued action of higher or equal priority
+    /// (before equal ones when `first`: a requeued action keeps its turn).
+    fn enqueue(queue: &mut VecDeque<Pending>, pending: Pending, first: bool) {
+        let at = queue
+            .iter()
+            .position(|p| if first { p.priority >= pending.priority } else { p.priority > pending.priority })
+            .unwrap_or(queue.len());
+        queue.insert(at, pending);
+    }
+
+    /// Withdraws a request whose caller gave up: from the queue, or from its
+    /// worker, which is told to stop running it.
+    fn withdraw(&self, ticket: u64) {
+        let mut pool = self.lock();
+        if let Some(at) = pool.queue.iter().position(|p| p.ticket == ticket) {
+            pool.queue.remove(at);
+            return;
+        }
+        let Some(lease_id) = pool.leased.iter().find(|(_, (p, _))| p.ticket == ticket).map(|(id, _)| id.clone()) else {
+            return;
+        };
+        let Some((_, worker_id)) = pool.leased.remove(&lease_id) else { return };
+        if let Some(worker) = pool.workers.get_mut(&worker_id) {
+            worker.running.retain(|l| *l != lease_id);
+            if let Some(tx) = &worker.leases {
+                let _ = tx.try_send(Ok(LeaseUpdate { update: Some(Update::CancelLeaseId(lease_id)) }));
+            }
+        }
+        Self::dispatch(&mut pool);
     }
 
     /// Workers known right now, for tests and status pages.
@@ -206,29 +244,51 @@ impl WorkerPool {
 
 #[tonic::async_trait]
 impl ActionExecutor for WorkerPool {
-    async fn execute(
-        &self,
-        instance: &str,
-        action: &Digest,
-        platform: &[(String, String)],
-    ) -> Result<Executed, ExecutorError> {
+    async fn execute(&self, request: ActionRequest) -> Result<Executed, ExecutorError> {
         let (done, outcome) = oneshot::channel();
-        {
+        let ticket = {
             let mut pool = self.lock();
-            pool.queue.push_back(Pending {
-                instance: instance.to_owned(),
-                action: *action,
-                platform: platform.to_vec(),
+            pool.next_ticket += 1;
+            let ticket = pool.next_ticket;
+            let pending = Pending {
+                ticket,
+                priority: request.priority,
+                instance: request.instance,
+                action: request.action,
+                platform: request.platform,
                 attempts: 0,
                 done,
-            });
+            };
+            Self::enqueue(&mut pool.queue, pending, false);
             Self::dispatch(&mut pool);
-        }
-        outcome.await.unwrap_or_else(|_| Err(ExecutorError::Unavailable("the coordinator dropped the action".into())))
+            ticket
+        };
+        // If this future is dropped (the operation was cancelled), withdraw it.
+        let mut guard = Withdraw { pool: self, ticket, armed: true };
+        let result = outcome
+            .await
+            .unwrap_or_else(|_| Err(ExecutorError::Unavailable("the coordinator dropped the action".into())));
+        guard.armed = false;
+        result
     }
 }
 
-type LeaseStream = Pin<Box<dyn Stream<Item = Result<Lease, Status>> + Send>>;
+/// Withdraws a request from the pool when its caller stops waiting.
+struct Withdraw<'a> {
+    pool: &'a WorkerPool,
+    ticket: u64,
+    armed: bool,
+}
+
+impl Drop for Withdraw<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.pool.withdraw(self.ticket);
+        }
+    }
+}
+
+type LeaseStream = Pin<Box<dyn Stream<Item = Result<LeaseUpdate, Status>> + Send>>;
 
 /// The gRPC face of the pool.
 #[derive(Clone)]

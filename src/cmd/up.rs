@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use casbuild_coordinator::{ActionExecutor, Executed, ExecutionConfig, ExecutorError, Scheduler, ServerConfig};
+use casbuild_coordinator::{
+    ActionExecutor, ActionRequest, Executed, ExecutionConfig, ExecutorError, Scheduler, ServerConfig,
+};
 use casbuild_exec::runner::{ExecError, Runner, RunnerConfig};
-use casbuild_fs::digest::Digest;
 use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
 use casbuild_fs::storage::{Storage, StorageConfig};
 use casbuild_fs::store::{DiskStore, RemoteStore, RemoteStoreOptions};
@@ -43,12 +44,8 @@ struct LocalWorker {
 
 #[tonic::async_trait]
 impl ActionExecutor for LocalWorker {
-    async fn execute(
-        &self,
-        instance: &str,
-        action: &Digest,
-        _platform: &[(String, String)],
-    ) -> Result<Executed, ExecutorError> {
+    async fn execute(&self, request: ActionRequest) -> Result<Executed, ExecutorError> {
+        let (instance, action) = (&request.instance, &request.action);
         if !instance.is_empty() {
             return Err(ExecutorError::Invalid(format!(
                 "the local worker serves the default instance only, not {instance:?}"

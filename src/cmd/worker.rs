@@ -1,9 +1,10 @@
 //! `casbuild worker`: pulls leases from a coordinator and runs them through
 //! the sandbox over this host's /cas mount.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -12,11 +13,14 @@ use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
 use casbuild_fs::store::{DiskStore, RemoteStore, RemoteStoreOptions};
 use casbuild_proto::worker::complete_request::Outcome;
+use casbuild_proto::worker::lease_update::Update;
 use casbuild_proto::worker::workers_client::WorkersClient;
 use casbuild_proto::worker::{
-    BlobDigest, CompleteRequest, HeartbeatRequest, Lease, LeaseError, LeasesRequest, PlatformProperty, RegisterRequest,
+    BlobDigest, CompleteRequest, HeartbeatRequest, Lease, LeaseError, LeaseUpdate, LeasesRequest, PlatformProperty,
+    RegisterRequest,
 };
 use prost::Message;
+use tokio::task::AbortHandle;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -57,6 +61,23 @@ pub struct Args {
 }
 
 type Client = WorkersClient<InterceptedService<Channel, Auth>>;
+
+/// Leases being run, by id, so that a cancellation can stop one.
+type Active = Arc<Mutex<HashMap<String, AbortHandle>>>;
+
+/// Bookkeeping when a lease's task ends, whether it finished or was aborted.
+struct LeaseDone {
+    running: Arc<AtomicU32>,
+    active: Active,
+    lease_id: String,
+}
+
+impl Drop for LeaseDone {
+    fn drop(&mut self) {
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        self.active.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.lease_id);
+    }
+}
 
 /// Adds the worker token to every call.
 #[derive(Clone)]
@@ -127,6 +148,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!("casbuild worker {id} serving {} with {slots} slots, /cas at {}", args.coordinator, args.mount.display());
 
     let running = Arc::new(AtomicU32::new(0));
+    let active: Active = Arc::new(Mutex::new(HashMap::new()));
     let heartbeats = tokio::spawn(heartbeat_loop(client.clone(), register.clone(), interval, running.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     let signal = shutdown_signal();
@@ -144,15 +166,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         };
         loop {
             tokio::select! {
-                lease = stream.message() => match lease {
-                    Ok(Some(lease)) => {
-                        let (runner, client, running, id) = (runner.clone(), client.clone(), running.clone(), id.clone());
+                update = stream.message() => match update {
+                    Ok(Some(LeaseUpdate { update: Some(Update::Lease(lease)) })) => {
+                        let (runner, client, id) = (runner.clone(), client.clone(), id.clone());
+                        let lease_id = lease.lease_id.clone();
+                        let on_exit = LeaseDone { running: running.clone(), active: active.clone(), lease_id: lease_id.clone() };
                         running.fetch_add(1, Ordering::Relaxed);
-                        tasks.spawn(async move {
+                        // Insert under the lock, so the task cannot remove itself first.
+                        let mut table = active.lock().unwrap_or_else(|e| e.into_inner());
+                        let handle = tasks.spawn(async move {
+                            let _on_exit = on_exit;
                             run_lease(&runner, client, &id, lease).await;
-                            running.fetch_sub(1, Ordering::Relaxed);
                         });
+                        table.insert(lease_id, handle);
                     }
+                    Ok(Some(LeaseUpdate { update: Some(Update::CancelLeaseId(lease_id)) })) => {
+                        // Dropping the run kills its sandbox and releases its input root.
+                        if let Some(handle) = active.lock().unwrap_or_else(|e| e.into_inner()).get(&lease_id) {
+                            handle.abort();
+                        }
+                    }
+                    Ok(Some(LeaseUpdate { update: None })) => {}
                     // The coordinator went away or dropped us: register again.
                     Ok(None) | Err(_) => {
                         tokio::time::sleep(interval).await;

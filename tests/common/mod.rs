@@ -185,6 +185,20 @@ pub fn blake3(data: &[u8]) -> Digest {
     DigestFunction::Blake3.digest_of(data)
 }
 
+/// Command lines of host processes containing `needle`.
+pub fn processes_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) {
+                found.push(cmdline);
+            }
+        }
+    }
+    found
+}
+
 /// Whether a test that needs root (mounts, namespaces) may run. With
 /// `CASBUILD_REQUIRE_PRIVILEGED=1` (CI) a missing privilege is a failure;
 /// otherwise the test says it is skipping and returns.
