@@ -17,30 +17,30 @@ const TOKEN: &str = "s3cret-worker-token";
 
 /// Starts `casbuild worker` number `n` with its own mount, cache and scratch.
 fn worker(server: &Coordinator, dir: &Path, n: u32) -> Coordinator {
-    worker_with_slots(server, dir, n, "2")
+    worker_with(server, dir, n, &["--slots", "2"])
 }
 
-fn worker_with_slots(server: &Coordinator, dir: &Path, n: u32, slots: &str) -> Coordinator {
+fn worker_with(server: &Coordinator, dir: &Path, n: u32, extra: &[&str]) -> Coordinator {
     let base = dir.join(format!("worker-{n}"));
     let path = |sub: &str| base.join(sub).to_str().unwrap().to_owned();
-    let name = format!("w{n}");
-    let args = [
+    let (url, name) = (server.url(), format!("w{n}"));
+    let (mount, cache, scratch) = (path("cas"), path("cache"), path("scratch"));
+    let mut args = vec![
         "worker",
         "--coordinator",
-        &server.url(),
+        &url,
         "--mount",
-        &path("cas"),
+        &mount,
         "--cache-dir",
-        &path("cache"),
+        &cache,
         "--scratch",
-        &path("scratch"),
-        "--slots",
-        slots,
+        &scratch,
         "--worker-token",
         TOKEN,
         "--name",
         &name,
     ];
+    args.extend_from_slice(extra);
     Coordinator::spawn(&args, "casbuild worker ", &base, true)
 }
 
@@ -163,7 +163,8 @@ async fn queued_actions_run_by_priority_and_cancelling_stops_a_remote_command() 
     let dir = tempfile::tempdir().unwrap();
     let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN, "--heartbeat-ms", "200"]);
     let _detach = Detach(dir.path().join("worker-1/cas"));
-    let _w1 = worker_with_slots(&server, dir.path(), 1, "1");
+    let _w1 =
+        worker_with(&server, dir.path(), 1, &["--slots", "1", "--sandbox-uid", "61234", "--sandbox-gid", "61235"]);
     let channel = server.channel().await;
 
     // One slot, busy with a blocker; then priorities 5, 1, 3 arrive in that order.
@@ -195,6 +196,19 @@ async fn queued_actions_run_by_priority_and_cancelling_stops_a_remote_command() 
     started.sort();
     let order: Vec<i32> = started.iter().map(|s| s.2).collect();
     assert_eq!(order, [1, 3, 5], "lower priority values run first");
+
+    // Commands run as the worker's configured user and group.
+    let (ids, blobs) = shell_action("echo $(id -u):$(id -g) > out");
+    upload(&server, blobs).await;
+    let ops = operations(client.execute(execute_request(&ids, false)).await.unwrap().into_inner()).await;
+    let out = response_of(ops.last().unwrap()).result.unwrap().output_files[0].digest.clone().unwrap();
+    let read = casbuild_proto::reapi::BatchReadBlobsRequest {
+        digests: vec![out],
+        digest_function: common::execute::F.to_proto() as i32,
+        ..Default::default()
+    };
+    let data = server.cas().await.batch_read_blobs(read).await.unwrap().into_inner().responses.remove(0).data;
+    assert_eq!(String::from_utf8_lossy(&data), "61234:61235\n");
 
     // Cancel an operation running on the worker: its command is killed there.
     let (slow, blobs) = shell_action("sleep 300; echo remote-cancel > out");

@@ -58,6 +58,16 @@ pub struct Args {
     /// NAME=VALUE platform property this worker offers; repeatable.
     #[arg(long = "platform")]
     platform: Vec<String>,
+    /// A host path visible read-only in every sandbox; repeatable [default: /usr, /bin, /lib*, /sbin and the /etc
+    /// files tools need].
+    #[arg(long = "toolchain")]
+    toolchain: Vec<PathBuf>,
+    /// The user id sandboxed commands run as.
+    #[arg(long, default_value_t = 65534)]
+    sandbox_uid: u32,
+    /// The group id sandboxed commands run as.
+    #[arg(long, default_value_t = 65534)]
+    sandbox_gid: u32,
 }
 
 type Client = WorkersClient<InterceptedService<Channel, Auth>>;
@@ -144,6 +154,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         std::env::current_exe().context("finding casbuild itself")?,
     );
     config.worker_name = id.clone();
+    config.uid = args.sandbox_uid;
+    config.gid = args.sandbox_gid;
+    if !args.toolchain.is_empty() {
+        if let Some(bad) = args.toolchain.iter().find(|p| !p.is_absolute()) {
+            bail!("--toolchain {} must be an absolute path", bad.display());
+        }
+        config.toolchain = args.toolchain.clone();
+    }
     let runner = Arc::new(Runner::new(config, mount.clone(), remote)?);
     println!("casbuild worker {id} serving {} with {slots} slots, /cas at {}", args.coordinator, args.mount.display());
 
