@@ -15,6 +15,7 @@
 //! ```
 
 mod action_cache;
+mod asset;
 mod bytestream;
 mod capabilities;
 mod cas;

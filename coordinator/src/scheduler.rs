@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use casbuild_fs::digest::Digest;
 use casbuild_fs::storage::Storage;
-use casbuild_fs::tree::{child_digest, decode_directory};
+use casbuild_fs::tree::{child_digest, missing_in_tree, MissingError};
 use casbuild_proto::longrunning::{operation, Operation};
 use casbuild_proto::protobuf::Any;
 use casbuild_proto::reapi::execution_stage::Value as Stage;
@@ -298,28 +298,11 @@ impl Scheduler {
             }
             None => missing.push(command),
         }
-        let mut files = Vec::new();
-        let mut pending = vec![root];
-        while let Some(digest) = pending.pop() {
-            if digest.is_empty_blob() {
-                continue;
-            }
-            let Some(bytes) = read(digest).await? else {
-                missing.push(digest);
-                continue;
-            };
-            let directory = decode_directory(&digest, &bytes).map_err(|e| invalid(e.to_string()))?;
-            for file in &directory.files {
-                files.push(child_digest(function, &file.name, file.digest.as_ref()).map_err(invalid)?);
-            }
-            for sub in &directory.directories {
-                pending.push(child_digest(function, &sub.name, sub.digest.as_ref()).map_err(invalid)?);
-            }
+        match missing_in_tree(cas.as_ref(), &root).await {
+            Ok(absent) => missing.extend(absent),
+            Err(MissingError::Tree(e)) => return Err(invalid(e.to_string())),
+            Err(MissingError::Store(e)) => return Err(error_response(Code::Internal, e.to_string())),
         }
-        files.sort();
-        files.dedup();
-        let absent = cas.find_missing(&files).await.map_err(|e| error_response(Code::Internal, e.to_string()))?;
-        missing.extend(absent);
         Ok((missing, platform))
     }
 }

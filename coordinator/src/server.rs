@@ -5,6 +5,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use casbuild_fs::storage::Storage;
+use casbuild_proto::asset::fetch_server::FetchServer;
+use casbuild_proto::asset::push_server::PushServer;
 use casbuild_proto::bytestream::byte_stream_server::ByteStreamServer;
 use casbuild_proto::longrunning::operations_server::OperationsServer;
 use casbuild_proto::reapi::action_cache_server::ActionCacheServer;
@@ -18,6 +20,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use crate::action_cache::ActionCacheService;
+use crate::asset::AssetService;
 use crate::bytestream::ByteStreamService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
@@ -90,6 +93,9 @@ pub async fn serve_with_execution(
     let operations = execution.clone().map(OperationsServer::new);
     let execution = execution.map(ExecutionServer::new);
     let workers = workers.map(|pool| WorkersServer::new(WorkersService::new(pool)));
+    let assets = AssetService::new(storage.clone());
+    let fetch = FetchServer::new(assets.clone());
+    let push = PushServer::new(assets);
     // The builder's own tcp_nodelay only applies to listeners it binds, so
     // set it on each accepted connection: with Nagle on, small responses wait
     // for the client's delayed ACK (~40 ms per call).
@@ -108,6 +114,8 @@ pub async fn serve_with_execution(
         .add_service(cas)
         .add_service(bytestream)
         .add_service(action_cache)
+        .add_service(fetch)
+        .add_service(push)
         .add_optional_service(execution)
         .add_optional_service(operations)
         .add_optional_service(workers)

@@ -13,7 +13,9 @@
 //! ```
 
 pub mod action_cache;
+pub mod asset_store;
 pub mod digest;
+pub mod entry_files;
 pub mod local_tree;
 pub mod mount;
 pub mod namespace;

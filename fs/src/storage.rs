@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::action_cache::ActionCache;
+use crate::asset_store::AssetStore;
 use crate::store::{BlobStore, DiskStore, MemoryStore, StoreError, TieredStore};
 
 /// Sizes and places of the storage tiers.
@@ -35,6 +36,7 @@ pub struct Storage {
     memory: MemoryStore,
     disk: DiskStore,
     action_cache: ActionCache,
+    assets: AssetStore,
     memory_admit_max: u64,
     instances: Mutex<HashMap<String, Arc<dyn BlobStore>>>,
 }
@@ -47,6 +49,7 @@ impl Storage {
             memory: MemoryStore::new(config.max_memory),
             disk: DiskStore::open(&config.dir, config.max_disk)?,
             action_cache: ActionCache::open(&config.dir.join("ac"))?,
+            assets: AssetStore::open(&config.dir.join("assets"))?,
             memory_admit_max: config.memory_admit_max,
             instances: Mutex::new(HashMap::new()),
         })
@@ -70,6 +73,11 @@ impl Storage {
     /// The action cache (instances are a parameter of its calls).
     pub fn action_cache(&self) -> &ActionCache {
         &self.action_cache
+    }
+
+    /// The Remote Asset map (instances are a parameter of its calls).
+    pub fn assets(&self) -> &AssetStore {
+        &self.assets
     }
 
     /// The disk tier, for inspection (sizes, file paths).

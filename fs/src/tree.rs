@@ -163,3 +163,53 @@ mod tests {
         assert!(decode_directory(&digest, &[0xff, 0xff]).unwrap_err().problem.contains("not a Directory"));
     }
 }
+
+/// The blobs of the tree rooted at `root` (its Directories and files) that
+/// `cas` lacks. A Directory that is present but malformed is an error.
+pub async fn missing_in_tree(cas: &dyn crate::store::BlobStore, root: &Digest) -> Result<Vec<Digest>, MissingError> {
+    let function = root.function;
+    let mut missing = Vec::new();
+    let mut files = Vec::new();
+    let mut pending = vec![*root];
+    while let Some(digest) = pending.pop() {
+        if digest.is_empty_blob() {
+            continue;
+        }
+        let bytes = match cas.read_all(&digest).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.is_not_found() => {
+                missing.push(digest);
+                continue;
+            }
+            Err(e) => return Err(MissingError::Store(e)),
+        };
+        let directory = decode_directory(&digest, &bytes).map_err(MissingError::Tree)?;
+        for file in &directory.files {
+            files.push(
+                child_digest(function, &file.name, file.digest.as_ref())
+                    .map_err(|problem| MissingError::Tree(TreeError { digest: digest.to_string(), problem }))?,
+            );
+        }
+        for sub in &directory.directories {
+            pending.push(
+                child_digest(function, &sub.name, sub.digest.as_ref())
+                    .map_err(|problem| MissingError::Tree(TreeError { digest: digest.to_string(), problem }))?,
+            );
+        }
+    }
+    files.sort();
+    files.dedup();
+    missing.extend(cas.find_missing(&files).await.map_err(MissingError::Store)?);
+    Ok(missing)
+}
+
+/// Why [`missing_in_tree`] could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum MissingError {
+    /// A Directory in the tree is malformed.
+    #[error(transparent)]
+    Tree(TreeError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(crate::store::StoreError),
+}
