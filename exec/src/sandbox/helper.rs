@@ -16,7 +16,7 @@
 use std::ffi::{CString, OsString};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -33,32 +33,81 @@ use super::spec::{RunReport, SandboxSpec, ScratchLayout};
 /// Devices a sandbox gets, bound from the host.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
-/// Entry point of `casbuild __sandbox-helper SPEC`: runs the spec and writes
-/// its report next to it. Exit status 0 unless the report cannot be written.
+/// Entry point of the helper. `casbuild __sandbox-helper --zygote` reads
+/// spec paths from stdin, one per line, forks a process per spec that runs it
+/// and writes its report next to it, and answers each line with that
+/// process's pid (the caller waits on it with a pidfd). Forking from this
+/// small, single-threaded process is what keeps sandbox start-up cheap.
+/// `casbuild __sandbox-helper SPEC` runs one spec in the foreground.
 pub fn helper_main(args: &[OsString]) -> std::process::ExitCode {
-    let Some(spec_path) = args.first() else {
-        eprintln!("sandbox helper: missing the spec path");
-        return std::process::ExitCode::FAILURE;
-    };
-    let spec: SandboxSpec = match std::fs::read(spec_path)
-        .map_err(|e| e.to_string())
-        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
-    {
-        Ok(spec) => spec,
-        Err(e) => {
-            eprintln!("sandbox helper: reading {}: {e}", Path::new(spec_path).display());
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let layout = ScratchLayout::new(&spec.scratch);
-    let report = run(&spec, &layout);
-    match serde_json::to_vec(&report).map_err(std::io::Error::other).and_then(|b| std::fs::write(&layout.report, b)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sandbox helper: writing {}: {e}", layout.report.display());
+    match args.first().and_then(|a| a.to_str()) {
+        None => {
+            eprintln!("sandbox helper: give --zygote or a spec path");
             std::process::ExitCode::FAILURE
         }
+        Some("--zygote") => zygote(),
+        Some(_) => match run_spec_file(Path::new(&args[0])) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sandbox helper: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
     }
+}
+
+/// The zygote loop; ends when stdin closes (its owner is gone).
+fn zygote() -> std::process::ExitCode {
+    use std::io::BufRead;
+    let mut stdout = std::io::stdout().lock();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(path) = line else { break };
+        // Runs that ended are reaped only now, when the owner has had the
+        // chance to open a pidfd on them: their pids cannot be reused before.
+        while let Ok(status) = waitpid(None::<Pid>, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            if status == WaitStatus::StillAlive {
+                break;
+            }
+        }
+        // SAFETY: the zygote is single-threaded, so the child may run arbitrary code.
+        let answer = match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                // The zygote's pipes are not this run's business.
+                if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+                    let _ = nix::unistd::dup2_stdin(&null);
+                    let _ = nix::unistd::dup2_stdout(&null);
+                }
+                let code = match run_spec_file(Path::new(&path)) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("sandbox helper: {e}");
+                        1
+                    }
+                };
+                std::process::exit(code)
+            }
+            Ok(ForkResult::Parent { child }) => child.as_raw().to_string(),
+            Err(e) => format!("error fork: {e}"),
+        };
+        if writeln!(stdout, "{answer}").and_then(|()| stdout.flush()).is_err() {
+            break;
+        }
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+/// Reads a spec, runs it, writes its report next to it.
+fn run_spec_file(spec_path: &Path) -> Result<(), String> {
+    let spec: SandboxSpec = std::fs::read(spec_path)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+        .map_err(|e| format!("reading {}: {e}", spec_path.display()))?;
+    let layout = ScratchLayout::new(&spec.scratch);
+    let report = run(&spec, &layout);
+    serde_json::to_vec(&report)
+        .map_err(std::io::Error::other)
+        .and_then(|b| std::fs::write(&layout.report, b))
+        .map_err(|e| format!("writing {}: {e}", layout.report.display()))
 }
 
 fn run(spec: &SandboxSpec, layout: &ScratchLayout) -> RunReport {
@@ -87,9 +136,12 @@ fn run_namespaced(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<RunRepor
         ForkResult::Parent { child } => child,
     };
     drop(status_write);
-    let timed_out = wait_with_timeout(child, spec.timeout_ms)?;
+    let status_read = File::from(status_read);
+    let timed_out = wait_with_timeout(child, &status_read, spec.timeout_ms)?;
     let mut status = String::new();
-    File::from(status_read).read_to_string(&mut status).map_err(|e| format!("reading the init status: {e}"))?;
+    (&status_read).read_to_string(&mut status).map_err(|e| format!("reading the init status: {e}"))?;
+    // Init is not waited for: once it has reported, everything else in the
+    // sandbox is dead, and the kernel tears its namespaces down on its own.
     let mut report = RunReport { timed_out, ..Default::default() };
     match status.trim_end().split_once(' ') {
         Some(("exit", code)) => report.exit_code = code.parse().ok(),
@@ -101,42 +153,29 @@ fn run_namespaced(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<RunRepor
     Ok(report)
 }
 
-/// Waits for init; past the timeout, kills it (and with it the namespace).
-/// Returns whether the timeout struck.
-fn wait_with_timeout(child: Pid, timeout_ms: Option<u64>) -> Result<bool, String> {
-    let mut timed_out = false;
-    if let Some(ms) = timeout_ms {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new file
-        // descriptor or -1; no memory is passed.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.as_raw(), 0) };
-        if fd < 0 {
-            return Err(format!("pidfd_open: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let deadline = Instant::now() + std::time::Duration::from_millis(ms);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let wait = nix::poll::PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
-                .unwrap_or(nix::poll::PollTimeout::MAX);
-            let mut fds = [nix::poll::PollFd::new(pidfd.as_fd(), nix::poll::PollFlags::POLLIN)];
-            match nix::poll::poll(&mut fds, wait) {
-                Ok(0) if left.is_zero() => {
-                    timed_out = true;
-                    let _ = kill(child, Signal::SIGKILL);
-                    break;
-                }
-                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-                Ok(_) => break,
-                Err(e) => return Err(format!("poll: {e}")),
-            }
-        }
-    }
+/// Waits until init reports (its status pipe becomes readable); past the
+/// timeout, kills it, and with it the namespace. Returns whether the timeout
+/// struck. `init` is an unreaped child, so its pid cannot have been reused.
+fn wait_with_timeout(init: Pid, status: &File, timeout_ms: Option<u64>) -> Result<bool, String> {
+    let deadline = timeout_ms.map(|ms| Instant::now() + std::time::Duration::from_millis(ms));
     loop {
-        match waitpid(child, None) {
-            Ok(_) => return Ok(timed_out),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(format!("waitpid: {e}")),
+        let wait = match deadline {
+            None => nix::poll::PollTimeout::NONE,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                nix::poll::PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+                    .unwrap_or(nix::poll::PollTimeout::MAX)
+            }
+        };
+        let mut fds = [nix::poll::PollFd::new(status.as_fd(), nix::poll::PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, wait) {
+            Ok(0) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                let _ = kill(init, Signal::SIGKILL);
+                return Ok(true);
+            }
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => return Ok(false),
+            Err(e) => return Err(format!("poll: {e}")),
         }
     }
 }
@@ -156,6 +195,14 @@ fn init(
         Ok(other) => format!("error unexpected wait status {other:?}"),
         Err(e) => format!("error {e}"),
     };
+    // Whatever the command left running dies now, before the report: its
+    // outputs are final once the status is read.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    while let Ok(reaped) = waitpid(None::<Pid>, None) {
+        if matches!(reaped, WaitStatus::StillAlive) {
+            break;
+        }
+    }
     let _ = writeln!(status, "{line}");
     std::process::exit(0)
 }

@@ -8,14 +8,19 @@
 //! that kills everything it started.
 //!
 //! [`Sandbox::run`] is async and safe to call from a multi-threaded runtime:
-//! the namespace work happens in a separate helper process (see `helper`).
+//! the namespace work happens in processes forked from a small helper (the
+//! zygote, see `helper`), never in the caller's threads.
 
 mod helper;
 mod spec;
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 pub use helper::helper_main;
 use spec::ScratchLayout;
@@ -39,53 +44,134 @@ pub enum SandboxError {
     Helper(String),
 }
 
-/// Runs commands through the helper binary.
-#[derive(Clone, Debug)]
+/// Runs commands through a zygote: one long-lived helper process per
+/// `Sandbox`, started on first use, that forks a process per run.
+#[derive(Debug)]
 pub struct Sandbox {
     helper: PathBuf,
+    zygote: tokio::sync::Mutex<Option<Zygote>>,
+}
+
+#[derive(Debug)]
+struct Zygote {
+    _child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+/// A run in progress: its process, watched through a pidfd. Dropped before
+/// the run ended (the caller gave up), it kills the run, and with it the
+/// sandbox (whose pid 1 dies with its parent).
+struct Running {
+    pidfd: AsyncFd<OwnedFd>,
+    finished: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.finished {
+            // SAFETY: pidfd_send_signal reads only its arguments: a pidfd we
+            // own (so the signal cannot reach a recycled pid), a signal number,
+            // a null siginfo and zero flags.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    self.pidfd.get_ref().as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            if ret != 0 {
+                tracing::debug!("killing a sandbox run: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+}
+
+fn helper_error(what: &str, e: &dyn std::fmt::Display) -> SandboxError {
+    SandboxError::Helper(format!("{what}: {e}"))
 }
 
 impl Sandbox {
     /// A sandbox runner whose helper is `helper` (a `casbuild` binary; the
     /// worker passes its own executable).
     pub fn new(helper: impl Into<PathBuf>) -> Self {
-        Sandbox { helper: helper.into() }
+        Sandbox { helper: helper.into(), zygote: tokio::sync::Mutex::new(None) }
+    }
+
+    fn spawn_zygote(&self) -> Result<Zygote, SandboxError> {
+        let mut child = tokio::process::Command::new(&self.helper)
+            .args([HELPER_ARG, "--zygote"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| helper_error(&format!("starting {}", self.helper.display()), &e))?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+        Ok(Zygote { _child: child, stdin, stdout })
+    }
+
+    /// Asks the zygote to start the run described by `spec_path`.
+    async fn start(&self, spec_path: &std::path::Path) -> Result<Running, SandboxError> {
+        let mut zygote = self.zygote.lock().await;
+        let mut last_error = None;
+        for _ in 0..2 {
+            if zygote.is_none() {
+                *zygote = Some(self.spawn_zygote()?);
+            }
+            let z = zygote.as_mut().expect("just set");
+            let line = format!("{}\n", spec_path.display());
+            let answer = async {
+                z.stdin.write_all(line.as_bytes()).await?;
+                z.stdin.flush().await?;
+                z.stdout.next_line().await
+            };
+            match answer.await {
+                Ok(Some(answer)) => {
+                    let pid: i32 =
+                        answer.parse().map_err(|_| SandboxError::Helper(format!("the helper said {answer:?}")))?;
+                    // The zygote reaps this pid only after our next request, so it is still ours here.
+                    return Ok(Running { pidfd: pidfd_open(pid)?, finished: false });
+                }
+                Ok(None) => last_error = Some("the helper exited".to_owned()),
+                Err(e) => last_error = Some(e.to_string()),
+            }
+            *zygote = None; // it died: start a new one and try once more
+        }
+        Err(SandboxError::Helper(last_error.unwrap_or_default()))
     }
 
     /// Runs `spec` to completion. The command's stdout and stderr are in
     /// [`Sandbox::stdout_path`]/[`Sandbox::stderr_path`] of the scratch
     /// directory and its writes under [`Sandbox::upper_path`]; the caller
-    /// removes the scratch directory.
+    /// removes the scratch directory. Dropping the future kills the run.
     pub async fn run(&self, spec: &SandboxSpec) -> Result<RunReport, SandboxError> {
         spec.validate().map_err(SandboxError::Invalid)?;
         let layout = ScratchLayout::new(&spec.scratch);
-        let helper_error = |what: &str, e: &dyn std::fmt::Display| SandboxError::Helper(format!("{what}: {e}"));
         tokio::fs::create_dir_all(&spec.scratch)
             .await
             .map_err(|e| helper_error("creating the scratch directory", &e))?;
         let json = serde_json::to_vec(spec).map_err(|e| helper_error("encoding the spec", &e))?;
         tokio::fs::write(&layout.spec, json).await.map_err(|e| helper_error("writing the spec", &e))?;
-        let child = tokio::process::Command::new(&self.helper)
-            .arg(HELPER_ARG)
-            .arg(&layout.spec)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| helper_error(&format!("starting {}", self.helper.display()), &e))?;
-        let waited = match spec.timeout_ms {
-            Some(ms) => tokio::time::timeout(Duration::from_millis(ms) + HELPER_GRACE, child.wait_with_output())
-                .await
-                .map_err(|_| SandboxError::Helper("the helper did not finish in time; killed".into()))?,
-            None => child.wait_with_output().await,
+        let mut running = self.start(&layout.spec).await?;
+        let ended = async {
+            let mut ready = running.pidfd.readable().await.map_err(|e| helper_error("waiting for the run", &e))?;
+            ready.retain_ready();
+            Ok::<(), SandboxError>(())
         };
-        let output = waited.map_err(|e| helper_error("waiting for the helper", &e))?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            return Err(SandboxError::Helper(format!("helper failed ({}): {}", output.status, stderr.trim())));
+        match spec.timeout_ms {
+            Some(ms) => tokio::time::timeout(Duration::from_millis(ms) + HELPER_GRACE, ended)
+                .await
+                .map_err(|_| SandboxError::Helper("the helper did not finish in time; killed".into()))??,
+            None => ended.await?,
         }
-        let report = tokio::fs::read(&layout.report).await.map_err(|e| helper_error("reading the report", &e))?;
+        running.finished = true;
+        let report = tokio::fs::read(&layout.report)
+            .await
+            .map_err(|e| helper_error("reading the report (the helper failed; see its stderr)", &e))?;
         serde_json::from_slice(&report).map_err(|e| helper_error("decoding the report", &e))
     }
 
@@ -104,4 +190,19 @@ impl Sandbox {
     pub fn upper_path(spec: &SandboxSpec) -> PathBuf {
         ScratchLayout::new(&spec.scratch).upper
     }
+}
+
+/// A pidfd for `pid`, registered with the runtime to wait for its exit.
+fn pidfd_open(pid: i32) -> Result<AsyncFd<OwnedFd>, SandboxError> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(helper_error("pidfd_open", &std::io::Error::last_os_error()));
+    }
+    // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open and
+    // is the same descriptor for the AsyncFd's whole life.
+    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| helper_error("watching the run", &e.to_string()))
 }
