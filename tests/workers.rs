@@ -229,3 +229,30 @@ async fn queued_actions_run_by_priority_and_cancelling_stops_a_remote_command() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_told_to_stop_finishes_its_running_actions_first() {
+    if !needs_root("a_worker_told_to_stop_finishes_its_running_actions", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN, "--heartbeat-ms", "200"]);
+    let _detach = Detach(dir.path().join("worker-1/cas"));
+    let w1 = worker(&server, dir.path(), 1);
+    let (action, blobs) = shell_action("sleep 1.5; echo drained > out");
+    upload(&server, blobs).await;
+    let mut client = ExecutionClient::new(server.channel().await);
+    let stream = client.execute(execute_request(&action, false)).await.unwrap().into_inner();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while processes_with("sleep 1.5; echo drained").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the action never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SIGTERM: the worker takes no new leases but completes this one, then exits.
+    let stopping = tokio::task::spawn_blocking(move || w1.stop());
+    let ops = tokio::time::timeout(Duration::from_secs(60), operations(stream)).await.unwrap();
+    let response = response_of(ops.last().unwrap());
+    assert_eq!(response.status.as_ref().map_or(0, |s| s.code), 0, "{response:?}");
+    assert_eq!(worker_of(&response), "w1", "the draining worker finished it");
+    stopping.await.unwrap();
+}
