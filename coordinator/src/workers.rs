@@ -11,7 +11,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_proto::reapi::ActionResult;
@@ -131,7 +131,8 @@ impl WorkerPool {
     }
 
     /// Hands queued actions to workers with free capacity, least loaded first.
-    fn dispatch(pool: &mut Pool) {
+    /// `lease_time` is how long a lease lasts without heartbeats.
+    fn dispatch(pool: &mut Pool, lease_time: Duration) {
         let mut index = 0;
         while index < pool.queue.len() {
             let platform = &pool.queue[index].platform;
@@ -158,7 +159,9 @@ impl WorkerPool {
                     hash: pending.action.hash_hex(),
                     size_bytes: pending.action.size_bytes as i64,
                 }),
-                deadline_unix_ms: 0,
+                deadline_unix_ms: (SystemTime::now() + lease_time)
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64),
             };
             let worker = pool.workers.get_mut(&worker_id).expect("chosen from the map");
             let update = LeaseUpdate { update: Some(Update::Lease(lease)) };
@@ -176,7 +179,7 @@ impl WorkerPool {
 
     /// Removes workers whose heartbeats stopped and requeues their leases.
     fn reap(&self) {
-        let limit = self.config.heartbeat_interval * self.config.missed_heartbeats;
+        let limit = self.lease_time();
         let mut pool = self.lock();
         let dead: Vec<String> =
             pool.workers.iter().filter(|(_, w)| w.last_heartbeat.elapsed() > limit).map(|(id, _)| id.clone()).collect();
@@ -184,7 +187,7 @@ impl WorkerPool {
             tracing::warn!("worker {id} missed its heartbeats; requeueing its leases");
             self.forget_worker(&mut pool, &id);
         }
-        Self::dispatch(&mut pool);
+        Self::dispatch(&mut pool, self.lease_time());
     }
 
     fn forget_worker(&self, pool: &mut Pool, id: &str) {
@@ -233,7 +236,12 @@ impl WorkerPool {
                 let _ = tx.try_send(Ok(LeaseUpdate { update: Some(Update::CancelLeaseId(lease_id)) }));
             }
         }
-        Self::dispatch(&mut pool);
+        Self::dispatch(&mut pool, self.lease_time());
+    }
+
+    /// How long a worker keeps its leases without heartbeats.
+    fn lease_time(&self) -> Duration {
+        self.config.heartbeat_interval * self.config.missed_heartbeats
     }
 
     /// Workers known right now, for tests and status pages.
@@ -260,7 +268,7 @@ impl ActionExecutor for WorkerPool {
                 done,
             };
             Self::enqueue(&mut pool.queue, pending, false);
-            Self::dispatch(&mut pool);
+            Self::dispatch(&mut pool, self.lease_time());
             ticket
         };
         // If this future is dropped (the operation was cancelled), withdraw it.
@@ -350,7 +358,7 @@ impl Workers for WorkersService {
         if request.slots > 0 {
             worker.slots = request.slots;
         }
-        WorkerPool::dispatch(&mut pool);
+        WorkerPool::dispatch(&mut pool, self.pool.lease_time());
         Ok(Response::new(HeartbeatResponse {}))
     }
 
@@ -363,7 +371,7 @@ impl Workers for WorkersService {
             let worker =
                 pool.workers.get_mut(&id).ok_or_else(|| Status::not_found(format!("worker {id} is not registered")))?;
             worker.leases = Some(tx);
-            WorkerPool::dispatch(&mut pool);
+            WorkerPool::dispatch(&mut pool, self.pool.lease_time());
         }
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
@@ -401,7 +409,7 @@ impl Workers for WorkersService {
             None => Err(ExecutorError::Unavailable("the worker reported no outcome".into())),
         };
         let _ = pending.done.send(outcome);
-        WorkerPool::dispatch(&mut pool);
+        WorkerPool::dispatch(&mut pool, self.pool.lease_time());
         Ok(Response::new(CompleteResponse {}))
     }
 }
