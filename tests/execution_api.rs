@@ -11,7 +11,7 @@ use casbuild_proto::longrunning::operations_client::OperationsClient;
 use casbuild_proto::longrunning::{CancelOperationRequest, GetOperationRequest};
 use casbuild_proto::reapi::execution_client::ExecutionClient;
 use casbuild_proto::reapi::WaitExecutionRequest;
-use common::execute::{execute_request, operations, output_digest, response_of, shell_action, upload, F};
+use common::execute::{execute_request, operations, output_digest, response_of, shell_action, upload, upload_in, F};
 use common::{needs_root, processes_with, Coordinator};
 use prost::Message;
 use tonic::Code;
@@ -125,4 +125,25 @@ async fn missing_inputs_unknown_operations_and_cancellation() {
         assert!(std::time::Instant::now() < deadline, "the cancelled command is still running");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_run_in_their_own_instance() {
+    if !needs_root("actions_run_in_their_own_instance", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start_up(dir.path());
+    let mut client = ExecutionClient::new(server.channel().await);
+    let (action, blobs) = shell_action("echo in-team-a > out");
+    upload_in(&server, "team/a", blobs).await;
+    let mut request = execute_request(&action, false);
+    request.instance_name = "team/a".into();
+    let ops = operations(client.execute(request).await.unwrap().into_inner()).await;
+    let response = response_of(ops.last().unwrap());
+    assert_eq!(response.status.as_ref().map_or(0, |s| s.code), 0, "{response:?}");
+    assert!(!output_digest(&response).is_empty());
+    // The default instance has none of those blobs.
+    let ops = operations(client.execute(execute_request(&action, false)).await.unwrap().into_inner()).await;
+    assert_eq!(response_of(ops.last().unwrap()).status.unwrap().code, Code::FailedPrecondition as i32);
 }

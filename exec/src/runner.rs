@@ -119,6 +119,7 @@ impl Drop for Lease<'_> {
 
 /// One action between registration and unregistration.
 struct Run<'a> {
+    remote: &'a RemoteStore,
     action: &'a Action,
     command: &'a Command,
     function: DigestFunction,
@@ -153,8 +154,13 @@ impl Runner {
     }
 
     /// Fetches a proto the action needs; absent → MissingBlobs.
-    async fn fetch<M: Message + Default>(&self, digest: &Digest, what: &str) -> Result<M, ExecError> {
-        let bytes = match self.remote.read_all(digest).await {
+    async fn fetch<M: Message + Default>(
+        &self,
+        remote: &RemoteStore,
+        digest: &Digest,
+        what: &str,
+    ) -> Result<M, ExecError> {
+        let bytes = match remote.read_all(digest).await {
             Ok(bytes) => bytes,
             Err(e) if e.is_not_found() => return Err(ExecError::MissingBlobs(vec![*digest])),
             Err(e) => return Err(infra(&format!("fetching the {what}"))(e)),
@@ -162,29 +168,40 @@ impl Runner {
         M::decode(bytes.as_ref()).map_err(|e| ExecError::Invalid(format!("the {what} {digest} does not decode: {e}")))
     }
 
-    /// Runs the action stored under `action_digest`.
+    /// Runs the action stored under `action_digest` in the remote's own instance.
     pub async fn execute(&self, action_digest: &Digest) -> Result<Execution, ExecError> {
+        let instance = self.remote.instance().to_owned();
+        self.execute_in(&instance, action_digest).await
+    }
+
+    /// Runs the action stored under `action_digest` in `instance`.
+    pub async fn execute_in(&self, instance: &str, action_digest: &Digest) -> Result<Execution, ExecError> {
         let worker_start = SystemTime::now();
         let function = action_digest.function;
-        let action: Action = self.fetch(action_digest, "Action").await?;
+        let remote = self.remote.with_instance(instance);
+        let action: Action = self.fetch(&remote, action_digest, "Action").await?;
         let command_digest = child_digest(function, "command_digest", action.command_digest.as_ref())
             .map_err(|e| ExecError::Invalid(format!("Action: {e}")))?;
         let input_root = child_digest(function, "input_root_digest", action.input_root_digest.as_ref())
             .map_err(|e| ExecError::Invalid(format!("Action: {e}")))?;
-        let command: Command = self.fetch(&command_digest, "Command").await?;
+        let command: Command = self.fetch(&remote, &command_digest, "Command").await?;
         let writable = output_parents(&command).map_err(ExecError::Invalid)?;
         if !input_root.is_empty_blob()
-            && !self.remote.find_missing(&[input_root]).await.map_err(infra("FindMissing"))?.is_empty()
+            && !remote.find_missing(&[input_root]).await.map_err(infra("FindMissing"))?.is_empty()
         {
             return Err(ExecError::MissingBlobs(vec![input_root]));
         }
 
         let name = format!("{}-{}", &action_digest.hash_hex()[..16], self.next.fetch_add(1, Ordering::Relaxed));
         let fetch_start = SystemTime::now();
-        let input = self.mount.register(&name, input_root).map_err(|e| ExecError::Infrastructure(e.to_string()))?;
+        let input = self
+            .mount
+            .register_in(&name, Some(instance), input_root)
+            .map_err(|e| ExecError::Infrastructure(e.to_string()))?;
         let fetch_done = SystemTime::now();
         let scratch = self.config.scratch_root.join(&name);
         let run = Run {
+            remote: &remote,
             action: &action,
             command: &command,
             function,
@@ -207,7 +224,7 @@ impl Runner {
     }
 
     async fn run_registered(&self, run: Run<'_>) -> Result<Execution, ExecError> {
-        let Run { action, command, function, input, input_root, scratch, writable, name } = run;
+        let Run { remote, action, command, function, input, input_root, scratch, writable, name } = run;
         let mut spec = SandboxSpec::new(input, scratch, command.arguments.clone());
         spec.work_dir = PathBuf::from(DEFAULT_WORK_DIR);
         spec.cwd = command.working_directory.clone();
@@ -230,7 +247,7 @@ impl Runner {
             let mut result = ActionResult { exit_code: 127, ..Default::default() };
             let stderr = Bytes::from(format!("casbuild: {error}\n"));
             let digest = function.digest_of(&stderr);
-            self.remote.upload(vec![(digest, stderr)]).await.map_err(infra("uploading stderr"))?;
+            remote.upload(vec![(digest, stderr)]).await.map_err(infra("uploading stderr"))?;
             result.stderr_digest = Some(digest.to_proto());
             return Ok(Execution { result, message: error.clone(), access, report, do_not_cache: true, input_root });
         }
@@ -266,7 +283,7 @@ impl Runner {
                 files.insert(digest, path);
             }
         }
-        self.remote.upload_missing(collected.blobs, &files).await.map_err(infra("uploading outputs"))?;
+        remote.upload_missing(collected.blobs, &files).await.map_err(infra("uploading outputs"))?;
         let upload_done = SystemTime::now();
 
         result.exit_code = match (report.exit_code, report.signal) {

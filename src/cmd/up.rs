@@ -45,14 +45,8 @@ struct LocalWorker {
 #[tonic::async_trait]
 impl ActionExecutor for LocalWorker {
     async fn execute(&self, request: ActionRequest) -> Result<Executed, ExecutorError> {
-        let (instance, action) = (&request.instance, &request.action);
-        if !instance.is_empty() {
-            return Err(ExecutorError::Invalid(format!(
-                "the local worker serves the default instance only, not {instance:?}"
-            )));
-        }
         let runner = self.runner.get().ok_or_else(|| ExecutorError::Unavailable("the worker is starting".into()))?;
-        match runner.execute(action).await {
+        match runner.execute_in(&request.instance, &request.action).await {
             Ok(execution) => Ok(Executed {
                 result: execution.result,
                 message: execution.message,

@@ -268,10 +268,7 @@ async fn run_lease(runner: &Runner, mut client: Client, id: &str, lease: Lease) 
         CompleteRequest { worker_id: id.to_owned(), lease_id: lease.lease_id.clone(), ..Default::default() };
     request.outcome = Some(match action {
         None => error(Code::InvalidArgument, "the lease has no valid action digest".into(), vec![]),
-        Some(_) if !lease.instance_name.is_empty() => {
-            error(Code::InvalidArgument, "this worker serves the default instance only".into(), vec![])
-        }
-        Some(action) => match runner.execute(&action).await {
+        Some(action) => match runner.execute_in(&lease.instance_name, &action).await {
             Ok(execution) => {
                 request.message = execution.message;
                 request.timed_out = execution.report.timed_out;

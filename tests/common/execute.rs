@@ -39,6 +39,11 @@ pub fn shell_action(script: &str) -> (Digest, Vec<(Digest, Bytes)>) {
 }
 
 pub async fn upload(server: &Coordinator, blobs: Vec<(Digest, Bytes)>) {
+    upload_in(server, "", blobs).await
+}
+
+/// Uploads blobs into `instance`.
+pub async fn upload_in(server: &Coordinator, instance: &str, blobs: Vec<(Digest, Bytes)>) {
     let requests = blobs
         .into_iter()
         .map(|(d, data)| batch_update_blobs_request::Request {
@@ -51,9 +56,9 @@ pub async fn upload(server: &Coordinator, blobs: Vec<(Digest, Bytes)>) {
         .cas()
         .await
         .batch_update_blobs(BatchUpdateBlobsRequest {
+            instance_name: instance.into(),
             requests,
             digest_function: F.to_proto() as i32,
-            ..Default::default()
         })
         .await
         .unwrap()

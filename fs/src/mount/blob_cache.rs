@@ -97,6 +97,24 @@ impl BlobCache {
         }
     }
 
+    /// A cache of the same remote's `instance`, sharing this cache's disk
+    /// and memory budgets (blobs are kept per instance).
+    pub fn for_instance(&self, instance: &str) -> BlobCache {
+        BlobCache {
+            local: self.local.namespace(instance),
+            memory: self.memory.namespace(instance),
+            remote: self.remote.with_instance(instance),
+            flights: Mutex::new(HashMap::new()),
+            remote_reads: AtomicU64::new(0),
+            idle_timeout: self.idle_timeout,
+        }
+    }
+
+    /// The REAPI instance this cache fetches from.
+    pub fn instance(&self) -> &str {
+        self.remote.instance()
+    }
+
     /// How many blob reads went to the remote CAS (each fetch counts once,
     /// however many callers waited for it).
     pub fn remote_reads(&self) -> u64 {

@@ -38,6 +38,8 @@ const BLOCK_SIZE: u32 = 4096;
 pub(crate) struct MountState {
     pub inodes: Inodes,
     pub cache: Arc<BlobCache>,
+    /// Caches of other instances than the mount's own, by instance name.
+    instances: Mutex<HashMap<String, Arc<BlobCache>>>,
     pub runtime: Handle,
     /// Whether to ask the kernel for passthrough reads.
     pub want_passthrough: bool,
@@ -64,6 +66,7 @@ impl MountState {
         MountState {
             inodes: Inodes::new(),
             cache,
+            instances: Mutex::new(HashMap::new()),
             runtime,
             want_passthrough,
             passthrough: AtomicBool::new(false),
@@ -72,6 +75,22 @@ impl MountState {
             next_fh: AtomicU64::new(1),
             passthrough_opens: AtomicU64::new(0),
         }
+    }
+
+    /// The cache for another instance of the same remote, created once.
+    pub fn cache_for(&self, instance: &str) -> Arc<BlobCache> {
+        if instance == self.cache.instance() {
+            return self.cache.clone();
+        }
+        let mut caches = self.instances.lock().unwrap_or_else(|e| e.into_inner());
+        caches.entry(instance.to_owned()).or_insert_with(|| Arc::new(self.cache.for_instance(instance))).clone()
+    }
+
+    /// Remote reads of every instance's cache.
+    pub fn remote_reads(&self) -> u64 {
+        let others: u64 =
+            self.instances.lock().unwrap_or_else(|e| e.into_inner()).values().map(|c| c.remote_reads()).sum();
+        self.cache.remote_reads() + others
     }
 
     pub fn open_files(&self) -> usize {
@@ -90,6 +109,12 @@ fn fetch_errno(what: &str, error: FetchError) -> Errno {
 }
 
 impl CasFs {
+    /// The cache a node's blobs come from: its input root's instance, or the
+    /// mount's default instance for `blobs/` and `trees/`.
+    fn cache_of(&self, node: &Node) -> Arc<BlobCache> {
+        node.scope.as_ref().map_or_else(|| self.state.cache.clone(), |s| s.cache.clone())
+    }
+
     fn node(&self, ino: INodeNo) -> Result<Arc<Node>, Errno> {
         self.state.inodes.get(ino.0).ok_or(Errno::ESTALE)
     }
@@ -99,7 +124,7 @@ impl CasFs {
         if let Some(children) = dir.loaded() {
             return Ok(children);
         }
-        let cache = self.state.cache.clone();
+        let cache = self.cache_of(node);
         let bytes = self
             .state
             .runtime
@@ -216,7 +241,7 @@ impl CasFs {
         if let Some(scope) = &node.scope {
             scope.log.record(Access::Opened, &scope.path);
         }
-        let cache = self.state.cache.clone();
+        let cache = self.cache_of(node);
         let digest = file.digest;
         let blob = match self.state.runtime.block_on(async move { cache.open(&digest).await }) {
             Ok(blob) => blob,

@@ -17,6 +17,7 @@ use casbuild_proto::reapi::{Directory, NodeProperties};
 
 use crate::digest::{Digest, DigestFunction};
 use crate::mount::access_log::{join, AccessLog};
+use crate::mount::blob_cache::BlobCache;
 use crate::tree::child_digest;
 
 /// Modification time of entries without `NodeProperties.mtime`: a fixed
@@ -85,10 +86,12 @@ pub(crate) struct FileNode {
     pub mtime: SystemTime,
 }
 
-/// Which input root a node belongs to, and its path there.
+/// Which input root a node belongs to, its path there, and the cache of
+/// the instance its blobs come from.
 pub(crate) struct Scope {
     pub log: Arc<AccessLog>,
     pub path: String,
+    pub cache: Arc<BlobCache>,
 }
 
 pub(crate) struct Node {
@@ -101,7 +104,7 @@ pub(crate) struct Node {
 impl Node {
     /// The path of `name` inside this node's input root, if it has one.
     pub fn child_scope(&self, name: &str) -> Option<Scope> {
-        self.scope.as_ref().map(|s| Scope { log: s.log.clone(), path: join(&s.path, name) })
+        self.scope.as_ref().map(|s| Scope { log: s.log.clone(), path: join(&s.path, name), cache: s.cache.clone() })
     }
 }
 
@@ -175,8 +178,9 @@ impl Inodes {
         self.inputs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds `inputs/{name}` for the tree rooted at `root`. O(1): nothing is fetched.
-    pub fn register(&self, name: &str, root: Digest) -> Result<Arc<AccessLog>, String> {
+    /// Adds `inputs/{name}` for the tree rooted at `root`, fetched through
+    /// `cache`. O(1): nothing is fetched.
+    pub fn register(&self, name: &str, root: Digest, cache: Arc<BlobCache>) -> Result<Arc<AccessLog>, String> {
         if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
             return Err(format!("{name:?} is not a valid input root name"));
         }
@@ -186,7 +190,7 @@ impl Inodes {
         }
         let log = Arc::new(AccessLog::default());
         let ino = self.alloc();
-        let scope = Some(Scope { log: log.clone(), path: String::new() });
+        let scope = Some(Scope { log: log.clone(), path: String::new(), cache });
         let mtime = SystemTime::UNIX_EPOCH + FIXED_MTIME;
         self.insert(Node { ino, parent: INPUTS, kind: NodeKind::Dir(DirNode::new(root, mtime)), scope });
         inputs.insert(name.to_owned(), InputRoot { ino, log: log.clone() });

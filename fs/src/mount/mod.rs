@@ -137,7 +137,17 @@ impl CasMount {
     /// Makes the tree rooted at `root` appear as `inputs/{name}` and returns
     /// its path. O(1): nothing is fetched until something looks inside.
     pub fn register(&self, name: &str, root: Digest) -> Result<PathBuf, MountError> {
-        self.state.inodes.register(name, root).map_err(MountError::InvalidName)?;
+        self.register_in(name, None, root)
+    }
+
+    /// [`CasMount::register`] for a tree of another REAPI instance than the
+    /// mount's own (`None`: the mount's).
+    pub fn register_in(&self, name: &str, instance: Option<&str>, root: Digest) -> Result<PathBuf, MountError> {
+        let cache = match instance {
+            None => self.state.cache.clone(),
+            Some(instance) => self.state.cache_for(instance),
+        };
+        self.state.inodes.register(name, root, cache).map_err(MountError::InvalidName)?;
         Ok(self.mountpoint.join("inputs").join(name))
     }
 
@@ -162,7 +172,7 @@ impl CasMount {
     /// Counters for monitoring and tests.
     pub fn stats(&self) -> MountStats {
         MountStats {
-            remote_reads: self.state.cache.remote_reads(),
+            remote_reads: self.state.remote_reads(),
             passthrough: self.state.passthrough.load(Ordering::Relaxed),
             passthrough_opens: self.state.passthrough_opens.load(Ordering::Relaxed),
             open_files: self.state.open_files(),

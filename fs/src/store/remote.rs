@@ -77,6 +77,12 @@ impl RemoteStore {
         &self.options.instance
     }
 
+    /// The same server and channel, for another instance.
+    pub fn with_instance(&self, instance: &str) -> RemoteStore {
+        let options = RemoteStoreOptions { instance: instance.to_owned(), ..self.options.clone() };
+        RemoteStore { channel: self.channel.clone(), options }
+    }
+
     fn cas(&self) -> ContentAddressableStorageClient<Channel> {
         ContentAddressableStorageClient::new(self.channel.clone())
             .max_decoding_message_size(usize::MAX)
