@@ -413,3 +413,93 @@ impl Workers for WorkersService {
         Ok(Response::new(CompleteResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::{FutureExt, StreamExt};
+
+    fn action(i: u32) -> ActionRequest {
+        ActionRequest {
+            instance: String::new(),
+            action: DigestFunction::Sha256.digest_of(format!("action {i}").as_bytes()),
+            platform: vec![],
+            priority: 0,
+        }
+    }
+
+    async fn join(service: &WorkersService, id: &str, slots: u32) -> LeaseStream {
+        let register = RegisterRequest { worker_id: id.into(), slots, ..Default::default() };
+        service.register(Request::new(register)).await.unwrap();
+        service.leases(Request::new(LeasesRequest { worker_id: id.into() })).await.unwrap().into_inner()
+    }
+
+    async fn heartbeat(service: &WorkersService, id: &str, slots: u32, free_cpus: u32) {
+        let beat = HeartbeatRequest { worker_id: id.into(), slots, free_cpus, ..Default::default() };
+        service.heartbeat(Request::new(beat)).await.unwrap();
+    }
+
+    /// Leases a stream has received so far (without waiting for more).
+    fn drain(stream: &mut LeaseStream) -> usize {
+        let mut n = 0;
+        while let Some(Some(Ok(_))) = stream.next().now_or_never() {
+            n += 1;
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn placement_follows_idle_cpus_and_never_overloads_a_worker() {
+        let pool = WorkerPool::new(PoolConfig { heartbeat_interval: Duration::from_secs(60), ..Default::default() });
+        let service = WorkersService::new(pool.clone());
+        let mut roomy = join(&service, "roomy", 4).await;
+        let mut busy = join(&service, "busy", 4).await;
+        // Same slots, but the busy host has one idle CPU: its effective capacity is 1.
+        heartbeat(&service, "roomy", 4, 4).await;
+        heartbeat(&service, "busy", 4, 1).await;
+        let waiting: Vec<_> = (0..6)
+            .map(|i| {
+                let pool = pool.clone();
+                tokio::spawn(async move { pool.execute(action(i)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (on_roomy, on_busy) = (drain(&mut roomy), drain(&mut busy));
+        assert_eq!((on_roomy, on_busy), (4, 1), "filled up to effective capacity, the sixth waits");
+        assert_eq!(pool.lock().queue.len(), 1);
+        // The busy host frees up: the queued action goes there.
+        heartbeat(&service, "busy", 4, 4).await;
+        assert_eq!(drain(&mut busy), 1);
+        assert!(pool.lock().queue.is_empty());
+        for task in waiting {
+            task.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_is_only_completed_by_its_worker_and_refuses_unknown_ids() {
+        let pool = WorkerPool::new(PoolConfig::default());
+        let service = WorkersService::new(pool.clone());
+        let mut stream = join(&service, "w", 1).await;
+        let waiting = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.execute(action(1)).await }
+        });
+        let lease = match stream.next().await.unwrap().unwrap().update {
+            Some(Update::Lease(lease)) => lease,
+            other => panic!("expected a lease, got {other:?}"),
+        };
+        let complete = |worker: &str, lease_id: &str| CompleteRequest {
+            worker_id: worker.into(),
+            lease_id: lease_id.into(),
+            outcome: Some(Outcome::ActionResult(ActionResult { exit_code: 3, ..Default::default() }.encode_to_vec())),
+            ..Default::default()
+        };
+        let err = service.complete(Request::new(complete("other", &lease.lease_id))).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        let err = service.complete(Request::new(complete("w", "no-such-lease"))).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        service.complete(Request::new(complete("w", &lease.lease_id))).await.unwrap();
+        assert_eq!(waiting.await.unwrap().unwrap().result.exit_code, 3);
+    }
+}
