@@ -11,7 +11,9 @@ use casbuild_proto::longrunning::operations_client::OperationsClient;
 use casbuild_proto::longrunning::{CancelOperationRequest, GetOperationRequest};
 use casbuild_proto::reapi::execution_client::ExecutionClient;
 use casbuild_proto::reapi::WaitExecutionRequest;
-use common::execute::{execute_request, operations, output_digest, response_of, shell_action, upload, upload_in, F};
+use common::execute::{
+    execute_request, operations, output_digest, response_of, shell_action, shell_action_with, upload, upload_in, F,
+};
 use common::{needs_root, processes_with, Coordinator};
 use prost::Message;
 use tonic::Code;
@@ -146,4 +148,28 @@ async fn actions_run_in_their_own_instance() {
     // The default instance has none of those blobs.
     let ops = operations(client.execute(execute_request(&action, false)).await.unwrap().into_inner()).await;
     assert_eq!(response_of(ops.last().unwrap()).status.unwrap().code, Code::FailedPrecondition as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_and_do_not_cache_actions_are_not_cached() {
+    if !needs_root("failures_and_do_not_cache_actions_are_not_cached", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start_up(dir.path());
+    let mut client = ExecutionClient::new(server.channel().await);
+    let (failing, blobs) = shell_action("head -c 16 /dev/urandom > out; exit 3");
+    upload(&server, blobs).await;
+    let (uncached, blobs) = shell_action_with("head -c 16 /dev/urandom > out", true);
+    upload(&server, blobs).await;
+    for action in [failing, uncached] {
+        let mut outputs = Vec::new();
+        for _ in 0..2 {
+            let ops = operations(client.execute(execute_request(&action, false)).await.unwrap().into_inner()).await;
+            let response = response_of(ops.last().unwrap());
+            assert!(!response.cached_result, "{response:?}");
+            outputs.push(output_digest(&response));
+        }
+        assert_ne!(outputs[0], outputs[1], "ran twice");
+    }
 }

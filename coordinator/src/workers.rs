@@ -502,4 +502,41 @@ mod tests {
         service.complete(Request::new(complete("w", &lease.lease_id))).await.unwrap();
         assert_eq!(waiting.await.unwrap().unwrap().result.exit_code, 3);
     }
+
+    #[tokio::test]
+    async fn an_action_lost_with_too_many_workers_fails_unavailable() {
+        let config = PoolConfig {
+            heartbeat_interval: Duration::from_millis(20),
+            missed_heartbeats: 1,
+            max_attempts: 1,
+            token: None,
+        };
+        let pool = WorkerPool::new(config);
+        let service = WorkersService::new(pool.clone());
+        let waiting = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.execute(action(7)).await }
+        });
+        // Two workers in turn take the lease and vanish without a heartbeat.
+        let settled = |workers: usize, queued: usize| {
+            let pool = pool.clone();
+            async move {
+                while pool.worker_count() != workers || pool.lock().queue.len() != queued {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), settled(0, 1)).await.unwrap();
+        let mut first = join(&service, "first", 1).await;
+        assert!(matches!(first.next().await, Some(Ok(LeaseUpdate { update: Some(Update::Lease(_)) }))));
+        tokio::time::timeout(Duration::from_secs(10), settled(0, 1)).await.expect("requeued once");
+        let mut second = join(&service, "second", 1).await;
+        assert!(matches!(second.next().await, Some(Ok(LeaseUpdate { update: Some(Update::Lease(_)) }))));
+        let outcome = tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();
+        match outcome {
+            Err(ExecutorError::Unavailable(message)) => assert!(message.contains("giving up"), "{message}"),
+            other => panic!("expected UNAVAILABLE, got {other:?}"),
+        }
+        assert_eq!(pool.worker_count(), 0);
+    }
 }

@@ -21,6 +21,11 @@ pub fn blob<M: Message>(message: &M) -> (Digest, Bytes) {
 
 /// An Action running `script` with `sh`, its output `out`, and the blobs to upload.
 pub fn shell_action(script: &str) -> (Digest, Vec<(Digest, Bytes)>) {
+    shell_action_with(script, false)
+}
+
+/// [`shell_action`], optionally marked `do_not_cache`.
+pub fn shell_action_with(script: &str, do_not_cache: bool) -> (Digest, Vec<(Digest, Bytes)>) {
     let command = Command {
         arguments: vec!["sh".into(), "-c".into(), script.into()],
         environment_variables: vec![EnvironmentVariable { name: "PATH".into(), value: "/usr/bin:/bin".into() }],
@@ -32,6 +37,7 @@ pub fn shell_action(script: &str) -> (Digest, Vec<(Digest, Bytes)>) {
     let action = Action {
         command_digest: Some(command_digest.to_proto()),
         input_root_digest: Some(root_digest.to_proto()),
+        do_not_cache,
         ..Default::default()
     };
     let (action_digest, action_bytes) = blob(&action);
