@@ -163,8 +163,8 @@ async fn queued_actions_run_by_priority_and_cancelling_stops_a_remote_command() 
     let dir = tempfile::tempdir().unwrap();
     let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN, "--heartbeat-ms", "200"]);
     let _detach = Detach(dir.path().join("worker-1/cas"));
-    let _w1 =
-        worker_with(&server, dir.path(), 1, &["--slots", "1", "--sandbox-uid", "61234", "--sandbox-gid", "61235"]);
+    let limits = ["--slots", "1", "--sandbox-uid", "61234", "--sandbox-gid", "61235", "--max-file-size", "1MiB"];
+    let _w1 = worker_with(&server, dir.path(), 1, &limits);
     let channel = server.channel().await;
 
     // One slot, busy with a blocker; then priorities 5, 1, 3 arrive in that order.
@@ -209,6 +209,13 @@ async fn queued_actions_run_by_priority_and_cancelling_stops_a_remote_command() 
     };
     let data = server.cas().await.batch_read_blobs(read).await.unwrap().into_inner().responses.remove(0).data;
     assert_eq!(String::from_utf8_lossy(&data), "61234:61235\n");
+
+    // Writing past the worker's file size limit kills the writer (SIGXFSZ).
+    let (big, blobs) = shell_action("head -c 2000000 /dev/zero > out");
+    upload(&server, blobs).await;
+    let ops = operations(client.execute(execute_request(&big, false)).await.unwrap().into_inner()).await;
+    let response = response_of(ops.last().unwrap());
+    assert_eq!(response.result.as_ref().unwrap().exit_code, 128 + libc::SIGXFSZ, "{response:?}");
 
     // Cancel an operation running on the worker: its command is killed there.
     let (slow, blobs) = shell_action("sleep 300; echo remote-cancel > out");

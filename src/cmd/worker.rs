@@ -68,6 +68,12 @@ pub struct Args {
     /// The group id sandboxed commands run as.
     #[arg(long, default_value_t = 65534)]
     sandbox_gid: u32,
+    /// Largest file an action may write, stdout and stderr included; writing past it kills the writer.
+    #[arg(long, value_parser = parse_size, default_value = "4GiB")]
+    max_file_size: u64,
+    /// Processes an action may run at once (per sandbox user).
+    #[arg(long, default_value_t = 512)]
+    max_processes: u64,
 }
 
 type Client = WorkersClient<InterceptedService<Channel, Auth>>;
@@ -156,6 +162,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.worker_name = id.clone();
     config.uid = args.sandbox_uid;
     config.gid = args.sandbox_gid;
+    config.limits.max_file_bytes = args.max_file_size;
+    config.limits.max_processes = args.max_processes;
     if !args.toolchain.is_empty() {
         if let Some(bad) = args.toolchain.iter().find(|p| !p.is_absolute()) {
             bail!("--toolchain {} must be an absolute path", bad.display());
