@@ -24,6 +24,9 @@ enum Command {
     Coordinator(cmd::coordinator::Args),
     /// Run one action sandboxed on this host: a stored Action, or a command over a directory.
     Exec(cmd::exec::Args),
+    /// Whole build graphs: check them (running them is next).
+    #[command(subcommand)]
+    Graph(cmd::graph::Command),
     /// Mount a remote CAS as a lazily fetched, read-only filesystem.
     Mount(cmd::mount::Args),
     /// Upload, download and list blobs and trees in a remote CAS.
@@ -62,6 +65,7 @@ fn main() -> std::process::ExitCode {
             Command::Worker(args) => cmd::worker::run(args).await,
             Command::Mount(args) => cmd::mount::run(args).await,
             Command::Exec(args) => cmd::exec::run(args).await,
+            Command::Graph(command) => cmd::graph::run(command).await,
             Command::Cas(command) => cmd::cas::run(command).await,
             Command::Bench(command) => cmd::bench::run(command).await,
         }

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cas;
 pub mod coordinator;
 pub mod exec;
+pub mod graph;
 pub mod mount;
 pub mod up;
 pub mod worker;
