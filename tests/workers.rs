@@ -263,3 +263,26 @@ async fn a_worker_told_to_stop_finishes_its_running_actions_first() {
     assert_eq!(worker_of(&response), "w1", "the draining worker finished it");
     stopping.await.unwrap();
 }
+
+#[test]
+fn the_worker_token_can_come_from_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(&config, "worker_token = \"from-the-file\"\nheartbeat_ms = 250\n").unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &["--config", config.to_str().unwrap()]);
+    let attempt = |token: &str| {
+        casbuild()
+            .args(["worker", "--coordinator", &server.url(), "--worker-token", token, "--mount"])
+            .arg(dir.path().join("never-mounted"))
+            .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+            .output()
+            .unwrap()
+    };
+    let refused = attempt("wrong");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("refused"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

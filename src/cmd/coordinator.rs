@@ -14,7 +14,7 @@ use crate::config::{default_data_dir, load_toml, parse_size, ConfigSize};
 /// Flags of `casbuild coordinator`; each may also come from `--config`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// TOML file with any of: listen, storage, max_disk, max_memory, max_batch.
+    /// TOML file with any of: listen, storage, max_disk, max_memory, max_batch, worker_token, heartbeat_ms.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Address to serve on (port 0 picks a free port, printed at start).
@@ -35,9 +35,10 @@ pub struct Args {
     /// The secret workers must present (`casbuild worker --worker-token`); without it any worker may join.
     #[arg(long, env = "CASBUILD_WORKER_TOKEN")]
     worker_token: Option<String>,
-    /// How often workers heartbeat, in milliseconds; three missed heartbeats lose a worker its leases.
-    #[arg(long, default_value_t = 3000)]
-    heartbeat_ms: u64,
+    /// How often workers heartbeat, in milliseconds; three missed heartbeats lose a worker its leases
+    /// [default: 3000].
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
 }
 
 /// The `--config` file.
@@ -49,6 +50,8 @@ struct FileConfig {
     max_disk: Option<ConfigSize>,
     max_memory: Option<ConfigSize>,
     max_batch: Option<ConfigSize>,
+    worker_token: Option<String>,
+    heartbeat_ms: Option<u64>,
 }
 
 /// Everything the coordinator needs, after flags, file and defaults are merged.
@@ -80,8 +83,10 @@ impl Args {
         }
         let listen = self.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8980".parse().expect("valid address"));
         let pool = PoolConfig {
-            heartbeat_interval: std::time::Duration::from_millis(self.heartbeat_ms.max(10)),
-            token: self.worker_token.filter(|t| !t.is_empty()),
+            heartbeat_interval: std::time::Duration::from_millis(
+                self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(3000).max(10),
+            ),
+            token: self.worker_token.or(file.worker_token).filter(|t| !t.is_empty()),
             ..PoolConfig::default()
         };
         Ok(Settings { listen, storage, server, pool })
