@@ -10,14 +10,14 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use casbuild_exec::runner::{unread_inputs, ExecError, Execution, Runner, RunnerConfig};
 use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
-use casbuild_fs::store::{BlobStore, DiskStore, RemoteStore};
+use casbuild_fs::store::{BlobStore, RemoteStore};
 use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
 use casbuild_proto::reapi::command::EnvironmentVariable;
 use casbuild_proto::reapi::{Action, Command, Directory, Tree, UpdateActionResultRequest};
 use prost::Message;
 
 use crate::cmd::cas::{download_file, file_paths, materialize, upload, Remote};
+use crate::cmd::mount::mount_cas;
 use crate::config::{default_data_dir, parse_size};
 
 #[derive(clap::Args)]
@@ -79,18 +79,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mountpoint =
         args.mount.clone().unwrap_or_else(|| default_data_dir().join(format!("exec-mount-{}", std::process::id())));
     let scratch = default_data_dir().join(format!("exec-scratch-{}", std::process::id()));
-    let (dir, budget) = (cache_dir.clone(), args.cache_size);
-    let local = tokio::task::spawn_blocking(move || DiskStore::open(&dir, budget))
-        .await?
-        .with_context(|| format!("opening the blob cache in {}", cache_dir.display()))?
-        .namespace(&args.remote.instance);
-    let cache = Arc::new(BlobCache::new(local, remote.clone(), Duration::from_secs(60)));
-    let runtime = tokio::runtime::Handle::current();
-    let point = mountpoint.clone();
-    let mount = Arc::new(
-        tokio::task::spawn_blocking(move || CasMount::mount(&point, cache, runtime, &MountOptions::default()))
-            .await??,
-    );
+    let timeout = Duration::from_secs(60);
+    let mount =
+        mount_cas(&mountpoint, &cache_dir, args.cache_size, remote.clone(), timeout, Default::default()).await?;
+    let mount = Arc::new(mount);
     let config = RunnerConfig::new(scratch.clone(), std::env::current_exe().context("finding casbuild itself")?);
     let runner = Runner::new(config, mount.clone(), remote.clone())?;
     let outcome = runner.execute(&action_digest).await;

@@ -1,7 +1,7 @@
 //! `casbuild mount`: the /cas filesystem of a remote CAS, for inspection and
 //! for tools; workers mount it in-process instead.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +39,31 @@ pub struct Args {
     no_passthrough: bool,
 }
 
+/// Opens the blob cache in `cache_dir` (namespaced to `remote`'s instance)
+/// and mounts it at `mountpoint`, both off the async threads: the one way the
+/// CLI's commands get a /cas mount.
+pub async fn mount_cas(
+    mountpoint: &Path,
+    cache_dir: &Path,
+    budget: u64,
+    remote: RemoteStore,
+    fetch_timeout: Duration,
+    options: MountOptions,
+) -> anyhow::Result<CasMount> {
+    let dir = cache_dir.to_path_buf();
+    let local = tokio::task::spawn_blocking(move || DiskStore::open(&dir, budget))
+        .await?
+        .with_context(|| format!("opening the blob cache in {}", cache_dir.display()))?
+        .namespace(remote.instance());
+    let cache = Arc::new(BlobCache::new(local, remote, fetch_timeout));
+    let runtime = tokio::runtime::Handle::current();
+    let point = mountpoint.to_path_buf();
+    let mount = tokio::task::spawn_blocking(move || CasMount::mount(&point, cache, runtime, &options))
+        .await?
+        .with_context(|| format!("mounting the CAS at {} (needs root and /dev/fuse)", mountpoint.display()))?;
+    Ok(mount)
+}
+
 /// Mounts, prints the mount point, and unmounts on SIGINT or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(args.fetch_timeout.max(1));
@@ -49,16 +74,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("connecting to {}", args.remote))?;
     let cache_dir = args.cache_dir.unwrap_or_else(|| default_data_dir().join("mount-cache"));
-    let (dir, budget) = (cache_dir.clone(), args.cache_size);
-    let local = tokio::task::spawn_blocking(move || DiskStore::open(&dir, budget))
-        .await?
-        .with_context(|| format!("opening the blob cache in {}", cache_dir.display()))?
-        .namespace(&args.instance);
-    let cache = Arc::new(BlobCache::new(local, remote, timeout));
     let options = MountOptions { threads: args.threads, passthrough: !args.no_passthrough };
-    let runtime = tokio::runtime::Handle::current();
-    let mountpoint = args.mountpoint.clone();
-    let mount = tokio::task::spawn_blocking(move || CasMount::mount(&mountpoint, cache, runtime, &options)).await??;
+    let mount = mount_cas(&args.mountpoint, &cache_dir, args.cache_size, remote, timeout, options).await?;
     println!("casbuild mount ready at {}", mount.mountpoint().display());
     shutdown_signal().await;
     let stats = mount.stats();

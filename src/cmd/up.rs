@@ -11,11 +11,11 @@ use casbuild_coordinator::{
     ActionExecutor, ActionRequest, Executed, ExecutionConfig, ExecutorError, Scheduler, ServerConfig,
 };
 use casbuild_exec::runner::{ExecError, Runner, RunnerConfig};
-use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
 use casbuild_fs::storage::{Storage, StorageConfig};
-use casbuild_fs::store::{DiskStore, RemoteStore, RemoteStoreOptions};
+use casbuild_fs::store::{RemoteStore, RemoteStoreOptions};
 
 use crate::cmd::coordinator::shutdown_signal;
+use crate::cmd::mount::mount_cas;
 use crate::config::{default_data_dir, parse_size};
 
 #[derive(clap::Args)]
@@ -89,17 +89,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // The worker half: a blob cache and /cas mount of its own, fed over loopback.
     let remote = RemoteStore::connect(&url, RemoteStoreOptions::default()).await?;
-    let cache_dir = dir.join("worker-cache");
-    let local = tokio::task::spawn_blocking(move || DiskStore::open(&cache_dir, u64::MAX / 2)).await??;
-    let cache = Arc::new(BlobCache::new(local, remote.clone(), Duration::from_secs(60)));
     let mountpoint = dir.join("cas");
-    let runtime = tokio::runtime::Handle::current();
-    let point = mountpoint.clone();
-    let mount = Arc::new(
-        tokio::task::spawn_blocking(move || CasMount::mount(&point, cache, runtime, &MountOptions::default()))
-            .await?
-            .context("mounting the worker's /cas (needs root and /dev/fuse)")?,
-    );
+    let cache_dir = dir.join("worker-cache");
+    let timeout = Duration::from_secs(60);
+    let mount =
+        Arc::new(mount_cas(&mountpoint, &cache_dir, u64::MAX / 2, remote.clone(), timeout, Default::default()).await?);
     let helper = std::env::current_exe().context("finding casbuild itself")?;
     let runner = Runner::new(RunnerConfig::new(dir.join("scratch"), helper), mount.clone(), remote)?;
     let _ = worker.runner.set(runner);

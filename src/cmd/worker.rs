@@ -10,8 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use casbuild_exec::runner::{ExecError, Runner, RunnerConfig};
 use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
-use casbuild_fs::store::{DiskStore, RemoteStore, RemoteStoreOptions};
+use casbuild_fs::store::{RemoteStore, RemoteStoreOptions};
 use casbuild_proto::worker::complete_request::Outcome;
 use casbuild_proto::worker::lease_update::Update;
 use casbuild_proto::worker::workers_client::WorkersClient;
@@ -27,6 +26,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::cmd::coordinator::shutdown_signal;
+use crate::cmd::mount::mount_cas;
 use crate::config::{default_data_dir, parse_size};
 
 #[derive(clap::Args)]
@@ -142,19 +142,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let data = default_data_dir();
     let cache_dir = args.cache_dir.clone().unwrap_or_else(|| data.join("worker-cache"));
-    let budget = args.cache_size;
-    let dir = cache_dir.clone();
-    let local = tokio::task::spawn_blocking(move || DiskStore::open(&dir, budget))
-        .await?
-        .with_context(|| format!("opening the blob cache in {}", cache_dir.display()))?;
-    let cache = Arc::new(BlobCache::new(local, remote.clone(), Duration::from_secs(60)));
-    let runtime = tokio::runtime::Handle::current();
-    let point = args.mount.clone();
-    let mount = Arc::new(
-        tokio::task::spawn_blocking(move || CasMount::mount(&point, cache, runtime, &MountOptions::default()))
-            .await?
-            .context("mounting /cas (needs root and /dev/fuse)")?,
-    );
+    let timeout = Duration::from_secs(60);
+    let mount = mount_cas(&args.mount, &cache_dir, args.cache_size, remote.clone(), timeout, Default::default());
+    let mount = Arc::new(mount.await?);
     let mut config = RunnerConfig::new(
         args.scratch.clone().unwrap_or_else(|| data.join("worker-scratch")),
         std::env::current_exe().context("finding casbuild itself")?,

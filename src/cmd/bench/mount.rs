@@ -7,15 +7,15 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
-use casbuild_fs::store::{DiskStore, RemoteStore};
+use casbuild_fs::mount::{CasMount, MountOptions};
+use casbuild_fs::store::RemoteStore;
 
 use super::{gb_per_s, median, noise, print_table, settle_disk, LocalServer, Row};
+use crate::cmd::mount::mount_cas;
 use crate::config::parse_size;
 
 #[derive(clap::Args)]
@@ -66,13 +66,9 @@ impl Setup {
         self.mounts += 1;
         let cache_dir = self.scratch.join(format!("cache-{}", self.mounts));
         let mountpoint = self.scratch.join(format!("mnt-{}", self.mounts));
-        let dir = cache_dir.clone();
-        let local = tokio::task::spawn_blocking(move || DiskStore::open(&dir, u64::MAX)).await??;
-        let cache = Arc::new(BlobCache::new(local, self.server.remote.clone(), Duration::from_secs(60)));
-        let runtime = tokio::runtime::Handle::current();
-        let mount =
-            tokio::task::spawn_blocking(move || CasMount::mount(&mountpoint, cache, runtime, &MountOptions::default()))
-                .await??;
+        let remote = self.server.remote.clone();
+        let timeout = Duration::from_secs(60);
+        let mount = mount_cas(&mountpoint, &cache_dir, u64::MAX, remote, timeout, MountOptions::default()).await?;
         Ok(Fresh { mount, cache_dir })
     }
 }
