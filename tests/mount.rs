@@ -210,6 +210,11 @@ fn nothing_is_fetched_before_it_is_needed() {
     }
     assert_eq!(std::fs::read(path.join("empty")).unwrap(), b"", "the empty blob needs no fetch");
     assert_eq!(fx.remote_reads(), 5);
+    // A tree looked up by digest: its root Directory is fetched once, for the
+    // lookup, and the listing that follows uses it.
+    let by_digest = fx.path(&format!("trees/blake3/{}-{}", root.hash_hex(), root.size_bytes));
+    assert_eq!(std::fs::read_dir(&by_digest).unwrap().count(), 5, "src, empty-dir, empty, run.sh, link");
+    assert_eq!(fx.remote_reads(), 6);
 }
 
 #[test]

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
+use casbuild_proto::reapi::Directory;
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
     LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen,
@@ -124,17 +125,15 @@ impl CasFs {
         if let Some(children) = dir.loaded() {
             return Ok(children);
         }
-        let cache = self.cache_of(node);
-        let bytes = self
-            .state
-            .runtime
-            .block_on(async move { cache.read_directory(&dir.digest).await })
-            .map_err(|e| fetch_errno("loading a directory", e))?;
-        let directory = decode_directory(&dir.digest, &bytes).map_err(|e| {
-            tracing::warn!("{e}");
-            Errno::EIO
-        })?;
+        let directory =
+            self.directory(self.cache_of(node), dir.digest).map_err(|e| fetch_errno("loading a directory", e))?;
         Ok(self.state.inodes.install_children(node, &directory))
+    }
+
+    /// Fetches and validates a Directory proto; a malformed one is a failed fetch.
+    fn directory(&self, cache: Arc<BlobCache>, digest: Digest) -> Result<Directory, FetchError> {
+        let bytes = self.state.runtime.block_on(async move { cache.read_directory(&digest).await })?;
+        decode_directory(&digest, &bytes).map_err(|e| FetchError::Failed(e.to_string()))
     }
 
     /// Every entry of a directory with its inode, in a stable order.
@@ -169,28 +168,24 @@ impl CasFs {
         if let Some(node) = self.state.inodes.by_digest(tree, &digest).and_then(|ino| self.state.inodes.get(ino)) {
             return Ok(node);
         }
-        let cache = self.state.cache.clone();
         if tree {
-            // Load the root Directory now: it proves the tree exists and is needed next anyway.
-            match self.state.runtime.block_on(async move { cache.read_directory(&digest).await }) {
-                Ok(bytes) => {
-                    decode_directory(&digest, &bytes).map_err(|e| {
-                        tracing::warn!("{e}");
-                        Errno::EIO
-                    })?;
-                }
+            // The root Directory proves the tree exists, and its entries are
+            // what the next request asks for: keep them.
+            let directory = match self.directory(self.state.cache.clone(), digest) {
+                Ok(directory) => directory,
                 Err(FetchError::NotFound(_)) => return Err(Errno::ENOENT),
                 Err(e) => return Err(fetch_errno("looking up a tree", e)),
-            }
-        } else {
-            let present = self.state.runtime.block_on(async move { cache.has(&digest).await });
-            match present {
-                Ok(true) => {}
-                Ok(false) => return Err(Errno::ENOENT),
-                Err(e) => return Err(fetch_errno("looking up a blob", e)),
-            }
+            };
+            let node = self.state.inodes.add_by_digest(parent.ino, true, digest);
+            self.state.inodes.install_children(&node, &directory);
+            return Ok(node);
         }
-        Ok(self.state.inodes.add_by_digest(parent.ino, tree, digest))
+        let cache = self.state.cache.clone();
+        match self.state.runtime.block_on(async move { cache.has(&digest).await }) {
+            Ok(true) => Ok(self.state.inodes.add_by_digest(parent.ino, false, digest)),
+            Ok(false) => Err(Errno::ENOENT),
+            Err(e) => Err(fetch_errno("looking up a blob", e)),
+        }
     }
 
     fn attr(&self, node: &Node) -> FileAttr {
