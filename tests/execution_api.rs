@@ -12,7 +12,8 @@ use casbuild_proto::longrunning::{CancelOperationRequest, GetOperationRequest};
 use casbuild_proto::reapi::execution_client::ExecutionClient;
 use casbuild_proto::reapi::WaitExecutionRequest;
 use common::execute::{
-    execute_request, operations, output_digest, response_of, shell_action, shell_action_with, upload, upload_in, F,
+    execute, execute_request, operations, output_digest, response_of, shell_action, shell_action_with, upload,
+    upload_in, F,
 };
 use common::{needs_root, processes_with, Coordinator};
 use prost::Message;
@@ -57,12 +58,10 @@ async fn five_hundred_executes_of_fifty_actions_run_each_action_once() {
 
     // Later Executes are cache hits; skip_cache_lookup runs the action again.
     let mut client = ExecutionClient::new(channel.clone());
-    let ops = operations(client.execute(execute_request(&actions[0], false)).await.unwrap().into_inner()).await;
-    let hit = response_of(ops.last().unwrap());
+    let hit = execute(&mut client, execute_request(&actions[0], false)).await;
     assert!(hit.cached_result);
     assert!(outputs[&actions[0]].contains(&output_digest(&hit)));
-    let ops = operations(client.execute(execute_request(&actions[0], true)).await.unwrap().into_inner()).await;
-    let rerun = response_of(ops.last().unwrap());
+    let rerun = execute(&mut client, execute_request(&actions[0], true)).await;
     assert!(!rerun.cached_result);
     assert!(!outputs[&actions[0]].contains(&output_digest(&rerun)), "skip_cache_lookup runs it again");
 }
@@ -141,13 +140,12 @@ async fn actions_run_in_their_own_instance() {
     upload_in(&server, "team/a", blobs).await;
     let mut request = execute_request(&action, false);
     request.instance_name = "team/a".into();
-    let ops = operations(client.execute(request).await.unwrap().into_inner()).await;
-    let response = response_of(ops.last().unwrap());
+    let response = execute(&mut client, request).await;
     assert_eq!(response.status.as_ref().map_or(0, |s| s.code), 0, "{response:?}");
     assert!(!output_digest(&response).is_empty());
     // The default instance has none of those blobs.
-    let ops = operations(client.execute(execute_request(&action, false)).await.unwrap().into_inner()).await;
-    assert_eq!(response_of(ops.last().unwrap()).status.unwrap().code, Code::FailedPrecondition as i32);
+    let response = execute(&mut client, execute_request(&action, false)).await;
+    assert_eq!(response.status.unwrap().code, Code::FailedPrecondition as i32);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,8 +163,7 @@ async fn failures_and_do_not_cache_actions_are_not_cached() {
     for action in [failing, uncached] {
         let mut outputs = Vec::new();
         for _ in 0..2 {
-            let ops = operations(client.execute(execute_request(&action, false)).await.unwrap().into_inner()).await;
-            let response = response_of(ops.last().unwrap());
+            let response = execute(&mut client, execute_request(&action, false)).await;
             assert!(!response.cached_result, "{response:?}");
             outputs.push(output_digest(&response));
         }

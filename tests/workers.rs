@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use casbuild_proto::reapi::execution_client::ExecutionClient;
-use common::execute::{execute_request, operations, response_of, shell_action, upload};
+use common::execute::{execute, execute_request, operations, response_of, shell_action, upload};
 use common::{casbuild, needs_root, processes_with, Coordinator};
 
 const TOKEN: &str = "s3cret-worker-token";
@@ -67,10 +67,7 @@ async fn execute_all(
         .iter()
         .map(|action| {
             let (mut client, action) = (ExecutionClient::new(channel.clone()), *action);
-            tokio::spawn(async move {
-                let stream = client.execute(execute_request(&action, false)).await.unwrap().into_inner();
-                response_of(operations(stream).await.last().unwrap())
-            })
+            tokio::spawn(async move { execute(&mut client, execute_request(&action, false)).await })
         })
         .collect();
     let mut responses = Vec::new();
@@ -147,8 +144,8 @@ async fn two_workers_share_work_survive_a_crash_and_results_outlive_the_coordina
     server.stop();
     let server = Coordinator::start(&storage, &flags);
     let mut client = ExecutionClient::new(server.channel().await);
-    let ops = operations(client.execute(execute_request(&actions[0], false)).await.unwrap().into_inner()).await;
-    assert!(response_of(ops.last().unwrap()).cached_result, "the action cache survived the restart");
+    let response = execute(&mut client, execute_request(&actions[0], false)).await;
+    assert!(response.cached_result, "the action cache survived the restart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,8 +197,8 @@ async fn queued_actions_run_by_priority_and_cancelling_stops_a_remote_command() 
     // Commands run as the worker's configured user and group.
     let (ids, blobs) = shell_action("echo $(id -u):$(id -g) > out");
     upload(&server, blobs).await;
-    let ops = operations(client.execute(execute_request(&ids, false)).await.unwrap().into_inner()).await;
-    let out = response_of(ops.last().unwrap()).result.unwrap().output_files[0].digest.clone().unwrap();
+    let response = execute(&mut client, execute_request(&ids, false)).await;
+    let out = response.result.unwrap().output_files[0].digest.clone().unwrap();
     let read = casbuild_proto::reapi::BatchReadBlobsRequest {
         digests: vec![out],
         digest_function: common::execute::F.to_proto() as i32,
@@ -213,8 +210,7 @@ async fn queued_actions_run_by_priority_and_cancelling_stops_a_remote_command() 
     // Writing past the worker's file size limit kills the writer (SIGXFSZ).
     let (big, blobs) = shell_action("head -c 2000000 /dev/zero > out");
     upload(&server, blobs).await;
-    let ops = operations(client.execute(execute_request(&big, false)).await.unwrap().into_inner()).await;
-    let response = response_of(ops.last().unwrap());
+    let response = execute(&mut client, execute_request(&big, false)).await;
     assert_eq!(response.result.as_ref().unwrap().exit_code, 128 + libc::SIGXFSZ, "{response:?}");
 
     // Cancel an operation running on the worker: its command is killed there.

@@ -5,10 +5,12 @@ use bytes::Bytes;
 use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_proto::longrunning::{operation, Operation};
 use casbuild_proto::reapi::command::EnvironmentVariable;
+use casbuild_proto::reapi::execution_client::ExecutionClient;
 use casbuild_proto::reapi::{
     batch_update_blobs_request, Action, BatchUpdateBlobsRequest, Command, Directory, ExecuteRequest, ExecuteResponse,
 };
 use prost::Message;
+use tonic::transport::Channel;
 
 use super::Coordinator;
 
@@ -88,6 +90,12 @@ pub async fn operations(mut stream: tonic::Streaming<Operation>) -> Vec<Operatio
         all.push(op);
     }
     all
+}
+
+/// Executes `request` and returns the final ExecuteResponse.
+pub async fn execute(client: &mut ExecutionClient<Channel>, request: ExecuteRequest) -> ExecuteResponse {
+    let stream = client.execute(request).await.unwrap().into_inner();
+    response_of(operations(stream).await.last().expect("an Execute stream ends with an operation"))
 }
 
 pub fn response_of(op: &Operation) -> ExecuteResponse {
