@@ -24,7 +24,7 @@ enum Command {
     Coordinator(cmd::coordinator::Args),
     /// Run one action sandboxed on this host: a stored Action, or a command over a directory.
     Exec(cmd::exec::Args),
-    /// Whole build graphs: check them (running them is next).
+    /// Whole build graphs: check one, or run one on the cluster.
     #[command(subcommand)]
     Graph(cmd::graph::Command),
     /// Mount a remote CAS as a lazily fetched, read-only filesystem.

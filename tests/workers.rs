@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use casbuild_proto::reapi::execution_client::ExecutionClient;
 use common::execute::{execute, execute_request, operations, response_of, shell_action, upload};
-use common::{casbuild, needs_root, processes_with, Coordinator};
+use common::{casbuild, needs_root, processes_with, start_worker, Coordinator};
 
 const TOKEN: &str = "s3cret-worker-token";
 
@@ -21,27 +21,7 @@ fn worker(server: &Coordinator, dir: &Path, n: u32) -> Coordinator {
 }
 
 fn worker_with(server: &Coordinator, dir: &Path, n: u32, extra: &[&str]) -> Coordinator {
-    let base = dir.join(format!("worker-{n}"));
-    let path = |sub: &str| base.join(sub).to_str().unwrap().to_owned();
-    let (url, name) = (server.url(), format!("w{n}"));
-    let (mount, cache, scratch) = (path("cas"), path("cache"), path("scratch"));
-    let mut args = vec![
-        "worker",
-        "--coordinator",
-        &url,
-        "--mount",
-        &mount,
-        "--cache-dir",
-        &cache,
-        "--scratch",
-        &scratch,
-        "--worker-token",
-        TOKEN,
-        "--name",
-        &name,
-    ];
-    args.extend_from_slice(extra);
-    Coordinator::spawn(&args, "casbuild worker ", &base, true)
+    start_worker(server, dir, n, &[&["--worker-token", TOKEN], extra].concat())
 }
 
 /// Detaches a mount a killed worker left behind.

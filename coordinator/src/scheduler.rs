@@ -18,7 +18,9 @@ use casbuild_fs::tree::{child_digest, missing_in_tree, MissingError};
 use casbuild_proto::longrunning::{operation, Operation};
 use casbuild_proto::protobuf::Any;
 use casbuild_proto::reapi::execution_stage::Value as Stage;
-use casbuild_proto::reapi::{Action, ActionResult, Command, ExecuteOperationMetadata, ExecuteResponse};
+use casbuild_proto::reapi::{
+    Action, ActionResult, Command, ExecuteOperationMetadata, ExecuteResponse, ExecutedActionMetadata,
+};
 use prost::Message;
 use tokio::sync::{watch, Semaphore};
 use tonic::Code;
@@ -66,6 +68,37 @@ pub struct ActionRequest {
     pub platform: Vec<(String, String)>,
     /// ExecutionPolicy.priority: lower runs sooner; 0 is the default.
     pub priority: i32,
+    /// Told the host's name when a host starts running the action.
+    pub started: Started,
+}
+
+/// The executor's signal that a host took the action: the operation moves
+/// from QUEUED to EXECUTING, naming the worker (REAPI's
+/// `partial_execution_metadata`).
+#[derive(Clone)]
+pub struct Started(Arc<dyn Fn(&str) + Send + Sync>);
+
+impl Started {
+    /// Calls `f` with the worker's name.
+    pub fn new(f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        Started(Arc::new(f))
+    }
+
+    /// A signal nobody listens to.
+    pub fn ignored() -> Self {
+        Started::new(|_| {})
+    }
+
+    /// Reports that `worker` started the action.
+    pub fn on(&self, worker: &str) {
+        (self.0)(worker)
+    }
+}
+
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Started")
+    }
 }
 
 /// Runs actions: the local worker of `casbuild up`, or the remote worker pool.
@@ -103,13 +136,26 @@ fn any<M: Message>(type_name: &str, message: &M) -> Any {
 }
 
 fn metadata(stage: Stage, action: &Digest) -> Any {
+    metadata_with(stage, action, None)
+}
+
+fn metadata_with(stage: Stage, action: &Digest, partial: Option<ExecutedActionMetadata>) -> Any {
     let metadata = ExecuteOperationMetadata {
         stage: stage as i32,
         action_digest: Some(action.to_proto()),
         digest_function: action.function.to_proto() as i32,
+        partial_execution_metadata: partial,
         ..Default::default()
     };
     any("build.bazel.remote.execution.v2.ExecuteOperationMetadata", &metadata)
+}
+
+/// The stage of an operation, and the worker running it once one does.
+pub fn stage_of(operation: &Operation) -> Option<(Stage, String)> {
+    let any = operation.metadata.as_ref()?;
+    let metadata = ExecuteOperationMetadata::decode(any.value.as_slice()).ok()?;
+    let stage = Stage::try_from(metadata.stage).ok()?;
+    Some((stage, metadata.partial_execution_metadata.map(|m| m.worker).unwrap_or_default()))
 }
 
 /// A finished operation carrying `response`.
@@ -212,7 +258,7 @@ impl Scheduler {
         });
     }
 
-    async fn run(&self, job: &Job) -> ExecuteResponse {
+    async fn run(&self, job: &Arc<Job>) -> ExecuteResponse {
         let (instance, action) = (&job.key.0, &job.key.1);
         let platform = match self.missing_inputs(instance, action).await {
             Ok((missing, _)) if !missing.is_empty() => {
@@ -224,8 +270,24 @@ impl Scheduler {
         let Ok(_slot) = self.slots.clone().acquire_owned().await else {
             return error_response(Code::Unavailable, "the scheduler is shutting down".into());
         };
-        job.state.send_modify(|op| op.metadata = Some(metadata(Stage::Executing, action)));
-        let request = ActionRequest { instance: instance.clone(), action: *action, platform, priority: job.priority };
+        let state = job.clone();
+        let started = Started::new(move |worker| {
+            let partial = ExecutedActionMetadata {
+                worker: worker.to_owned(),
+                worker_start_timestamp: casbuild_proto::timestamp(std::time::SystemTime::now()),
+                ..Default::default()
+            };
+            let stage = metadata_with(Stage::Executing, &state.key.1, Some(partial));
+            state.state.send_if_modified(|op| {
+                if op.done {
+                    return false;
+                }
+                op.metadata = Some(stage);
+                true
+            });
+        });
+        let request =
+            ActionRequest { instance: instance.clone(), action: *action, platform, priority: job.priority, started };
         match self.executor.execute(request).await {
             Ok(executed) => {
                 let cacheable = executed.result.exit_code == 0 && !executed.do_not_cache && !executed.timed_out;

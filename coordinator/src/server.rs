@@ -8,6 +8,7 @@ use casbuild_fs::storage::Storage;
 use casbuild_proto::asset::fetch_server::FetchServer;
 use casbuild_proto::asset::push_server::PushServer;
 use casbuild_proto::bytestream::byte_stream_server::ByteStreamServer;
+use casbuild_proto::graph::graphs_server::GraphsServer;
 use casbuild_proto::longrunning::operations_server::OperationsServer;
 use casbuild_proto::reapi::action_cache_server::ActionCacheServer;
 use casbuild_proto::reapi::capabilities_server::CapabilitiesServer;
@@ -25,6 +26,7 @@ use crate::bytestream::ByteStreamService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
 use crate::execution::ExecutionService;
+use crate::graph::GraphsService;
 use crate::scheduler::Scheduler;
 use crate::workers::{WorkerPool, WorkersService};
 
@@ -89,6 +91,7 @@ pub async fn serve_with_execution(
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     let capabilities = CapabilitiesServer::new(CapabilitiesService::new(config.max_batch_bytes, scheduler.is_some()));
+    let graphs = scheduler.clone().map(|scheduler| GraphsServer::new(GraphsService::new(storage.clone(), scheduler)));
     let execution = scheduler.map(|scheduler| ExecutionService::new(storage.clone(), scheduler));
     let operations = execution.clone().map(OperationsServer::new);
     let execution = execution.map(ExecutionServer::new);
@@ -119,6 +122,7 @@ pub async fn serve_with_execution(
         .add_optional_service(execution)
         .add_optional_service(operations)
         .add_optional_service(workers)
+        .add_optional_service(graphs)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

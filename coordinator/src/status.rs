@@ -87,3 +87,11 @@ pub fn precondition_missing(missing: &[Digest]) -> casbuild_proto::rpc::Status {
         }],
     }
 }
+
+/// A `google.rpc.Status` as the gRPC status of a call, its details carried in
+/// the `grpc-status-details-bin` trailer as gRPC clients expect.
+pub fn call_status(status: casbuild_proto::rpc::Status) -> Status {
+    let code = Code::from_i32(status.code);
+    let message = status.message.clone();
+    Status::with_details(code, message, prost::Message::encode_to_vec(&status).into())
+}

@@ -27,7 +27,7 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Request, Response, Status};
 
-use crate::scheduler::{ActionExecutor, ActionRequest, Executed, ExecutorError};
+use crate::scheduler::{ActionExecutor, ActionRequest, Executed, ExecutorError, Started};
 
 /// How often workers heartbeat, and how long leases last without one.
 #[derive(Clone, Debug)]
@@ -59,6 +59,7 @@ struct Pending {
     action: Digest,
     platform: Vec<(String, String)>,
     attempts: u32,
+    started: Started,
     done: oneshot::Sender<ActionOutcome>,
 }
 
@@ -167,6 +168,7 @@ impl WorkerPool {
             let update = LeaseUpdate { update: Some(Update::Lease(lease)) };
             let sent = worker.leases.as_ref().is_some_and(|tx| tx.try_send(Ok(update)).is_ok());
             if sent {
+                pending.started.on(&worker_id);
                 worker.running.push(lease_id.clone());
                 pool.leased.insert(lease_id, (pending, worker_id));
             } else {
@@ -265,6 +267,7 @@ impl ActionExecutor for WorkerPool {
                 action: request.action,
                 platform: request.platform,
                 attempts: 0,
+                started: request.started,
                 done,
             };
             Self::enqueue(&mut pool.queue, pending, false);
@@ -425,6 +428,7 @@ mod tests {
             action: DigestFunction::Sha256.digest_of(format!("action {i}").as_bytes()),
             platform: vec![],
             priority: 0,
+            started: Started::ignored(),
         }
     }
 

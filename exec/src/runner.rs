@@ -14,7 +14,6 @@ use casbuild_fs::local_tree::hash_file;
 use casbuild_fs::mount::{AccessReport, CasMount};
 use casbuild_fs::store::{BlobStore, RemoteStore, StoreError};
 use casbuild_fs::tree::child_digest;
-use casbuild_proto::protobuf::Timestamp;
 use casbuild_proto::reapi::{Action, ActionResult, Command, ExecutedActionMetadata};
 use prost::Message;
 
@@ -130,11 +129,6 @@ struct Run<'a> {
     name: &'a str,
 }
 
-fn timestamp(at: SystemTime) -> Option<Timestamp> {
-    let since = at.duration_since(SystemTime::UNIX_EPOCH).ok()?;
-    Some(Timestamp { seconds: since.as_secs() as i64, nanos: since.subsec_nanos() as i32 })
-}
-
 fn infra(what: &str) -> impl FnOnce(StoreError) -> ExecError + '_ {
     move |e| ExecError::Infrastructure(format!("{what}: {e}"))
 }
@@ -151,6 +145,11 @@ impl Runner {
             .map_err(|e| ExecError::Infrastructure(format!("creating {}: {e}", root.display())))?;
         let sandbox = Sandbox::new(&config.helper);
         Ok(Runner { config, mount, remote, sandbox, next: AtomicU64::new(1) })
+    }
+
+    /// The name this runner puts in ActionResults.
+    pub fn worker_name(&self) -> &str {
+        &self.config.worker_name
     }
 
     /// Fetches a proto the action needs; absent → MissingBlobs.
@@ -216,10 +215,10 @@ impl Runner {
         let _lease = Lease { mount: &self.mount, name: &name, scratch: &scratch };
         let mut execution = self.run_registered(run).await?;
         let metadata = execution.result.execution_metadata.get_or_insert_with(Default::default);
-        metadata.worker_start_timestamp = timestamp(worker_start);
-        metadata.input_fetch_start_timestamp = timestamp(fetch_start);
-        metadata.input_fetch_completed_timestamp = timestamp(fetch_done);
-        metadata.worker_completed_timestamp = timestamp(SystemTime::now());
+        metadata.worker_start_timestamp = casbuild_proto::timestamp(worker_start);
+        metadata.input_fetch_start_timestamp = casbuild_proto::timestamp(fetch_start);
+        metadata.input_fetch_completed_timestamp = casbuild_proto::timestamp(fetch_done);
+        metadata.worker_completed_timestamp = casbuild_proto::timestamp(SystemTime::now());
         Ok(execution)
     }
 
@@ -293,10 +292,10 @@ impl Runner {
         };
         result.execution_metadata = Some(ExecutedActionMetadata {
             worker: self.config.worker_name.clone(),
-            execution_start_timestamp: timestamp(exec_start),
-            execution_completed_timestamp: timestamp(exec_done),
-            output_upload_start_timestamp: timestamp(upload_start),
-            output_upload_completed_timestamp: timestamp(upload_done),
+            execution_start_timestamp: casbuild_proto::timestamp(exec_start),
+            execution_completed_timestamp: casbuild_proto::timestamp(exec_done),
+            output_upload_start_timestamp: casbuild_proto::timestamp(upload_start),
+            output_upload_completed_timestamp: casbuild_proto::timestamp(upload_done),
             ..Default::default()
         });
         Ok(Execution { result, message, access, report, do_not_cache: action.do_not_cache, input_root })

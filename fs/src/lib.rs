@@ -12,6 +12,7 @@
 //! # });
 //! ```
 
+pub mod action;
 pub mod action_cache;
 pub mod asset_store;
 pub mod digest;

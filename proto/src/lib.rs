@@ -19,8 +19,20 @@ pub use bazel_remote_apis::google::longrunning;
 pub use bazel_remote_apis::google::protobuf;
 pub use bazel_remote_apis::google::rpc;
 
+/// casbuild's build-graph protocol (`proto/graph.proto`).
+pub mod graph {
+    #![allow(missing_docs)]
+    tonic::include_proto!("casbuild.graph.v1");
+}
+
 /// casbuild's coordinator ↔ worker protocol (`proto/worker.proto`).
 pub mod worker {
     #![allow(missing_docs)]
     tonic::include_proto!("casbuild.worker.v1");
+}
+
+/// `at` as a protobuf Timestamp; None before the Unix epoch.
+pub fn timestamp(at: std::time::SystemTime) -> Option<protobuf::Timestamp> {
+    let since = at.duration_since(std::time::SystemTime::UNIX_EPOCH).ok()?;
+    Some(protobuf::Timestamp { seconds: since.as_secs() as i64, nanos: since.subsec_nanos() as i32 })
 }

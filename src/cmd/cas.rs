@@ -11,7 +11,7 @@ use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_fs::local_tree::{hash_file, LocalTree};
 use casbuild_fs::store::{BlobStore, RemoteStore, RemoteStoreOptions, CHUNK_SIZE};
 use casbuild_fs::tree::{child_digest, looks_like_directory};
-use casbuild_proto::reapi::Directory;
+use casbuild_proto::reapi::{Directory, Tree};
 use futures::StreamExt;
 use prost::Message;
 use tokio::io::AsyncWriteExt;
@@ -232,6 +232,22 @@ pub async fn download_file(store: &RemoteStore, digest: &Digest, dest: &Path, ex
         set_executable(dest)?;
     }
     Ok(())
+}
+
+/// Writes the directory a REAPI Tree blob describes (an output directory)
+/// into the new directory `dest`.
+pub async fn download_tree(store: &RemoteStore, tree_digest: &Digest, dest: &Path) -> anyhow::Result<()> {
+    let function = tree_digest.function;
+    let tree = Tree::decode(store.read_all(tree_digest).await?.as_ref())
+        .with_context(|| format!("{tree_digest} is not a Tree"))?;
+    let root = tree.root.with_context(|| format!("Tree {tree_digest} has no root"))?;
+    let mut directories: HashMap<Digest, Directory> = HashMap::new();
+    for child in tree.children {
+        directories.insert(function.digest_of(&child.encode_to_vec()), child);
+    }
+    let root_digest = function.digest_of(&root.encode_to_vec());
+    directories.insert(root_digest, root);
+    materialize(store, &directories, &root_digest, dest).await
 }
 
 /// Writes the tree rooted at `digest` into the new directory `dest`.

@@ -1,22 +1,20 @@
 //! `casbuild exec`: run one action on this host, in the sandbox over a /cas
 //! mount — a stored Action by digest, or a command over a local directory.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use bytes::Bytes;
 use casbuild_exec::runner::{unread_inputs, ExecError, Execution, Runner, RunnerConfig};
+use casbuild_fs::action::ActionSpec;
 use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_fs::store::{BlobStore, RemoteStore};
 use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
-use casbuild_proto::reapi::command::EnvironmentVariable;
-use casbuild_proto::reapi::{Action, Command, Directory, Tree, UpdateActionResultRequest};
-use prost::Message;
+use casbuild_proto::reapi::UpdateActionResultRequest;
 
-use crate::cmd::cas::{download_file, file_paths, materialize, upload, Remote};
+use crate::cmd::cas::{download_file, download_tree, file_paths, upload, Remote};
 use crate::cmd::mount::mount_cas;
 use crate::config::{default_data_dir, parse_size};
 
@@ -135,36 +133,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 async fn store_action(remote: &RemoteStore, args: &Args, dir: &Path) -> anyhow::Result<Digest> {
     let function = args.remote.digest_function;
     let input_root = upload(remote, dir, function).await?;
-    let mut env: Vec<EnvironmentVariable> = args
-        .env
-        .iter()
-        .map(|pair| match pair.split_once('=') {
-            Some((name, value)) if !name.is_empty() => {
-                Ok(EnvironmentVariable { name: name.into(), value: value.into() })
-            }
+    let mut env = BTreeMap::new();
+    for pair in &args.env {
+        match pair.split_once('=') {
+            Some((name, value)) if !name.is_empty() => env.insert(name.to_owned(), value.to_owned()),
             _ => bail!("--env {pair:?} must look like NAME=VALUE"),
-        })
-        .collect::<anyhow::Result<_>>()?;
-    if !env.iter().any(|v| v.name == "PATH") {
-        env.push(EnvironmentVariable { name: "PATH".into(), value: "/usr/local/bin:/usr/bin:/bin".into() });
+        };
     }
-    env.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut output_paths = args.outputs.clone();
-    output_paths.sort();
-    let command =
-        Command { arguments: args.command.clone(), environment_variables: env, output_paths, ..Default::default() };
-    let command_bytes = Bytes::from(command.encode_to_vec());
-    let command_digest = function.digest_of(&command_bytes);
-    let action = Action {
-        command_digest: Some(command_digest.to_proto()),
-        input_root_digest: Some(input_root.to_proto()),
-        timeout: args.timeout.map(|s| casbuild_proto::protobuf::Duration { seconds: s as i64, nanos: 0 }),
-        ..Default::default()
-    };
-    let action_bytes = Bytes::from(action.encode_to_vec());
-    let action_digest = function.digest_of(&action_bytes);
-    remote.upload(vec![(command_digest, command_bytes), (action_digest, action_bytes)]).await?;
-    Ok(action_digest)
+    env.entry("PATH".to_owned()).or_insert_with(|| "/usr/local/bin:/usr/bin:/bin".to_owned());
+    let action = ActionSpec {
+        argv: args.command.clone(),
+        env,
+        outputs: args.outputs.clone(),
+        input_root: Some(input_root),
+        timeout_secs: args.timeout,
+        platform: BTreeMap::new(),
+    }
+    .encode(function);
+    remote.upload(action.blobs).await?;
+    Ok(action.digest)
 }
 
 fn print_result(execution: &Execution, function: DigestFunction) {
@@ -226,17 +213,9 @@ async fn replay_and_download(
     }
     for dir in &result.output_directories {
         let digest = proto(&dir.tree_digest)?.context("an output directory without a tree")?;
-        let tree = Tree::decode(remote.read_all(&digest).await?.as_ref())?;
-        let root = tree.root.context("a Tree without a root")?;
-        let mut directories: HashMap<Digest, Directory> = HashMap::new();
-        for child in tree.children {
-            directories.insert(function.digest_of(&child.encode_to_vec()), child);
-        }
-        let root_digest = function.digest_of(&root.encode_to_vec());
-        directories.insert(root_digest, root);
         let dest = out.join(&dir.path);
         let _ = std::fs::remove_dir_all(&dest);
-        materialize(remote, &directories, &root_digest, &dest).await?;
+        download_tree(remote, &digest, &dest).await?;
     }
     for link in &result.output_symlinks {
         let dest = out.join(&link.path);

@@ -2,6 +2,7 @@
 //! in the same run on the same machine, reported as medians and ratios.
 
 mod cas;
+mod graph;
 mod mount;
 mod sandbox;
 
@@ -23,6 +24,9 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// The sandbox around `true`: set-up to tear-down, against fork/exec and bwrap.
     Sandbox(sandbox::SandboxArgs),
+    /// A generated C build graph on `casbuild up`, cold and warm, against the
+    /// same commands run serially on the host.
+    Graph(graph::GraphArgs),
 }
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
@@ -30,6 +34,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Cas(args) => cas::bench_cas(args).await,
         Command::Mount(args) => mount::bench_mount(args).await,
         Command::Sandbox(args) => sandbox::bench_sandbox(args).await,
+        Command::Graph(args) => graph::bench_graph(args).await,
     }
 }
 

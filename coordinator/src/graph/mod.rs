@@ -7,6 +7,14 @@ use std::path::{Component, Path};
 
 use serde::Deserialize;
 
+pub mod demo;
+mod inputs;
+mod run;
+mod service;
+
+pub use run::{wire, GraphRun, GraphSpec};
+pub use service::GraphsService;
+
 /// A whole build graph.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +49,34 @@ pub struct Job {
     pub platform: BTreeMap<String, String>,
 }
 
+impl From<casbuild_proto::graph::Job> for Job {
+    fn from(job: casbuild_proto::graph::Job) -> Self {
+        Job {
+            id: job.id,
+            argv: job.argv,
+            env: job.env.into_iter().collect(),
+            inputs: job.inputs,
+            outputs: job.outputs,
+            timeout_secs: (job.timeout_secs > 0).then_some(job.timeout_secs),
+            platform: job.platform.into_iter().collect(),
+        }
+    }
+}
+
+impl From<&Job> for casbuild_proto::graph::Job {
+    fn from(job: &Job) -> Self {
+        casbuild_proto::graph::Job {
+            id: job.id.clone(),
+            argv: job.argv.clone(),
+            env: job.env.clone().into_iter().collect(),
+            inputs: job.inputs.clone(),
+            outputs: job.outputs.clone(),
+            timeout_secs: job.timeout_secs.unwrap_or(0),
+            platform: job.platform.clone().into_iter().collect(),
+        }
+    }
+}
+
 /// What a job input names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input<'a> {
@@ -70,7 +106,7 @@ pub fn parse_input(text: &str) -> Input<'_> {
 }
 
 /// Why a path may not be used: absolute, or stepping out with `..`.
-fn escapes(path: &str) -> Option<&'static str> {
+pub fn escapes(path: &str) -> Option<&'static str> {
     if path.is_empty() {
         return Some("is empty");
     }
@@ -85,7 +121,7 @@ fn escapes(path: &str) -> Option<&'static str> {
 }
 
 /// `a/./b` → `a/b`, for comparing paths.
-fn normal(path: &str) -> String {
+pub fn normal(path: &str) -> String {
     Path::new(path)
         .components()
         .filter(|c| !matches!(c, Component::CurDir))
@@ -103,6 +139,15 @@ impl Graph {
     /// Every problem that makes the graph unrunnable; sources are looked up
     /// under `source_root`. Empty when the graph is valid.
     pub fn problems(&self, source_root: &Path) -> Vec<String> {
+        self.problems_with(|path| {
+            (!source_root.join(path).is_file())
+                .then(|| format!("source file {path:?} does not exist under {}", source_root.display()))
+        })
+    }
+
+    /// Every problem that makes the graph unrunnable; `missing_source` says
+    /// why a source path cannot be had, or None when it can.
+    pub fn problems_with(&self, missing_source: impl Fn(&str) -> Option<String>) -> Vec<String> {
         let mut problems = Vec::new();
         let mut ids: HashMap<&str, usize> = HashMap::new();
         let mut producers: HashMap<String, (&str, usize)> = HashMap::new();
@@ -138,11 +183,8 @@ impl Graph {
                     Input::Source(path) => {
                         if let Some(why) = escapes(path) {
                             problems.push(format!("{name}: inputs[{k}] {path:?} {why}"));
-                        } else if !source_root.join(path).is_file() {
-                            problems.push(format!(
-                                "{name}: inputs[{k}] source file {path:?} does not exist under {}",
-                                source_root.display()
-                            ));
+                        } else if let Some(why) = missing_source(path) {
+                            problems.push(format!("{name}: inputs[{k}] {why}"));
                         }
                     }
                     Input::Output { job: other, path } => {

@@ -1,0 +1,150 @@
+//! `casbuild bench graph`: the generated C build graph (docs/GRAPH.md, the
+//! one the tests run) on `casbuild up`, cold and warm, against running the
+//! same commands serially on the host.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use casbuild_coordinator::graph::demo::{serial_script, write_c_program};
+use casbuild_coordinator::graph::Graph;
+
+use super::{median, print_table, Row};
+
+#[derive(clap::Args)]
+pub struct GraphArgs {
+    /// Compilation units: the graph has 2 × UNITS + 5 jobs.
+    #[arg(long, default_value_t = 48)]
+    units: usize,
+    /// Rounds of each variant (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Actions `casbuild up` runs at once [default: its own, the number of CPUs].
+    #[arg(long)]
+    slots: Option<usize>,
+    /// Scratch directory [default: a temp dir].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// `casbuild up` as a child process, stopped with SIGTERM when dropped.
+struct Up {
+    child: Child,
+    url: String,
+}
+
+impl Up {
+    fn start(dir: &Path, slots: Option<usize>) -> anyhow::Result<Up> {
+        let exe = std::env::current_exe().context("finding casbuild itself")?;
+        let mut command = Command::new(exe);
+        command.args(["up", "--listen", "127.0.0.1:0", "--dir"]).arg(dir);
+        if let Some(slots) = slots {
+            command.arg("--slots").arg(slots.to_string());
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting casbuild up")?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(url) = line.strip_prefix("casbuild up listening on ") {
+                        break url.to_owned();
+                    }
+                }
+                _ => bail!("casbuild up exited before listening"),
+            }
+        };
+        // Keep draining its stdout so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(Up { child, url })
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// Runs `casbuild graph run` on the project in `dir` with its own instance.
+fn graph_run(url: &str, instance: &str, dir: &Path) -> anyhow::Result<Duration> {
+    let exe = std::env::current_exe()?;
+    let start = Instant::now();
+    let out = Command::new(exe)
+        .args(["graph", "run", "--plain", "--remote", url, "--instance", instance])
+        .arg(dir.join("graph.json"))
+        .output()?;
+    let took = start.elapsed();
+    if !out.status.success() {
+        bail!("graph run failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(took)
+}
+
+pub async fn bench_graph(args: GraphArgs) -> anyhow::Result<()> {
+    let scratch = match &args.dir {
+        Some(dir) => tempfile::tempdir_in(dir)?,
+        None => tempfile::tempdir()?,
+    };
+    let root = scratch.path().to_path_buf();
+    let (units, rounds, slots) = (args.units.max(1), args.rounds.max(1), args.slots);
+    tokio::task::spawn_blocking(move || measure(&root, units, rounds, slots)).await?
+}
+
+fn measure(root: &Path, units: usize, rounds: usize, slots: Option<usize>) -> anyhow::Result<()> {
+    let up = Up::start(&root.join("up"), slots)?;
+    let jobs = 2 * units + 5;
+    eprintln!(
+        "bench: a C build graph of {jobs} jobs, {rounds} rounds: serial on the host, cold and warm on casbuild up"
+    );
+    let (mut serial, mut cold, mut warm) = (vec![], vec![], vec![]);
+    for round in 0..rounds {
+        // The host baseline: the same commands, one after another, in a fresh tree.
+        let host = root.join(format!("host-{round}"));
+        let expected = write_c_program(&host, units)?;
+        let graph = Graph::from_json(&std::fs::read_to_string(host.join("graph.json"))?).map_err(anyhow::Error::msg)?;
+        let start = Instant::now();
+        let status = Command::new("sh").arg("-c").arg(serial_script(&graph)).current_dir(&host).status()?;
+        serial.push(start.elapsed());
+        anyhow::ensure!(status.success(), "the serial build failed");
+        anyhow::ensure!(std::fs::read_to_string(host.join("result.txt"))? == expected, "the serial build is wrong");
+
+        // A fresh instance is a cold cache: nothing stored, nothing fetched by the worker.
+        let project = root.join(format!("project-{round}"));
+        write_c_program(&project, units)?;
+        let instance = format!("bench-{round}");
+        cold.push(graph_run(&up.url, &instance, &project)?);
+        warm.push(graph_run(&up.url, &instance, &project)?);
+        eprintln!(
+            "round {round}: serial {}, cold {}, warm {}",
+            seconds(serial[round]),
+            seconds(cold[round]),
+            seconds(warm[round])
+        );
+    }
+    let serial = median(serial);
+    let row = |name: &str, time: Duration| Row {
+        name: name.to_owned(),
+        casbuild: seconds(time),
+        baseline_name: "serial on the host",
+        baseline: seconds(serial),
+        ratio: serial.as_secs_f64() / time.as_secs_f64(),
+    };
+    print_table(&[
+        row(&format!("{jobs}-job graph, cold"), median(cold)),
+        row(&format!("{jobs}-job graph, warm (all cached)"), median(warm)),
+    ]);
+    Ok(())
+}
