@@ -43,11 +43,7 @@ impl Up {
         if let Some(slots) = slots {
             command.arg("--slots").arg(slots.to_string());
         }
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting casbuild up")?;
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().context("starting casbuild up")?;
         let stdout = child.stdout.take().context("piped stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let url = loop {
