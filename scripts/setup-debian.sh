@@ -3,9 +3,10 @@
 #   fuse3            the /cas FUSE mount (fusermount3, /dev/fuse users)
 #   bazel-bootstrap  Bazel 4.2.3, the real REAPI client the tests drive
 #   bubblewrap       bwrap, the baseline `casbuild bench sandbox` measures against
+#   make, gcc        the compiler-wrapper tests build real C through Makefiles
 # Everything else comes from crates.io through cargo.
 set -euo pipefail
-packages=(fuse3 bazel-bootstrap bubblewrap)
+packages=(fuse3 bazel-bootstrap bubblewrap make gcc)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -24,6 +24,8 @@ enum Command {
     Coordinator(cmd::coordinator::Args),
     /// Run one action sandboxed on this host: a stored Action, or a command over a directory.
     Exec(cmd::exec::Args),
+    /// Compile on the cluster: `make CC="casbuild cc gcc"`; anything but a compile runs locally.
+    Cc(cmd::cc::Args),
     /// Whole build graphs: check one, or run one on the cluster.
     #[command(subcommand)]
     Graph(cmd::graph::Command),
@@ -42,6 +44,12 @@ fn main() -> std::process::ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == casbuild_exec::sandbox::HELPER_ARG) {
         return casbuild_exec::sandbox::helper_main(&args[2..]);
+    }
+    // Run as gcc, g++, cc or c++ from an `--install-links` directory.
+    let name = args.first().map(std::path::Path::new).and_then(|p| p.file_name()).and_then(|n| n.to_str());
+    if let Some(name) = name.filter(|n| cmd::cc::MASQUERADE.contains(n)) {
+        let rest = args[1..].iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        return cmd::cc::masquerade(name, rest);
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -66,6 +74,7 @@ fn main() -> std::process::ExitCode {
             Command::Mount(args) => cmd::mount::run(args).await,
             Command::Exec(args) => cmd::exec::run(args).await,
             Command::Graph(command) => cmd::graph::run(command).await,
+            Command::Cc(args) => cmd::cc::run(args).await,
             Command::Cas(command) => cmd::cas::run(command).await,
             Command::Bench(command) => cmd::bench::run(command).await,
         }

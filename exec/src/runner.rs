@@ -302,10 +302,17 @@ impl Runner {
     }
 }
 
-/// Appends `message` to a stderr file, each line prefixed with `casbuild: `.
+/// What a failed action's stderr gets appended: `message`, each line
+/// prefixed with `casbuild: `. Clients that show the command's own stderr
+/// (`casbuild cc`) strip it again.
+pub fn report_suffix(message: &str) -> String {
+    message.lines().map(|line| format!("casbuild: {line}\n")).collect()
+}
+
+/// Appends the report of `message` to a stderr file.
 async fn append_report(stderr: &std::path::Path, message: &str) {
     use tokio::io::AsyncWriteExt;
-    let text: String = message.lines().map(|line| format!("casbuild: {line}\n")).collect();
+    let text = report_suffix(message);
     let file = tokio::fs::OpenOptions::new().append(true).open(stderr).await;
     if let Err(e) = async { file?.write_all(text.as_bytes()).await }.await {
         tracing::warn!("appending the hermeticity report to {}: {e}", stderr.display());

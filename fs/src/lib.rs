@@ -17,6 +17,7 @@ pub mod action_cache;
 pub mod asset_store;
 pub mod digest;
 pub mod entry_files;
+pub mod input_root;
 pub mod local_tree;
 pub mod mount;
 pub mod namespace;

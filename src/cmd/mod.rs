@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod cas;
+pub mod cc;
 pub mod coordinator;
 pub mod exec;
 pub mod graph;

@@ -8,7 +8,6 @@ use std::path::{Component, Path};
 use serde::Deserialize;
 
 pub mod demo;
-mod inputs;
 mod run;
 mod service;
 

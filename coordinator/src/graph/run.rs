@@ -21,10 +21,10 @@ use prost::Message;
 use tokio::sync::watch;
 use tonic::Code;
 
-use super::inputs::{Entry, InputRoot};
 use super::{normal, parse_input, Graph, Input, Job};
 use crate::action_cache::usable_cached_result;
 use crate::scheduler::{stage_of, Scheduler};
+use casbuild_fs::input_root::{Entry, InputRoot};
 
 /// A checked graph and what it runs against.
 pub struct GraphSpec {

@@ -14,11 +14,11 @@ use casbuild_proto::graph::{self as proto, GraphEvent, SubmitGraphRequest, Watch
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::inputs::Entry;
 use super::run::{drive, GraphRun, GraphSpec};
 use super::{escapes, normal, Graph, Job};
 use crate::scheduler::Scheduler;
 use crate::status::{call_status, precondition_missing, store_status};
+use casbuild_fs::input_root::Entry;
 
 /// How long a finished graph's events can still be watched.
 const KEEP_FINISHED: Duration = Duration::from_secs(600);

@@ -1,10 +1,11 @@
-//! A job's input root: its source files and the outputs of the jobs it reads,
-//! placed at their paths and encoded as REAPI Directory protos.
+//! An input root built from paths and what they hold (files by digest,
+//! stored directories, symlinks), encoded as REAPI Directory protos — a graph
+//! job's sources and its producers' outputs, or a compile's preprocessed file.
 
 use std::collections::BTreeMap;
 
+use crate::digest::{Digest, DigestFunction};
 use bytes::Bytes;
-use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_proto::reapi::{Directory, DirectoryNode, FileNode, SymlinkNode};
 use prost::Message;
 
