@@ -26,6 +26,8 @@ enum Command {
     Exec(cmd::exec::Args),
     /// Compile on the cluster: `make CC="casbuild cc gcc"`; anything but a compile runs locally.
     Cc(cmd::cc::Args),
+    /// The per-host daemon behind `casbuild cc` (started by it on demand).
+    Daemon(cmd::cc::daemon::Args),
     /// Whole build graphs: check one, or run one on the cluster.
     #[command(subcommand)]
     Graph(cmd::graph::Command),
@@ -75,6 +77,7 @@ fn main() -> std::process::ExitCode {
             Command::Exec(args) => cmd::exec::run(args).await,
             Command::Graph(command) => cmd::graph::run(command).await,
             Command::Cc(args) => cmd::cc::run(args).await,
+            Command::Daemon(args) => cmd::cc::daemon::run(args).await,
             Command::Cas(command) => cmd::cas::run(command).await,
             Command::Bench(command) => cmd::bench::run(command).await,
         }

@@ -1,9 +1,11 @@
 //! `casbuild cc` under make, against `casbuild up`: the zstd library sources
-//! shipped in the zstd-sys crate (40 `.c` files in nested directories) built
-//! by a Makefile written here with `make -j8 CC="casbuild cc gcc"`, linked
-//! with a driver that round-trips a file. Objects and dependency files equal
-//! those of a local build; with the cluster stopped the build still succeeds
-//! through local fallback. Needs root (the worker's FUSE mount and sandbox).
+//! shipped in the zstd-sys crate (40 `.c` files in nested directories) and the
+//! Lua 5.4 sources of the lua-src crate, each built by a Makefile written here
+//! with `make -j8 CC="casbuild cc gcc"` and linked with a driver (a zstd round
+//! trip; a Lua script whose output is checked). Objects and dependency files
+//! equal those of a local build; clean rebuilds are all cache hits (through
+//! `--show-stats`); with the cluster stopped the build still succeeds through
+//! local fallback. Needs root (the worker's FUSE mount and sandbox).
 
 mod common;
 
@@ -12,8 +14,8 @@ use std::process::{Command, Output};
 
 use common::{needs_root, Coordinator};
 
-/// The zstd sources of the zstd-sys crate cargo fetched for this workspace.
-fn zstd_sources() -> PathBuf {
+/// `sub` inside the sources of the crate `name-*` cargo fetched for this workspace.
+fn crate_sources(name: &str, sub: &str) -> PathBuf {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo"));
@@ -21,18 +23,20 @@ fn zstd_sources() -> PathBuf {
     for index in std::fs::read_dir(&registry).expect("cargo's registry sources") {
         for krate in std::fs::read_dir(index.unwrap().path()).unwrap() {
             let path = krate.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            if name.starts_with("zstd-sys-") && path.join("zstd/lib/zstd.h").exists() {
-                return path.join("zstd/lib");
+            let dir = path.file_name().unwrap().to_string_lossy().into_owned();
+            if dir.starts_with(&format!("{name}-")) && path.join(sub).is_dir() {
+                return path.join(sub);
             }
         }
     }
-    panic!("no zstd-sys sources under {}", registry.display());
+    panic!("no {name} sources with {sub} under {}", registry.display());
 }
 
 const MAKEFILE: &str = r#"SRCS := $(shell find lib -name '*.c' | sort)
 OBJS := $(SRCS:.c=.o)
 CFLAGS := -O2 -Wall -DZSTD_DISABLE_ASM -DXXH_NAMESPACE=ZSTD_ -Ilib -Ilib/common -MD
+
+all: roundtrip
 
 roundtrip: driver.o $(OBJS)
 	$(CC) -o $@ $^
@@ -66,25 +70,60 @@ int main(int argc, char **argv) {
 }
 "#;
 
-/// A project directory: the zstd sources under lib/, the Makefile, the driver.
-fn project(dir: &Path) -> PathBuf {
+/// A project directory: `sources` under lib/, the Makefile, the driver.
+fn project(dir: &Path, sources: &Path, makefile: &str, driver: &str) -> PathBuf {
     let project = dir.to_path_buf();
     std::fs::create_dir_all(&project).unwrap();
-    let status = Command::new("cp").arg("-r").arg(zstd_sources()).arg(project.join("lib")).status().unwrap();
+    let status = Command::new("cp").arg("-r").arg(sources).arg(project.join("lib")).status().unwrap();
     assert!(status.success());
-    std::fs::write(project.join("Makefile"), MAKEFILE).unwrap();
-    std::fs::write(project.join("driver.c"), DRIVER).unwrap();
+    std::fs::write(project.join("Makefile"), makefile).unwrap();
+    std::fs::write(project.join("driver.c"), driver).unwrap();
     project
 }
 
-fn make(project: &Path, cc: &str, remote: &str, target: &str) -> Output {
+fn make(project: &Path, cc: &str, remote: &str, daemons: &Path, target: &str) -> Output {
     Command::new("make")
         .args(["-j8", target])
         .arg(format!("CC={cc}"))
         .current_dir(project)
         .env("CASBUILD_REMOTE", remote)
+        .env("CASBUILD_DAEMON_DIR", daemons)
         .output()
         .expect("running make")
+}
+
+/// `casbuild cc FLAG` for the daemon of `remote` in `daemons`.
+fn control(remote: &str, daemons: &Path, flag: &str) -> String {
+    let out = common::casbuild()
+        .args(["cc", flag])
+        .env("CASBUILD_REMOTE", remote)
+        .env("CASBUILD_DAEMON_DIR", daemons)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The count on the `--show-stats` line starting with `name`.
+fn stat(stats: &str, name: &str) -> u64 {
+    let line = stats.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name:?} in\n{stats}"));
+    line.split_whitespace().last().unwrap().parse().unwrap()
+}
+
+/// Stops the daemons a test started (by asking them), even when it fails.
+struct Daemons {
+    dir: PathBuf,
+    remote: String,
+}
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        let _ = common::casbuild()
+            .args(["cc", "--stop-daemon"])
+            .env("CASBUILD_REMOTE", &self.remote)
+            .env("CASBUILD_DAEMON_DIR", &self.dir)
+            .output();
+    }
 }
 
 fn text(out: &Output) -> String {
@@ -109,45 +148,134 @@ fn files(root: &Path, extension: &str) -> Vec<PathBuf> {
     found
 }
 
-#[test]
-fn zstd_builds_through_the_wrapper_with_local_objects_and_survives_a_dead_cluster() {
-    if !needs_root("zstd_builds_through_the_wrapper", true) {
-        return;
-    }
+/// Builds `sources` with `makefile` and `driver` through the wrapper against
+/// `casbuild up`: objects equal a local build's, a clean rebuild is all cache
+/// hits (L1, then remote once the daemon restarts), and the build succeeds
+/// through local fallback with the cluster stopped. `check` runs the product.
+fn build_through_the_wrapper(name: &str, sources: &Path, makefile: &str, driver: &str, check: impl Fn(&Path)) {
     let dir = tempfile::tempdir().unwrap();
     let server = Coordinator::start_up(&dir.path().join("up"));
-    let wrapped = project(&dir.path().join("wrapped"));
-    let local = project(&dir.path().join("local"));
+    let remote = server.url();
+    let daemons = dir.path().join("daemons");
+    let _daemons = Daemons { dir: daemons.clone(), remote: remote.clone() };
+    let wrapped = project(&dir.path().join("wrapped"), sources, makefile, driver);
+    let local = project(&dir.path().join("local"), sources, makefile, driver);
     let cc = format!("{} cc gcc", env!("CARGO_BIN_EXE_casbuild"));
+    let units = files(&wrapped.join("lib"), "c").len() as u64 + 1;
 
-    let out = make(&wrapped, &cc, &server.url(), "roundtrip");
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(!text(&out).contains("locally"), "nothing fell back:\n{}", text(&out));
-    let run = Command::new(wrapped.join("roundtrip")).arg(wrapped.join("lib/zstd.h")).output().unwrap();
-    assert!(String::from_utf8_lossy(&run.stdout).starts_with("ok "), "{}", text(&run));
+    let out = make(&wrapped, &cc, &remote, &daemons, "all");
+    assert!(out.status.success(), "{name}: {}", text(&out));
+    assert!(!text(&out).contains("locally"), "{name}: nothing fell back:\n{}", text(&out));
+    check(&wrapped);
+    let stats = control(&remote, &daemons, "--show-stats");
+    assert_eq!(stat(&stats, "Compile requests"), units, "{stats}");
+    assert_eq!(stat(&stats, "Executed remotely"), units, "{stats}");
+    assert_eq!(stat(&stats, "Not sent"), 1, "the link ran locally:\n{stats}");
 
     // The same build with plain gcc: byte-identical objects and dependency files.
-    let out = make(&local, "gcc", &server.url(), "roundtrip");
+    let out = make(&local, "gcc", &remote, &daemons, "all");
     assert!(out.status.success(), "{}", text(&out));
     let objects = files(&wrapped, "o");
-    assert_eq!(objects.len(), files(&wrapped.join("lib"), "c").len() + 1, "one object per source and the driver");
+    assert_eq!(objects.len() as u64, units, "one object per source and the driver");
     for relative in objects.iter().chain(&files(&wrapped, "d")) {
         let ours = std::fs::read(wrapped.join(relative)).unwrap();
         let theirs = std::fs::read(local.join(relative)).unwrap();
-        assert!(ours == theirs, "{} differs from a local compile", relative.display());
+        assert!(ours == theirs, "{name}: {} differs from a local compile", relative.display());
     }
 
-    // The cluster goes away: the build still succeeds, compiling locally
-    // with one warning line per compile.
-    drop(server);
-    let out = make(&wrapped, &cc, "grpc://127.0.0.1:9", "clean");
+    // A clean rebuild: every compile a hit in the daemon's L1.
+    control(&remote, &daemons, "--zero-stats");
+    assert!(make(&wrapped, &cc, &remote, &daemons, "clean").status.success());
+    let out = make(&wrapped, &cc, &remote, &daemons, "all");
     assert!(out.status.success(), "{}", text(&out));
-    let out = make(&wrapped, &cc, "grpc://127.0.0.1:1", "roundtrip");
+    let stats = control(&remote, &daemons, "--show-stats");
+    assert_eq!(stat(&stats, "Cache hits (L1"), units, "{stats}");
+    assert_eq!(stat(&stats, "Executed remotely"), 0, "{stats}");
+    check(&wrapped);
+
+    // A new daemon (empty L1): every compile a hit in the cluster's cache.
+    control(&remote, &daemons, "--stop-daemon");
+    assert!(make(&wrapped, &cc, &remote, &daemons, "clean").status.success());
+    let out = make(&wrapped, &cc, &remote, &daemons, "all");
+    assert!(out.status.success(), "{}", text(&out));
+    let stats = control(&remote, &daemons, "--show-stats");
+    assert_eq!(stat(&stats, "Cache hits (remote)"), units, "{stats}");
+    assert_eq!(stat(&stats, "Executed remotely"), 0, "{stats}");
+    assert_eq!(stat(&stats, "Bytes uploaded"), 0, "hits upload nothing:\n{stats}");
+
+    // The cluster goes away (and a new daemon has nothing in memory): the
+    // build still succeeds, every compile local with one warning line.
+    drop(server);
+    control(&remote, &daemons, "--stop-daemon");
+    assert!(make(&wrapped, &cc, &remote, &daemons, "clean").status.success());
+    let out = make(&wrapped, &cc, &remote, &daemons, "all");
     let log = text(&out);
     assert!(out.status.success(), "{log}");
-    assert!(log.contains("casbuild cc: compiling lib/common/zstd_common.c locally:"), "{log}");
-    let run = Command::new(wrapped.join("roundtrip")).arg(wrapped.join("Makefile")).output().unwrap();
-    assert!(String::from_utf8_lossy(&run.stdout).starts_with("ok "), "{}", text(&run));
+    assert!(log.contains("casbuild cc: compiling driver.c locally: cluster unreachable"), "{log}");
+    assert_eq!(log.matches("casbuild cc: compiling").count() as u64, units, "{log}");
+    check(&wrapped);
+    let stats = control(&remote, &daemons, "--show-stats");
+    assert_eq!(stat(&stats, "Local fallbacks"), units, "{stats}");
+}
+
+const LUA_MAKEFILE: &str = r#"SRCS := $(shell find lib -name '*.c' | sort)
+OBJS := $(SRCS:.c=.o)
+CFLAGS := -O2 -Wall -DLUA_USE_POSIX -Ilib -MMD
+
+all: driver
+
+driver: driver.o $(OBJS)
+	$(CC) -o $@ $^ -lm
+
+%.o: %.c
+	$(CC) $(CFLAGS) -c $< -o $@
+
+clean:
+	rm -f driver driver.o driver.d $(OBJS) $(OBJS:.o=.d)
+"#;
+
+const LUA_DRIVER: &str = r#"#include <stdio.h>
+#include "lua.h"
+#include "lauxlib.h"
+#include "lualib.h"
+
+static const char *script =
+    "local t = {}\n"
+    "for i = 1, 10 do t[#t + 1] = i * i end\n"
+    "local s = 0\n"
+    "for _, v in ipairs(t) do s = s + v end\n"
+    "print(string.format('squares=%d %s', s, _VERSION))\n";
+
+int main(void) {
+    lua_State *L = luaL_newstate();
+    luaL_openlibs(L);
+    int failed = luaL_dostring(L, script);
+    if (failed) fprintf(stderr, "%s\n", lua_tostring(L, -1));
+    lua_close(L);
+    return failed;
+}
+"#;
+
+#[test]
+fn zstd_builds_through_the_wrapper() {
+    if !needs_root("zstd_builds_through_the_wrapper", true) {
+        return;
+    }
+    build_through_the_wrapper("zstd", &crate_sources("zstd-sys", "zstd/lib"), MAKEFILE, DRIVER, |project| {
+        let run = Command::new(project.join("roundtrip")).arg(project.join("Makefile")).output().unwrap();
+        assert!(String::from_utf8_lossy(&run.stdout).starts_with("ok "), "{}", text(&run));
+    });
+}
+
+#[test]
+fn lua_builds_through_the_wrapper() {
+    if !needs_root("lua_builds_through_the_wrapper", true) {
+        return;
+    }
+    build_through_the_wrapper("lua", &crate_sources("lua-src", "lua-5.4.7"), LUA_MAKEFILE, LUA_DRIVER, |project| {
+        let run = Command::new(project.join("driver")).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&run.stdout), "squares=385 Lua 5.4\n", "{}", text(&run));
+    });
 }
 
 #[test]
@@ -174,4 +302,49 @@ fn bad_invocations_get_the_compilers_own_answer() {
         Command::new("gcc").args(["-c", "missing.c", "-o", "missing.o"]).current_dir(dir.path()).output().unwrap();
     assert_eq!(ours.status.code(), theirs.status.code());
     assert_eq!(text(&ours), text(&theirs));
+}
+
+#[test]
+fn remote_workers_run_compiles_only_with_the_same_compiler() {
+    if !needs_root("remote_workers_run_compiles_only_with_the_same_compiler", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start(&dir.path().join("store"), &[]);
+    let remote = server.url();
+    let daemons = dir.path().join("daemons");
+    let _daemons = Daemons { dir: daemons.clone(), remote: remote.clone() };
+    let project = dir.path().join("p");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(project.join("x.c"), "int x(void) { return 7; }\n").unwrap();
+    let compile = || {
+        common::casbuild()
+            .args(["cc", "gcc", "-O2", "-c", "x.c", "-o", "x.o"])
+            .current_dir(&project)
+            .env("CASBUILD_REMOTE", &remote)
+            .env("CASBUILD_DAEMON_DIR", &daemons)
+            .output()
+            .unwrap()
+    };
+
+    // A worker without the compiler: the cluster says so at once and the
+    // compile happens here.
+    let plain = common::start_worker(&server, dir.path(), 1, &[]);
+    let out = compile();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("no worker offers the platform this action needs: casbuild-compiler="),
+        "{}",
+        text(&out)
+    );
+    drop(plain);
+
+    // A worker offering it runs the compile.
+    let _worker = common::start_worker(&server, dir.path(), 2, &["--compiler", "gcc"]);
+    let out = compile();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("locally"), "{}", text(&out));
+    let stats = control(&remote, &daemons, "--show-stats");
+    assert_eq!(stat(&stats, "Executed remotely"), 1, "{stats}");
+    assert_eq!(stat(&stats, "Local fallbacks"), 1, "{stats}");
 }

@@ -21,6 +21,7 @@ mod capabilities;
 mod cas;
 mod compression;
 mod execution;
+pub mod existence;
 pub mod graph;
 pub mod scheduler;
 mod server;

@@ -8,6 +8,7 @@ use casbuild_fs::storage::Storage;
 use casbuild_proto::asset::fetch_server::FetchServer;
 use casbuild_proto::asset::push_server::PushServer;
 use casbuild_proto::bytestream::byte_stream_server::ByteStreamServer;
+use casbuild_proto::cc::existence_filter_server::ExistenceFilterServer;
 use casbuild_proto::graph::graphs_server::GraphsServer;
 use casbuild_proto::longrunning::operations_server::OperationsServer;
 use casbuild_proto::reapi::action_cache_server::ActionCacheServer;
@@ -26,6 +27,7 @@ use crate::bytestream::ByteStreamService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
 use crate::execution::ExecutionService;
+use crate::existence::ExistenceService;
 use crate::graph::GraphsService;
 use crate::scheduler::Scheduler;
 use crate::workers::{WorkerPool, WorkersService};
@@ -96,6 +98,8 @@ pub async fn serve_with_execution(
     let operations = execution.clone().map(OperationsServer::new);
     let execution = execution.map(ExecutionServer::new);
     let workers = workers.map(|pool| WorkersServer::new(WorkersService::new(pool)));
+    let existence = ExistenceFilterServer::new(ExistenceService::new(storage.clone()))
+        .max_encoding_message_size(max_message.max(2 * crate::existence::BITS / 8));
     let assets = AssetService::new(storage.clone());
     let fetch = FetchServer::new(assets.clone());
     let push = PushServer::new(assets);
@@ -119,6 +123,7 @@ pub async fn serve_with_execution(
         .add_service(action_cache)
         .add_service(fetch)
         .add_service(push)
+        .add_service(existence)
         .add_optional_service(execution)
         .add_optional_service(operations)
         .add_optional_service(workers)

@@ -258,6 +258,16 @@ impl ActionExecutor for WorkerPool {
         let (done, outcome) = oneshot::channel();
         let ticket = {
             let mut pool = self.lock();
+            // With workers registered but none offering the platform, waiting
+            // would be forever; with none registered yet, they may be starting.
+            let offered = pool.workers.values().any(|w| request.platform.iter().all(|p| w.platform.contains(p)));
+            if !pool.workers.is_empty() && !offered {
+                let wanted: Vec<String> = request.platform.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                return Err(ExecutorError::Unavailable(format!(
+                    "no worker offers the platform this action needs: {}",
+                    wanted.join(", ")
+                )));
+            }
             pool.next_ticket += 1;
             let ticket = pool.next_ticket;
             let pending = Pending {
@@ -542,5 +552,21 @@ mod tests {
             other => panic!("expected UNAVAILABLE, got {other:?}"),
         }
         assert_eq!(pool.worker_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_platform_no_registered_worker_offers_fails_at_once() {
+        let pool = WorkerPool::new(PoolConfig::default());
+        let service = WorkersService::new(pool.clone());
+        let _stream = join(&service, "plain", 2).await;
+        let mut wanted = action(1);
+        wanted.platform = vec![("casbuild-compiler".into(), "abc".into())];
+        let outcome = tokio::time::timeout(Duration::from_secs(5), pool.execute(wanted)).await.expect("at once");
+        match outcome {
+            Err(ExecutorError::Unavailable(message)) => {
+                assert!(message.contains("no worker offers") && message.contains("casbuild-compiler=abc"), "{message}")
+            }
+            other => panic!("expected UNAVAILABLE, got {other:?}"),
+        }
     }
 }

@@ -19,6 +19,13 @@ pub use bazel_remote_apis::google::longrunning;
 pub use bazel_remote_apis::google::protobuf;
 pub use bazel_remote_apis::google::rpc;
 
+/// The compiler wrapper's protocols: the coordinator's existence filter and
+/// the host daemon's messages (`proto/cc.proto`).
+pub mod cc {
+    #![allow(missing_docs)]
+    tonic::include_proto!("casbuild.cc.v1");
+}
+
 /// casbuild's build-graph protocol (`proto/graph.proto`).
 pub mod graph {
     #![allow(missing_docs)]

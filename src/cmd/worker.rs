@@ -58,6 +58,10 @@ pub struct Args {
     /// NAME=VALUE platform property this worker offers; repeatable.
     #[arg(long = "platform")]
     platform: Vec<String>,
+    /// A compiler this worker runs for `casbuild cc` (offered as its
+    /// identity, the casbuild-compiler property); repeatable.
+    #[arg(long = "compiler")]
+    compilers: Vec<PathBuf>,
     /// A host path visible read-only in every sandbox; repeatable [default: /usr, /bin, /lib*, /sbin and the /etc
     /// files tools need].
     #[arg(long = "toolchain")]
@@ -122,6 +126,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             None => bail!("--platform {p:?} must look like NAME=VALUE"),
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut platform = platform;
+    for compiler in &args.compilers {
+        let found = crate::cmd::cc::find_on_path(&compiler.to_string_lossy(), None)
+            .with_context(|| format!("--compiler {}: not found on PATH", compiler.display()))?;
+        let identity =
+            crate::cmd::cc::compiler_identity(&found).with_context(|| format!("--compiler {}", compiler.display()))?;
+        println!("compiler {}: {}={identity}", compiler.display(), crate::cmd::cc::COMPILER_PROPERTY);
+        platform.push(PlatformProperty { name: crate::cmd::cc::COMPILER_PROPERTY.into(), value: identity });
+    }
     let token = match &args.worker_token {
         Some(t) => Some(format!("Bearer {t}").parse().context("the worker token must be printable ASCII")?),
         None => None,

@@ -4,28 +4,28 @@
 //! unchanged. See docs/CC.md for why inputs travel preprocessed.
 
 mod args;
+pub mod daemon;
+mod socket;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
 use casbuild_coordinator::graph::escapes;
 use casbuild_exec::runner::report_suffix;
 use casbuild_fs::action::ActionSpec;
-use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_fs::digest::DigestFunction;
 use casbuild_fs::input_root::{Entry, InputRoot};
-use casbuild_fs::store::{BlobStore, RemoteStore, RemoteStoreOptions};
-use casbuild_proto::longrunning::operation;
-use casbuild_proto::reapi::execution_client::ExecutionClient;
-use casbuild_proto::reapi::{ExecuteRequest, ExecuteResponse};
-use prost::Message;
+use casbuild_proto::cc::{
+    daemon_reply, daemon_request, Blob, Compile as CompileRequest, GetStats, LocalNote, LocalSlot, Shutdown, Stats,
+};
 
 use crate::config::default_data_dir;
 use args::{classify, Compile};
+use socket::DaemonConnection;
 
 /// The platform property naming the compiler an action needs: the digest of
 /// its binary and `--version` output. Workers offer it for each compiler
@@ -48,6 +48,15 @@ pub struct Args {
     /// PATH and every compile goes through casbuild.
     #[arg(long, value_name = "DIR", conflicts_with = "command")]
     install_links: Option<PathBuf>,
+    /// Print the daemon's statistics: requests, hits, remote runs, fallbacks.
+    #[arg(long, conflicts_with = "command")]
+    show_stats: bool,
+    /// Reset the daemon's statistics (after printing them with --show-stats).
+    #[arg(long, conflicts_with = "command")]
+    zero_stats: bool,
+    /// Stop the daemon for this remote.
+    #[arg(long, conflicts_with = "command")]
+    stop_daemon: bool,
     /// The compiler and its arguments.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMPILER ARGS")]
     command: Vec<String>,
@@ -56,6 +65,9 @@ pub struct Args {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = &args.install_links {
         return install_links(dir);
+    }
+    if args.show_stats || args.zero_stats || args.stop_daemon {
+        return daemon_control(&args).await;
     }
     let Some((compiler, rest)) = args.command.split_first() else {
         anyhow::bail!("give the compiler and its arguments, e.g. `casbuild cc gcc -c hello.c -o hello.o`");
@@ -105,8 +117,55 @@ fn install_links(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// --show-stats, --zero-stats, --stop-daemon.
+async fn daemon_control(args: &Args) -> anyhow::Result<()> {
+    let Some(mut daemon) = DaemonConnection::existing(&args.remote, &args.instance).await else {
+        println!("no casbuild daemon runs for {} (it starts with the first compile)", args.remote);
+        return Ok(());
+    };
+    if args.show_stats || args.zero_stats {
+        let reply = daemon.ask(daemon_request::Request::Stats(GetStats { zero: args.zero_stats })).await?;
+        let Some(daemon_reply::Reply::Stats(stats)) = reply.reply else {
+            anyhow::bail!("the daemon sent no statistics")
+        };
+        if args.show_stats {
+            print!("{}", render_stats(&stats));
+        } else {
+            println!("statistics zeroed");
+        }
+    }
+    if args.stop_daemon {
+        daemon.ask(daemon_request::Request::Shutdown(Shutdown {})).await?;
+        println!("daemon for {} stopped", args.remote);
+    }
+    Ok(())
+}
+
+/// The statistics as `--show-stats` prints them.
+fn render_stats(stats: &Stats) -> String {
+    let mut out = format!("casbuild cc statistics (daemon for {}, up {} s)\n", stats.remote, stats.uptime_secs);
+    let mut line = |name: &str, value: String| out.push_str(&format!("{name:<44}{value:>10}\n"));
+    line("Compile requests", stats.compile_requests.to_string());
+    line("Cache hits (L1, in the daemon)", stats.l1_hits.to_string());
+    line("Cache hits (remote)", stats.remote_hits.to_string());
+    line("Executed remotely", stats.executed_remotely.to_string());
+    line("  of which failed to compile", stats.remote_compile_errors.to_string());
+    line("Lookups skipped by the existence filter", stats.filter_skipped_lookups.to_string());
+    line("Local fallbacks", stats.local_fallbacks.values().sum::<u64>().to_string());
+    for (why, count) in &stats.local_fallbacks {
+        line(&format!("  {why}"), count.to_string());
+    }
+    line("Not sent (ran locally)", stats.not_sent.values().sum::<u64>().to_string());
+    for (why, count) in &stats.not_sent {
+        line(&format!("  {why}"), count.to_string());
+    }
+    line("Bytes uploaded", stats.bytes_uploaded.to_string());
+    line("Existence filter held", if stats.has_filter { "yes" } else { "no" }.to_owned());
+    out
+}
+
 /// `name` resolved on PATH (or as a path), skipping the directory `skip`.
-fn find_on_path(name: &str, skip: Option<&Path>) -> Option<PathBuf> {
+pub fn find_on_path(name: &str, skip: Option<&Path>) -> Option<PathBuf> {
     if name.contains('/') {
         return Some(PathBuf::from(name));
     }
@@ -130,17 +189,38 @@ async fn wrap(compiler: &str, args: &[String], remote: &str, instance: &str, ski
     let compile = match classify(args) {
         Ok(compile) => compile,
         Err(why) => {
-            tracing::debug!("compiling locally: {why}");
+            tracing::debug!("running locally: {why}");
+            note(remote, instance, &why).await;
             return local(&path, args);
         }
     };
     match remote_compile(&path, &compile, remote, instance).await {
         Ok(code) => code,
-        Err(Fallback::Silent) => local(&path, args),
-        Err(Fallback::Warn(why)) => {
-            eprintln!("casbuild cc: compiling {} locally: {why:#}", compile.source);
+        Err(Fallback::Silent) => {
+            note(remote, instance, "preprocessing failed (the compiler's own error shown)").await;
             local(&path, args)
         }
+        Err(Fallback::Warn(why)) => {
+            let why = format!("{why:#}");
+            eprintln!("casbuild cc: compiling {} locally: {why}", compile.source);
+            // Hold one of the daemon's local slots while compiling here.
+            let mut slot = DaemonConnection::existing(remote, instance).await;
+            if let Some(daemon) = slot.as_mut() {
+                if daemon.ask(daemon_request::Request::LocalSlot(LocalSlot { reason: why })).await.is_err() {
+                    slot = None;
+                }
+            }
+            let code = local(&path, args);
+            drop(slot);
+            code
+        }
+    }
+}
+
+/// Tells a running daemon (if any) about a command that ran locally.
+async fn note(remote: &str, instance: &str, reason: &str) {
+    if let Some(mut daemon) = DaemonConnection::existing(remote, instance).await {
+        let _ = daemon.ask(daemon_request::Request::Note(LocalNote { reason: reason.to_owned() })).await;
     }
 }
 
@@ -231,80 +311,40 @@ async fn remote_compile(compiler: &Path, compile: &Compile, remote: &str, instan
     }
     .encode(function);
 
-    let options =
-        RemoteStoreOptions { instance: instance.to_owned(), timeout: Duration::from_secs(120), ..Default::default() };
-    let store = tokio::time::timeout(Duration::from_secs(5), RemoteStore::connect(remote, options))
-        .await
-        .map_err(|_| anyhow::anyhow!("{remote} did not answer within 5 s"))?
-        .with_context(|| format!("connecting to {remote}"))?;
     blobs.extend(action.blobs.iter().cloned());
-    store.upload_missing(blobs, &Default::default()).await.context("uploading the action")?;
-    let response = execute(&store, instance, &action.digest, function).await?;
-    let status = response.status.clone().unwrap_or_default();
-    if status.code != 0 {
-        return Err(anyhow::anyhow!("the cluster could not run it: {}", status.message).into());
+    let mut daemon = DaemonConnection::connect_or_start(remote, instance).await.context("no daemon")?;
+    let request = daemon_request::Request::Compile(CompileRequest {
+        action_hash: action.digest.hash_hex(),
+        action_size: action.digest.size_bytes as i64,
+        blobs: blobs
+            .into_iter()
+            .map(|(digest, data)| Blob {
+                hash: digest.hash_hex(),
+                size_bytes: digest.size_bytes as i64,
+                data: data.to_vec(),
+            })
+            .collect(),
+        output_path: "output.o".into(),
+        source: compile.source.clone(),
+    });
+    let compiled = match daemon.ask(request).await?.reply {
+        Some(daemon_reply::Reply::Compiled(compiled)) => compiled,
+        Some(daemon_reply::Reply::Fallback(why)) => return Err(Fallback::Warn(anyhow::anyhow!(why))),
+        other => return Err(anyhow::anyhow!("the daemon answered {other:?}").into()),
+    };
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), &compiled.stdout);
+    // The compiler's own messages, without the worker's report on failures.
+    let suffix = report_suffix(&compiled.message);
+    let own = compiled.stderr.strip_suffix(suffix.as_bytes()).unwrap_or(&compiled.stderr);
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), own);
+    if compiled.exit_code != 0 {
+        return Ok(compiled.exit_code);
     }
-    let result = response.result.context("the cluster sent no result")?;
-    let parse =
-        |d: &Option<casbuild_proto::reapi::Digest>| d.as_ref().and_then(|d| Digest::from_proto(function, d).ok());
-    for (digest, to_stdout) in [(parse(&result.stdout_digest), true), (parse(&result.stderr_digest), false)] {
-        if let Some(digest) = digest.filter(|d| !d.is_empty_blob()) {
-            let bytes = store.read_all(&digest).await.context("fetching the compiler's messages")?;
-            let _ = if to_stdout {
-                std::io::Write::write_all(&mut std::io::stdout(), &bytes)
-            } else {
-                // The compiler's own messages, without the worker's report on failures.
-                let suffix = report_suffix(&response.message);
-                let own = bytes.strip_suffix(suffix.as_bytes()).unwrap_or(&bytes);
-                std::io::Write::write_all(&mut std::io::stderr(), own)
-            };
-        }
-    }
-    if result.exit_code != 0 {
-        return Ok(result.exit_code);
-    }
-    let object = result
-        .output_files
-        .iter()
-        .find(|f| f.path == "output.o")
-        .and_then(|f| parse(&f.digest))
-        .context("the compile succeeded but produced no object file")?;
-    let bytes = store.read_all(&object).await.context("fetching the object file")?;
     let dest = Path::new(&compile.output);
     let temporary = dest.with_extension("o.casbuild-tmp");
-    std::fs::write(&temporary, &bytes).with_context(|| format!("writing {}", temporary.display()))?;
+    std::fs::write(&temporary, &compiled.output).with_context(|| format!("writing {}", temporary.display()))?;
     std::fs::rename(&temporary, dest).with_context(|| format!("writing {}", dest.display()))?;
     Ok(0)
-}
-
-/// Executes `action` (or finds it cached) and returns the final response.
-async fn execute(
-    store: &RemoteStore,
-    instance: &str,
-    action: &Digest,
-    function: DigestFunction,
-) -> anyhow::Result<ExecuteResponse> {
-    let mut client = ExecutionClient::new(store.channel());
-    let request = ExecuteRequest {
-        instance_name: instance.to_owned(),
-        action_digest: Some(action.to_proto()),
-        digest_function: function.to_proto() as i32,
-        ..Default::default()
-    };
-    let mut stream = client.execute(request).await.context("Execute")?.into_inner();
-    while let Some(operation) = stream.message().await.context("Execute")? {
-        if !operation.done {
-            continue;
-        }
-        return match operation.result {
-            Some(operation::Result::Response(any)) => {
-                Ok(ExecuteResponse::decode(any.value.as_slice()).context("a bad ExecuteResponse")?)
-            }
-            Some(operation::Result::Error(status)) => anyhow::bail!("the operation failed: {}", status.message),
-            None => anyhow::bail!("the operation finished without a result"),
-        };
-    }
-    anyhow::bail!("the Execute stream ended before the operation finished")
 }
 
 /// The compiler's identity: a digest of its binary and its `--version`

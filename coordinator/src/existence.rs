@@ -1,0 +1,207 @@
+//! The existence filter (yadcc's idea): a Bloom filter of each instance's
+//! action-cache keys, which host daemons fetch once and then refresh with
+//! only the keys added since, so that a compile the cluster has certainly
+//! never seen skips the cache lookup.
+//!
+//! Keys are action digests, already uniformly random, so the filter needs no
+//! hashing of its own: hash function i is the digest's i-th 8-byte word.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use casbuild_fs::digest::DigestFunction;
+use casbuild_fs::storage::Storage;
+use casbuild_proto::cc::existence_filter_server::ExistenceFilter;
+use casbuild_proto::cc::get_filter_response::Filter;
+use casbuild_proto::cc::{AddedKeys, Bloom as WireBloom, GetFilterRequest, GetFilterResponse};
+use tokio::sync::OnceCell;
+use tonic::{Request, Response, Status};
+
+/// Bits in a filter: 1 MiB, about 2% false positives at a million keys.
+pub const BITS: usize = 1 << 23;
+/// Hash functions per key.
+pub const HASHES: u32 = 4;
+/// Keys kept for incremental refreshes; past this a new epoch starts and
+/// callers take the whole filter again.
+const MAX_LOG: usize = 1 << 20;
+
+/// A Bloom filter over digests' hash bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bloom {
+    bits: Vec<u8>,
+    hashes: u32,
+}
+
+impl Default for Bloom {
+    fn default() -> Self {
+        Bloom { bits: vec![0; BITS / 8], hashes: HASHES }
+    }
+}
+
+impl Bloom {
+    /// A filter received on the wire; None when malformed.
+    pub fn from_wire(wire: WireBloom) -> Option<Bloom> {
+        (!wire.bits.is_empty() && (1..=4).contains(&wire.hashes))
+            .then_some(Bloom { bits: wire.bits, hashes: wire.hashes })
+    }
+
+    /// The filter for the wire.
+    pub fn to_wire(&self) -> WireBloom {
+        WireBloom { bits: self.bits.clone(), hashes: self.hashes }
+    }
+
+    fn positions<'a>(&'a self, key: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+        let bits = self.bits.len() as u64 * 8;
+        (0..self.hashes as usize).map(move |i| {
+            let mut word = [0u8; 8];
+            let chunk = key.get(i * 8..i * 8 + 8).unwrap_or(&[]);
+            word[..chunk.len()].copy_from_slice(chunk);
+            (u64::from_le_bytes(word) % bits) as usize
+        })
+    }
+
+    /// Adds a key (a digest's raw hash bytes).
+    pub fn insert(&mut self, key: &[u8]) {
+        let positions: Vec<usize> = self.positions(key).collect();
+        for bit in positions {
+            self.bits[bit / 8] |= 1 << (bit % 8);
+        }
+    }
+
+    /// False only if `key` was never inserted.
+    pub fn may_contain(&self, key: &[u8]) -> bool {
+        self.positions(key).all(|bit| self.bits[bit / 8] & (1 << (bit % 8)) != 0)
+    }
+}
+
+struct Inner {
+    bloom: Bloom,
+    /// Keys added since this epoch began, for incremental refreshes.
+    log: Vec<Vec<u8>>,
+    epoch: u64,
+}
+
+/// One instance's filter: built from a scan of the action cache on first
+/// use, then kept current by the action cache's write observer.
+struct InstanceFilter {
+    inner: Mutex<Inner>,
+    scanned: OnceCell<()>,
+}
+
+impl InstanceFilter {
+    fn new() -> Self {
+        let inner = Inner { bloom: Bloom::default(), log: Vec::new(), epoch: new_epoch() };
+        InstanceFilter { inner: Mutex::new(inner), scanned: OnceCell::new() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, key: &[u8]) {
+        let mut inner = self.lock();
+        inner.bloom.insert(key);
+        if inner.log.len() >= MAX_LOG {
+            inner.log.clear();
+            inner.epoch = new_epoch();
+        }
+        inner.log.push(key.to_vec());
+    }
+}
+
+fn new_epoch() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0 | 1
+}
+
+type Filters = Arc<Mutex<HashMap<String, Arc<InstanceFilter>>>>;
+
+/// The ExistenceFilter service.
+#[derive(Clone)]
+pub struct ExistenceService {
+    storage: Arc<Storage>,
+    filters: Filters,
+}
+
+impl ExistenceService {
+    /// Serves filters of `storage`'s action cache, observing its writes.
+    pub fn new(storage: Arc<Storage>) -> Self {
+        let filters: Filters = Arc::default();
+        let observed = filters.clone();
+        let installed = storage.action_cache().observe(Box::new(move |instance, digest| {
+            let filter = observed.lock().unwrap_or_else(|e| e.into_inner()).get(instance).cloned();
+            if let Some(filter) = filter {
+                filter.add(&digest.hash);
+            }
+        }));
+        if !installed {
+            tracing::warn!("the action cache already has an observer; existence filters will only see restarts");
+        }
+        ExistenceService { storage, filters }
+    }
+
+    async fn filter(&self, instance: &str) -> Result<Arc<InstanceFilter>, Status> {
+        let filter = self
+            .filters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(instance.to_owned())
+            .or_insert_with(|| Arc::new(InstanceFilter::new()))
+            .clone();
+        let (storage, scanning, name) = (self.storage.clone(), filter.clone(), instance.to_owned());
+        filter
+            .scanned
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || {
+                    let cache = storage.action_cache();
+                    let keys: Vec<_> = [DigestFunction::Sha256, DigestFunction::Blake3]
+                        .into_iter()
+                        .flat_map(|f| cache.keys(&name, f))
+                        .collect();
+                    let mut inner = scanning.lock();
+                    for key in &keys {
+                        inner.bloom.insert(&key.hash);
+                    }
+                })
+                .await
+                .map_err(|e| Status::internal(format!("scanning the action cache: {e}")))
+            })
+            .await?;
+        Ok(filter)
+    }
+}
+
+#[tonic::async_trait]
+impl ExistenceFilter for ExistenceService {
+    async fn get_filter(&self, request: Request<GetFilterRequest>) -> Result<Response<GetFilterResponse>, Status> {
+        let request = request.into_inner();
+        let filter = self.filter(&request.instance_name).await?;
+        let inner = filter.lock();
+        let generation = inner.log.len() as u64;
+        let incremental = request.epoch == inner.epoch && request.generation <= generation;
+        let filter = if incremental {
+            Filter::Added(AddedKeys { keys: inner.log[request.generation as usize..].to_vec() })
+        } else {
+            Filter::Full(inner.bloom.to_wire())
+        };
+        Ok(Response::new(GetFilterResponse { epoch: inner.epoch, generation, filter: Some(filter) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inserted_keys_are_found_and_most_others_are_not() {
+        let mut bloom = Bloom::default();
+        let key = |i: u32| DigestFunction::Blake3.digest_of(&i.to_le_bytes()).hash;
+        for i in 0..10_000 {
+            bloom.insert(&key(i));
+        }
+        assert!((0..10_000).all(|i| bloom.may_contain(&key(i))));
+        let false_positives = (10_000..20_000).filter(|i| bloom.may_contain(&key(*i))).count();
+        assert!(false_positives < 10, "{false_positives} false positives in 10,000");
+        let back = Bloom::from_wire(bloom.to_wire()).unwrap();
+        assert_eq!(back, bloom);
+    }
+}
