@@ -32,44 +32,6 @@ fn crate_sources(name: &str, sub: &str) -> PathBuf {
     panic!("no {name} sources with {sub} under {}", registry.display());
 }
 
-const MAKEFILE: &str = r#"SRCS := $(shell find lib -name '*.c' | sort)
-OBJS := $(SRCS:.c=.o)
-CFLAGS := -O2 -Wall -DZSTD_DISABLE_ASM -DXXH_NAMESPACE=ZSTD_ -Ilib -Ilib/common -MD
-
-all: roundtrip
-
-roundtrip: driver.o $(OBJS)
-	$(CC) -o $@ $^
-
-%.o: %.c
-	$(CC) $(CFLAGS) -c $< -o $@
-
-clean:
-	rm -f roundtrip driver.o driver.d $(OBJS) $(OBJS:.o=.d)
-"#;
-
-const DRIVER: &str = r#"#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include "zstd.h"
-
-int main(int argc, char **argv) {
-    FILE *f = fopen(argv[1], "rb");
-    if (!f) return 2;
-    static char in[1 << 20];
-    size_t n = fread(in, 1, sizeof in, f);
-    fclose(f);
-    size_t bound = ZSTD_compressBound(n);
-    char *packed = malloc(bound), *back = malloc(n + 1);
-    size_t c = ZSTD_compress(packed, bound, in, n, 19);
-    if (ZSTD_isError(c)) return 3;
-    size_t d = ZSTD_decompress(back, n + 1, packed, c);
-    if (ZSTD_isError(d) || d != n || memcmp(in, back, n) != 0) return 4;
-    printf("ok %zu -> %zu\n", n, c);
-    return 0;
-}
-"#;
-
 /// A project directory: `sources` under lib/, the Makefile, the driver.
 fn project(dir: &Path, sources: &Path, makefile: &str, driver: &str) -> PathBuf {
     let project = dir.to_path_buf();
@@ -218,53 +180,21 @@ fn build_through_the_wrapper(name: &str, sources: &Path, makefile: &str, driver:
     assert_eq!(stat(&stats, "Local fallbacks"), units, "{stats}");
 }
 
-const LUA_MAKEFILE: &str = r#"SRCS := $(shell find lib -name '*.c' | sort)
-OBJS := $(SRCS:.c=.o)
-CFLAGS := -O2 -Wall -DLUA_USE_POSIX -Ilib -MMD
-
-all: driver
-
-driver: driver.o $(OBJS)
-	$(CC) -o $@ $^ -lm
-
-%.o: %.c
-	$(CC) $(CFLAGS) -c $< -o $@
-
-clean:
-	rm -f driver driver.o driver.d $(OBJS) $(OBJS:.o=.d)
-"#;
-
-const LUA_DRIVER: &str = r#"#include <stdio.h>
-#include "lua.h"
-#include "lauxlib.h"
-#include "lualib.h"
-
-static const char *script =
-    "local t = {}\n"
-    "for i = 1, 10 do t[#t + 1] = i * i end\n"
-    "local s = 0\n"
-    "for _, v in ipairs(t) do s = s + v end\n"
-    "print(string.format('squares=%d %s', s, _VERSION))\n";
-
-int main(void) {
-    lua_State *L = luaL_newstate();
-    luaL_openlibs(L);
-    int failed = luaL_dostring(L, script);
-    if (failed) fprintf(stderr, "%s\n", lua_tostring(L, -1));
-    lua_close(L);
-    return failed;
-}
-"#;
-
 #[test]
 fn zstd_builds_through_the_wrapper() {
     if !needs_root("zstd_builds_through_the_wrapper", true) {
         return;
     }
-    build_through_the_wrapper("zstd", &crate_sources("zstd-sys", "zstd/lib"), MAKEFILE, DRIVER, |project| {
-        let run = Command::new(project.join("roundtrip")).arg(project.join("Makefile")).output().unwrap();
-        assert!(String::from_utf8_lossy(&run.stdout).starts_with("ok "), "{}", text(&run));
-    });
+    build_through_the_wrapper(
+        "zstd",
+        &crate_sources("zstd-sys", "zstd/lib"),
+        include_str!("fixtures/cc/zstd.mk"),
+        include_str!("fixtures/cc/zstd_driver.c"),
+        |project| {
+            let run = Command::new(project.join("roundtrip")).arg(project.join("Makefile")).output().unwrap();
+            assert!(String::from_utf8_lossy(&run.stdout).starts_with("ok "), "{}", text(&run));
+        },
+    );
 }
 
 #[test]
@@ -272,10 +202,16 @@ fn lua_builds_through_the_wrapper() {
     if !needs_root("lua_builds_through_the_wrapper", true) {
         return;
     }
-    build_through_the_wrapper("lua", &crate_sources("lua-src", "lua-5.4.7"), LUA_MAKEFILE, LUA_DRIVER, |project| {
-        let run = Command::new(project.join("driver")).output().unwrap();
-        assert_eq!(String::from_utf8_lossy(&run.stdout), "squares=385 Lua 5.4\n", "{}", text(&run));
-    });
+    build_through_the_wrapper(
+        "lua",
+        &crate_sources("lua-src", "lua-5.4.7"),
+        include_str!("fixtures/cc/lua.mk"),
+        include_str!("fixtures/cc/lua_driver.c"),
+        |project| {
+            let run = Command::new(project.join("driver")).output().unwrap();
+            assert_eq!(String::from_utf8_lossy(&run.stdout), "squares=385 Lua 5.4\n", "{}", text(&run));
+        },
+    );
 }
 
 #[test]

@@ -2,16 +2,15 @@
 //! one the tests run) on `casbuild up`, cold and warm, against running the
 //! same commands serially on the host.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use casbuild_coordinator::graph::demo::{serial_script, write_c_program};
 use casbuild_coordinator::graph::Graph;
 
-use super::{median, print_table, Row};
+use super::{median, print_table, Row, Up};
 
 #[derive(clap::Args)]
 pub struct GraphArgs {
@@ -27,47 +26,6 @@ pub struct GraphArgs {
     /// Scratch directory [default: a temp dir].
     #[arg(long)]
     dir: Option<PathBuf>,
-}
-
-/// `casbuild up` as a child process, stopped with SIGTERM when dropped.
-struct Up {
-    child: Child,
-    url: String,
-}
-
-impl Up {
-    fn start(dir: &Path, slots: Option<usize>) -> anyhow::Result<Up> {
-        let exe = std::env::current_exe().context("finding casbuild itself")?;
-        let mut command = Command::new(exe);
-        command.args(["up", "--listen", "127.0.0.1:0", "--dir"]).arg(dir);
-        if let Some(slots) = slots {
-            command.arg("--slots").arg(slots.to_string());
-        }
-        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().context("starting casbuild up")?;
-        let stdout = child.stdout.take().context("piped stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let url = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(url) = line.strip_prefix("casbuild up listening on ") {
-                        break url.to_owned();
-                    }
-                }
-                _ => bail!("casbuild up exited before listening"),
-            }
-        };
-        // Keep draining its stdout so it never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Ok(Up { child, url })
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = self.child.wait();
-    }
 }
 
 fn seconds(d: Duration) -> String {

@@ -2,15 +2,18 @@
 //! in the same run on the same machine, reported as medians and ratios.
 
 mod cas;
+mod cc;
 mod graph;
 mod mount;
 mod sandbox;
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::process::{Child, Command as Process, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use casbuild_fs::storage::{Storage, StorageConfig};
 use casbuild_fs::store::{RemoteStore, RemoteStoreOptions};
 
@@ -27,6 +30,9 @@ pub enum Command {
     /// A generated C build graph on `casbuild up`, cold and warm, against the
     /// same commands run serially on the host.
     Graph(graph::GraphArgs),
+    /// The zstd and Lua builds through `casbuild cc` (cold, warm) against
+    /// local make, and one cache hit against a plain `gcc -c`.
+    Cc(cc::CcArgs),
 }
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
@@ -35,6 +41,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Mount(args) => mount::bench_mount(args).await,
         Command::Sandbox(args) => sandbox::bench_sandbox(args).await,
         Command::Graph(args) => graph::bench_graph(args).await,
+        Command::Cc(args) => cc::bench_cc(args).await,
     }
 }
 
@@ -112,5 +119,46 @@ impl LocalServer {
     async fn stop(self) {
         let _ = self.stop.send(());
         let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+/// `casbuild up` as a child process, stopped with SIGTERM when dropped.
+pub struct Up {
+    child: Child,
+    pub url: String,
+}
+
+impl Up {
+    pub fn start(dir: &Path, slots: Option<usize>) -> anyhow::Result<Up> {
+        let exe = std::env::current_exe().context("finding casbuild itself")?;
+        let mut command = Process::new(exe);
+        command.args(["up", "--listen", "127.0.0.1:0", "--dir"]).arg(dir);
+        if let Some(slots) = slots {
+            command.arg("--slots").arg(slots.to_string());
+        }
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().context("starting casbuild up")?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(url) = line.strip_prefix("casbuild up listening on ") {
+                        break url.to_owned();
+                    }
+                }
+                _ => bail!("casbuild up exited before listening"),
+            }
+        };
+        // Keep draining its stdout so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(Up { child, url })
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
     }
 }

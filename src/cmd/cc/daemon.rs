@@ -19,7 +19,7 @@ use casbuild_fs::store::{BlobStore, RemoteStore, RemoteStoreOptions};
 use casbuild_proto::cc::existence_filter_client::ExistenceFilterClient;
 use casbuild_proto::cc::get_filter_response::Filter;
 use casbuild_proto::cc::{
-    daemon_reply, daemon_request, Compile, Compiled, DaemonReply, DaemonRequest, GetFilterRequest, Stats,
+    daemon_reply, daemon_request, Compile, Compiled, DaemonReply, DaemonRequest, GetFilterRequest, NeededBlobs, Stats,
 };
 use casbuild_proto::longrunning::operation;
 use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
@@ -248,13 +248,16 @@ impl Daemon {
     }
 
     async fn compile(&self, compile: Compile) -> daemon_reply::Reply {
-        lock(&self.stats).compile_requests += 1;
-        if let Some(hit) = lock(&self.l1).get(&compile.action_hash).cloned() {
-            lock(&self.stats).l1_hits += 1;
-            return daemon_reply::Reply::Compiled(Compiled { source: "l1".into(), ..hit });
+        if !compile.resent {
+            lock(&self.stats).compile_requests += 1;
+            if let Some(hit) = lock(&self.l1).get(&compile.action_hash).cloned() {
+                lock(&self.stats).l1_hits += 1;
+                return daemon_reply::Reply::Compiled(Compiled { source: "l1".into(), ..hit });
+            }
         }
         match self.compile_remotely(&compile).await {
-            Ok(compiled) => {
+            Ok(Remote::NeedBlobs(hashes)) => daemon_reply::Reply::NeedBlobs(NeededBlobs { hashes }),
+            Ok(Remote::Compiled(compiled)) => {
                 if compiled.exit_code == 0 && compiled.output.len() <= L1_MAX_OUTPUT {
                     lock(&self.l1).put(compile.action_hash.clone(), compiled.clone());
                 }
@@ -264,20 +267,25 @@ impl Daemon {
         }
     }
 
-    async fn compile_remotely(&self, compile: &Compile) -> anyhow::Result<Compiled> {
+    async fn compile_remotely(&self, compile: &Compile) -> anyhow::Result<Remote> {
         let function = DigestFunction::Blake3;
         let store = self.store().await.context("cluster unreachable")?;
         let action = Digest::from_hex(function, &compile.action_hash, compile.action_size).context("bad request")?;
         let certainly_new = lock(&self.filter).as_ref().is_some_and(|k| !k.bloom.may_contain(&action.hash));
-        if certainly_new {
+        if compile.resent {
+            // Looked up already, on the first send.
+        } else if certainly_new {
             lock(&self.stats).filter_skipped_lookups += 1;
         } else if let Some(result) = self.lookup(&store, &action).await? {
             if let Ok(compiled) = self.fetch(&store, &result, compile, "remote cache").await {
                 lock(&self.stats).remote_hits += 1;
-                return Ok(compiled);
+                return Ok(Remote::Compiled(compiled));
             }
         }
-        self.upload(&store, compile).await.context("infrastructure failure: uploading")?;
+        let absent = self.upload(&store, compile).await.context("infrastructure failure: uploading")?;
+        if !absent.is_empty() {
+            return Ok(Remote::NeedBlobs(absent));
+        }
         let response = self.execute(&store, &action).await.context("infrastructure failure")?;
         let status = response.status.unwrap_or_default();
         if status.code != 0 {
@@ -294,7 +302,7 @@ impl Daemon {
             stats.executed_remotely += 1;
             stats.remote_compile_errors += u64::from(result.exit_code != 0);
         }
-        Ok(compiled)
+        Ok(Remote::Compiled(compiled))
     }
 
     async fn lookup(&self, store: &RemoteStore, action: &Digest) -> anyhow::Result<Option<ActionResult>> {
@@ -311,21 +319,26 @@ impl Daemon {
         }
     }
 
-    async fn upload(&self, store: &RemoteStore, compile: &Compile) -> anyhow::Result<()> {
-        let blobs: Vec<(Digest, Bytes)> = compile
+    /// Uploads the blobs the cluster lacks; returns the hashes of those it
+    /// lacks but the request carried no contents for (nothing is uploaded then).
+    async fn upload(&self, store: &RemoteStore, compile: &Compile) -> anyhow::Result<Vec<String>> {
+        let blobs: Vec<(Digest, &[u8])> = compile
             .blobs
             .iter()
-            .map(|b| {
-                Ok((Digest::from_hex(DigestFunction::Blake3, &b.hash, b.size_bytes)?, Bytes::from(b.data.clone())))
-            })
+            .map(|b| Ok((Digest::from_hex(DigestFunction::Blake3, &b.hash, b.size_bytes)?, b.data.as_slice())))
             .collect::<anyhow::Result<_>>()?;
         let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
         let missing: HashSet<Digest> = store.find_missing(&digests).await?.into_iter().collect();
-        let needed: Vec<(Digest, Bytes)> = blobs.into_iter().filter(|(d, _)| missing.contains(d)).collect();
+        let needed: Vec<(Digest, &[u8])> = blobs.into_iter().filter(|(d, _)| missing.contains(d)).collect();
+        let absent: Vec<String> =
+            needed.iter().filter(|(d, data)| data.len() as u64 != d.size_bytes).map(|(d, _)| d.hash_hex()).collect();
+        if !absent.is_empty() {
+            return Ok(absent);
+        }
         let bytes: u64 = needed.iter().map(|(d, _)| d.size_bytes).sum();
-        store.upload(needed).await?;
+        store.upload(needed.into_iter().map(|(d, data)| (d, Bytes::copy_from_slice(data))).collect()).await?;
         lock(&self.stats).bytes_uploaded += bytes;
-        Ok(())
+        Ok(Vec::new())
     }
 
     async fn execute(&self, store: &RemoteStore, action: &Digest) -> anyhow::Result<ExecuteResponse> {
@@ -389,6 +402,13 @@ impl Daemon {
             source: source.to_owned(),
         })
     }
+}
+
+/// What the cluster made of a compile.
+enum Remote {
+    Compiled(Compiled),
+    /// It lacks blobs the request carried no contents for.
+    NeedBlobs(Vec<String>),
 }
 
 fn reply(reply: daemon_reply::Reply) -> DaemonReply {

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use casbuild_coordinator::graph::escapes;
 use casbuild_exec::runner::report_suffix;
 use casbuild_fs::action::ActionSpec;
-use casbuild_fs::digest::DigestFunction;
+use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_fs::input_root::{Entry, InputRoot};
 use casbuild_proto::cc::{
     daemon_reply, daemon_request, Blob, Compile as CompileRequest, GetStats, LocalNote, LocalSlot, Shutdown, Stats,
@@ -252,8 +252,6 @@ impl From<anyhow::Error> for Fallback {
 async fn remote_compile(compiler: &Path, compile: &Compile, remote: &str, instance: &str) -> Result<i32, Fallback> {
     let function = DigestFunction::Blake3;
     let identity = compiler_identity(compiler).context("identifying the compiler")?;
-    let scratch = tempfile::Builder::new().prefix("casbuild-cc-").tempdir().context("a temporary directory")?;
-    let preprocessed = scratch.path().join("input.i");
 
     // Preprocess here, with every preprocessor flag and the dependency file.
     let mut command = std::process::Command::new(compiler);
@@ -265,7 +263,8 @@ async fn remote_compile(compiler: &Path, compile: &Compile, remote: &str, instan
     if compile.depfile && !compile.target_named {
         command.arg("-MT").arg(&compile.output);
     }
-    command.arg("-E").arg(&compile.source).arg("-o").arg(&preprocessed);
+    // To stdout: the text goes straight into memory, no temporary file.
+    command.arg("-E").arg(&compile.source);
     let out = command.stdin(Stdio::null()).output().context("running the preprocessor")?;
     if !out.status.success() {
         return Err(Fallback::Silent);
@@ -273,7 +272,7 @@ async fn remote_compile(compiler: &Path, compile: &Compile, remote: &str, instan
     std::io::Write::write_all(&mut std::io::stderr(), &out.stderr).ok();
 
     // The action: compile the preprocessed file with the code-generation flags.
-    let text = Bytes::from(std::fs::read(&preprocessed).context("reading the preprocessed source")?);
+    let text = Bytes::from(out.stdout);
     let input = function.digest_of(&text);
     let mut root = InputRoot::default();
     let mut blobs = vec![(input, text)];
@@ -313,21 +312,33 @@ async fn remote_compile(compiler: &Path, compile: &Compile, remote: &str, instan
 
     blobs.extend(action.blobs.iter().cloned());
     let mut daemon = DaemonConnection::connect_or_start(remote, instance).await.context("no daemon")?;
-    let request = daemon_request::Request::Compile(CompileRequest {
-        action_hash: action.digest.hash_hex(),
-        action_size: action.digest.size_bytes as i64,
-        blobs: blobs
-            .into_iter()
-            .map(|(digest, data)| Blob {
-                hash: digest.hash_hex(),
-                size_bytes: digest.size_bytes as i64,
-                data: data.to_vec(),
-            })
-            .collect(),
-        output_path: "output.o".into(),
-        source: compile.source.clone(),
-    });
-    let compiled = match daemon.ask(request).await?.reply {
+    // First without the files' contents: a hit needs none. Only when the
+    // cluster lacks some does the daemon ask for them.
+    let request = |with_data: &dyn Fn(&Digest) -> bool, resent: bool| {
+        daemon_request::Request::Compile(CompileRequest {
+            action_hash: action.digest.hash_hex(),
+            action_size: action.digest.size_bytes as i64,
+            blobs: blobs
+                .iter()
+                .map(|(digest, data)| Blob {
+                    hash: digest.hash_hex(),
+                    size_bytes: digest.size_bytes as i64,
+                    data: if with_data(digest) { data.to_vec() } else { Vec::new() },
+                })
+                .collect(),
+            output_path: "output.o".into(),
+            source: compile.source.clone(),
+            resent,
+        })
+    };
+    let small = |digest: &Digest| digest.size_bytes <= 16 << 10;
+    let mut reply = daemon.ask(request(&small, false)).await?.reply;
+    if let Some(daemon_reply::Reply::NeedBlobs(needed)) = &reply {
+        let needed: std::collections::HashSet<&str> = needed.hashes.iter().map(String::as_str).collect();
+        let wanted = |digest: &Digest| small(digest) || needed.contains(digest.hash_hex().as_str());
+        reply = daemon.ask(request(&wanted, true)).await?.reply;
+    }
+    let compiled = match reply {
         Some(daemon_reply::Reply::Compiled(compiled)) => compiled,
         Some(daemon_reply::Reply::Fallback(why)) => return Err(Fallback::Warn(anyhow::anyhow!(why))),
         other => return Err(anyhow::anyhow!("the daemon answered {other:?}").into()),
