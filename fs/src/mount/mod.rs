@@ -194,7 +194,28 @@ impl CasMount {
     /// [`CasMount::unmount`] for a mount shared behind an `Arc`: later calls
     /// find it already unmounted.
     pub fn shutdown(&self) -> std::io::Result<()> {
-        self.take_session().map_or(Ok(()), BackgroundSession::umount_and_join)
+        let Some(session) = self.take_session() else { return Ok(()) };
+        // Files closed a moment ago may still be being released by the
+        // kernel (EBUSY): retry briefly, then detach lazily rather than fail
+        // a shutdown because of a straggler.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
+                Ok(()) => break,
+                Err(nix::errno::Errno::EBUSY) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(nix::errno::Errno::EBUSY) => {
+                    tracing::warn!("{} is still busy after 2 s; detaching it", self.mountpoint.display());
+                    nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH)?;
+                    break;
+                }
+                // Not ours to unmount directly (no privilege): fuser's way (fusermount3).
+                Err(_) => return session.umount_and_join(),
+            }
+        }
+        // Unmounted: the session's thread ends as /dev/fuse reports the unmount.
+        session.join()
     }
 
     fn take_session(&self) -> Option<BackgroundSession> {
@@ -204,10 +225,8 @@ impl CasMount {
 
 impl Drop for CasMount {
     fn drop(&mut self) {
-        if let Some(session) = self.take_session() {
-            if let Err(e) = session.umount_and_join() {
-                tracing::warn!("unmounting {}: {e}", self.mountpoint.display());
-            }
+        if let Err(e) = self.shutdown() {
+            tracing::warn!("unmounting {}: {e}", self.mountpoint.display());
         }
     }
 }
