@@ -4,3 +4,4 @@
 pub mod outputs;
 pub mod runner;
 pub mod sandbox;
+pub mod scratch;

@@ -108,11 +108,7 @@ struct Lease<'a> {
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         let _ = self.mount.unregister(self.name);
-        if let Err(e) = std::fs::remove_dir_all(self.scratch) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("removing {}: {e}", self.scratch.display());
-            }
-        }
+        crate::scratch::discard(self.scratch);
     }
 }
 

@@ -34,8 +34,8 @@ use super::spec::{RunReport, SandboxSpec, ScratchLayout};
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Entry point of the helper. `casbuild __sandbox-helper --zygote` reads
-/// spec paths from stdin, one per line, forks a process per spec that runs it
-/// and writes its report next to it, and answers each line with that
+/// specs (JSON) from stdin, one per line, forks a process per spec that runs
+/// it and writes its report into its scratch directory, and answers each line with that
 /// process's pid (the caller waits on it with a pidfd). Forking from this
 /// small, single-threaded process is what keeps sandbox start-up cheap.
 /// `casbuild __sandbox-helper SPEC` runs one spec in the foreground.
@@ -61,7 +61,7 @@ fn zygote() -> std::process::ExitCode {
     use std::io::BufRead;
     let mut stdout = std::io::stdout().lock();
     for line in std::io::stdin().lock().lines() {
-        let Ok(path) = line else { break };
+        let Ok(spec) = line else { break };
         // Runs that ended are reaped only now, when the owner has had the
         // chance to open a pidfd on them: their pids cannot be reused before.
         while let Ok(status) = waitpid(None::<Pid>, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
@@ -77,7 +77,7 @@ fn zygote() -> std::process::ExitCode {
                     let _ = nix::unistd::dup2_stdin(&null);
                     let _ = nix::unistd::dup2_stdout(&null);
                 }
-                let code = match run_spec_file(Path::new(&path)) {
+                let code = match run_spec(spec.as_bytes(), "the spec") {
                     Ok(()) => 0,
                     Err(e) => {
                         eprintln!("sandbox helper: {e}");
@@ -96,12 +96,15 @@ fn zygote() -> std::process::ExitCode {
     std::process::ExitCode::SUCCESS
 }
 
-/// Reads a spec, runs it, writes its report next to it.
+/// Reads a spec from a file and runs it (the one-shot mode, for debugging).
 fn run_spec_file(spec_path: &Path) -> Result<(), String> {
-    let spec: SandboxSpec = std::fs::read(spec_path)
-        .map_err(|e| e.to_string())
-        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
-        .map_err(|e| format!("reading {}: {e}", spec_path.display()))?;
+    let bytes = std::fs::read(spec_path).map_err(|e| format!("reading {}: {e}", spec_path.display()))?;
+    run_spec(&bytes, &spec_path.display().to_string())
+}
+
+/// Runs a spec (JSON) and writes its report into its scratch directory.
+fn run_spec(json: &[u8], what: &str) -> Result<(), String> {
+    let spec: SandboxSpec = serde_json::from_slice(json).map_err(|e| format!("reading {what}: {e}"))?;
     let layout = ScratchLayout::new(&spec.scratch);
     let report = run(&spec, &layout);
     serde_json::to_vec(&report)
@@ -231,6 +234,7 @@ fn build_root(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<(), String> 
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(sys(|| "making / private".into()))?;
 
     let root = &layout.root;
+    // `root` usually exists (shared by all runs); create_dir_all then only stats it.
     for dir in [root, &layout.upper, &layout.overlay_work] {
         std::fs::create_dir_all(dir).map_err(io(|| format!("creating {}", dir.display())))?;
     }

@@ -114,8 +114,8 @@ impl Sandbox {
         Ok(Zygote { _child: child, stdin, stdout })
     }
 
-    /// Asks the zygote to start the run described by `spec_path`.
-    async fn start(&self, spec_path: &std::path::Path) -> Result<Running, SandboxError> {
+    /// Asks the zygote to start the run `spec_json` describes.
+    async fn start(&self, spec_json: &str) -> Result<Running, SandboxError> {
         let mut zygote = self.zygote.lock().await;
         let mut last_error = None;
         for _ in 0..2 {
@@ -123,7 +123,7 @@ impl Sandbox {
                 *zygote = Some(self.spawn_zygote()?);
             }
             let z = zygote.as_mut().expect("just set");
-            let line = format!("{}\n", spec_path.display());
+            let line = format!("{spec_json}\n");
             let answer = async {
                 z.stdin.write_all(line.as_bytes()).await?;
                 z.stdin.flush().await?;
@@ -154,9 +154,9 @@ impl Sandbox {
         tokio::fs::create_dir_all(&spec.scratch)
             .await
             .map_err(|e| helper_error("creating the scratch directory", &e))?;
-        let json = serde_json::to_vec(spec).map_err(|e| helper_error("encoding the spec", &e))?;
-        tokio::fs::write(&layout.spec, json).await.map_err(|e| helper_error("writing the spec", &e))?;
-        let mut running = self.start(&layout.spec).await?;
+        // One line of JSON (strings escape newlines) straight to the zygote.
+        let json = serde_json::to_string(spec).map_err(|e| helper_error("encoding the spec", &e))?;
+        let mut running = self.start(&json).await?;
         let ended = async {
             let mut ready = running.pidfd.readable().await.map_err(|e| helper_error("waiting for the run", &e))?;
             ready.retain_ready();

@@ -165,24 +165,29 @@ impl RunReport {
 
 /// Files of one run inside its scratch directory.
 pub(crate) struct ScratchLayout {
+    /// Where the run's root tmpfs is mounted: one directory shared by every
+    /// run beside this scratch directory, since each run mounts in its own
+    /// mount namespace (one mkdir and rmdir fewer per run).
     pub root: PathBuf,
     pub upper: PathBuf,
     pub overlay_work: PathBuf,
     pub stdout: PathBuf,
     pub stderr: PathBuf,
-    pub spec: PathBuf,
     pub report: PathBuf,
 }
 
 impl ScratchLayout {
     pub fn new(scratch: &Path) -> Self {
+        let root = match scratch.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.join(".sandbox-root"),
+            _ => scratch.join("root"),
+        };
         ScratchLayout {
-            root: scratch.join("root"),
+            root,
             upper: scratch.join("upper"),
             overlay_work: scratch.join("overlay-work"),
             stdout: scratch.join("stdout"),
             stderr: scratch.join("stderr"),
-            spec: scratch.join("spec.json"),
             report: scratch.join("report.json"),
         }
     }
