@@ -172,3 +172,33 @@ fn bad_input_is_refused_with_a_message() {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!info.contains(env.dir.path().to_str().unwrap()), "nothing stays mounted");
 }
+
+#[test]
+fn outputs_over_the_total_limit_are_not_returned() {
+    let Some(env) = Env::start("outputs_over_the_total_limit_are_not_returned") else { return };
+    let input = env.source("big", &[("README", "two different outputs of 700 KiB each\n")]);
+    let script = "head -c 716800 /dev/zero > a.bin; head -c 716800 /dev/urandom > b.bin; echo made both";
+    let out = env.exec(&[
+        "--max-output-size",
+        "1MiB",
+        "--input",
+        &input,
+        "--output",
+        "a.bin",
+        "--output",
+        "b.bin",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("over this worker's limit of 1048576"), "{stderr}");
+    assert!(stderr.contains("no outputs were returned"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "made both\n", "the logs still come back");
+    assert!(!Path::new(&input).join("a.bin").exists() && !Path::new(&input).join("b.bin").exists());
+    // Under the limit, the same command returns both.
+    let out = env.exec(&["--input", &input, "--output", "a.bin", "--output", "b.bin", "--", "sh", "-c", script]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::metadata(Path::new(&input).join("a.bin")).unwrap().len(), 716800);
+}

@@ -40,6 +40,11 @@ pub struct RunnerConfig {
     pub limits: Limits,
     /// The name reported in ExecutedActionMetadata.worker.
     pub worker_name: String,
+    /// Most bytes one action may return: its distinct output blobs, stdout
+    /// and stderr together (what would be uploaded). Each file is also
+    /// capped while it is written (`limits.max_file_bytes`); this total is
+    /// checked before upload, and past it no outputs are returned.
+    pub max_output_bytes: u64,
 }
 
 impl RunnerConfig {
@@ -53,6 +58,7 @@ impl RunnerConfig {
             gid: 65534,
             limits: Limits::default(),
             worker_name: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+            max_output_bytes: 16 << 30,
         }
     }
 }
@@ -247,7 +253,7 @@ impl Runner {
             return Ok(Execution { result, message: error.clone(), access, report, do_not_cache: true, input_root });
         }
 
-        let message =
+        let mut message =
             if report.success() { String::new() } else { failure_message(&report, &access, &spec.writable_dirs) };
         if !message.is_empty() {
             // Clients show a failed action's stderr; put the report where it is seen.
@@ -278,7 +284,34 @@ impl Runner {
                 files.insert(digest, path);
             }
         }
-        remote.upload_missing(collected.blobs, &files).await.map_err(infra("uploading outputs"))?;
+        let mut blobs = collected.blobs;
+        let mut do_not_cache = action.do_not_cache;
+        let total: u64 = files.keys().chain(blobs.iter().map(|(d, _)| d)).map(|d| d.size_bytes).sum();
+        if total > self.config.max_output_bytes {
+            // Nothing of it is uploaded; the logs still are if they fit.
+            let limit = self.config.max_output_bytes;
+            result.output_files.clear();
+            result.output_directories.clear();
+            result.output_symlinks.clear();
+            blobs.clear();
+            let logs: Vec<Digest> = [&result.stdout_digest, &result.stderr_digest]
+                .into_iter()
+                .filter_map(|d| d.as_ref().and_then(|d| Digest::from_proto(function, d).ok()))
+                .collect();
+            let log_bytes: u64 = logs.iter().map(|d| d.size_bytes).sum();
+            files.retain(|digest, _| log_bytes <= limit && logs.contains(digest));
+            if log_bytes > limit {
+                result.stdout_digest = None;
+                result.stderr_digest = None;
+            }
+            let note = format!(
+                "the action's outputs and logs total {total} bytes, over this worker's limit of {limit} \
+                 (casbuild worker --max-output-size); no outputs were returned"
+            );
+            message = if message.is_empty() { note } else { format!("{message}\n{note}") };
+            do_not_cache = true;
+        }
+        remote.upload_missing(blobs, &files).await.map_err(infra("uploading outputs"))?;
         let upload_done = SystemTime::now();
 
         result.exit_code = match (report.exit_code, report.signal) {
@@ -294,7 +327,7 @@ impl Runner {
             output_upload_completed_timestamp: casbuild_proto::timestamp(upload_done),
             ..Default::default()
         });
-        Ok(Execution { result, message, access, report, do_not_cache: action.do_not_cache, input_root })
+        Ok(Execution { result, message, access, report, do_not_cache, input_root })
     }
 }
 

@@ -52,6 +52,9 @@ pub struct Args {
     /// Seconds the command may run.
     #[arg(long)]
     timeout: Option<u64>,
+    /// Most the command may return, outputs, stdout and stderr together.
+    #[arg(long, value_parser = parse_size, default_value = "16GiB")]
+    max_output_size: u64,
     /// HASH/SIZE of a stored Action to run (instead of --input and a command).
     action: Option<String>,
     /// The command and its arguments, after `--`.
@@ -81,7 +84,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mount =
         mount_cas(&mountpoint, &cache_dir, args.cache_size, remote.clone(), timeout, Default::default()).await?;
     let mount = Arc::new(mount);
-    let config = RunnerConfig::new(scratch.clone(), std::env::current_exe().context("finding casbuild itself")?);
+    let mut config = RunnerConfig::new(scratch.clone(), std::env::current_exe().context("finding casbuild itself")?);
+    config.max_output_bytes = args.max_output_size;
     let runner = Runner::new(config, mount.clone(), remote.clone())?;
     let outcome = runner.execute(&action_digest).await;
     drop(runner);
@@ -118,6 +122,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Some(dir) => {
             let out = args.out.clone().unwrap_or(dir);
             replay_and_download(&remote, &execution, function, &out).await?;
+            // A failed run's report is at the end of its stderr already.
+            if execution.result.exit_code == 0 {
+                for line in execution.message.lines() {
+                    eprintln!("casbuild: {line}");
+                }
+            }
         }
     }
     if args.show_unread && execution.result.exit_code == 0 {

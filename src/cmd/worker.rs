@@ -75,6 +75,9 @@ pub struct Args {
     /// Largest file an action may write, stdout and stderr included; writing past it kills the writer.
     #[arg(long, value_parser = parse_size, default_value = "4GiB")]
     max_file_size: u64,
+    /// Most an action may return, outputs, stdout and stderr together; past it no outputs are returned.
+    #[arg(long, value_parser = parse_size, default_value = "16GiB")]
+    max_output_size: u64,
     /// Processes an action may run at once (per sandbox user).
     #[arg(long, default_value_t = 512)]
     max_processes: u64,
@@ -166,6 +169,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.uid = args.sandbox_uid;
     config.gid = args.sandbox_gid;
     config.limits.max_file_bytes = args.max_file_size;
+    config.max_output_bytes = args.max_output_size;
     config.limits.max_processes = args.max_processes;
     if !args.toolchain.is_empty() {
         if let Some(bad) = args.toolchain.iter().find(|p| !p.is_absolute()) {

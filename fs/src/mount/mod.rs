@@ -195,27 +195,31 @@ impl CasMount {
     /// find it already unmounted.
     pub fn shutdown(&self) -> std::io::Result<()> {
         let Some(session) = self.take_session() else { return Ok(()) };
-        // Files closed a moment ago may still be being released by the
-        // kernel (EBUSY): retry briefly, then detach lazily rather than fail
-        // a shutdown because of a straggler.
+        match session.umount_and_join() {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.unmount_busy(),
+            other => other,
+        }
+    }
+
+    /// Files closed a moment ago may still be being released by the kernel
+    /// (EBUSY): retries briefly, then detaches lazily rather than fail a
+    /// shutdown because of a straggler. The session's thread, no longer
+    /// joinable, ends by itself once the kernel reports the unmount.
+    fn unmount_busy(&self) -> std::io::Result<()> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         loop {
             match nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
-                Ok(()) => break,
+                Ok(()) => return Ok(()),
                 Err(nix::errno::Errno::EBUSY) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(nix::errno::Errno::EBUSY) => {
                     tracing::warn!("{} is still busy after 2 s; detaching it", self.mountpoint.display());
-                    nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH)?;
-                    break;
+                    return Ok(nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH)?);
                 }
-                // Not ours to unmount directly (no privilege): fuser's way (fusermount3).
-                Err(_) => return session.umount_and_join(),
+                Err(e) => return Err(e.into()),
             }
         }
-        // Unmounted: the session's thread ends as /dev/fuse reports the unmount.
-        session.join()
     }
 
     fn take_session(&self) -> Option<BackgroundSession> {
