@@ -27,7 +27,7 @@ pub fn discard(scratch: &Path) {
     let target = trash.join(name);
     match std::fs::rename(scratch, &target) {
         Ok(()) => {
-            let sent = remover().lock().unwrap_or_else(|e| e.into_inner()).send(target.clone());
+            let sent = remover().lock().unwrap_or_else(|e| e.into_inner()).send(Job::Remove(target.clone()));
             if sent.is_err() {
                 remove(&target);
             }
@@ -35,6 +35,21 @@ pub fn discard(scratch: &Path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(_) => remove(scratch),
     }
+}
+
+/// Waits until every directory discarded so far is deleted (before a
+/// process removes the scratch root itself, or exits).
+pub fn flush() {
+    let (done, wait) = std::sync::mpsc::channel();
+    let sent = remover().lock().unwrap_or_else(|e| e.into_inner()).send(Job::Flush(done));
+    if sent.is_ok() {
+        let _ = wait.recv_timeout(std::time::Duration::from_secs(60));
+    }
+}
+
+enum Job {
+    Remove(PathBuf),
+    Flush(Sender<()>),
 }
 
 /// Deletes a directory tree now; a missing one is fine.
@@ -47,13 +62,18 @@ fn remove(path: &Path) {
 }
 
 /// The background thread's queue, started on first use.
-fn remover() -> &'static Mutex<Sender<PathBuf>> {
-    static REMOVER: OnceLock<Mutex<Sender<PathBuf>>> = OnceLock::new();
+fn remover() -> &'static Mutex<Sender<Job>> {
+    static REMOVER: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
     REMOVER.get_or_init(|| {
-        let (sender, receiver) = std::sync::mpsc::channel::<PathBuf>();
+        let (sender, receiver) = std::sync::mpsc::channel::<Job>();
         let spawned = std::thread::Builder::new().name("scratch-remover".into()).spawn(move || {
-            for path in receiver {
-                remove(&path);
+            for job in receiver {
+                match job {
+                    Job::Remove(path) => remove(&path),
+                    Job::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
             }
         });
         if let Err(e) = spawned {
@@ -75,12 +95,9 @@ mod tests {
         std::fs::write(scratch.join("upper/deep/file"), "x").unwrap();
         discard(&scratch);
         assert!(!scratch.exists(), "the path is free as soon as discard returns");
+        flush();
         let trash = dir.path().join(TRASH);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::fs::read_dir(&trash).unwrap().next().is_some() {
-            assert!(std::time::Instant::now() < deadline, "the trash was not emptied");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        assert_eq!(std::fs::read_dir(&trash).unwrap().count(), 0, "flush waits for the deletion");
         discard(&dir.path().join("never-existed"));
     }
 }

@@ -89,6 +89,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let runner = Runner::new(config, mount.clone(), remote.clone())?;
     let outcome = runner.execute(&action_digest).await;
     drop(runner);
+    casbuild_exec::scratch::flush();
     let _ = std::fs::remove_dir_all(&scratch);
     if let Ok(mount) = Arc::try_unwrap(mount) {
         tokio::task::spawn_blocking(move || mount.unmount()).await?.context("unmounting")?;

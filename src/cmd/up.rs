@@ -106,6 +106,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     stopping.notify_one();
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
     tokio::task::spawn_blocking(move || mount.shutdown()).await?.context("unmounting /cas")?;
+    // Scratch directories still being deleted in the background.
+    casbuild_exec::scratch::flush();
     eprintln!("casbuild up stopped");
     Ok(())
 }

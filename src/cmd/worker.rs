@@ -238,6 +238,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     heartbeats.abort();
     drop(runner);
     tokio::task::spawn_blocking(move || mount.shutdown()).await?.context("unmounting /cas")?;
+    // Scratch directories still being deleted in the background.
+    casbuild_exec::scratch::flush();
     eprintln!("casbuild worker {id} stopped");
     Ok(())
 }

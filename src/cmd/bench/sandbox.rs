@@ -108,6 +108,7 @@ pub async fn bench_sandbox(args: SandboxArgs) -> anyhow::Result<()> {
     } else {
         eprintln!("bench: bwrap is not installed (apt-get install bubblewrap); its row is left out");
     }
+    casbuild_exec::scratch::flush();
     print_table(&rows);
     println!("\noverhead over fork/exec (medians): {}", ms(ours_med.saturating_sub(plain_med)));
     Ok(())
