@@ -355,3 +355,23 @@ fn masquerade_links_reach_the_real_compiler_through_casbuild() {
     assert!(text(&out).contains("casbuild cc: compiling m.c locally"), "{}", text(&out));
     assert!(dir.path().join("m.o").exists());
 }
+
+#[test]
+fn a_daemon_directory_others_can_write_is_not_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    std::fs::write(dir.path().join("m.c"), "int m(void) { return 3; }\n").unwrap();
+    let out = common::casbuild()
+        .args(["cc", "gcc", "-c", "m.c", "-o", "m.o"])
+        .current_dir(dir.path())
+        .env("CASBUILD_REMOTE", "grpc://127.0.0.1:1")
+        .env("CASBUILD_DAEMON_DIR", &shared)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("is not yours alone"), "{}", text(&out));
+    assert!(dir.path().join("m.o").exists(), "compiled locally");
+    assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0, "no socket or daemon went there");
+}

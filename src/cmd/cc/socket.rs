@@ -27,6 +27,29 @@ pub fn daemon_dir() -> PathBuf {
     }
 }
 
+/// Creates the daemon directory (0700) if needed and checks that it is this
+/// user's and writable by nobody else: a socket there that another user
+/// planted could answer compiles with anything.
+pub fn secure_daemon_dir() -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let dir = daemon_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let meta = std::fs::metadata(&dir).with_context(|| format!("{}", dir.display()))?;
+    if meta.uid() != nix::unistd::getuid().as_raw() || meta.mode() & 0o022 != 0 {
+        bail!(
+            "{} is not yours alone (owner {}, mode {:o}); not using it",
+            dir.display(),
+            meta.uid(),
+            meta.mode() & 0o777
+        );
+    }
+    Ok(dir)
+}
+
 /// The socket of the daemon serving `remote` and `instance`: one per host,
 /// user and cluster.
 pub fn socket_path(remote: &str, instance: &str) -> PathBuf {
@@ -68,6 +91,7 @@ pub struct DaemonConnection {
 impl DaemonConnection {
     /// Connects to a running daemon, if there is one.
     pub async fn existing(remote: &str, instance: &str) -> Option<DaemonConnection> {
+        secure_daemon_dir().ok()?;
         UnixStream::connect(socket_path(remote, instance)).await.ok().map(|stream| DaemonConnection { stream })
     }
 
@@ -77,8 +101,7 @@ impl DaemonConnection {
             return Ok(connection);
         }
         let socket = socket_path(remote, instance);
-        let dir = daemon_dir();
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dir = secure_daemon_dir()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
