@@ -177,7 +177,11 @@ impl ExistenceFilter for ExistenceService {
         let filter = self.filter(&request.instance_name).await?;
         let inner = filter.lock();
         let generation = inner.log.len() as u64;
-        let incremental = request.epoch == inner.epoch && request.generation <= generation;
+        // Past this many keys a delta outweighs the whole filter (and could
+        // outgrow a message): send the filter instead.
+        let behind = generation.saturating_sub(request.generation);
+        let incremental =
+            request.epoch == inner.epoch && request.generation <= generation && behind <= (BITS / 8 / 34) as u64;
         let filter = if incremental {
             Filter::Added(AddedKeys { keys: inner.log[request.generation as usize..].to_vec() })
         } else {

@@ -9,6 +9,9 @@ use bytes::Bytes;
 use casbuild_proto::reapi::{Directory, DirectoryNode, FileNode, SymlinkNode};
 use prost::Message;
 
+/// Directories deep an input path may go; bounds the recursion of encoding.
+pub const MAX_DEPTH: usize = 256;
+
 /// What one path of the input root holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Entry {
@@ -42,6 +45,9 @@ impl InputRoot {
     /// naming the path.
     pub fn insert(&mut self, path: &str, entry: Entry) -> Result<(), String> {
         let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+        if parts.len() > MAX_DEPTH {
+            return Err(format!("input path {path:?} is nested deeper than {MAX_DEPTH} directories"));
+        }
         let Some((name, parents)) = parts.split_last() else {
             return Err(format!("input path {path:?} names the root"));
         };

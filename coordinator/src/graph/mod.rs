@@ -109,15 +109,28 @@ pub fn escapes(path: &str) -> Option<&'static str> {
     if path.is_empty() {
         return Some("is empty");
     }
+    let mut depth = 0;
     for component in Path::new(path).components() {
         match component {
             Component::ParentDir => return Some("steps out of its root with '..'"),
             Component::RootDir | Component::Prefix(_) => return Some("is absolute"),
-            _ => {}
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
         }
+    }
+    if depth == 0 {
+        return Some("names the root itself");
+    }
+    if depth > MAX_PATH_DEPTH {
+        return Some("is nested too deeply");
     }
     None
 }
+
+/// Directories deep a path may go (bounds every walk over input roots).
+pub const MAX_PATH_DEPTH: usize = 128;
+/// Longest job timeout accepted: a week.
+pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
 /// `a/./b` → `a/b`, for comparing paths.
 pub fn normal(path: &str) -> String {
@@ -164,8 +177,12 @@ impl Graph {
             if job.argv.first().is_none_or(|a| a.is_empty()) {
                 problems.push(format!("{name}: argv is empty"));
             }
-            if job.timeout_secs == Some(0) {
-                problems.push(format!("{name}: timeout_secs must be positive"));
+            match job.timeout_secs {
+                Some(0) => problems.push(format!("{name}: timeout_secs must be positive")),
+                Some(t) if t > MAX_TIMEOUT_SECS => {
+                    problems.push(format!("{name}: timeout_secs {t} is over the limit of {MAX_TIMEOUT_SECS}"))
+                }
+                _ => {}
             }
             for (k, output) in job.outputs.iter().enumerate() {
                 if let Some(why) = escapes(output) {
@@ -173,6 +190,17 @@ impl Graph {
                 } else if let Some((other, _)) = producers.insert(normal(output), (&job.id, k)) {
                     problems.push(format!("{name}: outputs[{k}] {output:?} is also an output of job {other:?}"));
                 }
+            }
+        }
+        // An output inside another output's directory would be produced twice.
+        let mut paths: Vec<(&String, &(&str, usize))> = producers.iter().collect();
+        paths.sort();
+        for pair in paths.windows(2) {
+            let ((outer, (outer_job, _)), (inner, (inner_job, k))) = (pair[0], pair[1]);
+            if inner.starts_with(&format!("{outer}/")) {
+                problems.push(format!(
+                    "job {inner_job:?}: outputs[{k}] {inner:?} is inside output {outer:?} of job {outer_job:?}"
+                ));
             }
         }
         for job in &self.jobs {
@@ -222,69 +250,75 @@ impl Graph {
     }
 
     /// A dependency cycle, as the ids along it (first repeated at the end).
+    /// Iterative: a chain of a million jobs must not overflow the stack.
     fn cycle(&self) -> Option<Vec<String>> {
         let deps = self.dependencies();
         // 0: unvisited, 1: on the current path, 2: done.
         let mut state: HashMap<&str, u8> = HashMap::new();
-        let mut path: Vec<&str> = Vec::new();
-        fn visit<'a>(
-            id: &'a str,
-            deps: &HashMap<&'a str, Vec<&'a str>>,
-            state: &mut HashMap<&'a str, u8>,
-            path: &mut Vec<&'a str>,
-        ) -> Option<Vec<String>> {
-            match state.get(id) {
-                Some(2) => return None,
-                Some(1) => {
-                    let start = path.iter().position(|p| *p == id).unwrap_or(0);
-                    let mut cycle: Vec<String> = path[start..].iter().map(|s| s.to_string()).collect();
-                    cycle.push(id.to_owned());
-                    return Some(cycle);
-                }
-                _ => {}
-            }
-            state.insert(id, 1);
-            path.push(id);
-            for dep in deps.get(id).into_iter().flatten() {
-                if let Some(cycle) = visit(dep, deps, state, path) {
-                    return Some(cycle);
-                }
-            }
-            path.pop();
-            state.insert(id, 2);
-            None
-        }
         let mut ids: Vec<&str> = deps.keys().copied().collect();
         ids.sort_unstable();
-        ids.into_iter().find_map(|id| visit(id, &deps, &mut state, &mut path))
+        for start in ids {
+            if state.contains_key(start) {
+                continue;
+            }
+            // The path from `start`, each entry with the next dependency to try.
+            let mut path: Vec<(&str, usize)> = vec![(start, 0)];
+            state.insert(start, 1);
+            while let Some((id, next)) = path.last_mut() {
+                let children = deps.get(*id).map(Vec::as_slice).unwrap_or(&[]);
+                let Some(&child) = children.get(*next) else {
+                    state.insert(*id, 2);
+                    path.pop();
+                    continue;
+                };
+                *next += 1;
+                match state.get(child) {
+                    Some(2) => {}
+                    Some(_) => {
+                        let at = path.iter().position(|(p, _)| *p == child).unwrap_or(0);
+                        let mut cycle: Vec<String> = path[at..].iter().map(|(p, _)| p.to_string()).collect();
+                        cycle.push(child.to_owned());
+                        return Some(cycle);
+                    }
+                    None => {
+                        state.insert(child, 1);
+                        path.push((child, 0));
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// The jobs in an order where every job comes after those it depends on
-    /// (for a valid graph).
+    /// (for a valid graph). Iterative, like [`Graph::cycle`].
     pub fn topological_order(&self) -> Vec<&Job> {
         let deps = self.dependencies();
         let by_id: HashMap<&str, &Job> = self.jobs.iter().map(|j| (j.id.as_str(), j)).collect();
         let mut done: HashSet<&str> = HashSet::new();
         let mut order = Vec::new();
-        fn add<'a>(
-            id: &'a str,
-            deps: &HashMap<&'a str, Vec<&'a str>>,
-            by_id: &HashMap<&'a str, &'a Job>,
-            done: &mut HashSet<&'a str>,
-            order: &mut Vec<&'a Job>,
-        ) {
-            if !done.insert(id) {
-                return;
-            }
-            for dep in deps.get(id).into_iter().flatten() {
-                add(dep, deps, by_id, done, order);
-            }
-            if let Some(job) = by_id.get(id) {
-                order.push(job);
-            }
-        }
         for job in &self.jobs {
-            add(&job.id, &deps, &by_id, &mut done, &mut order);
+            if !done.insert(&job.id) {
+                continue;
+            }
+            let mut stack: Vec<(&str, usize)> = vec![(&job.id, 0)];
+            while let Some((id, next)) = stack.last_mut() {
+                let children = deps.get(*id).map(Vec::as_slice).unwrap_or(&[]);
+                match children.get(*next) {
+                    Some(&child) => {
+                        *next += 1;
+                        if done.insert(child) {
+                            stack.push((child, 0));
+                        }
+                    }
+                    None => {
+                        if let Some(job) = by_id.get(*id) {
+                            order.push(*job);
+                        }
+                        stack.pop();
+                    }
+                }
+            }
         }
         order
     }
@@ -321,6 +355,28 @@ mod tests {
     }
 
     #[test]
+    fn a_very_long_chain_is_checked_and_ordered_without_recursion() {
+        // Ids sort so that the walk starts at the far end of the chain.
+        let n = 200_000;
+        let jobs: Vec<Job> = (0..n)
+            .map(|i| Job {
+                id: format!("x{i:07}"),
+                argv: vec!["true".into()],
+                env: Default::default(),
+                inputs: if i + 1 < n { vec![format!("x{:07}:o{}", i + 1, i + 1)] } else { vec![] },
+                outputs: vec![format!("o{i}")],
+                timeout_secs: None,
+                platform: Default::default(),
+            })
+            .collect();
+        let mut g = Graph { jobs };
+        assert!(g.problems_with(|_| None).is_empty());
+        assert_eq!(g.topological_order().first().unwrap().id, format!("x{:07}", n - 1));
+        g.jobs[n - 1].inputs = vec!["x0000000:o0".into()];
+        assert!(g.problems_with(|_| None).iter().any(|p| p.contains("cycle")));
+    }
+
+    #[test]
     fn every_kind_of_invalid_graph_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let problems = |json: &str| graph(json).problems(dir.path()).join("\n");
@@ -342,6 +398,12 @@ mod tests {
         assert!(p.contains(r#"outputs[0] "../up" steps out"#) && p.contains(r#"outputs[1] "/abs" is absolute"#), "{p}");
         let p = problems(r#"{"jobs": [{"id": "a", "argv": []}, {"id": "b", "argv": ["x"], "inputs": ["a:o"]}]}"#);
         assert!(p.contains(r#"job "a": argv is empty"#) && p.contains(r#"job "a" declares no output "o""#), "{p}");
+        let p = problems(
+            r#"{"jobs": [{"id": "a", "argv": ["x"], "outputs": ["gen", "."], "timeout_secs": 99999999999}, {"id": "b", "argv": ["y"], "outputs": ["gen/a.h"]}]}"#,
+        );
+        assert!(p.contains(r#"job "b": outputs[0] "gen/a.h" is inside output "gen" of job "a""#), "{p}");
+        assert!(p.contains(r#"outputs[1] "." names the root itself"#), "{p}");
+        assert!(p.contains("timeout_secs 99999999999 is over the limit"), "{p}");
         assert!(Graph::from_json(r#"{"jobs": [{"id": "a", "argv": ["x"], "outptus": []}]}"#)
             .unwrap_err()
             .contains("outptus"));

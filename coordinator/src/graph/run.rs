@@ -79,12 +79,17 @@ impl GraphRun {
             }
             loop {
                 receiver.borrow_and_update();
-                let batch: Vec<GraphEvent> = run.log().iter().skip(after as usize).cloned().collect();
+                let (batch, finished): (Vec<GraphEvent>, bool) = {
+                    let log = run.log();
+                    let finished = log.last().is_some_and(|e| matches!(e.event, Some(Event::Done(_))));
+                    (log.iter().skip(after as usize).cloned().collect(), finished)
+                };
                 if let Some(last) = batch.last() {
                     let (sequence, done) = (last.sequence, matches!(last.event, Some(Event::Done(_))));
                     return Some((stream::iter(batch), (run, sequence, receiver, done)));
                 }
-                if receiver.changed().await.is_err() {
+                // Caught up with a finished graph: nothing more will come.
+                if finished || receiver.changed().await.is_err() {
                     return None;
                 }
             }
@@ -460,4 +465,29 @@ async fn unpack_trees(
         unpacked.insert(path, entry);
     }
     Ok(unpacked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn watchers_resume_after_a_sequence_and_end_with_the_graph() {
+        let run = GraphRun::new();
+        run.emit(Event::Accepted(proto::GraphAccepted { jobs: 1 }));
+        let live = tokio::spawn({
+            let run = run.clone();
+            async move { run.events(0).collect::<Vec<_>>().await }
+        });
+        run.emit(Event::Queued(proto::JobQueued { job_id: "a".into(), action_digest: None }));
+        run.emit(Event::Done(proto::GraphDone::default()));
+        let limit = std::time::Duration::from_secs(5);
+        let all = tokio::time::timeout(limit, live).await.expect("the stream ends with GraphDone").unwrap();
+        assert_eq!(all.iter().map(|e| e.sequence).collect::<Vec<_>>(), [1, 2, 3]);
+        let resumed = tokio::time::timeout(limit, run.events(1).collect::<Vec<_>>()).await.unwrap();
+        assert_eq!(resumed.iter().map(|e| e.sequence).collect::<Vec<_>>(), [2, 3]);
+        // Caught up with a finished graph: the stream ends instead of waiting.
+        let caught_up = tokio::time::timeout(limit, run.events(3).collect::<Vec<_>>()).await.expect("no hang");
+        assert!(caught_up.is_empty());
+    }
 }

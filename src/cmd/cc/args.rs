@@ -50,6 +50,33 @@ const PREPROCESSOR_WITH_VALUE: &[&str] =
     &["-I", "-D", "-U", "-include", "-imacros", "-isystem", "-iquote", "-idirafter", "-isysroot", "-MF", "-MT", "-MQ"];
 /// Dependency-file flags without a value.
 const DEPFILE_FLAGS: &[&str] = &["-MD", "-MMD", "-MP"];
+/// Flags that read or write files besides the source and the object (split
+/// DWARF, profiles, coverage notes, dumps, sanitizer lists, plugins, path
+/// remapping), by prefix: they stay local, since the worker would lose those
+/// files or lack them.
+const SIDE_FILE_PREFIXES: &[&str] = &[
+    "-gsplit-dwarf",
+    "-fprofile",
+    "-fauto-profile",
+    "-ftest-coverage",
+    "-fcoverage",
+    "-fbranch-probabilities",
+    "-fsanitize-ignorelist",
+    "-fsanitize-blacklist",
+    "-fsanitize-coverage-allowlist",
+    "-fsanitize-coverage-ignorelist",
+    "-fstack-usage",
+    "-fcallgraph-info",
+    "-fdump-",
+    "-fopt-info",
+    "-fplugin",
+    "-fdebug-prefix-map",
+    "-ffile-prefix-map",
+    "-fmacro-prefix-map",
+    "-fprofile-prefix-map",
+    "-save-temps",
+    "--coverage",
+];
 /// Flags that affect code generation and are safe to send, by prefix.
 const COMPILE_PREFIXES: &[&str] = &["-O", "-g", "-f", "-m", "-W", "-pedantic", "-w", "-pipe", "-pthread"];
 
@@ -75,6 +102,10 @@ pub fn classify(args: &[String]) -> Result<Compile, Local> {
             "-E" | "-S" | "-M" | "-MM" => return Err(format!("{arg} is not a compile to an object file")),
             "-" => return Err("the source comes from stdin".into()),
             "-x" => {
+                if !sources.is_empty() {
+                    // It would apply to files after it only; keep it simple.
+                    return Err("-x after the source file".into());
+                }
                 let value = next()?;
                 preprocess.extend(["-x".to_owned(), value.clone()]);
                 language_flag = Some(value);
@@ -102,8 +133,8 @@ pub fn classify(args: &[String]) -> Result<Compile, Local> {
             _ if arg.starts_with("-Wp,") || arg.starts_with("-Wl,") || arg.starts_with("-Wa,") => {
                 return Err(format!("{arg} passes options to another tool"));
             }
-            _ if arg.starts_with("-f") && (arg.contains("prefix-map") || arg.starts_with("-fplugin")) => {
-                return Err(format!("{arg} depends on this host's paths"));
+            _ if SIDE_FILE_PREFIXES.iter().any(|p| arg.starts_with(p)) => {
+                return Err(format!("{arg} reads or writes files besides the source and the object"));
             }
             _ if arg.starts_with("-march=native") || arg.starts_with("-mtune=native") || arg == "-mcpu=native" => {
                 return Err(format!("{arg} depends on this host's CPU"));
@@ -182,7 +213,11 @@ mod tests {
             ("-c x.c --frobnicate", "--frobnicate is not an option"),
             ("-c x.s", "not a C or C++ source"),
             ("-c x.c -march=native", "this host's CPU"),
-            ("-c x.c -ffile-prefix-map=/a=/b", "this host's paths"),
+            ("-c x.c -ffile-prefix-map=/a=/b", "files besides"),
+            ("-c x.c -gsplit-dwarf", "files besides"),
+            ("-c x.c -fprofile-use=x.gcda", "files besides"),
+            ("-c x.c --coverage", "files besides"),
+            ("-c x.c -x c++", "-x after the source"),
             ("-c x.c -o", "-o needs a value"),
         ] {
             let e = classify(&args(line)).unwrap_err();

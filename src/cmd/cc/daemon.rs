@@ -36,6 +36,8 @@ use super::socket::{receive, send};
 const L1_ENTRIES: usize = 1024;
 /// Largest output kept in the L1.
 const L1_MAX_OUTPUT: usize = 4 << 20;
+/// Bytes the L1 holds at most (outputs and logs).
+const L1_MAX_BYTES: usize = 256 << 20;
 /// How long an unreachable cluster is not tried again.
 const RETRY_CONNECT: Duration = Duration::from_secs(10);
 /// How often the existence filter is refreshed.
@@ -73,7 +75,7 @@ struct Daemon {
     store: tokio::sync::Mutex<Option<RemoteStore>>,
     /// Until when not to retry connecting after a failure.
     down_until: Mutex<Option<Instant>>,
-    l1: Mutex<LruCache<String, Compiled>>,
+    l1: Mutex<L1>,
     filter: Mutex<Option<Known>>,
     stats: Mutex<Stats>,
     local: Arc<Semaphore>,
@@ -116,7 +118,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         instance: args.instance.clone(),
         store: tokio::sync::Mutex::new(None),
         down_until: Mutex::new(None),
-        l1: Mutex::new(LruCache::new(NonZeroUsize::new(L1_ENTRIES).expect("non-zero"))),
+        l1: Mutex::new(L1 { entries: LruCache::new(NonZeroUsize::new(L1_ENTRIES).expect("non-zero")), bytes: 0 }),
         filter: Mutex::new(None),
         stats: Mutex::new(Stats { remote: args.remote.clone(), ..Default::default() }),
         local: Arc::new(Semaphore::new(local_jobs.max(1))),
@@ -205,8 +207,10 @@ impl Daemon {
                     daemon_reply::Reply::Ok(true)
                 }
                 daemon_request::Request::Shutdown(_) => {
+                    // Answer first: stopping ends the process.
+                    let _ = send(&mut stream, &reply(daemon_reply::Reply::Ok(true))).await;
                     self.stop.notify_one();
-                    daemon_reply::Reply::Ok(true)
+                    return;
                 }
             };
             if send(&mut stream, &reply(answer)).await.is_err() {
@@ -278,7 +282,7 @@ impl Daemon {
     async fn compile(&self, compile: Compile) -> daemon_reply::Reply {
         if !compile.resent {
             lock(&self.stats).compile_requests += 1;
-            if let Some(hit) = lock(&self.l1).get(&compile.action_hash).cloned() {
+            if let Some(hit) = lock(&self.l1).entries.get(&compile.action_hash).cloned() {
                 lock(&self.stats).l1_hits += 1;
                 return daemon_reply::Reply::Compiled(Compiled { source: "l1".into(), ..hit });
             }
@@ -432,6 +436,31 @@ impl Daemon {
     }
 }
 
+/// Recent results, bounded by count and by bytes.
+struct L1 {
+    entries: LruCache<String, Compiled>,
+    bytes: usize,
+}
+
+fn size(compiled: &Compiled) -> usize {
+    compiled.output.len() + compiled.stdout.len() + compiled.stderr.len()
+}
+
+impl L1 {
+    fn put(&mut self, key: String, compiled: Compiled) {
+        self.bytes += size(&compiled);
+        if let Some((_, old)) = self.entries.push(key, compiled) {
+            self.bytes -= size(&old);
+        }
+        while self.bytes > L1_MAX_BYTES {
+            match self.entries.pop_lru() {
+                Some((_, old)) => self.bytes -= size(&old),
+                None => break,
+            }
+        }
+    }
+}
+
 /// What the cluster made of a compile.
 enum Remote {
     Compiled(Compiled),
@@ -446,4 +475,23 @@ fn reply(reply: daemon_reply::Reply) -> DaemonReply {
 /// The category of a fallback reason: the part before the first colon.
 fn category(reason: &str) -> String {
     reason.split(':').next().unwrap_or(reason).trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_l1_stays_within_its_byte_budget_dropping_the_oldest() {
+        let mut l1 = L1 { entries: LruCache::new(NonZeroUsize::new(L1_ENTRIES).unwrap()), bytes: 0 };
+        let object = |n: u8| Compiled { output: vec![n; 4 << 20], ..Default::default() };
+        for n in 0..100u8 {
+            l1.put(format!("action-{n}"), object(n));
+        }
+        assert!(l1.bytes <= L1_MAX_BYTES, "{} bytes held", l1.bytes);
+        assert_eq!(l1.entries.len(), L1_MAX_BYTES / (4 << 20));
+        assert!(l1.entries.get("action-99").is_some() && l1.entries.get("action-0").is_none());
+        l1.put("action-99".into(), Compiled::default());
+        assert_eq!(l1.bytes, (L1_MAX_BYTES / (4 << 20) - 1) * (4 << 20), "a replaced entry's bytes are released");
+    }
 }

@@ -202,7 +202,7 @@ async fn wrap(compiler: &str, args: &[String], remote: &str, instance: &str, ski
         }
         Err(Fallback::Warn(why)) => {
             let why = format!("{why:#}");
-            eprintln!("casbuild cc: compiling {} locally: {why}", compile.source);
+            warn(&format!("casbuild cc: compiling {} locally: {why}\n", compile.source));
             // Hold one of the daemon's local slots while compiling here.
             let mut slot = DaemonConnection::existing(remote, instance).await;
             if let Some(daemon) = slot.as_mut() {
@@ -215,6 +215,12 @@ async fn wrap(compiler: &str, args: &[String], remote: &str, instance: &str, ski
             code
         }
     }
+}
+
+/// Writes one line to stderr in a single write, so that the lines of
+/// parallel compiles (make -j) do not interleave mid-line.
+fn warn(line: &str) {
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
 }
 
 /// Tells a running daemon (if any) about a command that ran locally.

@@ -38,8 +38,9 @@ pub fn secure_daemon_dir() -> anyhow::Result<PathBuf> {
         .mode(0o700)
         .create(&dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    let meta = std::fs::metadata(&dir).with_context(|| format!("{}", dir.display()))?;
-    if meta.uid() != nix::unistd::getuid().as_raw() || meta.mode() & 0o022 != 0 {
+    // Not followed if it is a symlink: another user could retarget one.
+    let meta = std::fs::symlink_metadata(&dir).with_context(|| format!("{}", dir.display()))?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::getuid().as_raw() || meta.mode() & 0o022 != 0 {
         bail!(
             "{} is not yours alone (owner {}, mode {:o}); not using it",
             dir.display(),
