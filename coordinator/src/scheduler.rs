@@ -168,6 +168,18 @@ pub fn finished(name: &str, action: &Digest, response: ExecuteResponse) -> Opera
     }
 }
 
+/// The ExecuteResponse a finished operation carries (what [`finished`] puts
+/// in), for in-process watchers and Execute clients alike.
+pub fn response_of(operation: &Operation) -> Result<ExecuteResponse, String> {
+    match &operation.result {
+        Some(operation::Result::Response(any)) => {
+            ExecuteResponse::decode(any.value.as_slice()).map_err(|e| format!("a bad ExecuteResponse: {e}"))
+        }
+        Some(operation::Result::Error(status)) => Err(format!("the operation failed: {}", status.message)),
+        None => Err("the operation finished without a result".into()),
+    }
+}
+
 fn error_response(code: Code, message: String) -> ExecuteResponse {
     ExecuteResponse {
         status: Some(casbuild_proto::rpc::Status { code: code as i32, message, details: vec![] }),

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_proto::longrunning::{operation, Operation};
+use casbuild_proto::longrunning::Operation;
 use casbuild_proto::reapi::command::EnvironmentVariable;
 use casbuild_proto::reapi::execution_client::ExecutionClient;
 use casbuild_proto::reapi::{
@@ -100,10 +100,7 @@ pub async fn execute(client: &mut ExecutionClient<Channel>, request: ExecuteRequ
 
 pub fn response_of(op: &Operation) -> ExecuteResponse {
     assert!(op.done, "the last operation is done");
-    match &op.result {
-        Some(operation::Result::Response(any)) => ExecuteResponse::decode(any.value.as_slice()).unwrap(),
-        other => panic!("no ExecuteResponse: {other:?}"),
-    }
+    casbuild_coordinator::scheduler::response_of(op).unwrap_or_else(|e| panic!("no ExecuteResponse: {e}"))
 }
 
 pub fn output_digest(response: &ExecuteResponse) -> String {

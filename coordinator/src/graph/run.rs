@@ -15,7 +15,7 @@ use casbuild_fs::storage::Storage;
 use casbuild_proto::graph::graph_event::Event;
 use casbuild_proto::graph::{self as proto, output::Kind, GraphEvent};
 use casbuild_proto::reapi::execution_stage::Value as Stage;
-use casbuild_proto::reapi::{ActionResult, ExecuteResponse, Tree};
+use casbuild_proto::reapi::{ActionResult, Tree};
 use futures::stream::{self, FuturesUnordered, Stream, StreamExt};
 use prost::Message;
 use tokio::sync::watch;
@@ -23,7 +23,7 @@ use tonic::Code;
 
 use super::{normal, parse_input, Graph, Input, Job};
 use crate::action_cache::usable_cached_result;
-use crate::scheduler::{stage_of, Scheduler};
+use crate::scheduler::{response_of, stage_of, Scheduler};
 use casbuild_fs::input_root::{Entry, InputRoot};
 
 /// A checked graph and what it runs against.
@@ -276,11 +276,9 @@ async fn run_job(
             return fail("the scheduler dropped the job".into());
         }
     };
-    let response = match operation.result {
-        Some(casbuild_proto::longrunning::operation::Result::Response(any)) => {
-            ExecuteResponse::decode(any.value.as_slice()).unwrap_or_default()
-        }
-        _ => ExecuteResponse::default(),
+    let response = match response_of(&operation) {
+        Ok(response) => response,
+        Err(why) => return fail(format!("could not run: {why}")),
     };
     let status = response.status.clone().unwrap_or_default();
     match (Code::from_i32(status.code), response.result) {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use casbuild_coordinator::existence::Bloom;
+use casbuild_coordinator::scheduler::response_of;
 use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_fs::store::{BlobStore, RemoteStore, RemoteStoreOptions};
 use casbuild_proto::cc::existence_filter_client::ExistenceFilterClient;
@@ -21,12 +22,10 @@ use casbuild_proto::cc::get_filter_response::Filter;
 use casbuild_proto::cc::{
     daemon_reply, daemon_request, Compile, Compiled, DaemonReply, DaemonRequest, GetFilterRequest, NeededBlobs, Stats,
 };
-use casbuild_proto::longrunning::operation;
 use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
 use casbuild_proto::reapi::execution_client::ExecutionClient;
 use casbuild_proto::reapi::{ActionResult, ExecuteRequest, ExecuteResponse, GetActionResultRequest};
 use lru::LruCache;
-use prost::Message;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
@@ -385,11 +384,7 @@ impl Daemon {
             if !operation.done {
                 continue;
             }
-            return match operation.result {
-                Some(operation::Result::Response(any)) => Ok(ExecuteResponse::decode(any.value.as_slice())?),
-                Some(operation::Result::Error(status)) => anyhow::bail!("the operation failed: {}", status.message),
-                None => anyhow::bail!("the operation finished without a result"),
-            };
+            return response_of(&operation).map_err(anyhow::Error::msg);
         }
         anyhow::bail!("the Execute stream ended early")
     }
