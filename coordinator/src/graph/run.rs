@@ -224,17 +224,14 @@ fn input_root(
 ) -> Result<InputRoot, String> {
     let mut root = InputRoot::default();
     for input in &job.inputs {
-        let entry = match parse_input(input) {
-            Input::Source(path) => spec.sources.get(&normal(path)).cloned(),
+        let (path, entry) = match parse_input(input) {
+            Input::Source(path) => (path, spec.sources.get(&normal(path))),
             Input::Output { job: producer, path } => {
-                produced.get(producer).and_then(|outputs| outputs.get(&normal(path))).cloned()
+                (path, produced.get(producer).and_then(|outputs| outputs.get(&normal(path))))
             }
         };
         let entry = entry.ok_or_else(|| format!("input {input:?} is not available"))?;
-        let path = match parse_input(input) {
-            Input::Source(path) | Input::Output { path, .. } => path,
-        };
-        root.insert(path, entry)?;
+        root.insert(path, entry.clone())?;
     }
     Ok(root)
 }
