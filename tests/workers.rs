@@ -140,7 +140,7 @@ async fn queued_actions_run_by_priority_and_cancelling_stops_a_remote_command() 
     let dir = tempfile::tempdir().unwrap();
     let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN, "--heartbeat-ms", "200"]);
     let _detach = Detach(dir.path().join("worker-1/cas"));
-    let limits = ["--slots", "1", "--sandbox-uid", "61234", "--sandbox-gid", "61235", "--max-file-size", "1MiB"];
+    let limits = ["--slots", "1", "--sandbox-uids", "61234", "--sandbox-gid", "61235", "--max-file-size", "1MiB"];
     let _w1 = worker_with(&server, dir.path(), 1, &limits);
     let channel = server.channel().await;
 

@@ -3,15 +3,16 @@
 //! What a command did not produce is simply absent.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::local_tree::{hash_file, LocalTree};
+use casbuild_fs::local_tree::{hash_reader, LocalTree};
 use casbuild_proto::reapi::{ActionResult, Command, Directory, OutputDirectory, OutputFile, OutputSymlink, Tree};
 use prost::Message;
 
+use crate::beneath::{split_last, Beneath, Kind};
 use crate::sandbox::relative_inside;
 
 /// How the command declared an output.
@@ -93,65 +94,83 @@ pub struct Collected {
     pub files: BTreeMap<Digest, PathBuf>,
 }
 
-/// An overlayfs whiteout: the command deleted an input there.
-fn is_whiteout(meta: &std::fs::Metadata) -> bool {
-    meta.file_type().is_char_device() && meta.rdev() == 0
-}
-
-/// Reads the declared outputs of `command` from `cwd_in_upper` (the upper
-/// layer at the command's working directory).
+/// Reads the declared outputs of `command` from `upper` (the overlay's upper
+/// layer) at the command's working directory `cwd`.
+///
+/// The upper layer is the command's work, so every path is resolved beneath
+/// it without following links ([`Beneath`]): an output behind a symlink the
+/// command planted (`rmdir d && ln -s /etc d`, declared `d/passwd`) is
+/// refused, and an output that is itself a symlink comes back as a symlink.
+/// The paths recorded for upload and the directory scan of output
+/// directories (which reads links as links) rely on the tree being frozen:
+/// everything the command started is dead before collection, and the scratch
+/// directory is the worker's alone.
 // Legacy symlink lists answer legacy output declarations (REAPI < 2.1 clients).
 #[allow(deprecated)]
-pub fn collect(cwd_in_upper: &Path, command: &Command, function: DigestFunction) -> Result<Collected, String> {
+pub fn collect(upper: &Path, cwd: &str, command: &Command, function: DigestFunction) -> Result<Collected, String> {
     let mut out = Collected::default();
+    let root = Beneath::open(upper).map_err(|e| format!("the upper layer: {e}"))?;
     for (path, how) in declared(command) {
-        let full = cwd_in_upper.join(&path);
-        let Ok(meta) = std::fs::symlink_metadata(&full) else { continue };
-        if is_whiteout(&meta) {
+        let relative = normalize(&Path::new(cwd).join(&path).to_string_lossy());
+        let Some((parent, name)) = split_last(&relative).map_err(|e| format!("output {path:?}: {e}"))? else {
             continue;
-        }
-        let kind = meta.file_type();
-        if kind.is_symlink() {
-            let target = std::fs::read_link(&full).map_err(|e| format!("output {path:?}: {e}"))?;
-            let link = OutputSymlink {
-                path: path.clone(),
-                target: target.to_string_lossy().into_owned(),
-                node_properties: None,
-            };
-            match how {
-                Declared::Path => out.result.output_symlinks.push(link),
-                Declared::File => out.result.output_file_symlinks.push(link),
-                Declared::Directory => out.result.output_directory_symlinks.push(link),
+        };
+        let dir = match root.dir(&parent) {
+            Ok(dir) => dir,
+            // Never made (or a whiteout / a file on the way): not produced.
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => continue,
+            Err(e) => return Err(format!("output {path:?} is not collected: {e}")),
+        };
+        let Some((kind, stat)) = dir.kind_of(name).map_err(|e| format!("output {path:?}: {e}"))? else { continue };
+        let full = upper.join(&relative);
+        match kind {
+            Kind::Symlink => {
+                let target = dir.read_link(name).map_err(|e| format!("output {path:?}: {e}"))?;
+                let link = OutputSymlink {
+                    path: path.clone(),
+                    target: target.to_string_lossy().into_owned(),
+                    node_properties: None,
+                };
+                match how {
+                    Declared::Path => out.result.output_symlinks.push(link),
+                    Declared::File => out.result.output_file_symlinks.push(link),
+                    Declared::Directory => out.result.output_directory_symlinks.push(link),
+                }
             }
-        } else if kind.is_file() {
-            if how == Declared::Directory {
-                return Err(format!("output directory {path:?} is a file"));
+            Kind::File => {
+                if how == Declared::Directory {
+                    return Err(format!("output directory {path:?} is a file"));
+                }
+                let read = dir.file(&name.to_string_lossy()).and_then(|file| hash_reader(file, function));
+                let digest = read.map_err(|e| format!("reading output {path:?}: {e}"))?;
+                out.files.insert(digest, full);
+                out.result.output_files.push(OutputFile {
+                    path,
+                    digest: Some(digest.to_proto()),
+                    is_executable: stat.st_mode & 0o111 != 0,
+                    contents: Vec::new(),
+                    node_properties: None,
+                });
             }
-            let digest = hash_file(&full, function).map_err(|e| format!("reading output {path:?}: {e}"))?;
-            out.files.insert(digest, full.clone());
-            out.result.output_files.push(OutputFile {
-                path,
-                digest: Some(digest.to_proto()),
-                is_executable: meta.permissions().mode() & 0o111 != 0,
-                contents: Vec::new(),
-                node_properties: None,
-            });
-        } else if kind.is_dir() {
-            if how == Declared::File {
-                return Err(format!("output file {path:?} is a directory"));
+            Kind::Directory => {
+                if how == Declared::File {
+                    return Err(format!("output file {path:?} is a directory"));
+                }
+                let (tree_digest, tree_bytes, files) =
+                    tree_of(&full, function).map_err(|e| format!("output {path:?}: {e}"))?;
+                out.blobs.push((tree_digest, tree_bytes));
+                out.files.extend(files);
+                out.result.output_directories.push(OutputDirectory {
+                    path,
+                    tree_digest: Some(tree_digest.to_proto()),
+                    is_topologically_sorted: false,
+                    root_directory_digest: None,
+                });
             }
-            let (tree_digest, tree_bytes, files) =
-                tree_of(&full, function).map_err(|e| format!("output {path:?}: {e}"))?;
-            out.blobs.push((tree_digest, tree_bytes));
-            out.files.extend(files);
-            out.result.output_directories.push(OutputDirectory {
-                path,
-                tree_digest: Some(tree_digest.to_proto()),
-                is_topologically_sorted: false,
-                root_directory_digest: None,
-            });
-        } else {
-            return Err(format!("output {path:?} is not a file, directory or symlink"));
+            // A character device numbered 0/0 is an overlayfs whiteout: the
+            // command deleted an input there.
+            Kind::Other if stat.st_mode & libc::S_IFMT == libc::S_IFCHR && stat.st_rdev == 0 => continue,
+            Kind::Other => return Err(format!("output {path:?} is not a file, directory or symlink")),
         }
     }
     Ok(out)
@@ -174,6 +193,8 @@ fn tree_of(dir: &Path, function: DigestFunction) -> Result<(Digest, Bytes, BTree
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn command(paths: &[&str]) -> Command {
@@ -197,6 +218,27 @@ mod tests {
     }
 
     #[test]
+    fn planted_links_are_returned_as_links_and_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = dir.path();
+        std::fs::create_dir_all(up.join("pkg")).unwrap();
+        std::os::unix::fs::symlink("/etc", up.join("pkg/d")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", up.join("pkg/leak")).unwrap();
+        let mut c = command(&["d/passwd"]);
+        c.working_directory = "pkg".into();
+        let err = collect(up, "pkg", &c, DigestFunction::Sha256).unwrap_err();
+        assert!(err.contains("symbolic link"), "{err}");
+        // The working directory itself replaced by a link to a host directory.
+        std::os::unix::fs::symlink("/etc", up.join("cwd")).unwrap();
+        let err = collect(up, "cwd", &command(&["passwd"]), DigestFunction::Sha256).unwrap_err();
+        assert!(err.contains("symbolic link"), "{err}");
+        let out = collect(up, "pkg", &command(&["d", "leak"]), DigestFunction::Sha256).unwrap();
+        assert!(out.files.is_empty() && out.result.output_directories.is_empty());
+        let targets: Vec<&str> = out.result.output_symlinks.iter().map(|l| l.target.as_str()).collect();
+        assert_eq!(targets, ["/etc", "/etc/passwd"]);
+    }
+
+    #[test]
     fn collects_every_kind_and_skips_absent_outputs() {
         let dir = tempfile::tempdir().unwrap();
         let up = dir.path();
@@ -206,7 +248,7 @@ mod tests {
         std::fs::set_permissions(up.join("tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
         std::os::unix::fs::symlink("tool", up.join("link")).unwrap();
         let c = command(&["d", "tool", "link", "never-made"]);
-        let out = collect(up, &c, DigestFunction::Sha256).unwrap();
+        let out = collect(up, "", &c, DigestFunction::Sha256).unwrap();
         assert_eq!(out.result.output_files.len(), 1);
         assert!(out.result.output_files[0].is_executable);
         assert_eq!(out.result.output_symlinks[0].target, "tool");

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use casbuild_fs::digest::{Digest, DigestFunction};
@@ -17,25 +17,41 @@ use casbuild_fs::tree::child_digest;
 use casbuild_proto::reapi::{Action, ActionResult, Command, ExecutedActionMetadata};
 use prost::Message;
 
+use crate::cgroup::Cgroups;
 use crate::outputs::{collect, output_parents};
 use crate::sandbox::{Limits, RunReport, Sandbox, SandboxSpec, DEFAULT_TOOLCHAIN, DEFAULT_WORK_DIR};
 
 /// Most undeclared paths listed in one hermeticity report.
 const REPORT_LINES: usize = 20;
 
+/// The user ids sandboxed commands run as unless configured: a range no
+/// distribution hands out to people or services (the group is the first).
+pub const DEFAULT_UIDS: (u32, u32) = (2_990_000, 2_990_255);
+
 /// How this host runs actions.
 #[derive(Clone, Debug)]
 pub struct RunnerConfig {
-    /// Per-action scratch directories live here; leftovers are removed at start.
+    /// Per-action scratch directories live here; leftovers are removed at
+    /// start (only from a directory casbuild made, see [`crate::scratch`]).
     pub scratch_root: PathBuf,
     /// The `casbuild` binary that serves as the sandbox helper.
     pub helper: PathBuf,
     /// Host paths visible read-only in the sandbox.
     pub toolchain: Vec<PathBuf>,
-    /// The user and group commands run as.
-    pub uid: u32,
-    /// See `uid`.
+    /// The user ids commands run as, first to last: each running action has
+    /// one of its own, so that per-user limits and file ownership never
+    /// join two actions. As many actions run at once as there are ids.
+    pub uids: (u32, u32),
+    /// The group every command runs as.
     pub gid: u32,
+    /// Gives each action a cgroup with its memory and process limits.
+    pub cgroups: Option<Cgroups>,
+    /// The timeout of an action that sets none.
+    pub default_timeout: Duration,
+    /// The longest timeout an action may ask for; a longer one is refused.
+    pub max_timeout: Duration,
+    /// System calls denied on top of the default seccomp filter.
+    pub seccomp_deny: Vec<String>,
     /// Resource limits per action.
     pub limits: Limits,
     /// The name reported in ExecutedActionMetadata.worker.
@@ -54,9 +70,13 @@ impl RunnerConfig {
             scratch_root,
             helper,
             toolchain: DEFAULT_TOOLCHAIN.iter().map(PathBuf::from).collect(),
-            uid: 65534,
-            gid: 65534,
-            limits: Limits::default(),
+            uids: DEFAULT_UIDS,
+            gid: DEFAULT_UIDS.0,
+            cgroups: None,
+            default_timeout: Duration::from_secs(30 * 60),
+            max_timeout: Duration::from_secs(2 * 60 * 60),
+            seccomp_deny: Vec::new(),
+            limits: Limits { max_memory_bytes: 8 << 30, max_scratch_bytes: 4 << 30, ..Limits::default() },
             worker_name: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
             max_output_bytes: 16 << 30,
         }
@@ -100,7 +120,42 @@ pub struct Runner {
     mount: Arc<CasMount>,
     remote: RemoteStore,
     sandbox: Sandbox,
+    uids: UidPool,
     next: AtomicU64,
+}
+
+/// Sandbox user ids not in use; an action holds one for its whole run.
+struct UidPool {
+    free: std::sync::Mutex<Vec<u32>>,
+    available: tokio::sync::Semaphore,
+}
+
+/// A user id taken from the pool, given back on drop.
+struct Uid<'a> {
+    pool: &'a UidPool,
+    uid: u32,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl UidPool {
+    fn new(ids: std::ops::RangeInclusive<u32>) -> Self {
+        let free: Vec<u32> = ids.rev().collect();
+        let available = tokio::sync::Semaphore::new(free.len());
+        UidPool { free: std::sync::Mutex::new(free), available }
+    }
+
+    /// Waits until an id is free and takes it.
+    async fn take(&self) -> Result<Uid<'_>, ExecError> {
+        let permit = self.available.acquire().await.map_err(|e| ExecError::Infrastructure(e.to_string()))?;
+        let uid = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop().expect("a permit means a free id");
+        Ok(Uid { pool: self, uid, _permit: permit })
+    }
+}
+
+impl Drop for Uid<'_> {
+    fn drop(&mut self) {
+        self.pool.free.lock().unwrap_or_else(|e| e.into_inner()).push(self.uid);
+    }
 }
 
 /// An input root registered on the mount and its scratch directory,
@@ -138,15 +193,40 @@ fn infra(what: &str) -> impl FnOnce(StoreError) -> ExecError + '_ {
 impl Runner {
     /// A runner; removes scratch directories a killed worker left behind.
     pub fn new(config: RunnerConfig, mount: Arc<CasMount>, remote: RemoteStore) -> Result<Self, ExecError> {
-        let root = &config.scratch_root;
-        if root.exists() {
-            std::fs::remove_dir_all(root)
-                .map_err(|e| ExecError::Infrastructure(format!("clearing {}: {e}", root.display())))?;
+        crate::scratch::prepare_root(&config.scratch_root).map_err(ExecError::Infrastructure)?;
+        let (first, last) = config.uids;
+        if first == 0 || last < first {
+            return Err(ExecError::Infrastructure(format!(
+                "sandbox user ids {first}-{last}: give a non-empty range that does not include root"
+            )));
         }
-        std::fs::create_dir_all(root)
-            .map_err(|e| ExecError::Infrastructure(format!("creating {}: {e}", root.display())))?;
-        let sandbox = Sandbox::new(&config.helper);
-        Ok(Runner { config, mount, remote, sandbox, next: AtomicU64::new(1) })
+        let mut sandbox = Sandbox::new(&config.helper);
+        if let Some(cgroups) = &config.cgroups {
+            sandbox = sandbox.with_cgroups(cgroups.clone());
+        }
+        let uids = UidPool::new(first..=last);
+        Ok(Runner { config, mount, remote, sandbox, uids, next: AtomicU64::new(1) })
+    }
+
+    /// The action's timeout: its own, or the default; past the maximum it
+    /// is refused (REAPI: a server must reject a longer timeout than it allows).
+    fn timeout_of(&self, action: &Action) -> Result<Duration, ExecError> {
+        let Some(t) = &action.timeout else { return Ok(self.config.default_timeout) };
+        if t.seconds < 0 || t.nanos < 0 {
+            return Err(ExecError::Invalid(format!("the action's timeout {}s {}ns is negative", t.seconds, t.nanos)));
+        }
+        let asked = Duration::new(t.seconds as u64, t.nanos.min(999_999_999) as u32);
+        if asked.is_zero() {
+            return Ok(self.config.default_timeout);
+        }
+        if asked > self.config.max_timeout {
+            return Err(ExecError::Invalid(format!(
+                "the action's timeout of {} s is over this worker's maximum of {} s (casbuild worker --max-timeout)",
+                asked.as_secs(),
+                self.config.max_timeout.as_secs()
+            )));
+        }
+        Ok(asked)
     }
 
     /// The name this runner puts in ActionResults.
@@ -232,12 +312,13 @@ impl Runner {
         spec.env = command.environment_variables.iter().map(|v| (v.name.clone(), v.value.clone())).collect();
         spec.writable_dirs = writable;
         spec.toolchain = self.config.toolchain.clone();
-        spec.uid = self.config.uid;
         spec.gid = self.config.gid;
         spec.limits = self.config.limits.clone();
-        spec.timeout_ms =
-            action.timeout.as_ref().map(|t| (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000);
+        spec.seccomp_deny = self.config.seccomp_deny.clone();
+        spec.timeout_ms = Some(self.timeout_of(action)?.as_millis() as u64);
         spec.validate().map_err(ExecError::Invalid)?;
+        let uid = self.uids.take().await?;
+        spec.uid = uid.uid;
 
         let exec_start = SystemTime::now();
         let report = self.sandbox.run(&spec).await.map_err(|e| ExecError::Infrastructure(e.to_string()))?;
@@ -253,17 +334,21 @@ impl Runner {
             return Ok(Execution { result, message: error.clone(), access, report, do_not_cache: true, input_root });
         }
 
-        let mut message =
-            if report.success() { String::new() } else { failure_message(&report, &access, &spec.writable_dirs) };
+        let mut message = if report.success() {
+            String::new()
+        } else {
+            failure_message(&report, &spec.limits, &access, &spec.writable_dirs)
+        };
         if !message.is_empty() {
             // Clients show a failed action's stderr; put the report where it is seen.
             append_report(&Sandbox::stderr_path(&spec), &message).await;
         }
         let upload_start = SystemTime::now();
-        let upper_cwd = Sandbox::upper_path(&spec).join(&spec.cwd);
+        let upper = Sandbox::upper_path(&spec);
         let collected = tokio::task::spawn_blocking({
             let command = command.clone();
-            move || collect(&upper_cwd, &command, function)
+            let cwd = spec.cwd.clone();
+            move || collect(&upper, &cwd, &command, function)
         })
         .await
         .map_err(|e| ExecError::Infrastructure(e.to_string()))?
@@ -351,8 +436,27 @@ async fn append_report(stderr: &std::path::Path, message: &str) {
 /// How a failed command ended, and the paths it tried to read that are not
 /// in its input root. Lookups of the directories the worker created for
 /// outputs (`created`, and their parents) are not the command's doing.
-pub fn failure_message(report: &RunReport, access: &AccessReport, created: &[String]) -> String {
+pub fn failure_message(report: &RunReport, limits: &Limits, access: &AccessReport, created: &[String]) -> String {
     let mut lines = Vec::new();
+    if report.memory_exceeded {
+        lines.push(format!(
+            "the action exceeded its {} memory limit (casbuild worker --max-memory); the kernel killed it",
+            human_bytes(limits.max_memory_bytes)
+        ));
+    }
+    if report.processes_exhausted {
+        lines.push(format!(
+            "the action reached its limit of {} processes (casbuild worker --max-processes); a fork failed",
+            limits.max_processes
+        ));
+    }
+    if report.scratch_full {
+        lines.push(format!(
+            "the action filled its {} of scratch space: its working tree, /tmp and /dev/shm together \
+             (casbuild worker --max-scratch-size)",
+            human_bytes(limits.max_scratch_bytes)
+        ));
+    }
     if report.timed_out {
         lines.push("the action timed out and everything it started was killed".to_owned());
     } else if let Some(signal) = report.signal {
@@ -371,6 +475,25 @@ pub fn failure_message(report: &RunReport, access: &AccessReport, created: &[Str
     lines.join("\n")
 }
 
+/// `bytes` for people: `2 GiB`, `512 MiB`, `1000 bytes`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    let mut unit = None;
+    let mut value = bytes as f64;
+    for name in UNITS {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = Some(name);
+    }
+    match unit {
+        None => format!("{bytes} bytes"),
+        Some(unit) if value.fract() == 0.0 => format!("{value:.0} {unit}"),
+        Some(unit) => format!("{value:.1} {unit}"),
+    }
+}
+
 /// The declared inputs a successful action never touched: files in the
 /// input root that were neither opened nor looked up. `declared` lists the
 /// input root's file paths.
@@ -384,13 +507,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn limits_hit_are_named_with_their_size() {
+        let report = RunReport { signal: Some(9), memory_exceeded: true, ..Default::default() };
+        let limits = Limits { max_memory_bytes: 2 << 30, ..Default::default() };
+        let message = failure_message(&report, &limits, &AccessReport::default(), &[]);
+        assert!(message.starts_with("the action exceeded its 2 GiB memory limit"), "{message}");
+        assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
+        assert_eq!(human_bytes(1000), "1000 bytes");
+    }
+
+    #[test]
     fn the_report_names_undeclared_paths_but_not_the_workers_own_directories() {
         let mut access = AccessReport::default();
         for path in ["bazel-out", "bazel-out/bin", "pkg", "src/config.h"] {
             access.not_found.insert(path.to_owned());
         }
         let report = RunReport { exit_code: Some(1), ..Default::default() };
-        let message = failure_message(&report, &access, &["bazel-out/bin/pkg".to_owned()]);
+        let message = failure_message(&report, &Limits::default(), &access, &["bazel-out/bin/pkg".to_owned()]);
         assert_eq!(
             message,
             "the command exited with status 1\n\

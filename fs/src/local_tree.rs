@@ -90,12 +90,15 @@ impl LocalTree {
 
 /// Hashes a file's contents by streaming it.
 pub fn hash_file(path: &Path, function: DigestFunction) -> std::io::Result<Digest> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
+    hash_reader(std::fs::File::open(path)?, function)
+}
+
+/// Hashes everything `reader` yields (an open file, say) by streaming it.
+pub fn hash_reader(mut reader: impl std::io::Read, function: DigestFunction) -> std::io::Result<Digest> {
     let mut hasher = function.hasher();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf)?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             return Ok(hasher.finish());
         }

@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use casbuild_exec::cgroup::Cgroups;
 use casbuild_exec::runner::{unread_inputs, ExecError, Execution, Runner, RunnerConfig};
 use casbuild_fs::action::ActionSpec;
 use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_fs::mount::MountOptions;
 use casbuild_fs::store::{BlobStore, RemoteStore};
 use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
 use casbuild_proto::reapi::UpdateActionResultRequest;
@@ -80,12 +82,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mountpoint =
         args.mount.clone().unwrap_or_else(|| default_data_dir().join(format!("exec-mount-{}", std::process::id())));
     let scratch = default_data_dir().join(format!("exec-scratch-{}", std::process::id()));
-    let timeout = Duration::from_secs(60);
-    let mount =
-        mount_cas(&mountpoint, &cache_dir, args.cache_size, remote.clone(), timeout, Default::default()).await?;
-    let mount = Arc::new(mount);
     let mut config = RunnerConfig::new(scratch.clone(), std::env::current_exe().context("finding casbuild itself")?);
     config.max_output_bytes = args.max_output_size;
+    match Cgroups::host() {
+        Ok(cgroups) => config.cgroups = Some(cgroups),
+        Err(e) => eprintln!("casbuild: warning: the action runs without a memory or process-count limit: {e}"),
+    }
+    let timeout = Duration::from_secs(60);
+    let options = MountOptions { readers: Some(config.gid), ..Default::default() };
+    let mount = mount_cas(&mountpoint, &cache_dir, args.cache_size, remote.clone(), timeout, options).await?;
+    let mount = Arc::new(mount);
     let runner = Runner::new(config, mount.clone(), remote.clone())?;
     let outcome = runner.execute(&action_digest).await;
     drop(runner);

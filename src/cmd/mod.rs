@@ -7,5 +7,6 @@ pub mod coordinator;
 pub mod exec;
 pub mod graph;
 pub mod mount;
+pub mod sandbox_args;
 pub mod up;
 pub mod worker;

@@ -74,7 +74,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("connecting to {}", args.remote))?;
     let cache_dir = args.cache_dir.unwrap_or_else(|| default_data_dir().join("mount-cache"));
-    let options = MountOptions { threads: args.threads, passthrough: !args.no_passthrough };
+    let options = MountOptions { threads: args.threads, passthrough: !args.no_passthrough, readers: None };
     let mount = mount_cas(&args.mountpoint, &cache_dir, args.cache_size, remote, timeout, options).await?;
     println!("casbuild mount ready at {}", mount.mountpoint().display());
     shutdown_signal().await;

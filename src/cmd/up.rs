@@ -16,6 +16,7 @@ use casbuild_fs::store::{RemoteStore, RemoteStoreOptions};
 
 use crate::cmd::coordinator::shutdown_signal;
 use crate::cmd::mount::mount_cas;
+use crate::cmd::sandbox_args::SandboxArgs;
 use crate::config::{default_data_dir, parse_size};
 
 #[derive(clap::Args)]
@@ -33,6 +34,8 @@ pub struct Args {
     /// Actions run at once [default: the number of CPUs].
     #[arg(long)]
     slots: Option<usize>,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 /// The worker inside `casbuild up`: runs actions through the sandbox over its
@@ -93,10 +96,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mountpoint = dir.join("cas");
     let cache_dir = dir.join("worker-cache");
     let timeout = Duration::from_secs(60);
-    let mount =
-        Arc::new(mount_cas(&mountpoint, &cache_dir, u64::MAX / 2, remote.clone(), timeout, Default::default()).await?);
+    let mount = Arc::new(
+        mount_cas(&mountpoint, &cache_dir, u64::MAX / 2, remote.clone(), timeout, args.sandbox.mount_options()).await?,
+    );
     let helper = std::env::current_exe().context("finding casbuild itself")?;
-    let runner = Runner::new(RunnerConfig::new(dir.join("scratch"), helper), mount.clone(), remote)?;
+    let mut config = RunnerConfig::new(dir.join("scratch"), helper);
+    args.sandbox.apply(&mut config, slots as u64)?;
+    let runner = Runner::new(config, mount.clone(), remote)?;
     let _ = worker.runner.set(runner);
 
     println!("casbuild up listening on {url}");

@@ -27,6 +27,7 @@ use tonic::Code;
 
 use crate::cmd::coordinator::shutdown_signal;
 use crate::cmd::mount::mount_cas;
+use crate::cmd::sandbox_args::SandboxArgs;
 use crate::config::{default_data_dir, parse_size};
 
 #[derive(clap::Args)]
@@ -62,25 +63,8 @@ pub struct Args {
     /// identity, the casbuild-compiler property); repeatable.
     #[arg(long = "compiler")]
     compilers: Vec<PathBuf>,
-    /// A host path visible read-only in every sandbox; repeatable [default: /usr, /bin, /lib*, /sbin and the /etc
-    /// files tools need].
-    #[arg(long = "toolchain")]
-    toolchain: Vec<PathBuf>,
-    /// The user id sandboxed commands run as.
-    #[arg(long, default_value_t = 65534)]
-    sandbox_uid: u32,
-    /// The group id sandboxed commands run as.
-    #[arg(long, default_value_t = 65534)]
-    sandbox_gid: u32,
-    /// Largest file an action may write, stdout and stderr included; writing past it kills the writer.
-    #[arg(long, value_parser = parse_size, default_value = "4GiB")]
-    max_file_size: u64,
-    /// Most an action may return, outputs, stdout and stderr together; past it no outputs are returned.
-    #[arg(long, value_parser = parse_size, default_value = "16GiB")]
-    max_output_size: u64,
-    /// Processes an action may run at once (per sandbox user).
-    #[arg(long, default_value_t = 512)]
-    max_processes: u64,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 type Client = WorkersClient<InterceptedService<Channel, Auth>>;
@@ -159,24 +143,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let data = default_data_dir();
     let cache_dir = args.cache_dir.clone().unwrap_or_else(|| data.join("worker-cache"));
     let timeout = Duration::from_secs(60);
-    let mount = mount_cas(&args.mount, &cache_dir, args.cache_size, remote.clone(), timeout, Default::default());
+    let mount =
+        mount_cas(&args.mount, &cache_dir, args.cache_size, remote.clone(), timeout, args.sandbox.mount_options());
     let mount = Arc::new(mount.await?);
     let mut config = RunnerConfig::new(
         args.scratch.clone().unwrap_or_else(|| data.join("worker-scratch")),
         std::env::current_exe().context("finding casbuild itself")?,
     );
     config.worker_name = id.clone();
-    config.uid = args.sandbox_uid;
-    config.gid = args.sandbox_gid;
-    config.limits.max_file_bytes = args.max_file_size;
-    config.max_output_bytes = args.max_output_size;
-    config.limits.max_processes = args.max_processes;
-    if !args.toolchain.is_empty() {
-        if let Some(bad) = args.toolchain.iter().find(|p| !p.is_absolute()) {
-            bail!("--toolchain {} must be an absolute path", bad.display());
-        }
-        config.toolchain = args.toolchain.clone();
-    }
+    args.sandbox.apply(&mut config, u64::from(slots))?;
     let runner = Arc::new(Runner::new(config, mount.clone(), remote)?);
     println!("casbuild worker {id} serving {} with {slots} slots, /cas at {}", args.coordinator, args.mount.display());
 

@@ -58,7 +58,13 @@ impl Coordinator {
 
     /// Starts `casbuild up` (coordinator and local worker) keeping everything in `dir`.
     pub fn start_up(dir: &Path) -> Coordinator {
-        let args = ["up", "--listen", "127.0.0.1:0", "--dir", dir.to_str().unwrap()];
+        Coordinator::start_up_with(dir, &[])
+    }
+
+    /// [`Coordinator::start_up`] with extra flags.
+    pub fn start_up_with(dir: &Path, extra: &[&str]) -> Coordinator {
+        let mut args = vec!["up", "--listen", "127.0.0.1:0", "--dir", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
         Coordinator::spawn(&args, "casbuild up listening on grpc://", &dir.join("store"), true)
     }
 

@@ -28,6 +28,9 @@ use nix::sys::signal::{kill, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 
+use crate::beneath::Beneath;
+use crate::seccomp::Filters;
+
 use super::spec::{RunReport, SandboxSpec, ScratchLayout};
 
 /// Devices a sandbox gets, bound from the host.
@@ -126,6 +129,11 @@ fn run(spec: &SandboxSpec, layout: &ScratchLayout) -> RunReport {
 fn run_namespaced(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<RunReport, String> {
     let stdout = File::create(&layout.stdout).map_err(|e| format!("creating {}: {e}", layout.stdout.display()))?;
     let stderr = File::create(&layout.stderr).map_err(|e| format!("creating {}: {e}", layout.stderr.display()))?;
+    // Everything the run starts is in the action's cgroups from here on.
+    for procs in &spec.cgroup_procs {
+        std::fs::write(procs, std::process::id().to_string())
+            .map_err(|e| format!("joining the cgroup {}: {e}", procs.display()))?;
+    }
     let (status_read, status_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     unshare(CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
@@ -255,14 +263,17 @@ fn build_root(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<(), String> 
         .map_err(sys(|| format!("mounting the overlay over {}", spec.input_root.display())))?;
     // Inputs are read-only (0555) in the CAS; the command may write where its
     // outputs go, in its working directory, and at the top of the tree.
+    // The input root may hold symlinks to anywhere (`out -> /etc`): these
+    // directories are made and handed over beneath the working tree only,
+    // never through a link, since the host's file system is still visible.
+    let tree = Beneath::open(&work).map_err(io(|| "opening the working tree".into()))?;
     let writable = [String::new(), spec.cwd.clone()].into_iter().chain(spec.writable_dirs.iter().cloned());
     for dir in writable {
-        let path = work.join(&dir);
-        std::fs::create_dir_all(&path).map_err(io(|| format!("creating {dir:?} in the working tree")))?;
-        std::os::unix::fs::chown(&path, Some(spec.uid), Some(spec.gid))
-            .map_err(io(|| format!("chown {dir:?} in the working tree")))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-            .map_err(io(|| format!("chmod {dir:?} in the working tree")))?;
+        let made = tree.create_dirs(&dir).map_err(io(|| {
+            let what = if dir == spec.cwd { "the working directory" } else { "an output's directory" };
+            format!("creating {what} {dir:?} in the working tree (it must be a real directory, not a link)")
+        }))?;
+        made.chown_chmod(spec.uid, spec.gid, 0o755).map_err(io(|| format!("handing {dir:?} to the command")))?;
     }
 
     for host in &spec.toolchain {
@@ -276,20 +287,59 @@ fn build_root(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<(), String> 
             bind_read_only(host, &target)?;
         }
     }
+    name_the_sandbox_user(root, spec)?;
 
     let proc_dir = root.join("proc");
     std::fs::create_dir_all(&proc_dir).map_err(io(|| "creating /proc".into()))?;
     mount(Some("proc"), &proc_dir, Some("proc"), nosuid | MsFlags::MS_NOEXEC, none)
         .map_err(sys(|| "mounting /proc".into()))?;
+    // With a scratch budget, /tmp and /dev/shm are directories of the run's
+    // size-bounded scratch tmpfs: one budget for everything the action writes.
     build_dev(&root.join("dev"))?;
-    let tmp = root.join("tmp");
-    std::fs::create_dir_all(&tmp).map_err(io(|| "creating /tmp".into()))?;
-    mount(Some("tmpfs"), &tmp, Some("tmpfs"), nosuid, Some("mode=1777")).map_err(sys(|| "mounting /tmp".into()))?;
+    let bounded = spec.limits.max_scratch_bytes > 0;
+    for (dir, inside) in [(&layout.tmp, "tmp"), (&layout.shm, "dev/shm")] {
+        let target = root.join(inside);
+        std::fs::create_dir_all(&target).map_err(io(|| format!("creating /{inside}")))?;
+        if bounded {
+            std::fs::create_dir_all(dir).map_err(io(|| format!("creating {}", dir.display())))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777))
+                .map_err(io(|| format!("chmod {}", dir.display())))?;
+            mount(Some(dir.as_path()), &target, none, MsFlags::MS_BIND, none)
+                .map_err(sys(|| format!("binding /{inside}")))?;
+        } else {
+            mount(Some("tmpfs"), &target, Some("tmpfs"), nosuid, Some("mode=1777"))
+                .map_err(sys(|| format!("mounting /{inside}")))?;
+        }
+    }
 
     nix::unistd::chdir(root).map_err(sys(|| "chdir to the new root".into()))?;
     nix::unistd::pivot_root(".", ".").map_err(sys(|| "pivot_root".into()))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(sys(|| "detaching the old root".into()))?;
     nix::unistd::chdir("/").map_err(sys(|| "chdir /".into()))?;
+    Ok(())
+}
+
+/// Gives the command's user and group a name in the sandbox's copies of
+/// /etc/passwd and /etc/group (tools that look their user up fail without
+/// one), when those files were copied in and do not name them already.
+fn name_the_sandbox_user(root: &Path, spec: &SandboxSpec) -> Result<(), String> {
+    use std::io::Write as _;
+    let (uid, gid) = (spec.uid, spec.gid);
+    let entries = [
+        ("etc/passwd", uid, format!("casbuild:x:{uid}:{gid}:casbuild action:/tmp:/usr/sbin/nologin\n")),
+        ("etc/group", gid, format!("casbuild:x:{gid}:\n")),
+    ];
+    for (file, id, line) in entries {
+        let path = root.join(file);
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        // Both files keep the id in their third field.
+        let named = text.lines().any(|l| l.split(':').nth(2) == Some(id.to_string().as_str()));
+        if !named {
+            let mut out = File::options().append(true).open(&path).map_err(io(|| format!("opening /{file}")))?;
+            let line = if text.ends_with('\n') || text.is_empty() { line } else { format!("\n{line}") };
+            out.write_all(line.as_bytes()).map_err(io(|| format!("writing /{file}")))?;
+        }
+    }
     Ok(())
 }
 
@@ -331,7 +381,7 @@ fn bind_read_only(host: &Path, target: &Path) -> Result<(), String> {
     mount(none, target, none, read_only, none).map_err(sys(|| format!("making {} read-only", host.display())))
 }
 
-/// A minimal /dev: a few devices bound from the host, /dev/shm, fd links.
+/// A minimal /dev: a few devices bound from the host and fd links (/dev/shm is the caller's).
 fn build_dev(dev: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dev).map_err(io(|| "creating /dev".into()))?;
     mount(Some("tmpfs"), dev, Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=0755,size=64k"))
@@ -342,10 +392,6 @@ fn build_dev(dev: &Path) -> Result<(), String> {
         File::create(&target).map_err(io(|| format!("creating /dev/{name}")))?;
         mount(Some(&host), &target, none, MsFlags::MS_BIND, none).map_err(sys(|| format!("binding /dev/{name}")))?;
     }
-    let shm = dev.join("shm");
-    std::fs::create_dir_all(&shm).map_err(io(|| "creating /dev/shm".into()))?;
-    mount(Some("tmpfs"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))
-        .map_err(sys(|| "mounting /dev/shm".into()))?;
     for (name, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -371,12 +417,14 @@ fn run_command(
     let env =
         cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().iter().map(String::as_str))?;
     let program_c = CString::new(program.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    let filters = Filters::compile(&spec.seccomp_deny)?;
     let (error_read, error_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys(|| "pipe".into()))?;
     // SAFETY: init is single-threaded, so the child may run arbitrary code.
     match unsafe { fork() }.map_err(sys(|| "fork".into()))? {
         ForkResult::Child => {
             drop(error_read);
-            let error = exec_command(spec, &cwd, &program_c, &argv, &env, stdout, stderr);
+            let command = Prepared { cwd: &cwd, program: &program_c, argv: &argv, env: &env, filters: &filters };
+            let error = exec_command(spec, &command, stdout, stderr);
             let _ = File::from(error_write).write_all(error.as_bytes());
             std::process::exit(127)
         }
@@ -424,17 +472,24 @@ fn resolve_program(spec: &SandboxSpec) -> Result<PathBuf, String> {
     Err(format!("command not found: {name:?} is not on the action's PATH {path:?}"))
 }
 
+/// What the command's process needs, prepared before the fork.
+struct Prepared<'a> {
+    cwd: &'a Path,
+    program: &'a CString,
+    argv: &'a [CString],
+    env: &'a [CString],
+    filters: &'a Filters,
+}
+
 /// In the command's process: limits, identity, then execve. Returns only on
 /// failure, with the reason.
 fn exec_command(
     spec: &SandboxSpec,
-    cwd: &Path,
-    program: &CString,
-    argv: &[CString],
-    env: &[CString],
+    command: &Prepared<'_>,
     stdout: std::os::fd::BorrowedFd<'_>,
     stderr: std::os::fd::BorrowedFd<'_>,
 ) -> String {
+    let Prepared { cwd, program, argv, env, filters } = *command;
     let result = (|| -> Result<(), String> {
         let null = File::open("/dev/null").map_err(io(|| "opening /dev/null".into()))?;
         nix::unistd::dup2_stdin(&null).map_err(sys(|| "stdin".into()))?;
@@ -442,12 +497,16 @@ fn exec_command(
         nix::unistd::dup2_stderr(stderr).map_err(sys(|| "stderr".into()))?;
         nix::unistd::chdir(cwd).map_err(sys(|| format!("working directory {}", cwd.display())))?;
         let limits = &spec.limits;
-        for (resource, value) in [
+        // RLIMIT_NPROC counts the user's processes host-wide; it is the
+        // process limit only when the run has no cgroup (whose pids.max
+        // counts this action's processes alone).
+        let nproc = spec.cgroup_procs.is_empty().then_some((Resource::RLIMIT_NPROC, limits.max_processes));
+        let rlimits = [
             (Resource::RLIMIT_CORE, 0),
             (Resource::RLIMIT_NOFILE, limits.max_open_files),
-            (Resource::RLIMIT_NPROC, limits.max_processes),
             (Resource::RLIMIT_FSIZE, limits.max_file_bytes),
-        ] {
+        ];
+        for (resource, value) in rlimits.into_iter().chain(nproc) {
             setrlimit(resource, value, value).map_err(sys(|| format!("setrlimit {resource:?}")))?;
         }
         nix::unistd::setgroups(&[]).map_err(sys(|| "setgroups".into()))?;
@@ -460,7 +519,8 @@ fn exec_command(
             .map_err(sys(|| "resetting SIGPIPE".into()))?;
         nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
             .map_err(sys(|| "clearing the signal mask".into()))?;
-        Ok(())
+        // Last: from here on only execve is left to call.
+        filters.install()
     })();
     if let Err(e) = result {
         return format!("setting up the command: {e}");

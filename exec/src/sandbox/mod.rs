@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
+use crate::cgroup::{Cgroups, GroupLimits};
 pub use helper::helper_main;
 use spec::ScratchLayout;
 pub use spec::{relative_inside, Limits, RunReport, SandboxSpec, DEFAULT_TOOLCHAIN, DEFAULT_WORK_DIR};
@@ -50,7 +51,12 @@ pub enum SandboxError {
 pub struct Sandbox {
     helper: PathBuf,
     zygote: tokio::sync::Mutex<Option<Zygote>>,
+    /// Where each run gets its own cgroup, when runs have one.
+    cgroups: Option<Cgroups>,
 }
+
+/// Scratch space left at most this free at the end of a run counts as full.
+const FULL_SLACK: u64 = 1 << 20;
 
 #[derive(Debug)]
 struct Zygote {
@@ -97,7 +103,14 @@ impl Sandbox {
     /// A sandbox runner whose helper is `helper` (a `casbuild` binary; the
     /// worker passes its own executable).
     pub fn new(helper: impl Into<PathBuf>) -> Self {
-        Sandbox { helper: helper.into(), zygote: tokio::sync::Mutex::new(None) }
+        Sandbox { helper: helper.into(), zygote: tokio::sync::Mutex::new(None), cgroups: None }
+    }
+
+    /// Gives every run a cgroup of its own under `cgroups`, with the memory
+    /// and process limits of its spec.
+    pub fn with_cgroups(mut self, cgroups: Cgroups) -> Self {
+        self.cgroups = Some(cgroups);
+        self
     }
 
     fn spawn_zygote(&self) -> Result<Zygote, SandboxError> {
@@ -154,6 +167,43 @@ impl Sandbox {
         tokio::fs::create_dir_all(&spec.scratch)
             .await
             .map_err(|e| helper_error("creating the scratch directory", &e))?;
+        let limits = &spec.limits;
+        tokio::fs::create_dir_all(&layout.space)
+            .await
+            .map_err(|e| helper_error("creating the scratch directory", &e))?;
+        if limits.max_scratch_bytes > 0 {
+            mount_scratch(&layout.space, limits.max_scratch_bytes)?;
+        }
+        let group = match &self.cgroups {
+            None => None,
+            Some(cgroups) => {
+                let run = spec.scratch.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let memory_bytes = if limits.max_memory_bytes == 0 { u64::MAX >> 1 } else { limits.max_memory_bytes };
+                let group_limits = GroupLimits { memory_bytes, processes: limits.max_processes };
+                Some(cgroups.create(&run, group_limits).map_err(SandboxError::Helper)?)
+            }
+        };
+        let mut spec = spec.clone();
+        spec.cgroup_procs = group.as_ref().map(|g| g.procs_files()).unwrap_or_default();
+        let mut report = self.run_in_helper(&spec, &layout).await;
+        if let (Ok(report), Some(group)) = (&mut report, &group) {
+            let usage = group.usage();
+            report.memory_exceeded = usage.oom_kills > 0;
+            report.processes_exhausted = usage.fork_refusals > 0;
+            report.cpu_micros = usage.cpu_micros;
+        }
+        if let (Ok(report), true) = (&mut report, limits.max_scratch_bytes > 0) {
+            report.scratch_full = nix::sys::statvfs::statvfs(&layout.space)
+                .is_ok_and(|s| s.blocks_available().saturating_mul(s.fragment_size()) <= FULL_SLACK);
+        }
+        if let Some(group) = group {
+            // Removing it may wait briefly for the kernel to finish the exits.
+            tokio::task::spawn_blocking(move || drop(group));
+        }
+        report
+    }
+
+    async fn run_in_helper(&self, spec: &SandboxSpec, layout: &ScratchLayout) -> Result<RunReport, SandboxError> {
         // One line of JSON (strings escape newlines) straight to the zygote.
         let json = serde_json::to_string(spec).map_err(|e| helper_error("encoding the spec", &e))?;
         let mut running = self.start(&json).await?;
@@ -190,6 +240,17 @@ impl Sandbox {
     pub fn upper_path(spec: &SandboxSpec) -> PathBuf {
         ScratchLayout::new(&spec.scratch).upper
     }
+}
+
+/// Mounts a tmpfs of `bytes` over a run's scratch space: its upper layer,
+/// stdout, stderr, /tmp and /dev/shm share that budget. Only root may enter
+/// it. [`crate::scratch::discard`] unmounts it.
+fn mount_scratch(space: &std::path::Path, bytes: u64) -> Result<(), SandboxError> {
+    use nix::mount::{mount, MsFlags};
+    let options = format!("size={bytes},mode=0700");
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(Some("tmpfs"), space, Some("tmpfs"), flags, Some(options.as_str()))
+        .map_err(|e| helper_error(&format!("mounting the scratch tmpfs on {}", space.display()), &e))
 }
 
 /// A pidfd for `pid`, registered with the runtime to wait for its exit.

@@ -39,11 +39,25 @@ pub struct Limits {
     /// Largest file the command may write, stdout and stderr included
     /// (RLIMIT_FSIZE); writing past it kills the writer with SIGXFSZ.
     pub max_file_bytes: u64,
+    /// Memory of the whole action (its cgroup; needs a sandbox with
+    /// cgroups), what it keeps in its memory-backed scratch space included.
+    /// 0: no memory limit.
+    pub max_memory_bytes: u64,
+    /// Bytes the action may write into its working tree, /tmp and /dev/shm
+    /// together: its scratch directory becomes a tmpfs of this size. 0: the
+    /// scratch directory is a plain directory on the host, without a bound.
+    pub max_scratch_bytes: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_processes: 512, max_open_files: 4096, max_file_bytes: 4 << 30 }
+        Limits {
+            max_processes: 512,
+            max_open_files: 4096,
+            max_file_bytes: 4 << 30,
+            max_memory_bytes: 0,
+            max_scratch_bytes: 0,
+        }
     }
 }
 
@@ -80,6 +94,14 @@ pub struct SandboxSpec {
     /// Wall-clock limit in milliseconds; everything in the sandbox is killed
     /// when it passes. `None`: no limit.
     pub timeout_ms: Option<u64>,
+    /// `cgroup.procs` files the run joins before anything else (filled in
+    /// by [`super::Sandbox::run`] from its cgroups).
+    #[serde(default)]
+    pub cgroup_procs: Vec<PathBuf>,
+    /// System calls denied (EPERM) on top of the default seccomp filter
+    /// ([`crate::seccomp`]), by name.
+    #[serde(default)]
+    pub seccomp_deny: Vec<String>,
 }
 
 impl SandboxSpec {
@@ -98,6 +120,8 @@ impl SandboxSpec {
             gid: 65534,
             limits: Limits::default(),
             timeout_ms: None,
+            cgroup_procs: Vec::new(),
+            seccomp_deny: Vec::new(),
         }
     }
 
@@ -154,6 +178,20 @@ pub struct RunReport {
     pub error: Option<String>,
     /// Wall time from starting the sandbox to the command's end, in µs.
     pub wall_micros: u64,
+    /// Whether the kernel killed a process of the action for exceeding its
+    /// memory limit.
+    #[serde(default)]
+    pub memory_exceeded: bool,
+    /// Whether a fork failed because the action reached its process limit.
+    #[serde(default)]
+    pub processes_exhausted: bool,
+    /// Whether the action's scratch space (working tree, /tmp, /dev/shm)
+    /// was full when it ended.
+    #[serde(default)]
+    pub scratch_full: bool,
+    /// CPU time of everything the action ran, in µs, when accounted.
+    #[serde(default)]
+    pub cpu_micros: Option<u64>,
 }
 
 impl RunReport {
@@ -164,7 +202,14 @@ impl RunReport {
 }
 
 /// Files of one run inside its scratch directory.
+/// Everything the action writes is in `space` (a size-bounded tmpfs when
+/// the run has a scratch budget); the report is beside it, so that a full
+/// scratch space cannot keep the run from reporting.
 pub(crate) struct ScratchLayout {
+    pub space: PathBuf,
+    /// The run's own /tmp and /dev/shm, on its scratch space.
+    pub tmp: PathBuf,
+    pub shm: PathBuf,
     /// Where the run's root tmpfs is mounted: one directory shared by every
     /// run beside this scratch directory, since each run mounts in its own
     /// mount namespace (one mkdir and rmdir fewer per run).
@@ -178,16 +223,20 @@ pub(crate) struct ScratchLayout {
 
 impl ScratchLayout {
     pub fn new(scratch: &Path) -> Self {
+        let space = scratch.join(crate::scratch::SPACE);
         let root = match scratch.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent.join(".sandbox-root"),
             _ => scratch.join("root"),
         };
         ScratchLayout {
+            tmp: space.join("tmp"),
+            shm: space.join("shm"),
             root,
-            upper: scratch.join("upper"),
-            overlay_work: scratch.join("overlay-work"),
-            stdout: scratch.join("stdout"),
-            stderr: scratch.join("stderr"),
+            upper: space.join("upper"),
+            overlay_work: space.join("overlay-work"),
+            stdout: space.join("stdout"),
+            stderr: space.join("stderr"),
+            space,
             report: scratch.join("report.json"),
         }
     }

@@ -44,6 +44,8 @@ pub(crate) struct MountState {
     pub runtime: Handle,
     /// Whether to ask the kernel for passthrough reads.
     pub want_passthrough: bool,
+    /// The only group (besides root) that may read the mount, if any.
+    pub readers: Option<u32>,
     /// Whether the kernel agreed to passthrough.
     pub passthrough: AtomicBool,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
@@ -63,13 +65,14 @@ struct OpenFile {
 }
 
 impl MountState {
-    pub fn new(cache: Arc<BlobCache>, runtime: Handle, want_passthrough: bool) -> Self {
+    pub fn new(cache: Arc<BlobCache>, runtime: Handle, want_passthrough: bool, readers: Option<u32>) -> Self {
         MountState {
             inodes: Inodes::new(),
             cache,
             instances: Mutex::new(HashMap::new()),
             runtime,
             want_passthrough,
+            readers,
             passthrough: AtomicBool::new(false),
             handles: Mutex::new(HashMap::new()),
             backing: Mutex::new(HashMap::new()),
@@ -199,6 +202,12 @@ impl CasFs {
             }
             NodeKind::Symlink(target) => (FileType::Symlink, 0o777, target.len() as u64, fixed, 1),
         };
+        // With a reader group, everything is root's and that group's only
+        // (the kernel checks these bits: default_permissions).
+        let (gid, perm) = match self.state.readers {
+            Some(gid) if kind != FileType::Symlink => (gid, perm & 0o770),
+            _ => (0, perm),
+        };
         FileAttr {
             ino: INodeNo(node.ino),
             size,
@@ -211,7 +220,7 @@ impl CasFs {
             perm,
             nlink,
             uid: 0,
-            gid: 0,
+            gid,
             rdev: 0,
             blksize: BLOCK_SIZE,
             flags: 0,

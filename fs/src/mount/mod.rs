@@ -43,11 +43,15 @@ pub struct MountOptions {
     /// Serve reads of cached blobs through FUSE passthrough where the kernel
     /// supports it (Linux ≥ 6.9, root).
     pub passthrough: bool,
+    /// The group that may read the mount besides root (a worker's sandbox
+    /// group): every entry is owned by root and that group, with no
+    /// permissions for others. `None`: everyone may read it.
+    pub readers: Option<u32>,
 }
 
 impl Default for MountOptions {
     fn default() -> Self {
-        MountOptions { threads: 16, passthrough: true }
+        MountOptions { threads: 16, passthrough: true, readers: None }
     }
 }
 
@@ -109,7 +113,7 @@ impl CasMount {
         detach_stale_mounts(&mountpoint).map_err(mount_error)?;
         std::fs::create_dir_all(&mountpoint).map_err(mount_error)?;
 
-        let state = Arc::new(MountState::new(cache, runtime, options.passthrough));
+        let state = Arc::new(MountState::new(cache, runtime, options.passthrough, options.readers));
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName("casbuild".into()),
@@ -120,7 +124,8 @@ impl CasMount {
             MountOption::NoAtime,
             MountOption::DefaultPermissions,
         ];
-        // Sandboxed commands run as other users.
+        // Sandboxed commands run as other users; with `readers`, the
+        // permission bits keep everyone else out.
         config.acl = SessionACL::All;
         config.n_threads = Some(options.threads.max(1));
         config.clone_fd = true;

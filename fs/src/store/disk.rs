@@ -8,16 +8,23 @@
 //! ```
 //!
 //! Writes go to `tmp/` and are renamed into place only after the bytes have
-//! been verified, so a reader never sees half a blob, and a crash leaves at
-//! most garbage in `tmp/` (cleared at the next open). Files are not fsynced:
-//! every read verifies the blob's hash, so a file torn by a power loss is
-//! detected, deleted and reported missing instead of being served.
+//! been verified and synced to disk (`fdatasync`), so a reader never sees
+//! half a blob, a blob that counts as present survives a power loss, and a
+//! crash leaves at most garbage in `tmp/` (cleared at the next open).
+//!
+//! Every read through [`BlobStore`] verifies the blob's hash. The one
+//! unverified way out, [`DiskStore::open_trusted`] (the FUSE mount hands the
+//! file to the kernel), trusts only what this process wrote or has already
+//! checked: a blob found on disk at open (written before a restart, perhaps
+//! torn or decayed since) is hashed on its first trusted open, and a file
+//! that does not match is deleted and reported absent, so the caller fetches
+//! it again.
 //!
 //! An in-memory index (an LRU of sizes) answers `find_missing` without touching
 //! the disk and decides eviction once the byte budget is exceeded. It is rebuilt
 //! from the files at open, ordered by modification time, which reads refresh.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -60,6 +67,8 @@ struct Index {
     blobs: LruCache<BlobKey, ()>,
     /// Blobs in use by a reader that holds their file open: never evicted.
     pins: HashMap<BlobKey, u32>,
+    /// Blobs found on disk at open and not hashed since.
+    unverified: HashSet<BlobKey>,
     bytes: u64,
     budget: u64,
     namespaces: Namespaces,
@@ -81,9 +90,17 @@ impl DiskStore {
         let mut namespaces = Namespaces::default();
         let mut found = scan(&cas, &mut namespaces)?;
         found.sort_by_key(|(_, mtime)| *mtime);
-        let mut index = Index { blobs: LruCache::unbounded(), pins: HashMap::new(), bytes: 0, budget, namespaces };
+        let mut index = Index {
+            blobs: LruCache::unbounded(),
+            pins: HashMap::new(),
+            unverified: HashSet::new(),
+            bytes: 0,
+            budget,
+            namespaces,
+        };
         for (key, _) in found {
             index.blobs.put(key, ());
+            index.unverified.insert(key);
             index.bytes += key.1.size_bytes;
         }
         let namespace = index.namespaces.id(&instance_dir(""));
@@ -178,14 +195,25 @@ impl DiskStore {
     }
 
     /// Opens a blob's file for a caller that serves its bytes itself (the FUSE
-    /// mount hands the file to the kernel). The length is checked, the hash is
-    /// not: it was verified when the blob was written, and re-hashing on every
-    /// open would make warm reads as slow as cold ones. `Ok(None)` when absent.
+    /// mount hands the file to the kernel). The length is checked; the hash
+    /// was verified when this process wrote the blob, and re-hashing on every
+    /// open would make warm reads as slow as cold ones. A blob from before
+    /// the store was opened is hashed once, here, before it is trusted; a
+    /// corrupt one is deleted and reported absent. `Ok(None)` when absent.
     pub fn open_trusted(&self, digest: &Digest) -> Result<Option<File>, StoreError> {
         if digest.is_empty_blob() {
             return Ok(None);
         }
-        self.open_blob(digest)
+        let Some(mut file) = self.open_blob(digest)? else { return Ok(None) };
+        let key = (self.namespace, *digest);
+        if self.lock().unverified.contains(&key) {
+            if !matches_digest(&mut file, digest)? {
+                let _ = self.corrupt(digest);
+                return Ok(None);
+            }
+            self.lock().unverified.remove(&key);
+        }
+        Ok(Some(file))
     }
 
     /// Opens a blob for reading, checking its length; `Ok(None)` when absent.
@@ -217,6 +245,7 @@ impl DiskStore {
     }
 
     fn corrupt(&self, digest: &Digest) -> StoreError {
+        self.lock().unverified.remove(&(self.namespace, *digest));
         tracing::error!("blob {digest:?} on disk does not match its digest: removed");
         self.discard(digest);
         StoreError::NotFound { digest: *digest, detail: "its file on disk was corrupt and has been removed".into() }
@@ -348,6 +377,16 @@ fn scan(cas: &Path, namespaces: &mut Namespaces) -> Result<Vec<(BlobKey, SystemT
     Ok(found)
 }
 
+/// Whether `file`'s contents hash to `digest` (read from the start; the
+/// file is rewound after).
+fn matches_digest(file: &mut File, digest: &Digest) -> Result<bool, StoreError> {
+    use std::io::Seek;
+    let fail = |e| StoreError::io(format!("verify blob {digest:?}"), e);
+    let actual = crate::local_tree::hash_reader(&mut *file, digest.function).map_err(fail)?;
+    file.rewind().map_err(fail)?;
+    Ok(actual == *digest)
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
@@ -412,7 +451,8 @@ impl BlobStore for DiskStore {
         self.check_budget(digest)?;
         let (store, digest, tmp) = (self.clone(), *digest, self.new_temp_path());
         blocking(move || {
-            let result = std::fs::write(&tmp, &data)
+            let result = File::create(&tmp)
+                .and_then(|mut file| file.write_all(&data).and_then(|()| file.sync_data()))
                 .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))
                 .and_then(|()| store.publish(&tmp, &digest));
             let _ = std::fs::remove_file(&tmp);
@@ -490,14 +530,19 @@ impl BlobWriter for DiskWriter {
         let (file, verifier) =
             self.state.take().ok_or_else(|| StoreError::InvalidArgument("commit after a failed write".into()))?;
         verifier.finish()?;
-        drop(file);
         if self.digest.is_empty_blob() {
             return Ok(());
         }
         let store = self.store.clone();
         let digest = self.digest;
         let tmp = self.tmp.clone();
-        blocking(move || store.publish(&tmp, &digest)).await
+        blocking(move || {
+            // On disk before it counts as present.
+            file.sync_data().map_err(|e| StoreError::io(format!("sync {}", tmp.display()), e))?;
+            drop(file);
+            store.publish(&tmp, &digest)
+        })
+        .await
     }
 }
 
@@ -644,6 +689,31 @@ mod tests {
         assert_eq!(store.bytes_used(), da.len() as u64);
         assert_eq!(store.read_all(&a).await.unwrap(), da);
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn blobs_from_before_a_restart_are_hashed_before_they_are_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, da) = blob(8, 5000);
+        let (b, db) = blob(9, 5000);
+        {
+            let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+            store.write(&a, da.clone()).await.unwrap();
+            store.write(&b, db).await.unwrap();
+            // Written by this process: trusted without hashing.
+            let mut bytes = std::fs::read(store.path_of(&b)).unwrap();
+            bytes[7] ^= 1;
+            std::fs::write(store.path_of(&b), bytes).unwrap();
+        }
+        // After the restart both are suspect; `b` decayed (same length).
+        let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        let mut file = store.open_trusted(&a).unwrap().expect("a is intact");
+        let mut read = Vec::new();
+        file.read_to_end(&mut read).unwrap();
+        assert_eq!(read, da, "a verified file is handed out from its start");
+        assert!(store.open_trusted(&b).unwrap().is_none(), "the corrupt blob is reported absent");
+        assert!(!store.path_of(&b).exists());
+        assert_eq!(store.find_missing(&[a, b]).await.unwrap(), vec![b]);
     }
 
     #[tokio::test]

@@ -52,10 +52,14 @@ pub async fn bench_sandbox(args: SandboxArgs) -> anyhow::Result<()> {
     let input = scratch.path().join("input");
     std::fs::create_dir_all(&input)?;
     let helper = std::env::current_exe()?;
-    let sandbox = Sandbox::new(&helper);
+    // As a worker runs actions: a cgroup each and a size-bounded scratch
+    // tmpfs; the bare sandbox beside it shows what those two layers cost.
+    let bare = Sandbox::new(&helper);
+    let cgroups = casbuild_exec::cgroup::Cgroups::host().map_err(anyhow::Error::msg)?;
+    let sandbox = Sandbox::new(&helper).with_cgroups(cgroups);
     let runs = args.runs.max(1);
     let have_bwrap = Command::new("bwrap").arg("--version").stdout(Stdio::null()).status().is_ok();
-    let (mut plain, mut ours, mut theirs) = (vec![], vec![], vec![]);
+    let (mut plain, mut ours, mut theirs, mut ours_bare) = (vec![], vec![], vec![], vec![]);
     eprintln!("bench: {runs} runs of `true`: fork/exec, casbuild sandbox, bwrap");
     for run in 0..runs {
         let input2 = input.clone();
@@ -79,37 +83,52 @@ pub async fn bench_sandbox(args: SandboxArgs) -> anyhow::Result<()> {
 
         // Set-up, run and tear-down, scratch removal as the runner does it
         // (renamed away at once, deleted by a background thread).
-        let mut spec =
-            SandboxSpec::new(input.clone(), scratch.path().join(format!("run-{run}")), vec!["/bin/true".into()]);
-        spec.timeout_ms = Some(60_000);
-        let start = Instant::now();
-        let report = sandbox.run(&spec).await?;
-        casbuild_exec::scratch::discard(&spec.scratch);
-        ours.push(start.elapsed());
-        anyhow::ensure!(report.success(), "sandboxed true failed: {report:?}");
+        for (sandbox, bounded, samples) in [(&sandbox, true, &mut ours), (&bare, false, &mut ours_bare)] {
+            let scratch = scratch.path().join(format!("run-{run}-{bounded}"));
+            let mut spec = SandboxSpec::new(input.clone(), scratch, vec!["/bin/true".into()]);
+            spec.timeout_ms = Some(60_000);
+            if bounded {
+                spec.limits.max_memory_bytes = 8 << 30;
+                spec.limits.max_scratch_bytes = 4 << 30;
+            }
+            let start = Instant::now();
+            let report = sandbox.run(&spec).await?;
+            casbuild_exec::scratch::discard(&spec.scratch);
+            samples.push(start.elapsed());
+            anyhow::ensure!(report.success(), "sandboxed true failed: {report:?}");
+        }
     }
     let (plain_med, ours_med) = (median(plain.clone()), median(ours.clone()));
-    let mut rows = vec![Row {
-        name: "sandboxed `true`, set-up to tear-down".into(),
-        casbuild: format!("{} (p99 {})", ms(ours_med), ms(p99(ours.clone()))),
-        baseline_name: "fork/exec of `true`",
-        baseline: format!("{} (p99 {})", ms(plain_med), ms(p99(plain))),
-        ratio: plain_med.as_secs_f64() / ours_med.as_secs_f64(),
-    }];
-    if !theirs.is_empty() {
-        let theirs_med = median(theirs.clone());
-        rows.push(Row {
+    let against = |baseline_name: &'static str, samples: Vec<Duration>| {
+        let base = median(samples.clone());
+        Row {
             name: "sandboxed `true`, set-up to tear-down".into(),
-            casbuild: format!("{} (p99 {})", ms(ours_med), ms(p99(ours))),
-            baseline_name: "bwrap with the same namespaces and mounts",
-            baseline: format!("{} (p99 {})", ms(theirs_med), ms(p99(theirs))),
-            ratio: theirs_med.as_secs_f64() / ours_med.as_secs_f64(),
-        });
-    } else {
+            casbuild: format!("{} (p99 {})", ms(ours_med), ms(p99(ours.clone()))),
+            baseline_name,
+            baseline: format!("{} (p99 {})", ms(base), ms(p99(samples))),
+            ratio: base.as_secs_f64() / ours_med.as_secs_f64(),
+        }
+    };
+    let mut rows = vec![against("fork/exec of `true`", plain)];
+    if theirs.is_empty() {
         eprintln!("bench: bwrap is not installed (apt-get install bubblewrap); its row is left out");
+    } else {
+        rows.push(against("bwrap with the same namespaces and mounts", theirs));
     }
+    rows.push(against("the same without its cgroup and scratch tmpfs", ours_bare));
+    // The seccomp filter is compiled in every run's pid 1 (installing it is one syscall).
+    let compiles: Vec<Duration> = (0..200)
+        .map(|_| {
+            let start = Instant::now();
+            let filters = casbuild_exec::seccomp::Filters::compile(&[]);
+            let took = start.elapsed();
+            drop(filters);
+            took
+        })
+        .collect();
     casbuild_exec::scratch::flush();
     print_table(&rows);
+    println!("seccomp filter compile per run (median of 200): {}", ms(median(compiles)));
     println!("\noverhead over fork/exec (medians): {}", ms(ours_med.saturating_sub(plain_med)));
     Ok(())
 }
