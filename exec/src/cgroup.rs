@@ -191,9 +191,17 @@ impl ActionGroup {
         }
     }
 
-    /// The files a process writes its pid into to join this group.
+    /// The files the run's process writes `0` into to join this group
+    /// (itself, with everything it will start). On v1 that is `tasks`:
+    /// moving only the calling thread skips the threadgroup lock whose RCU
+    /// sync makes a `cgroup.procs` write cost milliseconds (the process is
+    /// single-threaded, so the thread is the process).
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs().into_iter().map(|d| d.join("cgroup.procs")).collect()
+        let file = match self.layout {
+            Layout::V2 { .. } => "cgroup.procs",
+            Layout::V1 { .. } => "tasks",
+        };
+        self.dirs().into_iter().map(|d| d.join(file)).collect()
     }
 
     /// What the group recorded so far.
@@ -271,7 +279,7 @@ mod tests {
         assert_eq!(std::fs::read_to_string(mem.join("memory.limit_in_bytes")).unwrap(), "1048576");
         let pids = dir.path().join("pids/casbuild").join(&name);
         assert_eq!(std::fs::read_to_string(pids.join("pids.max")).unwrap(), "7");
-        assert_eq!(group.procs_files(), [mem.join("cgroup.procs"), pids.join("cgroup.procs")]);
+        assert_eq!(group.procs_files(), [mem.join("tasks"), pids.join("tasks")]);
         std::fs::write(pids.join("pids.events"), "max 3\n").unwrap();
         assert_eq!(group.usage().fork_refusals, 3);
         assert!(Cgroups::detect(&dir.path().join("nothing")).is_err());

@@ -129,10 +129,10 @@ fn run(spec: &SandboxSpec, layout: &ScratchLayout) -> RunReport {
 fn run_namespaced(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<RunReport, String> {
     let stdout = File::create(&layout.stdout).map_err(|e| format!("creating {}: {e}", layout.stdout.display()))?;
     let stderr = File::create(&layout.stderr).map_err(|e| format!("creating {}: {e}", layout.stderr.display()))?;
-    // Everything the run starts is in the action's cgroups from here on.
+    // Everything the run starts is in the action's cgroups from here on
+    // (`0`: the writer itself; this process is single-threaded).
     for procs in &spec.cgroup_procs {
-        std::fs::write(procs, std::process::id().to_string())
-            .map_err(|e| format!("joining the cgroup {}: {e}", procs.display()))?;
+        std::fs::write(procs, "0").map_err(|e| format!("joining the cgroup {}: {e}", procs.display()))?;
     }
     let (status_read, status_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;

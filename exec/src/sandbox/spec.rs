@@ -94,8 +94,8 @@ pub struct SandboxSpec {
     /// Wall-clock limit in milliseconds; everything in the sandbox is killed
     /// when it passes. `None`: no limit.
     pub timeout_ms: Option<u64>,
-    /// `cgroup.procs` files the run joins before anything else (filled in
-    /// by [`super::Sandbox::run`] from its cgroups).
+    /// Files of the action's cgroups (`tasks` or `cgroup.procs`) the run
+    /// joins before anything else (filled in by [`super::Sandbox::run`]).
     #[serde(default)]
     pub cgroup_procs: Vec<PathBuf>,
     /// System calls denied (EPERM) on top of the default seccomp filter
