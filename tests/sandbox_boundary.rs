@@ -295,6 +295,15 @@ fn denied_system_calls_fail_inside_the_sandbox() {
         assert_ne!(exit_code(&response), 0, "{what}: {stderr}");
         assert!(stderr.contains("Operation not permitted"), "{what}: {stderr}");
     }
+
+    // A connection out is refused in the sandbox and named in the report
+    // (a documentation-only address: nothing leaves the empty namespace).
+    let script = "bash -c 'exec 3<>/dev/tcp/127.0.0.1/9'; bash -c 'exec 3<>/dev/tcp/192.0.2.1/443'";
+    let response = farm.run(&Attack { script, ..Default::default() });
+    assert_ne!(exit_code(&response), 0);
+    assert!(response.message.contains("network: connect 192.0.2.1:443 denied"), "{}", response.message);
+    assert!(!response.message.contains("127.0.0.1"), "loopback is not reported: {}", response.message);
+    assert!(farm.stderr(&response).contains("casbuild: network: connect 192.0.2.1:443 denied"));
 }
 
 #[test]

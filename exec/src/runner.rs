@@ -472,6 +472,7 @@ pub fn failure_message(report: &RunReport, limits: &Limits, access: &AccessRepor
     if undeclared.len() > REPORT_LINES {
         lines.push(format!("... and {} more undeclared paths", undeclared.len() - REPORT_LINES));
     }
+    lines.extend(report.blocked.iter().cloned());
     lines.join("\n")
 }
 

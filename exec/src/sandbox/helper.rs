@@ -31,6 +31,7 @@ use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 use crate::beneath::Beneath;
 use crate::seccomp::Filters;
 
+use super::netwatch::{ConnectWatch, Denied};
 use super::spec::{RunReport, SandboxSpec, ScratchLayout};
 
 /// Devices a sandbox gets, bound from the host.
@@ -154,7 +155,10 @@ fn run_namespaced(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<RunRepor
     // Init is not waited for: once it has reported, everything else in the
     // sandbox is dead, and the kernel tears its namespaces down on its own.
     let mut report = RunReport { timed_out, ..Default::default() };
-    match status.trim_end().split_once(' ') {
+    let mut lines: Vec<&str> = status.lines().collect();
+    let last = lines.pop().unwrap_or_default();
+    report.blocked = lines.iter().filter_map(|l| l.strip_prefix("blocked ")).map(str::to_owned).collect();
+    match last.trim_end().split_once(' ') {
         Some(("exit", code)) => report.exit_code = code.parse().ok(),
         Some(("signal", sig)) => report.signal = sig.parse().ok(),
         Some(("error", message)) => report.error = Some(message.to_owned()),
@@ -200,7 +204,8 @@ fn init(
     stdout: std::os::fd::BorrowedFd<'_>,
     stderr: std::os::fd::BorrowedFd<'_>,
 ) -> ! {
-    let line = match build_root(spec, layout).and_then(|()| run_command(spec, stdout, stderr)) {
+    let mut denied = Denied::default();
+    let line = match build_root(spec, layout).and_then(|()| run_command(spec, stdout, stderr, &mut denied)) {
         Ok(WaitStatus::Exited(_, code)) => format!("exit {code}"),
         Ok(WaitStatus::Signaled(_, signal, _)) => format!("signal {}", signal as i32),
         Ok(other) => format!("error unexpected wait status {other:?}"),
@@ -213,6 +218,10 @@ fn init(
         if matches!(reaped, WaitStatus::StillAlive) {
             break;
         }
+    }
+    // What the sandbox refused, one `blocked` line each, before the status.
+    for access in denied.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let _ = writeln!(status, "blocked {access}");
     }
     let _ = writeln!(status, "{line}");
     std::process::exit(0)
@@ -409,6 +418,7 @@ fn run_command(
     spec: &SandboxSpec,
     stdout: std::os::fd::BorrowedFd<'_>,
     stderr: std::os::fd::BorrowedFd<'_>,
+    denied: &mut Denied,
 ) -> Result<WaitStatus, String> {
     // Everything the child needs is prepared here, before the fork.
     let cwd = spec.work_dir.join(&spec.cwd);
@@ -418,6 +428,9 @@ fn run_command(
         cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().iter().map(String::as_str))?;
     let program_c = CString::new(program.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     let filters = Filters::compile(&spec.seccomp_deny)?;
+    // Installed here, in pid 1, so that the listener is ours and the
+    // command inherits the filter.
+    let watch = ConnectWatch::install()?;
     let (error_read, error_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys(|| "pipe".into()))?;
     // SAFETY: init is single-threaded, so the child may run arbitrary code.
     match unsafe { fork() }.map_err(sys(|| "fork".into()))? {
@@ -430,6 +443,8 @@ fn run_command(
         }
         ForkResult::Parent { child } => {
             drop(error_write);
+            // Init has forked its last child: from here it may run a thread.
+            *denied = watch.serve();
             let status = loop {
                 match waitpid(None::<Pid>, None) {
                     Ok(status) if status.pid() == Some(child) => break status,

@@ -12,6 +12,7 @@
 //! zygote, see `helper`), never in the caller's threads.
 
 mod helper;
+mod netwatch;
 mod spec;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

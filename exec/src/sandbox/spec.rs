@@ -192,6 +192,10 @@ pub struct RunReport {
     /// CPU time of everything the action ran, in µs, when accounted.
     #[serde(default)]
     pub cpu_micros: Option<u64>,
+    /// Accesses the sandbox refused, for the report
+    /// (`network: connect 10.0.0.1:443 denied`).
+    #[serde(default)]
+    pub blocked: Vec<String>,
 }
 
 impl RunReport {

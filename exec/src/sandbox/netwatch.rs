@@ -1,0 +1,176 @@
+//! Naming denied network access: the sandbox's pid 1 asks the kernel (a
+//! seccomp filter whose answer to `connect` is "ask the listener") to be
+//! told of every `connect` in the sandbox. A connection to anything but
+//! loopback fails with ENETUNREACH, as it would in the empty network
+//! namespace anyway, and is recorded for the action's report:
+//! `network: connect 10.0.0.1:443 denied`.
+//!
+//! The namespace is the wall; this is only the witness. Connections it lets
+//! through (loopback, Unix sockets) go on inside the empty namespace, so a
+//! command that changes its address after the check gains nothing.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+/// At most this many denied connections are recorded (the first ones).
+const MOST: usize = 20;
+
+/// `AUDIT_ARCH_*` of the machine the sandbox runs on.
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: u32 = 0xC000_003E;
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: u32 = 0xC000_00B7;
+#[cfg(target_arch = "riscv64")]
+const AUDIT_ARCH: u32 = 0xC000_00F3;
+
+/// The listener of a seccomp filter that reports every `connect`.
+pub struct ConnectWatch {
+    listener: OwnedFd,
+}
+
+/// What was denied, filled in by the watching thread.
+pub type Denied = Arc<Mutex<Vec<String>>>;
+
+fn instruction(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter { code: code as u16, jt, jf, k }
+}
+
+impl ConnectWatch {
+    /// Installs the filter on the calling process (and so on everything it
+    /// forks from now on). Needs root or `no_new_privs`.
+    pub fn install() -> Result<Self, String> {
+        let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+        let jump = libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K;
+        let ret = libc::BPF_RET | libc::BPF_K;
+        // seccomp_data: nr at offset 0, arch at offset 4.
+        let program = [
+            instruction(load, 4, 0, 0),
+            instruction(jump, AUDIT_ARCH, 0, 3),
+            instruction(load, 0, 0, 0),
+            instruction(jump, libc::SYS_connect as u32, 0, 1),
+            instruction(ret, libc::SECCOMP_RET_USER_NOTIF, 0, 0),
+            instruction(ret, libc::SECCOMP_RET_ALLOW, 0, 0),
+        ];
+        let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_ptr() as *mut _ };
+        // SAFETY: seccomp(2) reads `fprog`, which points at `program`; both
+        // outlive the call. On success it returns a new descriptor we own.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                &fprog as *const libc::sock_fprog,
+            )
+        };
+        if fd < 0 {
+            return Err(format!("installing the connect watch: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+        Ok(ConnectWatch { listener: unsafe { OwnedFd::from_raw_fd(fd as i32) } })
+    }
+
+    /// Answers notifications until the process exits, on a thread of its
+    /// own; denied connections are pushed onto the returned list.
+    pub fn serve(self) -> Denied {
+        let denied: Denied = Arc::default();
+        let list = denied.clone();
+        let spawned = std::thread::Builder::new().name("connect-watch".into()).spawn(move || loop {
+            if !self.answer_one(&list) {
+                return;
+            }
+        });
+        if let Err(e) = spawned {
+            eprintln!("sandbox: watching connections: {e}");
+        }
+        denied
+    }
+
+    /// Receives and answers one notification; false when the listener is
+    /// gone (nothing left to watch).
+    fn answer_one(&self, denied: &Denied) -> bool {
+        // SAFETY: seccomp_notif is plain data; all-zero is the valid initial
+        // value the kernel requires for RECV.
+        let mut notification: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+        // SAFETY: RECV writes one seccomp_notif into the struct we pass.
+        let received = unsafe {
+            libc::ioctl(self.listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV, &mut notification as *mut _)
+        };
+        if received < 0 {
+            let e = std::io::Error::last_os_error();
+            // EINTR, or ENOENT when the caller died before we looked.
+            return matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ENOENT));
+        }
+        let args = notification.data.args;
+        let address = read_sockaddr(notification.pid, args[1], args[2]);
+        // The memory read counts only if the caller still waits in this call.
+        let mut id = notification.id;
+        // SAFETY: ID_VALID reads the u64 we pass.
+        let valid =
+            unsafe { libc::ioctl(self.listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &mut id as *mut u64) }
+                == 0;
+        let mut response = libc::seccomp_notif_resp { id: notification.id, val: 0, error: 0, flags: 0 };
+        match address {
+            Some(addr) if valid && !addr.ip().is_loopback() => {
+                response.error = -libc::ENETUNREACH;
+                let mut list = denied.lock().unwrap_or_else(|e| e.into_inner());
+                let line = format!("network: connect {addr} denied");
+                if list.len() < MOST && !list.contains(&line) {
+                    list.push(line);
+                }
+            }
+            _ => response.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
+        }
+        // SAFETY: SEND reads the response we pass. A caller that died in
+        // the meantime makes it fail with ENOENT, which is fine.
+        unsafe { libc::ioctl(self.listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &mut response as *mut _) };
+        true
+    }
+}
+
+/// The IPv4 or IPv6 address a process passed to connect, read from its
+/// memory; `None` for other families or when it cannot be read.
+fn read_sockaddr(pid: u32, pointer: u64, length: u64) -> Option<SocketAddr> {
+    let mem = File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut buf = [0u8; 28];
+    let length = (length as usize).min(buf.len());
+    let read = mem.read_at(&mut buf[..length], pointer).ok()?;
+    parse_sockaddr(&buf[..read])
+}
+
+/// A `sockaddr_in` or `sockaddr_in6` in the machine's byte order for the
+/// family and network order for port and address.
+fn parse_sockaddr(bytes: &[u8]) -> Option<SocketAddr> {
+    let family = u16::from_ne_bytes(bytes.get(0..2)?.try_into().ok()?);
+    let port = u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?);
+    let ip = match i32::from(family) {
+        libc::AF_INET => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(bytes.get(4..8)?).ok()?)),
+        libc::AF_INET6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes.get(8..24)?).ok()?)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses_are_read_as_the_kernel_lays_them_out() {
+        let mut v4 = vec![0u8; 16];
+        v4[0..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        v4[2..4].copy_from_slice(&443u16.to_be_bytes());
+        v4[4..8].copy_from_slice(&[10, 0, 0, 1]);
+        assert_eq!(parse_sockaddr(&v4), Some("10.0.0.1:443".parse().unwrap()));
+        let mut v6 = vec![0u8; 28];
+        v6[0..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+        v6[2..4].copy_from_slice(&80u16.to_be_bytes());
+        v6[23] = 1;
+        assert_eq!(parse_sockaddr(&v6), Some("[::1]:80".parse().unwrap()));
+        let unix = (libc::AF_UNIX as u16).to_ne_bytes();
+        assert_eq!(parse_sockaddr(&unix), None);
+        assert_eq!(parse_sockaddr(&[]), None);
+    }
+}
