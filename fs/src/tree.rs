@@ -155,6 +155,35 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_tree_naming_each_child_twice_is_walked_once_per_directory() {
+        use crate::store::{BlobStore, MemoryStore};
+        use casbuild_proto::reapi::{DirectoryNode, FileNode};
+        let f = DigestFunction::Sha256;
+        let store = MemoryStore::new(1 << 30);
+        let absent = f.digest_of(b"a file nobody uploaded");
+        let leaf = Directory {
+            files: vec![FileNode { name: "f".into(), digest: Some(absent.to_proto()), ..Default::default() }],
+            ..Default::default()
+        };
+        let mut bytes = bytes::Bytes::from(leaf.encode_to_vec());
+        let mut digest = f.digest_of(&bytes);
+        store.write(&digest, bytes.clone()).await.unwrap();
+        // 2^64 paths through 65 directories.
+        for _ in 0..64 {
+            let node = |name: &str| DirectoryNode { name: name.into(), digest: Some(digest.to_proto()) };
+            let parent = Directory { directories: vec![node("a"), node("b")], ..Default::default() };
+            bytes = bytes::Bytes::from(parent.encode_to_vec());
+            digest = f.digest_of(&bytes);
+            store.write(&digest, bytes.clone()).await.unwrap();
+        }
+        let missing = tokio::time::timeout(std::time::Duration::from_secs(10), missing_in_tree(&store, &digest))
+            .await
+            .expect("the walk ends")
+            .unwrap();
+        assert_eq!(missing, vec![absent]);
+    }
+
     #[test]
     fn garbage_is_not_a_directory() {
         let bytes = b"hello world, not a proto";
@@ -164,16 +193,34 @@ mod tests {
     }
 }
 
+/// Most distinct Directories one tree walk visits before it refuses the
+/// tree: a bound on what one request can make a server read.
+pub const MAX_TREE_DIRECTORIES: usize = 1 << 20;
+
 /// The blobs of the tree rooted at `root` (its Directories and files) that
 /// `cas` lacks. A Directory that is present but malformed is an error.
+///
+/// Each distinct Directory is read once, however often the tree names it
+/// (a chain of directories each naming its child twice is 2^depth paths but
+/// depth Directories); past [`MAX_TREE_DIRECTORIES`] the tree is refused.
+/// The walk yields to the runtime as it goes, so a large tree never keeps a
+/// server thread from other requests.
 pub async fn missing_in_tree(cas: &dyn crate::store::BlobStore, root: &Digest) -> Result<Vec<Digest>, MissingError> {
     let function = root.function;
     let mut missing = Vec::new();
     let mut files = Vec::new();
     let mut pending = vec![*root];
+    let mut seen = std::collections::HashSet::new();
     while let Some(digest) = pending.pop() {
-        if digest.is_empty_blob() {
+        if digest.is_empty_blob() || !seen.insert(digest) {
             continue;
+        }
+        if seen.len() > MAX_TREE_DIRECTORIES {
+            let problem = format!("the tree has more than {MAX_TREE_DIRECTORIES} distinct directories");
+            return Err(MissingError::Tree(TreeError { digest: root.to_string(), problem }));
+        }
+        if seen.len() % 256 == 0 {
+            tokio::task::yield_now().await;
         }
         let bytes = match cas.read_all(&digest).await {
             Ok(bytes) => bytes,
