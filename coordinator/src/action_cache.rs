@@ -8,13 +8,13 @@ use std::sync::Arc;
 use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_fs::storage::Storage;
 use casbuild_fs::store::BlobStore;
-use casbuild_fs::tree::child_digest;
+use casbuild_fs::tree::{check_output_path, child_digest, validate_directory};
 use casbuild_proto::reapi::action_cache_server::ActionCache;
 use casbuild_proto::reapi::{ActionResult, GetActionResultRequest, Tree, UpdateActionResultRequest};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::status::{request_digest, store_status};
+use crate::status::{call_status, precondition_missing, request_digest, store_status};
 
 /// The action cache service over a coordinator's [`Storage`].
 pub struct ActionCacheService {
@@ -28,14 +28,26 @@ impl ActionCacheService {
     }
 }
 
-/// Every blob digest `result` references: output files, stdout/stderr, output
-/// directory Trees and the files inside them. Reading a Tree that is gone
-/// yields its digest, which the caller then finds missing.
+/// Why a result may not be stored.
+#[derive(Debug)]
+pub(crate) enum Unusable {
+    /// A path or Tree is malformed (a path outside the output root, a Tree
+    /// entry named `..`, a digest that does not parse).
+    Invalid(String),
+    /// It references blobs the CAS does not have.
+    Missing(Vec<Digest>),
+}
+
+/// Every blob digest `result` references: output files, stdout/stderr,
+/// output directory Trees and the files inside them, after checking every
+/// output path and every name in those Trees. A Tree that is gone is listed
+/// as referenced (the caller then finds it missing).
 async fn referenced_blobs(
     cas: &dyn BlobStore,
     function: DigestFunction,
     result: &ActionResult,
 ) -> Result<Vec<Digest>, String> {
+    check_paths(result)?;
     let mut digests = Vec::new();
     for file in &result.output_files {
         digests.push(child_digest(function, &file.path, file.digest.as_ref())?);
@@ -51,13 +63,55 @@ async fn referenced_blobs(
         let Ok(bytes) = cas.read_all(&tree_digest).await else { continue };
         let tree =
             Tree::decode(bytes).map_err(|e| format!("output directory {:?}: Tree does not decode: {e}", dir.path))?;
-        for directory in tree.root.iter().chain(tree.children.iter()) {
+        let root =
+            tree.root.as_ref().ok_or_else(|| format!("output directory {:?}: its Tree has no root", dir.path))?;
+        for directory in std::iter::once(root).chain(tree.children.iter()) {
+            validate_directory(directory, function).map_err(|e| format!("output directory {:?}: {e}", dir.path))?;
             for file in &directory.files {
                 digests.push(child_digest(function, &file.name, file.digest.as_ref())?);
             }
         }
     }
     Ok(digests)
+}
+
+/// Every output path of `result` is relative, normalized and used once.
+// The legacy symlink lists are still filled by REAPI < 2.1 clients.
+#[allow(deprecated)]
+fn check_paths(result: &ActionResult) -> Result<(), String> {
+    let paths = result
+        .output_files
+        .iter()
+        .map(|f| &f.path)
+        .chain(result.output_directories.iter().map(|d| &d.path))
+        .chain(result.output_symlinks.iter().map(|l| &l.path))
+        .chain(result.output_file_symlinks.iter().map(|l| &l.path))
+        .chain(result.output_directory_symlinks.iter().map(|l| &l.path));
+    let mut seen = std::collections::HashSet::new();
+    for path in paths {
+        check_output_path(path)?;
+        if !seen.insert(path.as_str()) && !result.output_symlinks.iter().any(|l| &l.path == path) {
+            return Err(format!("output path {path:?} appears twice"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a result before it is stored, from a client or a worker alike:
+/// paths and Trees well formed, every referenced blob in the CAS (REAPI
+/// asks a server to refuse incomplete results).
+pub(crate) async fn check_result(
+    cas: &dyn BlobStore,
+    function: DigestFunction,
+    result: &ActionResult,
+) -> Result<(), Unusable> {
+    let referenced = referenced_blobs(cas, function, result).await.map_err(Unusable::Invalid)?;
+    let missing = cas.find_missing(&referenced).await.map_err(|e| Unusable::Invalid(e.to_string()))?;
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Unusable::Missing(missing))
+    }
 }
 
 /// The cached result of `action`, as long as every blob it references is
@@ -106,9 +160,17 @@ impl ActionCache for ActionCacheService {
         let action = request_digest(request.digest_function, request.action_digest.as_ref(), "action_digest")?;
         let result = request.action_result.ok_or_else(|| Status::invalid_argument("action_result is missing"))?;
         let cas = self.storage.cas(&request.instance_name);
-        referenced_blobs(cas.as_ref(), action.function, &result)
-            .await
-            .map_err(|e| Status::invalid_argument(format!("action_result: {e}")))?;
+        match check_result(cas.as_ref(), action.function, &result).await {
+            Ok(()) => {}
+            Err(Unusable::Invalid(problem)) => {
+                return Err(Status::invalid_argument(format!("action_result: {problem}")))
+            }
+            Err(Unusable::Missing(missing)) => {
+                let mut status = precondition_missing(&missing);
+                status.message = format!("action_result references blobs the CAS lacks: {}", status.message);
+                return Err(call_status(status));
+            }
+        }
         self.storage.action_cache().update(&request.instance_name, &action, &result).await.map_err(store_status)?;
         Ok(Response::new(result))
     }

@@ -41,7 +41,10 @@ impl CasService {
         CasService { storage, max_batch_bytes }
     }
 
-    fn check_batch_size(&self, total: u64, what: &str) -> Result<(), Status> {
+    /// Refuses a batch whose sizes add up to more than the limit; the sum is
+    /// checked, so declared sizes near 2^64 cannot wrap around it.
+    fn check_batch_size(&self, sizes: impl IntoIterator<Item = u64>, what: &str) -> Result<(), Status> {
+        let total = sizes.into_iter().try_fold(0u64, |sum, size| sum.checked_add(size)).unwrap_or(u64::MAX);
         if total > self.max_batch_bytes {
             return Err(Status::invalid_argument(format!(
                 "{what} of {total} bytes is over the batch limit of {} bytes (max_batch_total_size_bytes); \
@@ -123,8 +126,13 @@ impl ContentAddressableStorage for CasService {
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
         let request = request.into_inner();
-        let total: u64 = request.requests.iter().map(|r| r.data.len() as u64).sum();
-        self.check_batch_size(total, "BatchUpdateBlobs request")?;
+        // What an entry takes in memory: its bytes, or what they decompress to
+        // (the declared size, which decompression is held to).
+        let sizes = request.requests.iter().map(|r| {
+            let declared = r.digest.as_ref().map_or(0, |d| d.size_bytes.max(0) as u64);
+            (r.data.len() as u64).max(declared)
+        });
+        self.check_batch_size(sizes, "BatchUpdateBlobs request")?;
         let cas = self.storage.cas(&request.instance_name);
         let function = request.digest_function;
         let responses = stream::iter(request.requests)
@@ -148,7 +156,7 @@ impl ContentAddressableStorage for CasService {
             .iter()
             .map(|d| request_digest(request.digest_function, Some(d), "digests"))
             .collect::<Result<Vec<_>, _>>()?;
-        self.check_batch_size(digests.iter().map(|d| d.size_bytes).sum(), "BatchReadBlobs of blobs")?;
+        self.check_batch_size(digests.iter().map(|d| d.size_bytes), "BatchReadBlobs of blobs")?;
         let zstd = request.acceptable_compressors.contains(&(compressor::Value::Zstd as i32));
         let cas = self.storage.cas(&request.instance_name);
         let responses = stream::iter(digests)

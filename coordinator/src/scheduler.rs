@@ -15,6 +15,8 @@ use std::time::Duration;
 use casbuild_fs::digest::Digest;
 use casbuild_fs::storage::Storage;
 use casbuild_fs::tree::{child_digest, missing_in_tree, MissingError};
+
+use crate::action_cache::Unusable;
 use casbuild_proto::longrunning::{operation, Operation};
 use casbuild_proto::protobuf::Any;
 use casbuild_proto::reapi::execution_stage::Value as Stage;
@@ -302,6 +304,26 @@ impl Scheduler {
             ActionRequest { instance: instance.clone(), action: *action, platform, priority: job.priority, started };
         match self.executor.execute(request).await {
             Ok(executed) => {
+                // A worker's result is checked like a client's before anyone sees it.
+                let cas = self.storage.cas(instance);
+                match crate::action_cache::check_result(cas.as_ref(), action.function, &executed.result).await {
+                    Ok(()) => {}
+                    Err(Unusable::Invalid(problem)) => {
+                        let message = format!("the worker returned an unusable result for {action}: {problem}");
+                        tracing::warn!("{message}");
+                        return error_response(Code::Internal, message);
+                    }
+                    Err(Unusable::Missing(missing)) => {
+                        let listed: Vec<String> = missing.iter().take(10).map(|d| d.to_string()).collect();
+                        let message = format!(
+                            "the worker's result for {action} references {} blob(s) it did not upload: {}",
+                            missing.len(),
+                            listed.join(", ")
+                        );
+                        tracing::warn!("{message}");
+                        return error_response(Code::Internal, message);
+                    }
+                }
                 let cacheable = executed.result.exit_code == 0 && !executed.do_not_cache && !executed.timed_out;
                 if cacheable {
                     if let Err(e) = self.storage.action_cache().update(instance, action, &executed.result).await {

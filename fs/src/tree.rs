@@ -95,6 +95,23 @@ fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a path of an ActionResult output or an output declaration: one or
+/// more valid names joined by `/`, relative, normalized (no `.`, `..` or
+/// empty components), so that it names a place inside the output root and
+/// nothing else.
+pub fn check_output_path(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err("an output path is empty".into());
+    }
+    if path.starts_with('/') {
+        return Err(format!("output path {path:?} is absolute"));
+    }
+    for component in path.split('/') {
+        check_name(component).map_err(|e| format!("output path {path:?}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Whether `bytes` is exactly the canonical encoding of a valid Directory.
 /// Used to tell a stored Directory from a file blob when only a digest is known.
 pub fn looks_like_directory(digest: &Digest, bytes: &[u8]) -> bool {
@@ -152,6 +169,15 @@ mod tests {
         for (dir, want) in cases {
             let err = validate_directory(&dir, DigestFunction::Sha256).unwrap_err();
             assert!(err.contains(want), "{err} should mention {want}");
+        }
+    }
+
+    #[test]
+    fn output_paths_must_name_a_place_inside_the_output_root() {
+        assert!(check_output_path("bazel-out/k8/bin/a.o").is_ok());
+        for bad in ["", "/root/.bashrc", "../../etc/cron.d/x", "a/../b", "a//b", "a/./b", "a/", "a\0b"] {
+            let bad = bad.replace("\\0", "\0");
+            assert!(check_output_path(&bad).is_err(), "{bad:?} is refused");
         }
     }
 

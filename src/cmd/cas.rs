@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
+use casbuild_exec::beneath::{split_last, Beneath};
 use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_fs::local_tree::{hash_file, LocalTree};
 use casbuild_fs::store::{BlobStore, RemoteStore, RemoteStoreOptions, CHUNK_SIZE};
-use casbuild_fs::tree::{child_digest, looks_like_directory};
+use casbuild_fs::tree::{check_output_path, child_digest, looks_like_directory, validate_directory};
 use casbuild_proto::reapi::{Directory, Tree};
 use futures::StreamExt;
 use prost::Message;
@@ -199,8 +200,19 @@ pub async fn download(store: &RemoteStore, digest: &Digest, dest: &Path, force_f
     download_file(store, digest, dest, false).await
 }
 
+/// Creates `dest`, which must not exist yet (not even as a symlink: a link
+/// is never written through).
+async fn create_new(dest: &Path) -> anyhow::Result<tokio::fs::File> {
+    tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .await
+        .with_context(|| format!("creating {}", dest.display()))
+}
+
 async fn write_new_file(dest: &Path, bytes: &[u8], executable: bool) -> anyhow::Result<()> {
-    tokio::fs::write(dest, bytes).await.with_context(|| format!("writing {}", dest.display()))?;
+    create_new(dest).await?.write_all(bytes).await.with_context(|| format!("writing {}", dest.display()))?;
     if executable {
         set_executable(dest)?;
     }
@@ -215,7 +227,7 @@ fn set_executable(path: &Path) -> anyhow::Result<()> {
 /// Streams a blob into `dest`; the blob is verified as it arrives.
 pub async fn download_file(store: &RemoteStore, digest: &Digest, dest: &Path, executable: bool) -> anyhow::Result<()> {
     let mut stream = store.read(digest, 0, None).await?;
-    let mut file = tokio::fs::File::create(dest).await.with_context(|| format!("creating {}", dest.display()))?;
+    let mut file = create_new(dest).await?;
     while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
             Ok(chunk) => chunk,
@@ -250,7 +262,16 @@ pub async fn download_tree(store: &RemoteStore, tree_digest: &Digest, dest: &Pat
     materialize(store, &directories, &root_digest, dest).await
 }
 
+/// Most entries one download writes. A Directory named twice is written
+/// twice, so without a bound a small hostile tree could ask for 2^depth.
+const MAX_ENTRIES: usize = 1 << 22;
+
 /// Writes the tree rooted at `digest` into the new directory `dest`.
+///
+/// Whatever the server sent is checked before it touches the disk: every
+/// Directory must be valid (names without `/`, not `.` or `..`, each used
+/// once), files are created only where nothing exists yet, and symlinks are
+/// created last, as symlinks, so nothing is ever written through one.
 pub async fn materialize(
     store: &RemoteStore,
     tree: &HashMap<Digest, Directory>,
@@ -263,8 +284,16 @@ pub async fn materialize(
     // Plan every entry first, then fetch small files in batches.
     let mut stack = vec![(*root, dest.to_path_buf())];
     let mut files: Vec<(Digest, PathBuf, bool)> = Vec::new();
+    let mut links: Vec<(PathBuf, &str)> = Vec::new();
+    let mut entries = 0usize;
     while let Some((digest, path)) = stack.pop() {
         let dir = tree.get(&digest).with_context(|| format!("directory {digest} is missing from the CAS"))?;
+        validate_directory(dir, digest.function)
+            .map_err(|e| anyhow::anyhow!("the server sent a malformed directory {digest}: {e}"))?;
+        entries += dir.directories.len() + dir.files.len() + dir.symlinks.len();
+        if entries > MAX_ENTRIES {
+            bail!("the tree {root} has more than {MAX_ENTRIES} entries; not downloading it");
+        }
         std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         for sub in &dir.directories {
             let child = child_digest(digest.function, &sub.name, sub.digest.as_ref()).map_err(anyhow::Error::msg)?;
@@ -274,15 +303,16 @@ pub async fn materialize(
             let child = child_digest(digest.function, &file.name, file.digest.as_ref()).map_err(anyhow::Error::msg)?;
             files.push((child, path.join(&file.name), file.is_executable));
         }
-        for link in &dir.symlinks {
-            let at = path.join(&link.name);
-            std::os::unix::fs::symlink(&link.target, &at).with_context(|| format!("symlink {}", at.display()))?;
-        }
+        links.extend(dir.symlinks.iter().map(|link| (path.join(&link.name), link.target.as_str())));
     }
-    let small: Vec<Digest> = files.iter().filter(|(d, _, _)| d.size_bytes <= CHUNK_SIZE as u64).map(|f| f.0).collect();
+    // Empty files need no fetch.
+    let small: Vec<Digest> =
+        files.iter().filter(|(d, _, _)| !d.is_empty_blob() && d.size_bytes <= CHUNK_SIZE as u64).map(|f| f.0).collect();
     let mut fetched: HashMap<Digest, Bytes> = HashMap::new();
-    for (digest, data) in store.read_batch(&small).await? {
-        fetched.insert(digest, data.with_context(|| format!("fetching {digest}"))?);
+    if !small.is_empty() {
+        for (digest, data) in store.read_batch(&small).await? {
+            fetched.insert(digest, data.with_context(|| format!("fetching {digest}"))?);
+        }
     }
     for (digest, path, executable) in files {
         match fetched.get(&digest) {
@@ -291,5 +321,106 @@ pub async fn materialize(
             None => download_file(store, &digest, &path, executable).await?,
         }
     }
+    for (at, target) in links {
+        std::os::unix::fs::symlink(target, &at).with_context(|| format!("symlink {}", at.display()))?;
+    }
     Ok(())
+}
+
+/// Where an output the server named `path` goes under `out`: the path must
+/// be relative and normalized, the directories on the way are created (never
+/// through a symlink, whatever an earlier download left there), and what is
+/// at the path already is removed (a link itself, not what it points to).
+pub fn output_destination(out: &Path, path: &str) -> anyhow::Result<PathBuf> {
+    check_output_path(path).map_err(|e| anyhow::anyhow!("the server returned a bad output: {e}"))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let root = Beneath::open(out)?;
+    if let Some((parent, _)) = split_last(path)? {
+        root.create_dirs(&parent).with_context(|| format!("placing output {path:?} under {}", out.display()))?;
+    }
+    let dest = out.join(path);
+    match std::fs::symlink_metadata(&dest) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&dest)?,
+        Ok(_) => std::fs::remove_file(&dest)?,
+        Err(_) => {}
+    }
+    Ok(dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use casbuild_proto::reapi::{DirectoryNode, FileNode, SymlinkNode};
+
+    /// A store that is never reached: the checks come before any fetch.
+    fn unreachable_store() -> RemoteStore {
+        let channel = tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        RemoteStore::from_channel(channel, RemoteStoreOptions::default())
+    }
+
+    fn tree_of(directories: Vec<Directory>) -> (HashMap<Digest, Directory>, Digest) {
+        let f = DigestFunction::Sha256;
+        let root = f.digest_of(&directories[0].encode_to_vec());
+        (directories.into_iter().map(|d| (f.digest_of(&d.encode_to_vec()), d)).collect(), root)
+    }
+
+    #[tokio::test]
+    async fn a_hostile_tree_writes_nothing_outside_its_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = DigestFunction::Sha256.empty().to_proto();
+        let file = |name: &str| FileNode { name: name.into(), digest: Some(empty.clone()), ..Default::default() };
+        let link =
+            |name: &str, target: &str| SymlinkNode { name: name.into(), target: target.into(), ..Default::default() };
+        let hostile = [
+            Directory { files: vec![file("..")], ..Default::default() },
+            Directory { files: vec![file("/etc/x")], ..Default::default() },
+            Directory { files: vec![file("a/../../x")], ..Default::default() },
+            // A link and a file of the same name: the file would go through the link.
+            Directory { files: vec![file("l")], symlinks: vec![link("l", "/tmp")], ..Default::default() },
+        ];
+        for (i, directory) in hostile.into_iter().enumerate() {
+            let (tree, root) = tree_of(vec![directory]);
+            let dest = dir.path().join(format!("out-{i}"));
+            let err = materialize(&unreachable_store(), &tree, &root, &dest).await.unwrap_err();
+            assert!(err.to_string().contains("malformed directory"), "{err}");
+        }
+        assert!(!dir.path().join("x").exists() && !Path::new("/etc/x").exists());
+
+        // A valid tree: links come back as links, after the files.
+        let sub = Directory { files: vec![file("f")], ..Default::default() };
+        let sub_digest = DigestFunction::Sha256.digest_of(&sub.encode_to_vec());
+        let top = Directory {
+            directories: vec![DirectoryNode { name: "d".into(), digest: Some(sub_digest.to_proto()) }],
+            symlinks: vec![link("up", "/etc")],
+            ..Default::default()
+        };
+        let (tree, root) = tree_of(vec![top, sub]);
+        let dest = dir.path().join("good");
+        materialize(&unreachable_store(), &tree, &root, &dest).await.unwrap();
+        assert!(dest.join("d/f").is_file());
+        assert_eq!(std::fs::read_link(dest.join("up")).unwrap(), Path::new("/etc"));
+    }
+
+    #[test]
+    fn outputs_are_placed_beneath_their_directory_and_never_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let victim = dir.path().join("victim");
+        std::fs::create_dir_all(&victim).unwrap();
+        std::fs::write(victim.join("keep"), "mine").unwrap();
+        for bad in ["../escape", "/etc/passwd", "a/../../b", ""] {
+            assert!(output_destination(&out, bad).is_err(), "{bad:?}");
+        }
+        // An earlier download left a link; a later output goes "through" it.
+        std::fs::create_dir_all(&out).unwrap();
+        std::os::unix::fs::symlink(&victim, out.join("lib")).unwrap();
+        let err = output_destination(&out, "lib/keep").unwrap_err();
+        assert!(format!("{err:#}").contains("symbolic link"), "{err:#}");
+        assert_eq!(std::fs::read_to_string(victim.join("keep")).unwrap(), "mine");
+        // Replacing the link itself removes the link, not its target.
+        let dest = output_destination(&out, "lib").unwrap();
+        assert!(!dest.exists() && victim.join("keep").exists());
+        assert_eq!(output_destination(&out, "gen/deep/x.o").unwrap(), out.join("gen/deep/x.o"));
+        assert!(out.join("gen/deep").is_dir());
+    }
 }

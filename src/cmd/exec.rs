@@ -16,7 +16,7 @@ use casbuild_fs::store::{BlobStore, RemoteStore};
 use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
 use casbuild_proto::reapi::UpdateActionResultRequest;
 
-use crate::cmd::cas::{download_file, download_tree, file_paths, upload, Remote};
+use crate::cmd::cas::{download_file, download_tree, file_paths, output_destination, upload, Remote};
 use crate::cmd::mount::mount_cas;
 use crate::config::{default_data_dir, parse_size};
 
@@ -221,22 +221,17 @@ async fn replay_and_download(
     }
     for file in &result.output_files {
         let digest = proto(&file.digest)?.context("an output file without a digest")?;
-        let dest = out.join(&file.path);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let _ = std::fs::remove_file(&dest);
+        let dest = output_destination(out, &file.path)?;
         download_file(remote, &digest, &dest, file.is_executable).await?;
     }
     for dir in &result.output_directories {
         let digest = proto(&dir.tree_digest)?.context("an output directory without a tree")?;
-        let dest = out.join(&dir.path);
-        let _ = std::fs::remove_dir_all(&dest);
+        let dest = output_destination(out, &dir.path)?;
         download_tree(remote, &digest, &dest).await?;
     }
+    // Links last: nothing is written through a link the result made.
     for link in &result.output_symlinks {
-        let dest = out.join(&link.path);
-        let _ = std::fs::remove_file(&dest);
+        let dest = output_destination(out, &link.path)?;
         std::os::unix::fs::symlink(&link.target, &dest).with_context(|| format!("symlink {}", dest.display()))?;
     }
     Ok(())

@@ -19,7 +19,7 @@ use casbuild_proto::graph::{self as proto, GraphEvent, SourceFile, SubmitGraphRe
 use indicatif::{ProgressBar, ProgressStyle};
 use tonic::transport::Channel;
 
-use crate::cmd::cas::{download_file, download_tree, Remote};
+use crate::cmd::cas::{download_file, download_tree, output_destination, Remote};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -364,15 +364,7 @@ async fn download(
             missing.push(path.as_str());
             continue;
         };
-        let dest = out.join(path);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        }
-        match std::fs::symlink_metadata(&dest) {
-            Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&dest)?,
-            Ok(_) => std::fs::remove_file(&dest)?,
-            Err(_) => {}
-        }
+        let dest = output_destination(out, path)?;
         let digest = output.digest.as_ref().and_then(|d| from_wire(function, d));
         match (Kind::try_from(output.kind), digest) {
             (Ok(Kind::File), Some(digest)) => download_file(remote, &digest, &dest, output.is_executable).await?,

