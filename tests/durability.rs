@@ -140,6 +140,17 @@ async fn blobs_and_action_results_survive_a_restart() {
         .unwrap()
         .into_inner();
     assert_eq!(cached, result);
+
+    // A power loss can leave an entry empty (renamed, contents not on disk):
+    // that is a miss, never an empty "successful" result.
+    let name = format!("{}-{}", action.hash_hex(), action.size_bytes);
+    let entry = walk_for(dir.path(), &name).expect("the entry is on disk");
+    server.stop();
+    std::fs::write(&entry, []).unwrap();
+    let server = Coordinator::start(dir.path(), &[]);
+    let request = GetActionResultRequest { action_digest: Some(action.to_proto()), ..Default::default() };
+    let err = server.action_cache().await.get_action_result(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "a torn entry is a miss");
     // Another instance does not see it.
     let err = server
         .action_cache()
@@ -250,4 +261,22 @@ async fn a_full_disk_is_resource_exhausted_and_leaves_no_half_written_blob() {
     assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "temp files removed");
     drop(server);
     drop(tmpfs);
+}
+
+/// The file named `name` under `dir`, excluding the CAS's own blob files.
+fn walk_for(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if path.file_name().is_some_and(|n| n == "cas") {
+                continue;
+            }
+            if let Some(found) = walk_for(&path, name) {
+                return Some(found);
+            }
+        } else if entry.file_name() == name {
+            return Some(path);
+        }
+    }
+    None
 }

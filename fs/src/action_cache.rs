@@ -1,8 +1,8 @@
 //! The action cache: action digest → ActionResult, per instance, on disk.
 //!
-//! Entries are small protos stored one file each, written to a temp file and
-//! renamed into place, so a crash never leaves half an entry. An entry that no
-//! longer decodes is deleted and treated as a miss.
+//! Entries are small protos stored one file each as checksummed records
+//! (`entry_files`), synced before a write is acknowledged. An entry that is
+//! not a complete record is deleted and treated as a miss.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -131,5 +131,9 @@ mod tests {
         std::fs::write(cache.entry_path("", &action), [0xff, 0xff, 0xff]).unwrap();
         assert_eq!(cache.get("", &action).await.unwrap(), None);
         assert!(!cache.entry_path("", &action).exists());
+        // A torn (empty) entry is a miss, not an empty successful result.
+        cache.update("", &action, &ActionResult::default()).await.unwrap();
+        std::fs::write(cache.entry_path("", &action), []).unwrap();
+        assert_eq!(cache.get("", &action).await.unwrap(), None);
     }
 }
