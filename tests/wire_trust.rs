@@ -181,3 +181,40 @@ fn batch_limits_hold_for_declared_and_decompressed_sizes() {
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     });
 }
+
+#[test]
+fn cancelling_a_shared_operation_detaches_only_the_caller() {
+    use casbuild_proto::longrunning::operations_client::OperationsClient;
+    use casbuild_proto::longrunning::{CancelOperationRequest, GetOperationRequest};
+    use common::execute::{operations, response_of, shell_action};
+    if !common::needs_root("cancelling_a_shared_operation_detaches_only_the_caller", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start_up(&dir.path().join("up"));
+    runtime().block_on(async {
+        let (action, blobs) = shell_action("sleep 2; echo shared > out");
+        upload(&server, blobs).await;
+        let channel = server.channel().await;
+        let mut a =
+            ExecutionClient::new(channel.clone()).execute(execute_request(&action, true)).await.unwrap().into_inner();
+        let mut b =
+            ExecutionClient::new(channel.clone()).execute(execute_request(&action, true)).await.unwrap().into_inner();
+        let a_name = a.message().await.unwrap().unwrap().name;
+        let b_name = b.message().await.unwrap().unwrap().name;
+        assert_ne!(a_name, b_name, "each requester has an operation of its own");
+
+        // A gives up; B still gets the result.
+        let mut ops = OperationsClient::new(channel.clone());
+        ops.cancel_operation(CancelOperationRequest { name: a_name.clone() }).await.unwrap();
+        let last = operations(b).await.pop().unwrap();
+        assert_eq!(last.name, b_name);
+        let response = response_of(&last);
+        assert_eq!(response.status.unwrap_or_default().code, 0);
+        assert_eq!(response.result.unwrap().output_files.len(), 1, "the shared job ran to its end");
+
+        let a_op = ops.get_operation(GetOperationRequest { name: a_name }).await.unwrap().into_inner();
+        assert!(a_op.done);
+        assert_eq!(response_of(&a_op).status.unwrap().code, Code::Cancelled as i32);
+    });
+}

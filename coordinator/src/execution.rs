@@ -37,11 +37,13 @@ impl ExecutionService {
     }
 }
 
-/// Every change of an operation, ending with the one that is done.
-fn updates(mut receiver: watch::Receiver<Operation>) -> OperationStream {
+/// Every change of an operation, ending with the one that is done, under
+/// the name the requester knows it by.
+fn updates(mut receiver: watch::Receiver<Operation>, name: String) -> OperationStream {
     Box::pin(async_stream(move |tx| async move {
         loop {
-            let operation = receiver.borrow_and_update().clone();
+            let mut operation = receiver.borrow_and_update().clone();
+            operation.name = name.clone();
             let done = operation.done;
             if tx.send(Ok(operation)).await.is_err() || done {
                 return;
@@ -92,7 +94,8 @@ impl Execution for ExecutionService {
             }
         }
         let priority = request.execution_policy.map_or(0, |p| p.priority);
-        Ok(Response::new(updates(self.scheduler.submit(&instance, action, priority))))
+        let submitted = self.scheduler.submit(&instance, action, priority);
+        Ok(Response::new(updates(submitted.updates, submitted.name)))
     }
 
     async fn wait_execution(
@@ -102,7 +105,7 @@ impl Execution for ExecutionService {
         let name = request.into_inner().name;
         let receiver =
             self.scheduler.watch(&name).ok_or_else(|| Status::not_found(format!("no operation {name:?}")))?;
-        Ok(Response::new(updates(receiver)))
+        Ok(Response::new(updates(receiver, name)))
     }
 }
 
@@ -119,7 +122,8 @@ impl Operations for ExecutionService {
         let name = request.into_inner().name;
         let receiver =
             self.scheduler.watch(&name).ok_or_else(|| Status::not_found(format!("no operation {name:?}")))?;
-        let operation = receiver.borrow().clone();
+        let mut operation = receiver.borrow().clone();
+        operation.name = name;
         Ok(Response::new(operation))
     }
 

@@ -117,12 +117,28 @@ struct Job {
     priority: i32,
     state: watch::Sender<Operation>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The operation names of the requesters waiting for this job: each
+    /// Execute of the same action joins the job under a name of its own.
+    holders: Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Default)]
 struct Jobs {
     running: HashMap<(String, Digest), Arc<Job>>,
+    /// Every requester's operation name, to its job.
     by_name: HashMap<String, Arc<Job>>,
+    /// Requesters that cancelled a job others still wait for: their
+    /// operation, done with CANCELLED, kept as long as finished ones are.
+    detached: HashMap<String, Operation>,
+}
+
+/// A requester's view of a job: its own operation name and the updates.
+pub struct Submitted {
+    /// The operation name this requester knows the job by.
+    pub name: String,
+    /// Every change of the operation (named after the job's first requester;
+    /// rename with [`Submitted::name`] before showing it).
+    pub updates: watch::Receiver<Operation>,
 }
 
 /// Schedules Execute requests onto an executor with a fixed number of slots.
@@ -204,20 +220,25 @@ impl Scheduler {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts (or joins) the job for `action` and returns its updates.
-    pub fn submit(self: &Arc<Self>, instance: &str, action: Digest, priority: i32) -> watch::Receiver<Operation> {
+    /// Starts (or joins) the job for `action`; the caller gets an operation
+    /// name of its own and the job's updates.
+    pub fn submit(self: &Arc<Self>, instance: &str, action: Digest, priority: i32) -> Submitted {
         let key = (instance.to_owned(), action);
-        let mut jobs = self.lock();
-        if let Some(job) = jobs.running.get(&key) {
-            return job.state.subscribe();
-        }
         let name = format!("operations/{}", uuid::Uuid::new_v4());
+        let mut jobs = self.lock();
+        if let Some(job) = jobs.running.get(&key).cloned() {
+            job.holders.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
+            jobs.by_name.insert(name.clone(), job.clone());
+            return Submitted { name, updates: job.state.subscribe() };
+        }
         let queued =
             Operation { name: name.clone(), metadata: Some(metadata(Stage::Queued, &action)), ..Default::default() };
         let (state, receiver) = watch::channel(queued);
-        let job = Arc::new(Job { name: name.clone(), key: key.clone(), priority, state, task: Mutex::new(None) });
+        let holders = Mutex::new([name.clone()].into_iter().collect());
+        let job =
+            Arc::new(Job { name: name.clone(), key: key.clone(), priority, state, task: Mutex::new(None), holders });
         jobs.running.insert(key, job.clone());
-        jobs.by_name.insert(name, job.clone());
+        jobs.by_name.insert(name.clone(), job.clone());
         drop(jobs);
         let scheduler = self.clone();
         let runner = job.clone();
@@ -226,26 +247,67 @@ impl Scheduler {
             scheduler.finish(&runner, response);
         });
         *job.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.abort_handle());
-        receiver
+        Submitted { name, updates: receiver }
     }
 
     /// The updates of an operation by name, if it is known.
     pub fn watch(&self, name: &str) -> Option<watch::Receiver<Operation>> {
-        self.lock().by_name.get(name).map(|job| job.state.subscribe())
+        let jobs = self.lock();
+        if let Some(operation) = jobs.detached.get(name) {
+            // Done for this requester: a channel holding its final state.
+            return Some(watch::channel(operation.clone()).1);
+        }
+        jobs.by_name.get(name).map(|job| job.state.subscribe())
     }
 
-    /// Cancels a queued or running operation: its command is killed and it
-    /// finishes with CANCELLED. Returns false for unknown names.
+    /// Cancels a requester's operation. A job nobody else waits for is
+    /// stopped (its command killed) and finishes with CANCELLED; a job that
+    /// other requesters share goes on for them, and only the canceller is
+    /// detached (its operation reads CANCELLED). Returns false for unknown names.
     pub fn cancel(self: &Arc<Self>, name: &str) -> bool {
-        let Some(job) = self.lock().by_name.get(name).cloned() else { return false };
+        let mut jobs = self.lock();
+        if jobs.detached.contains_key(name) {
+            return true;
+        }
+        let Some(job) = jobs.by_name.get(name).cloned() else { return false };
         if job.state.borrow().done {
             return true;
         }
+        let others = {
+            let mut holders = job.holders.lock().unwrap_or_else(|e| e.into_inner());
+            holders.remove(name);
+            !holders.is_empty()
+        };
+        if others {
+            let response =
+                error_response(Code::Cancelled, "the operation was cancelled (others still wait for it)".into());
+            jobs.detached.insert(name.to_owned(), finished(name, &job.key.1, response));
+            jobs.by_name.remove(name);
+            drop(jobs);
+            self.forget_later(vec![name.to_owned()]);
+            return true;
+        }
+        drop(jobs);
         if let Some(task) = job.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
             task.abort();
         }
         self.finish(&job, error_response(Code::Cancelled, "the operation was cancelled".into()));
         true
+    }
+
+    /// Forgets operation names after [`KEEP_FINISHED`].
+    fn forget_later(self: &Arc<Self>, names: Vec<String>) {
+        let scheduler = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(KEEP_FINISHED).await;
+            if let Some(scheduler) = scheduler.upgrade() {
+                let mut jobs = scheduler.lock();
+                for name in &names {
+                    jobs.by_name.remove(name);
+                    jobs.detached.remove(name);
+                }
+            }
+        });
     }
 
     fn finish(self: &Arc<Self>, job: &Arc<Job>, response: ExecuteResponse) {
@@ -262,14 +324,9 @@ impl Scheduler {
             *op = finished(&job.name, &job.key.1, response);
             true
         });
-        let scheduler = Arc::downgrade(self);
-        let name = job.name.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(KEEP_FINISHED).await;
-            if let Some(scheduler) = scheduler.upgrade() {
-                scheduler.lock().by_name.remove(&name);
-            }
-        });
+        let mut names: Vec<String> = job.holders.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        names.push(job.name.clone());
+        self.forget_later(names);
     }
 
     async fn run(&self, job: &Arc<Job>) -> ExecuteResponse {

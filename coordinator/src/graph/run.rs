@@ -256,7 +256,7 @@ async fn run_job(
     if let Ok(result) = usable_cached_result(storage, &spec.instance, &action).await {
         return with_directories(spec, storage, outcome(spec, job, &action, result, true, String::new())).await;
     }
-    let mut updates = scheduler.submit(&spec.instance, action, 0);
+    let mut updates = scheduler.submit(&spec.instance, action, 0).updates;
     let mut announced = false;
     let operation = loop {
         let operation = updates.borrow_and_update().clone();
