@@ -64,6 +64,8 @@ struct Pending {
 }
 
 struct Worker {
+    /// The secret of the process that registered this id.
+    session: String,
     platform: Vec<(String, String)>,
     slots: u32,
     free_cpus: u32,
@@ -324,6 +326,17 @@ impl WorkersService {
     }
 }
 
+/// The registered worker `id`, if `session` is the one that registered it.
+fn session_worker<'a>(pool: &'a mut Pool, id: &str, session: &str) -> Result<&'a mut Worker, Status> {
+    match pool.workers.get_mut(id) {
+        None => Err(Status::not_found(format!("worker {id} is not registered"))),
+        Some(worker) if worker.session != session => {
+            Err(Status::permission_denied(format!("worker {id} is registered by another session")))
+        }
+        Some(worker) => Ok(worker),
+    }
+}
+
 fn missing_digests(function: DigestFunction, missing: &[BlobDigest]) -> Vec<Digest> {
     missing.iter().filter_map(|d| Digest::from_hex(function, &d.hash, d.size_bytes).ok()).collect()
 }
@@ -338,13 +351,35 @@ impl Workers for WorkersService {
         if request.worker_id.is_empty() || request.slots == 0 {
             return Err(Status::invalid_argument("a worker needs an id and at least one slot"));
         }
+        if request.session.len() < 16 {
+            return Err(Status::invalid_argument("a worker needs a session secret of at least 16 characters"));
+        }
         let mut pool = self.pool.lock();
-        // A restarted worker: its old leases are lost.
+        let platform: Vec<(String, String)> = request.platform.into_iter().map(|p| (p.name, p.value)).collect();
+        if let Some(worker) = pool.workers.get_mut(&request.worker_id) {
+            if worker.session == request.session {
+                // The same process again (its lease stream broke): it keeps its leases.
+                worker.platform = platform;
+                worker.slots = request.slots;
+                worker.last_heartbeat = Instant::now();
+                return Ok(Response::new(RegisterResponse {
+                    heartbeat_interval_ms: self.pool.config.heartbeat_interval.as_millis() as u32,
+                }));
+            }
+            if worker.last_heartbeat.elapsed() <= self.pool.lease_time() {
+                return Err(Status::already_exists(format!(
+                    "worker id {} is in use by a live worker; give this one another --name",
+                    request.worker_id
+                )));
+            }
+        }
+        // A restarted worker (its old session went quiet): its old leases are lost.
         self.pool.forget_worker(&mut pool, &request.worker_id);
         pool.workers.insert(
             request.worker_id.clone(),
             Worker {
-                platform: request.platform.into_iter().map(|p| (p.name, p.value)).collect(),
+                session: request.session,
+                platform,
                 slots: request.slots,
                 free_cpus: request.slots,
                 running: Vec::new(),
@@ -362,10 +397,7 @@ impl Workers for WorkersService {
         self.pool.authorize(&request)?;
         let request = request.into_inner();
         let mut pool = self.pool.lock();
-        let worker = pool
-            .workers
-            .get_mut(&request.worker_id)
-            .ok_or_else(|| Status::not_found(format!("worker {} is not registered", request.worker_id)))?;
+        let worker = session_worker(&mut pool, &request.worker_id, &request.session)?;
         worker.last_heartbeat = Instant::now();
         worker.free_cpus = request.free_cpus;
         if request.slots > 0 {
@@ -377,12 +409,11 @@ impl Workers for WorkersService {
 
     async fn leases(&self, request: Request<LeasesRequest>) -> Result<Response<Self::LeasesStream>, Status> {
         self.pool.authorize(&request)?;
-        let id = request.into_inner().worker_id;
+        let request = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         {
             let mut pool = self.pool.lock();
-            let worker =
-                pool.workers.get_mut(&id).ok_or_else(|| Status::not_found(format!("worker {id} is not registered")))?;
+            let worker = session_worker(&mut pool, &request.worker_id, &request.session)?;
             worker.leases = Some(tx);
             WorkerPool::dispatch(&mut pool, self.pool.lease_time());
         }
@@ -396,9 +427,10 @@ impl Workers for WorkersService {
         let Some((pending, owner)) = pool.leased.remove(&request.lease_id) else {
             return Err(Status::not_found(format!("lease {} is not held (expired?)", request.lease_id)));
         };
-        if owner != request.worker_id {
+        let owns = owner == request.worker_id && pool.workers.get(&owner).is_some_and(|w| w.session == request.session);
+        if !owns {
             pool.leased.insert(request.lease_id.clone(), (pending, owner));
-            return Err(Status::permission_denied("the lease belongs to another worker"));
+            return Err(Status::permission_denied("the lease belongs to another worker session"));
         }
         if let Some(worker) = pool.workers.get_mut(&owner) {
             worker.running.retain(|l| *l != request.lease_id);
@@ -442,14 +474,21 @@ mod tests {
         }
     }
 
+    /// The session secret of test worker `id`.
+    fn session(id: &str) -> String {
+        format!("session-of-worker-{id}")
+    }
+
     async fn join(service: &WorkersService, id: &str, slots: u32) -> LeaseStream {
-        let register = RegisterRequest { worker_id: id.into(), slots, ..Default::default() };
+        let register = RegisterRequest { worker_id: id.into(), slots, session: session(id), ..Default::default() };
         service.register(Request::new(register)).await.unwrap();
-        service.leases(Request::new(LeasesRequest { worker_id: id.into() })).await.unwrap().into_inner()
+        let leases = LeasesRequest { worker_id: id.into(), session: session(id) };
+        service.leases(Request::new(leases)).await.unwrap().into_inner()
     }
 
     async fn heartbeat(service: &WorkersService, id: &str, slots: u32, free_cpus: u32) {
-        let beat = HeartbeatRequest { worker_id: id.into(), slots, free_cpus, ..Default::default() };
+        let beat =
+            HeartbeatRequest { worker_id: id.into(), slots, free_cpus, session: session(id), ..Default::default() };
         service.heartbeat(Request::new(beat)).await.unwrap();
     }
 
@@ -507,10 +546,30 @@ mod tests {
             worker_id: worker.into(),
             lease_id: lease_id.into(),
             outcome: Some(Outcome::ActionResult(ActionResult { exit_code: 3, ..Default::default() }.encode_to_vec())),
+            session: session(worker),
             ..Default::default()
         };
         let err = service.complete(Request::new(complete("other", &lease.lease_id))).await.unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied);
+        // Another process claiming the id of a live worker gets neither the id nor its lease.
+        let hijack = RegisterRequest {
+            worker_id: "w".into(),
+            slots: 64,
+            session: "an-attackers-session".into(),
+            ..Default::default()
+        };
+        let err = service.register(Request::new(hijack)).await.unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists);
+        let mut forged = complete("w", &lease.lease_id);
+        forged.session = "an-attackers-session".into();
+        let err = service.complete(Request::new(forged)).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        let beat =
+            HeartbeatRequest { worker_id: "w".into(), session: "an-attackers-session".into(), ..Default::default() };
+        assert_eq!(service.heartbeat(Request::new(beat)).await.unwrap_err().code(), Code::PermissionDenied);
+        // The worker itself registering again (a broken stream) keeps its lease.
+        let again = RegisterRequest { worker_id: "w".into(), slots: 1, session: session("w"), ..Default::default() };
+        service.register(Request::new(again)).await.unwrap();
         let err = service.complete(Request::new(complete("w", "no-such-lease"))).await.unwrap_err();
         assert_eq!(err.code(), Code::NotFound);
         service.complete(Request::new(complete("w", &lease.lease_id))).await.unwrap();

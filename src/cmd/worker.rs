@@ -130,8 +130,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("connecting to {}", args.coordinator))?;
     let mut client: Client = WorkersClient::with_interceptor(remote.channel(), Auth(token));
-    let register =
-        RegisterRequest { worker_id: id.clone(), platform, slots, version: env!("CARGO_PKG_VERSION").into() };
+    // This process's secret: the coordinator gives the id (and its leases)
+    // to no one else while this session lives.
+    let session = uuid::Uuid::new_v4().simple().to_string();
+    let register = RegisterRequest {
+        worker_id: id.clone(),
+        platform,
+        slots,
+        version: env!("CARGO_PKG_VERSION").into(),
+        session: session.clone(),
+    };
     let interval = match client.register(register.clone()).await {
         Ok(response) => Duration::from_millis(response.into_inner().heartbeat_interval_ms.max(10) as u64),
         Err(status) if status.code() == Code::Unauthenticated => {
@@ -162,7 +170,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let signal = shutdown_signal();
     tokio::pin!(signal);
     'serve: loop {
-        let mut stream = match client.leases(LeasesRequest { worker_id: id.clone() }).await {
+        let leases = LeasesRequest { worker_id: id.clone(), session: session.clone() };
+        let mut stream = match client.leases(leases).await {
             Ok(stream) => stream.into_inner(),
             Err(status) => {
                 tracing::warn!("opening the lease stream: {}; retrying", status.message());
@@ -176,7 +185,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tokio::select! {
                 update = stream.message() => match update {
                     Ok(Some(LeaseUpdate { update: Some(Update::Lease(lease)) })) => {
-                        let (runner, client, id) = (runner.clone(), client.clone(), id.clone());
+                        let (runner, client, id, session) = (runner.clone(), client.clone(), id.clone(), session.clone());
                         let lease_id = lease.lease_id.clone();
                         let on_exit = LeaseDone { running: running.clone(), active: active.clone(), lease_id: lease_id.clone() };
                         running.fetch_add(1, Ordering::Relaxed);
@@ -184,7 +193,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         let mut table = active.lock().unwrap_or_else(|e| e.into_inner());
                         let handle = tasks.spawn(async move {
                             let _on_exit = on_exit;
-                            run_lease(&runner, client, &id, lease).await;
+                            run_lease(&runner, client, &id, &session, lease).await;
                         });
                         table.insert(lease_id, handle);
                     }
@@ -234,6 +243,7 @@ async fn heartbeat_loop(mut client: Client, register: RegisterRequest, interval:
         let free_cpus = (cpus - others).round().max(1.0) as u32;
         let beat = HeartbeatRequest {
             worker_id: register.worker_id.clone(),
+            session: register.session.clone(),
             running: ours,
             slots: register.slots,
             load_15s: load,
@@ -248,7 +258,7 @@ async fn heartbeat_loop(mut client: Client, register: RegisterRequest, interval:
 }
 
 /// Runs one lease and reports it.
-async fn run_lease(runner: &Runner, mut client: Client, id: &str, lease: Lease) {
+async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str, lease: Lease) {
     let action = lease.action_digest.as_ref().and_then(|d| {
         let function = DigestFunction::resolve(lease.digest_function, &d.hash).ok()?;
         Digest::from_hex(function, &d.hash, d.size_bytes).ok()
@@ -256,8 +266,12 @@ async fn run_lease(runner: &Runner, mut client: Client, id: &str, lease: Lease) 
     let error = |code: Code, message: String, missing: Vec<BlobDigest>| {
         Outcome::Error(LeaseError { code: code as i32, message, missing })
     };
-    let mut request =
-        CompleteRequest { worker_id: id.to_owned(), lease_id: lease.lease_id.clone(), ..Default::default() };
+    let mut request = CompleteRequest {
+        worker_id: id.to_owned(),
+        lease_id: lease.lease_id.clone(),
+        session: session.to_owned(),
+        ..Default::default()
+    };
     request.outcome = Some(match action {
         None => error(Code::InvalidArgument, "the lease has no valid action digest".into(), vec![]),
         Some(action) => match runner.execute_in(&lease.instance_name, &action).await {
