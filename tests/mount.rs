@@ -486,3 +486,21 @@ fn a_sandboxed_command_works_on_an_input_root_and_its_misses_are_logged() {
     assert!(log.not_found.contains("src/config.h"), "the compiler's miss is logged: {log:?}");
     assert!(!log.touched().contains("src/unused.c"), "declared but unread: {log:?}");
 }
+
+#[test]
+fn a_directory_larger_than_a_batch_lists_through_the_mount() {
+    let Some(fx) = Fixture::start("a_directory_larger_than_a_batch_lists_through_the_mount", 1 << 30) else { return };
+    // 70,000 entries: a Directory proto of ~6 MB, over the 4 MiB batch limit.
+    let root = fx.upload_tree("wide", |dir| {
+        let many = dir.join("many");
+        std::fs::create_dir_all(&many).unwrap();
+        for i in 0..70_000 {
+            std::fs::write(many.join(format!("file-{i:05}")), b"").unwrap();
+        }
+    });
+    let path = fx.mount().register("wide", root).unwrap();
+    let names = std::fs::read_dir(path.join("many")).unwrap().count();
+    assert_eq!(names, 70_000);
+    assert_eq!(std::fs::read(path.join("many/file-69999")).unwrap(), b"");
+    fx.mount().unregister("wide").unwrap();
+}

@@ -17,12 +17,17 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
 
 use crate::digest::Digest;
-use crate::store::{BlobStore, DiskStore, MemoryStore, PinGuard, RemoteStore, StoreError};
+use crate::store::{BlobStore, BlobStream, DiskStore, MemoryStore, PinGuard, RemoteStore, StoreError};
 
 /// Blobs up to this size are fetched whole with BatchReadBlobs, served from
 /// memory and written to the disk cache behind the reader's back; larger
 /// ones are streamed through ByteStream straight into their cache file.
 const SMALL_BLOB: u64 = 64 << 10;
+
+/// Blobs kept in memory (Directory protos) up to this size are fetched with
+/// one BatchReadBlobs; larger ones, which a server's batch limit (4 MiB is
+/// usual) would refuse, through ByteStream.
+const MAX_BATCH_READ: u64 = 1 << 20;
 
 /// Default memory budget for small blobs.
 const MEMORY_BUDGET: u64 = 256 << 20;
@@ -224,7 +229,17 @@ impl BlobCache {
 
     async fn download_to_memory(&self, digest: &Digest) -> Result<Bytes, FetchError> {
         self.remote_reads.fetch_add(1, Ordering::Relaxed);
-        self.fetch_small(digest).await
+        if digest.size_bytes <= MAX_BATCH_READ {
+            return self.fetch_small(digest).await;
+        }
+        // Too large for one BatchReadBlobs (a Directory of tens of thousands
+        // of entries): streamed through ByteStream, verified as it arrives.
+        let mut stream = self.open_stream(digest).await?;
+        let mut data = bytes::BytesMut::with_capacity(digest.size_bytes as usize);
+        while let Some(chunk) = self.next_chunk(&mut stream, digest).await? {
+            data.extend_from_slice(&chunk);
+        }
+        Ok(data.freeze())
     }
 
     /// A small blob into memory, then (not awaited) into the disk cache.
@@ -244,10 +259,7 @@ impl BlobCache {
 
     /// One blob with one unary BatchReadBlobs call, verified by the store.
     async fn fetch_small(&self, digest: &Digest) -> Result<Bytes, FetchError> {
-        let failed = |e: StoreError| match e {
-            StoreError::NotFound { .. } => FetchError::NotFound(digest.to_string()),
-            other => FetchError::Failed(format!("fetching {digest}: {other}")),
-        };
+        let failed = |e: StoreError| fetch_error(digest, e);
         match tokio::time::timeout(self.idle_timeout, self.remote.read_batch(&[*digest])).await {
             Err(_) => Err(FetchError::Failed(format!("fetching {digest}: no answer for {:?}", self.idle_timeout))),
             Ok(Err(e)) => Err(failed(e)),
@@ -260,23 +272,40 @@ impl BlobCache {
 
     async fn download(&self, digest: &Digest) -> Result<(), FetchError> {
         self.remote_reads.fetch_add(1, Ordering::Relaxed);
-        let failed = |e: StoreError| match e {
-            StoreError::NotFound { .. } => FetchError::NotFound(digest.to_string()),
-            other => FetchError::Failed(format!("fetching {digest}: {other}")),
-        };
-        let stalled = || FetchError::Failed(format!("fetching {digest}: no data for {:?}", self.idle_timeout));
-        let mut stream = tokio::time::timeout(self.idle_timeout, self.remote.read(digest, 0, None))
-            .await
-            .map_err(|_| stalled())?
-            .map_err(failed)?;
-        let mut writer = self.local.begin_write(digest).await.map_err(failed)?;
-        loop {
-            match tokio::time::timeout(self.idle_timeout, stream.next()).await {
-                Err(_) => return Err(stalled()),
-                Ok(None) => break,
-                Ok(Some(chunk)) => writer.write(chunk.map_err(failed)?).await.map_err(failed)?,
-            }
+        let mut stream = self.open_stream(digest).await?;
+        let mut writer = self.local.begin_write(digest).await.map_err(|e| fetch_error(digest, e))?;
+        while let Some(chunk) = self.next_chunk(&mut stream, digest).await? {
+            writer.write(chunk).await.map_err(|e| fetch_error(digest, e))?;
         }
-        writer.commit().await.map_err(failed)
+        writer.commit().await.map_err(|e| fetch_error(digest, e))
+    }
+
+    /// A ByteStream read of the whole blob, verified as it arrives.
+    async fn open_stream(&self, digest: &Digest) -> Result<BlobStream, FetchError> {
+        match tokio::time::timeout(self.idle_timeout, self.remote.read(digest, 0, None)).await {
+            Err(_) => Err(self.stalled(digest)),
+            Ok(result) => result.map_err(|e| fetch_error(digest, e)),
+        }
+    }
+
+    /// The next chunk of `stream`; a stall past the idle timeout fails.
+    async fn next_chunk(&self, stream: &mut BlobStream, digest: &Digest) -> Result<Option<Bytes>, FetchError> {
+        match tokio::time::timeout(self.idle_timeout, stream.next()).await {
+            Err(_) => Err(self.stalled(digest)),
+            Ok(None) => Ok(None),
+            Ok(Some(chunk)) => chunk.map(Some).map_err(|e| fetch_error(digest, e)),
+        }
+    }
+
+    fn stalled(&self, digest: &Digest) -> FetchError {
+        FetchError::Failed(format!("fetching {digest}: no data for {:?}", self.idle_timeout))
+    }
+}
+
+/// A store error while fetching `digest`, as the mount reports it.
+fn fetch_error(digest: &Digest, e: StoreError) -> FetchError {
+    match e {
+        StoreError::NotFound { .. } => FetchError::NotFound(digest.to_string()),
+        other => FetchError::Failed(format!("fetching {digest}: {other}")),
     }
 }
