@@ -64,12 +64,19 @@ pub struct Violation {
     pub description: String,
 }
 
+/// Most MISSING violations one status lists: a client uploads those and
+/// asks again, so a tree of millions of absent files costs a few round trips
+/// instead of one unbounded response.
+pub const MAX_VIOLATIONS: usize = 5000;
+
 /// FAILED_PRECONDITION listing `missing` blobs as REAPI clients expect: one
-/// MISSING violation per blob, subject `blobs/{hash}/{size}`.
+/// MISSING violation per blob (at most [`MAX_VIOLATIONS`]), subject
+/// `blobs/{hash}/{size}`.
 pub fn precondition_missing(missing: &[Digest]) -> casbuild_proto::rpc::Status {
     let failure = PreconditionFailure {
         violations: missing
             .iter()
+            .take(MAX_VIOLATIONS)
             .map(|d| Violation {
                 r#type: "MISSING".into(),
                 subject: format!("blobs/{}/{}", d.hash_hex(), d.size_bytes),
@@ -94,4 +101,20 @@ pub fn call_status(status: casbuild_proto::rpc::Status) -> Status {
     let code = Code::from_i32(status.code);
     let message = status.message.clone();
     Status::with_details(code, message, prost::Message::encode_to_vec(&status).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_precondition_failure_lists_a_bounded_number_of_blobs() {
+        let missing: Vec<Digest> = (0..MAX_VIOLATIONS as u32 + 10)
+            .map(|i| casbuild_fs::digest::DigestFunction::Sha256.digest_of(&i.to_le_bytes()))
+            .collect();
+        let status = precondition_missing(&missing);
+        let failure: PreconditionFailure = prost::Message::decode(status.details[0].value.as_slice()).unwrap();
+        assert_eq!(failure.violations.len(), MAX_VIOLATIONS);
+        assert!(status.message.starts_with(&format!("{} input blob(s) missing", missing.len())), "{}", status.message);
+    }
 }
