@@ -37,7 +37,8 @@ async fn assets_are_pushed_fetched_expired_and_never_served_without_their_blobs(
     let storage = dir.path().join("storage");
     let server = Coordinator::start(&storage, &[]);
     let tarball = dir.path().join("src.tar.gz");
-    std::fs::write(&tarball, common::bytes(3, 100_000)).unwrap();
+    let contents = common::bytes(3, 100_000);
+    std::fs::write(&tarball, &contents).unwrap();
     let blob = upload(&server, &tarball);
     let tree_dir = dir.path().join("tree");
     sample_tree(&tree_dir);
@@ -46,7 +47,13 @@ async fn assets_are_pushed_fetched_expired_and_never_served_without_their_blobs(
     let mut push = PushClient::new(server.channel().await);
     let mut fetch = FetchClient::new(server.channel().await);
     let uri = "https://example.org/src-1.0.tar.gz";
-    let checksum = qualifier("checksum.sri", "sha256-abc");
+    // The qualifier must describe the content (the server checks it).
+    let sri = {
+        use base64::Engine;
+        use sha2::Digest as _;
+        format!("sha256-{}", base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&contents)))
+    };
+    let checksum = qualifier("checksum.sri", &sri);
     push.push_blob(PushBlobRequest {
         uris: vec![uri.into(), "https://mirror.example.org/src-1.0.tar.gz".into()],
         qualifiers: vec![checksum.clone()],

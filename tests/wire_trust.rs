@@ -218,3 +218,47 @@ fn cancelling_a_shared_operation_detaches_only_the_caller() {
         assert_eq!(response_of(&a_op).status.unwrap().code, Code::Cancelled as i32);
     });
 }
+
+#[test]
+fn an_asset_checksum_must_match_the_content_it_names() {
+    use base64::Engine;
+    use casbuild_proto::asset::fetch_client::FetchClient;
+    use casbuild_proto::asset::push_client::PushClient;
+    use casbuild_proto::asset::{FetchBlobRequest, PushBlobRequest, Qualifier};
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &[]);
+    runtime().block_on(async {
+        let tarball = Bytes::from_static(b"the real release tarball");
+        let digest = F.digest_of(&tarball);
+        upload(&server, vec![(digest, tarball.clone())]).await;
+        let sri = |data: &[u8]| {
+            format!("sha256-{}", base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(data)))
+        };
+        let qualifier = |value: String| vec![Qualifier { name: "checksum.sri".into(), value }];
+        let push = |value: String| PushBlobRequest {
+            uris: vec!["https://example.org/release.tar.gz".into()],
+            qualifiers: qualifier(value),
+            blob_digest: Some(digest.to_proto()),
+            digest_function: F.to_proto() as i32,
+            ..Default::default()
+        };
+        let mut client = PushClient::new(server.channel().await);
+        // A push vouching for other bytes than the blob's is refused.
+        let status = client.push_blob(push(sri(b"a trojaned tarball"))).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("does not match"), "{}", status.message());
+        let status = client.push_blob(push("md5-AAAA".into())).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        // The true checksum is accepted and served.
+        client.push_blob(push(sri(&tarball))).await.unwrap();
+        let fetch = FetchBlobRequest {
+            uris: vec!["https://example.org/release.tar.gz".into()],
+            qualifiers: qualifier(sri(&tarball)),
+            digest_function: F.to_proto() as i32,
+            ..Default::default()
+        };
+        let found = FetchClient::new(server.channel().await).fetch_blob(fetch).await.unwrap().into_inner();
+        assert_eq!(found.blob_digest.unwrap().hash, digest.hash_hex());
+    });
+}

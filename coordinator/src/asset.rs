@@ -40,8 +40,7 @@ impl AssetService {
     async fn missing(&self, instance: &str, entry: &AssetEntry) -> Result<Vec<Digest>, Status> {
         let cas = self.storage.cas(instance);
         let parse = |d: &reapi::Digest, field: &str| request_digest(entry.digest_function, Some(d), field);
-        let root =
-            parse(entry.digest.as_ref().ok_or_else(|| Status::internal("asset entry without a digest"))?, "digest")?;
+        let root = entry_digest(entry)?;
         let mut trees = Vec::new();
         let mut blobs = Vec::new();
         if entry.directory {
@@ -91,7 +90,11 @@ impl AssetService {
             if entry.directory != directory || expired || too_old || other_function {
                 continue;
             }
-            if self.missing(instance, &entry).await?.is_empty() {
+            if !self.missing(instance, &entry).await?.is_empty() {
+                continue;
+            }
+            // Served only while its content matches what a checksum.sri vouches for.
+            if entry.directory || self.checksum_matches(instance, &entry, &pairs).await? {
                 return Ok((uri.clone(), entry));
             }
         }
@@ -118,10 +121,35 @@ impl AssetService {
                 listed.join(", ")
             )));
         }
+        if !entry.directory {
+            let digest = entry_digest(&entry)?;
+            crate::sri::check(self.storage.cas(instance).as_ref(), &digest, &pairs).await?;
+        } else if pairs.iter().any(|(name, _)| name == crate::sri::QUALIFIER) {
+            return Err(Status::invalid_argument(format!(
+                "qualifier {} describes a blob's content; a directory cannot carry it",
+                crate::sri::QUALIFIER
+            )));
+        }
         for uri in uris {
             self.storage.assets().put(instance, uri, &pairs, &entry).await.map_err(store_status)?;
         }
         Ok(())
+    }
+
+    /// Whether a blob entry's content matches its `checksum.sri` qualifier
+    /// (true without one); a malformed qualifier is an error.
+    async fn checksum_matches(
+        &self,
+        instance: &str,
+        entry: &AssetEntry,
+        pairs: &[(String, String)],
+    ) -> Result<bool, Status> {
+        let digest = entry_digest(entry)?;
+        match crate::sri::check(self.storage.cas(instance).as_ref(), &digest, pairs).await {
+            Ok(()) => Ok(true),
+            Err(status) if status.message().contains("does not match") => Ok(false),
+            Err(status) => Err(status),
+        }
     }
 }
 
@@ -141,6 +169,12 @@ fn pairs(qualifiers: &[Qualifier]) -> Result<Vec<(String, String)>, Status> {
 
 fn expiry(entry: &AssetEntry) -> Option<Timestamp> {
     (entry.expire_at != 0).then_some(Timestamp { seconds: entry.expire_at, nanos: 0 })
+}
+
+/// The blob or root Directory an entry records.
+fn entry_digest(entry: &AssetEntry) -> Result<Digest, Status> {
+    let digest = entry.digest.as_ref().ok_or_else(|| Status::internal("asset entry without a digest"))?;
+    request_digest(entry.digest_function, Some(digest), "digest")
 }
 
 fn new_entry(

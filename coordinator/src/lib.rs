@@ -25,6 +25,7 @@ pub mod existence;
 pub mod graph;
 pub mod scheduler;
 mod server;
+mod sri;
 pub mod status;
 pub mod workers;
 
