@@ -21,6 +21,36 @@ pub fn default_data_dir() -> PathBuf {
     base.join("casbuild")
 }
 
+/// Where a coordinator keeps its state unless told: `/var/lib/casbuild` for
+/// root, else `$XDG_DATA_HOME/casbuild` (`~/.local/share/casbuild`). Never
+/// inside [`default_data_dir`], where `casbuild up` mounts its `/cas`.
+pub fn default_state_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/casbuild");
+    }
+    std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib"))
+        .join("casbuild")
+}
+
+/// A secret from a flag or from a file (its first line), so that it need
+/// not show in `ps`.
+pub fn secret(value: Option<String>, file: Option<&Path>) -> anyhow::Result<Option<String>> {
+    match (value, file) {
+        (Some(_), Some(path)) => anyhow::bail!("give the token or {}, not both", path.display()),
+        (value, None) => Ok(value.filter(|v| !v.is_empty())),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let token = text.lines().next().unwrap_or_default().trim().to_owned();
+            anyhow::ensure!(!token.is_empty(), "{} holds no token", path.display());
+            Ok(Some(token))
+        }
+    }
+}
+
 /// Reads a TOML config file into `T`, naming the file in any error.
 pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;

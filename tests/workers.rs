@@ -262,3 +262,31 @@ fn the_worker_token_can_come_from_the_config_file() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+#[test]
+fn beyond_loopback_a_coordinator_wants_a_worker_token_and_takes_it_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    // Port 0 on every address: refused before anything listens.
+    let out = casbuild()
+        .args(["coordinator", "--listen", "0.0.0.0:0", "--storage", storage.to_str().unwrap()])
+        .env_remove("CASBUILD_WORKER_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("without a worker token") && stderr.contains("--insecure"), "{stderr}");
+
+    // A token file keeps the secret out of the command line; a worker with the wrong one is refused.
+    let file = dir.path().join("token");
+    std::fs::write(&file, "from-a-file\n").unwrap();
+    let server = Coordinator::start(&storage, &["--worker-token-file", file.to_str().unwrap()]);
+    let refused = casbuild()
+        .args(["worker", "--coordinator", &server.url(), "--worker-token", "wrong", "--mount"])
+        .arg(dir.path().join("never-mounted"))
+        .env("XDG_CACHE_HOME", dir.path().join("xdg"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("refused"));
+}

@@ -9,7 +9,7 @@ use casbuild_coordinator::{ExecutionConfig, PoolConfig, Scheduler, ServerConfig,
 use casbuild_fs::storage::{Storage, StorageConfig};
 use serde::Deserialize;
 
-use crate::config::{default_data_dir, load_toml, parse_size, ConfigSize};
+use crate::config::{default_state_dir, load_toml, parse_size, secret, ConfigSize};
 
 /// Flags of `casbuild coordinator`; each may also come from `--config`.
 #[derive(clap::Args)]
@@ -20,7 +20,8 @@ pub struct Args {
     /// Address to serve on (port 0 picks a free port, printed at start).
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Directory of the blob store and action cache [default: $XDG_CACHE_HOME/casbuild].
+    /// Directory of the blob store and action cache [default: /var/lib/casbuild as root, else
+    /// $XDG_DATA_HOME/casbuild].
     #[arg(long)]
     storage: Option<PathBuf>,
     /// Disk budget; least recently used blobs are evicted beyond it [default: 20GiB].
@@ -33,8 +34,15 @@ pub struct Args {
     #[arg(long, value_parser = parse_size)]
     max_batch: Option<u64>,
     /// The secret workers must present (`casbuild worker --worker-token`); without it any worker may join.
-    #[arg(long, env = "CASBUILD_WORKER_TOKEN")]
+    #[arg(long, env = "CASBUILD_WORKER_TOKEN", hide_env_values = true)]
     worker_token: Option<String>,
+    /// A file whose first line is the worker token (keeps it out of `ps`).
+    #[arg(long)]
+    worker_token_file: Option<PathBuf>,
+    /// Listen beyond loopback without a worker token: anyone who reaches the port may then register as a
+    /// worker and receive (and answer) other people's actions.
+    #[arg(long)]
+    insecure: bool,
     /// How often workers heartbeat, in milliseconds; three missed heartbeats lose a worker its leases
     /// [default: 3000].
     #[arg(long)]
@@ -69,7 +77,7 @@ impl Args {
             Some(path) => load_toml(path)?,
             None => FileConfig::default(),
         };
-        let dir = self.storage.or(file.storage).unwrap_or_else(default_data_dir);
+        let dir = self.storage.or(file.storage).unwrap_or_else(default_state_dir);
         let mut storage = StorageConfig::new(dir);
         if let Some(n) = self.max_disk.or(file.max_disk.map(ConfigSize::bytes)) {
             storage.max_disk = n;
@@ -86,9 +94,16 @@ impl Args {
             heartbeat_interval: std::time::Duration::from_millis(
                 self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(3000).max(10),
             ),
-            token: self.worker_token.or(file.worker_token).filter(|t| !t.is_empty()),
+            token: secret(self.worker_token.or(file.worker_token), self.worker_token_file.as_deref())?,
             ..PoolConfig::default()
         };
+        if pool.token.is_none() && !listen.ip().is_loopback() && !self.insecure {
+            anyhow::bail!(
+                "listening on {listen} without a worker token would let anyone who reaches it register as a worker \
+                 and receive (and answer) other people's actions; give --worker-token or --worker-token-file, or \
+                 --insecure to accept that"
+            );
+        }
         Ok(Settings { listen, storage, server, pool })
     }
 }

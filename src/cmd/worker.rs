@@ -28,7 +28,7 @@ use tonic::Code;
 use crate::cmd::coordinator::shutdown_signal;
 use crate::cmd::mount::mount_cas;
 use crate::cmd::sandbox_args::SandboxArgs;
-use crate::config::{default_data_dir, parse_size};
+use crate::config::{default_data_dir, parse_size, secret};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -51,8 +51,11 @@ pub struct Args {
     #[arg(long, value_parser = parse_size, default_value = "20GiB")]
     cache_size: u64,
     /// The secret the coordinator asks workers for.
-    #[arg(long, env = "CASBUILD_WORKER_TOKEN")]
+    #[arg(long, env = "CASBUILD_WORKER_TOKEN", hide_env_values = true)]
     worker_token: Option<String>,
+    /// A file whose first line is the worker token (keeps it out of `ps`).
+    #[arg(long)]
+    worker_token_file: Option<PathBuf>,
     /// This worker's id, also reported in results [default: HOSTNAME-PID].
     #[arg(long)]
     name: Option<String>,
@@ -122,7 +125,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("compiler {}: {}={identity}", compiler.display(), crate::cmd::cc::COMPILER_PROPERTY);
         platform.push(PlatformProperty { name: crate::cmd::cc::COMPILER_PROPERTY.into(), value: identity });
     }
-    let token = match &args.worker_token {
+    let token = match &secret(args.worker_token.clone(), args.worker_token_file.as_deref())? {
         Some(t) => Some(format!("Bearer {t}").parse().context("the worker token must be printable ASCII")?),
         None => None,
     };
