@@ -262,3 +262,36 @@ fn an_asset_checksum_must_match_the_content_it_names() {
         assert_eq!(found.blob_digest.unwrap().hash, digest.hash_hex());
     });
 }
+
+#[test]
+fn instance_names_are_checked_before_they_cost_anything() {
+    use casbuild_proto::reapi::FindMissingBlobsRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &[]);
+    runtime().block_on(async {
+        for instance in ["x".repeat(10_000), "a/../b".into(), "with space".into(), "team/blobs".into()] {
+            let request = FindMissingBlobsRequest {
+                instance_name: instance.clone(),
+                blob_digests: vec![F.digest_of(b"x").to_proto()],
+                digest_function: F.to_proto() as i32,
+            };
+            let status = server.cas().await.find_missing_blobs(request).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{instance:.40}: {status:?}");
+            let get = GetActionResultRequest {
+                instance_name: instance.clone(),
+                action_digest: Some(F.digest_of(b"a").to_proto()),
+                digest_function: F.to_proto() as i32,
+                ..Default::default()
+            };
+            let status = server.action_cache().await.get_action_result(get).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{instance:.40}: {status:?}");
+        }
+        // A plain path-like name works.
+        let request = FindMissingBlobsRequest {
+            instance_name: "team/main".into(),
+            blob_digests: vec![],
+            digest_function: F.to_proto() as i32,
+        };
+        server.cas().await.find_missing_blobs(request).await.unwrap();
+    });
+}

@@ -21,7 +21,7 @@ use casbuild_proto::protobuf::Timestamp;
 use casbuild_proto::reapi;
 use tonic::{Request, Response, Status};
 
-use crate::status::{request_digest, rpc_ok, store_status};
+use crate::status::{check_instance, request_digest, rpc_ok, store_status};
 
 /// Fetch and Push over a coordinator's storage.
 #[derive(Clone)]
@@ -75,6 +75,7 @@ impl AssetService {
         oldest: Option<&Timestamp>,
         directory: bool,
     ) -> Result<(String, AssetEntry), Status> {
+        check_instance(instance)?;
         if uris.is_empty() {
             return Err(Status::invalid_argument("at least one URI is required"));
         }
@@ -109,6 +110,7 @@ impl AssetService {
         qualifiers: &[Qualifier],
         entry: AssetEntry,
     ) -> Result<(), Status> {
+        check_instance(instance)?;
         if uris.is_empty() {
             return Err(Status::invalid_argument("at least one URI is required"));
         }

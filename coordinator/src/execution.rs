@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::action_cache::usable_cached_result;
 use crate::scheduler::{finished, Scheduler};
-use crate::status::{request_digest, rpc_ok};
+use crate::status::{check_instance, request_digest, rpc_ok};
 
 type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
 
@@ -73,6 +73,7 @@ impl Execution for ExecutionService {
 
     async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<Self::ExecuteStream>, Status> {
         let request = request.into_inner();
+        check_instance(&request.instance_name)?;
         let action = request_digest(request.digest_function, request.action_digest.as_ref(), "action_digest")?;
         let instance = request.instance_name;
         if !request.skip_cache_lookup {

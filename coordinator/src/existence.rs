@@ -174,6 +174,7 @@ impl ExistenceService {
 impl ExistenceFilter for ExistenceService {
     async fn get_filter(&self, request: Request<GetFilterRequest>) -> Result<Response<GetFilterResponse>, Status> {
         let request = request.into_inner();
+        crate::status::check_instance(&request.instance_name)?;
         let filter = self.filter(&request.instance_name).await?;
         let inner = filter.lock();
         let generation = inner.log.len() as u64;

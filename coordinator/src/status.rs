@@ -64,6 +64,12 @@ pub struct Violation {
     pub description: String,
 }
 
+/// INVALID_ARGUMENT unless `name` is an acceptable instance name
+/// ([`casbuild_fs::resource::check_instance_name`]).
+pub fn check_instance(name: &str) -> Result<(), Status> {
+    casbuild_fs::resource::check_instance_name(name).map_err(Status::invalid_argument)
+}
+
 /// Most MISSING violations one status lists: a client uploads those and
 /// asks again, so a tree of millions of absent files costs a few round trips
 /// instead of one unbounded response.

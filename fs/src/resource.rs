@@ -19,6 +19,34 @@ use crate::digest::{Digest, DigestError, DigestFunction};
 const RESERVED: [&str; 7] =
     ["blobs", "uploads", "actions", "actionResults", "operations", "capabilities", "compressed-blobs"];
 
+/// Longest instance name accepted.
+pub const MAX_INSTANCE_NAME: usize = 255;
+
+/// Checks an instance name: at most [`MAX_INSTANCE_NAME`] bytes of
+/// `/`-separated segments, each non-empty, made of `A-Z a-z 0-9 . _ -`, not
+/// `.` or `..`, and not a word REAPI reserves in resource names. Each
+/// instance gets state of its own on a server, so names are not free-form.
+pub fn check_instance_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    if name.len() > MAX_INSTANCE_NAME {
+        return Err(format!("instance name of {} bytes is over the limit of {MAX_INSTANCE_NAME}", name.len()));
+    }
+    for segment in name.split('/') {
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if segment.is_empty() || segment == "." || segment == ".." || !segment.chars().all(allowed) {
+            return Err(format!(
+                "instance name {name:?}: segment {segment:?} must be non-empty, not . or .., and use only A-Z a-z 0-9 . _ -"
+            ));
+        }
+        if RESERVED.contains(&segment) {
+            return Err(format!("instance name {name:?}: {segment:?} is reserved"));
+        }
+    }
+    Ok(())
+}
+
 /// How the bytes of a ByteStream transfer are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compressor {
@@ -70,6 +98,7 @@ impl ResourceName {
         if segments[..start].iter().any(|s| s.is_empty()) {
             return Err(malformed(name, "the instance name has an empty segment"));
         }
+        check_instance_name(&instance).map_err(|e| malformed(name, &e))?;
         let mut rest = &segments[start..];
         let mut upload_id = None;
         if rest[0] == "uploads" {
@@ -188,6 +217,19 @@ mod tests {
         let parsed = ResourceName::parse_write(&name).unwrap();
         assert_eq!(parsed.digest, d);
         assert_eq!(parsed.instance, "x");
+    }
+
+    #[test]
+    fn instance_names_are_short_path_like_and_plain() {
+        for good in ["", "main", "team/a-b/c_d.1"] {
+            assert!(check_instance_name(good).is_ok(), "{good:?}");
+        }
+        let long = "x".repeat(MAX_INSTANCE_NAME + 1);
+        for bad in [long.as_str(), "a//b", "/a", "a/", "a/../b", "a b", "ä", "team/blobs", "a\0"] {
+            assert!(check_instance_name(bad).is_err(), "{bad:?}");
+        }
+        let h = sha().hash_hex();
+        assert!(ResourceName::parse_read(&format!("a b/blobs/{h}/3")).is_err());
     }
 
     #[test]

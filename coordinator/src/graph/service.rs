@@ -84,6 +84,7 @@ impl GraphsService {
         if !problems.is_empty() {
             return Err(Status::invalid_argument(format!("the graph is invalid:\n{}", problems.join("\n"))));
         }
+        crate::status::check_instance(&request.instance_name)?;
         Ok(GraphSpec { instance: request.instance_name, function, graph, sources, keep_going: request.keep_going })
     }
 
