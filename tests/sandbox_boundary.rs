@@ -364,6 +364,18 @@ fn a_foreign_scratch_directory_is_refused_and_left_alone() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("not empty and was not made by casbuild"), "{stderr}");
     assert!(up.join("scratch/src/main.c").exists(), "nothing of the directory was deleted");
+
+    // `casbuild worker --scratch` refuses it before it connects or mounts anything.
+    let scratch = up.join("scratch");
+    let output = common::casbuild()
+        .args(["worker", "--coordinator", "grpc://127.0.0.1:1", "--scratch", scratch.to_str().unwrap()])
+        .args(["--mount", up.join("cas-never").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("not empty and was not made by casbuild"), "{stderr}");
+    assert!(scratch.join("src/main.c").exists());
 }
 
 /// The file named `name` somewhere under `dir`.

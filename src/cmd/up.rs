@@ -66,6 +66,8 @@ impl ActionExecutor for LocalWorker {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let dir = args.dir.unwrap_or_else(default_data_dir);
+    // A scratch directory casbuild may not clear is refused before anything starts.
+    casbuild_exec::scratch::prepare_root(&dir.join("scratch")).map_err(anyhow::Error::msg)?;
     let mut storage_config = StorageConfig::new(dir.join("store"));
     storage_config.max_disk = args.max_disk;
     let config = storage_config.clone();

@@ -108,6 +108,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         format!("{host}-{}", std::process::id())
     });
     let slots = args.slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() as u32));
+    // A scratch directory casbuild may not clear is refused before anything starts.
+    let scratch = args.scratch.clone().unwrap_or_else(|| default_data_dir().join("worker-scratch"));
+    casbuild_exec::scratch::prepare_root(&scratch).map_err(anyhow::Error::msg)?;
     let platform = args
         .platform
         .iter()
@@ -157,10 +160,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mount =
         mount_cas(&args.mount, &cache_dir, args.cache_size, remote.clone(), timeout, args.sandbox.mount_options());
     let mount = Arc::new(mount.await?);
-    let mut config = RunnerConfig::new(
-        args.scratch.clone().unwrap_or_else(|| data.join("worker-scratch")),
-        std::env::current_exe().context("finding casbuild itself")?,
-    );
+    let mut config = RunnerConfig::new(scratch, std::env::current_exe().context("finding casbuild itself")?);
     config.worker_name = id.clone();
     args.sandbox.apply(&mut config, u64::from(slots))?;
     let runner = Arc::new(Runner::new(config, mount.clone(), remote)?);
