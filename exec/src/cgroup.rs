@@ -151,7 +151,11 @@ impl Cgroups {
 
     /// Creates the group of run `run` with `limits`.
     pub fn create(&self, run: &str, limits: GroupLimits) -> Result<ActionGroup, String> {
-        let group = ActionGroup { layout: self.layout.clone(), name: format!("{}-{run}", std::process::id()) };
+        // The sequence number keeps two runs of one process apart even when
+        // their scratch directories share a name (two runners in one process).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let group = ActionGroup { layout: self.layout.clone(), name: format!("{}-{seq}-{run}", std::process::id()) };
         let memory = limits.memory_bytes.to_string();
         let processes = limits.processes.to_string();
         match &self.layout {
@@ -274,7 +278,8 @@ mod tests {
         }
         let cgroups = Cgroups::detect(dir.path()).unwrap();
         let group = cgroups.create("run-1", GroupLimits { memory_bytes: 1 << 20, processes: 7 }).unwrap();
-        let name = format!("{}-run-1", std::process::id());
+        let name = group.name.clone();
+        assert!(name.starts_with(&format!("{}-", std::process::id())) && name.ends_with("-run-1"), "{name}");
         let mem = dir.path().join("memory/casbuild").join(&name);
         assert_eq!(std::fs::read_to_string(mem.join("memory.limit_in_bytes")).unwrap(), "1048576");
         let pids = dir.path().join("pids/casbuild").join(&name);
