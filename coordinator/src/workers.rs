@@ -351,8 +351,8 @@ impl Workers for WorkersService {
         if request.worker_id.is_empty() || request.slots == 0 {
             return Err(Status::invalid_argument("a worker needs an id and at least one slot"));
         }
-        if request.session.len() < 16 {
-            return Err(Status::invalid_argument("a worker needs a session secret of at least 16 characters"));
+        if !(16..=256).contains(&request.session.len()) {
+            return Err(Status::invalid_argument("a worker's session secret must have 16 to 256 characters"));
         }
         let mut pool = self.pool.lock();
         let platform: Vec<(String, String)> = request.platform.into_iter().map(|p| (p.name, p.value)).collect();

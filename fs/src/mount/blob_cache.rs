@@ -29,6 +29,11 @@ const SMALL_BLOB: u64 = 64 << 10;
 /// usual) would refuse, through ByteStream.
 const MAX_BATCH_READ: u64 = 1 << 20;
 
+/// Largest blob kept whole in memory (a Directory proto, ~800,000 entries):
+/// its size is the parent's claim, so it is bounded before anything is
+/// allocated or streamed.
+const MAX_IN_MEMORY: u64 = 64 << 20;
+
 /// Default memory budget for small blobs.
 const MEMORY_BUDGET: u64 = 256 << 20;
 
@@ -229,6 +234,11 @@ impl BlobCache {
 
     async fn download_to_memory(&self, digest: &Digest) -> Result<Bytes, FetchError> {
         self.remote_reads.fetch_add(1, Ordering::Relaxed);
+        if digest.size_bytes > MAX_IN_MEMORY {
+            return Err(FetchError::Failed(format!(
+                "blob {digest} is over the {MAX_IN_MEMORY}-byte limit of a directory read into memory"
+            )));
+        }
         if digest.size_bytes <= MAX_BATCH_READ {
             return self.fetch_small(digest).await;
         }
