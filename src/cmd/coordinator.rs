@@ -119,6 +119,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;
     let addr = listener.local_addr()?;
+    let shutdown = shutdown_signal()?;
     println!("casbuild coordinator listening on grpc://{addr}");
     println!(
         "storage: {} ({} of {} on disk)",
@@ -138,7 +139,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let execution = ExecutionConfig { scheduler, workers: Some(workers) };
     let server =
         casbuild_coordinator::serve_with_execution(listener, storage, settings.server, Some(execution), async move {
-            shutdown_signal().await;
+            shutdown.await;
             signalled.notify_one();
         });
     tokio::select! {
@@ -154,12 +155,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 /// How long calls in flight may take to finish after SIGINT/SIGTERM.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Resolves on the first SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+/// Installs SIGINT and SIGTERM handlers now and returns a future that
+/// resolves on the first of them. Call it before announcing readiness: a
+/// handler installed on first poll leaves a window in which a signal sent by
+/// whoever saw the announcement still kills the process outright.
+pub fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
 }

@@ -76,8 +76,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let cache_dir = args.cache_dir.unwrap_or_else(|| default_data_dir().join("mount-cache"));
     let options = MountOptions { threads: args.threads, passthrough: !args.no_passthrough, readers: None };
     let mount = mount_cas(&args.mountpoint, &cache_dir, args.cache_size, remote, timeout, options).await?;
+    let shutdown = shutdown_signal()?;
     println!("casbuild mount ready at {}", mount.mountpoint().display());
-    shutdown_signal().await;
+    shutdown.await;
     let stats = mount.stats();
     tokio::task::spawn_blocking(move || mount.unmount()).await?.context("unmounting")?;
     eprintln!("casbuild mount: unmounted ({} blobs fetched)", stats.remote_reads);

@@ -107,10 +107,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let runner = Runner::new(config, mount.clone(), remote)?;
     let _ = worker.runner.set(runner);
 
+    let shutdown = shutdown_signal()?;
     println!("casbuild up listening on {url}");
     println!("store: {}; worker: {slots} slots, /cas at {}", dir.join("store").display(), mountpoint.display());
     println!("build with Bazel: bazel build --remote_executor={url} //...");
-    shutdown_signal().await;
+    shutdown.await;
     stopping.notify_one();
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
     tokio::task::spawn_blocking(move || mount.shutdown()).await?.context("unmounting /cas")?;

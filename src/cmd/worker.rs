@@ -164,13 +164,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     config.worker_name = id.clone();
     args.sandbox.apply(&mut config, u64::from(slots))?;
     let runner = Arc::new(Runner::new(config, mount.clone(), remote)?);
+    let signal = shutdown_signal()?;
     println!("casbuild worker {id} serving {} with {slots} slots, /cas at {}", args.coordinator, args.mount.display());
 
     let running = Arc::new(AtomicU32::new(0));
     let active: Active = Arc::new(Mutex::new(HashMap::new()));
     let heartbeats = tokio::spawn(heartbeat_loop(client.clone(), register.clone(), interval, running.clone()));
     let mut tasks = tokio::task::JoinSet::new();
-    let signal = shutdown_signal();
     tokio::pin!(signal);
     'serve: loop {
         let leases = LeasesRequest { worker_id: id.clone(), session: session.clone() };
