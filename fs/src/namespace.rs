@@ -36,6 +36,16 @@ impl Namespaces {
         id
     }
 
+    /// Whether `dir` has an id already.
+    pub(crate) fn contains(&self, dir: &str) -> bool {
+        self.ids.contains_key(dir)
+    }
+
+    /// How many namespaces have ids.
+    pub(crate) fn len(&self) -> usize {
+        self.names.len()
+    }
+
     /// The directory name of `id`.
     pub(crate) fn dir(&self, id: u32) -> &str {
         &self.names[id as usize]

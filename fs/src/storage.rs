@@ -2,13 +2,17 @@
 //! tier and one disk tier, plus the action cache. This is where the store
 //! layers are composed.
 
-use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use async_trait::async_trait;
+use lru::LruCache;
+
 use crate::action_cache::ActionCache;
 use crate::asset_store::AssetStore;
-use crate::store::{BlobStore, DiskStore, MemoryStore, StoreError, TieredStore};
+use crate::digest::Digest;
+use crate::store::{BlobStore, BlobStream, BlobWriter, DiskStore, MemoryStore, StoreError, TieredStore};
 
 /// Sizes and places of the storage tiers.
 #[derive(Clone, Debug)]
@@ -21,13 +25,16 @@ pub struct StorageConfig {
     pub max_memory: u64,
     /// Largest blob kept in the memory tier.
     pub memory_admit_max: u64,
+    /// Distinct instance names the CAS holds at most; calls naming a new
+    /// one beyond it fail with RESOURCE_EXHAUSTED.
+    pub max_instances: usize,
 }
 
 impl StorageConfig {
     /// Defaults for a store under `dir`: 20 GiB of disk, 1 GiB of memory for
     /// blobs up to 1 MiB.
     pub fn new(dir: PathBuf) -> Self {
-        StorageConfig { dir, max_disk: 20 << 30, max_memory: 1 << 30, memory_admit_max: 1 << 20 }
+        StorageConfig { dir, max_disk: 20 << 30, max_memory: 1 << 30, memory_admit_max: 1 << 20, max_instances: 10_000 }
     }
 }
 
@@ -38,8 +45,14 @@ pub struct Storage {
     action_cache: ActionCache,
     assets: AssetStore,
     memory_admit_max: u64,
-    instances: Mutex<HashMap<String, Arc<dyn BlobStore>>>,
+    max_instances: usize,
+    /// Recently used per-instance views (cheap to rebuild: a view is two
+    /// namespace handles).
+    instances: Mutex<LruCache<String, Arc<dyn BlobStore>>>,
 }
+
+/// How many per-instance views are kept built.
+const VIEWS: usize = 1024;
 
 impl Storage {
     /// Opens the tiers under `config.dir`, indexing what is already on disk.
@@ -51,23 +64,31 @@ impl Storage {
             action_cache: ActionCache::open(&config.dir.join("ac"))?,
             assets: AssetStore::open(&config.dir.join("assets"))?,
             memory_admit_max: config.memory_admit_max,
-            instances: Mutex::new(HashMap::new()),
+            max_instances: config.max_instances,
+            instances: Mutex::new(LruCache::new(NonZeroUsize::new(VIEWS).expect("non-zero"))),
         })
     }
 
-    /// The CAS of `instance`: memory over disk, both namespaced to it.
+    /// The CAS of `instance`: memory over disk, both namespaced to it. A new
+    /// instance beyond [`StorageConfig::max_instances`] gets a store that
+    /// refuses every call, so no call can grow the server's per-instance state
+    /// without bound.
     pub fn cas(&self, instance: &str) -> Arc<dyn BlobStore> {
         let mut instances = self.instances.lock().unwrap_or_else(|e| e.into_inner());
-        instances
-            .entry(instance.to_string())
-            .or_insert_with(|| {
-                Arc::new(TieredStore::new(
-                    Arc::new(self.memory.namespace(instance)),
-                    Arc::new(self.disk.namespace(instance)),
-                    self.memory_admit_max,
-                ))
-            })
-            .clone()
+        if let Some(view) = instances.get(instance) {
+            return view.clone();
+        }
+        let (known, count) = self.disk.namespace_known(instance);
+        if !known && count >= self.max_instances {
+            return Arc::new(TooManyInstances(self.max_instances));
+        }
+        let view: Arc<dyn BlobStore> = Arc::new(TieredStore::new(
+            Arc::new(self.memory.namespace(instance)),
+            Arc::new(self.disk.namespace(instance)),
+            self.memory_admit_max,
+        ));
+        instances.put(instance.to_owned(), view.clone());
+        view
     }
 
     /// The action cache (instances are a parameter of its calls).
@@ -88,5 +109,62 @@ impl Storage {
     /// The memory tier, for inspection.
     pub fn memory(&self) -> &MemoryStore {
         &self.memory
+    }
+}
+
+/// The CAS view of an instance the server has no room for.
+struct TooManyInstances(usize);
+
+impl TooManyInstances {
+    fn error(&self) -> StoreError {
+        StoreError::ResourceExhausted(format!(
+            "this server already holds {} instance names; use an existing instance",
+            self.0
+        ))
+    }
+}
+
+#[async_trait]
+impl BlobStore for TooManyInstances {
+    async fn find_missing(&self, _digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
+        Err(self.error())
+    }
+
+    async fn read(&self, _digest: &Digest, _offset: u64, _limit: Option<u64>) -> Result<BlobStream, StoreError> {
+        Err(self.error())
+    }
+
+    async fn begin_write(&self, _digest: &Digest) -> Result<Box<dyn BlobWriter>, StoreError> {
+        Err(self.error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::digest::DigestFunction;
+
+    #[tokio::test]
+    async fn instance_names_beyond_the_bound_are_refused_and_known_ones_keep_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = StorageConfig::new(dir.path().to_path_buf());
+        config.max_instances = 3; // the default instance and two more
+        let digest = DigestFunction::Blake3.digest_of(b"blob");
+        {
+            let storage = Storage::open(&config).unwrap();
+            storage.cas("a").write(&digest, Bytes::from_static(b"blob")).await.unwrap();
+            storage.cas("b").find_missing(&[digest]).await.unwrap();
+            let err = storage.cas("c").find_missing(&[digest]).await.unwrap_err();
+            assert!(matches!(&err, StoreError::ResourceExhausted(m) if m.contains("3 instance names")), "{err:?}");
+            assert!(storage.cas("").find_missing(&[digest]).await.is_ok());
+            assert!(storage.cas("a").find_missing(&[digest]).await.unwrap().is_empty());
+        }
+        // After a restart the instances that hold blobs still count and still work.
+        let storage = Storage::open(&config).unwrap();
+        assert!(storage.cas("a").find_missing(&[digest]).await.unwrap().is_empty());
+        assert!(storage.cas("c").find_missing(&[digest]).await.is_ok(), "b left no blobs, so c has room now");
+        assert!(storage.cas("b").find_missing(&[digest]).await.is_err());
     }
 }

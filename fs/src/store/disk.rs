@@ -118,6 +118,13 @@ impl DiskStore {
         DiskStore { shared: self.shared.clone(), namespace }
     }
 
+    /// Whether `instance` has a namespace already (blobs on disk, or a view
+    /// handed out), and how many namespaces there are.
+    pub fn namespace_known(&self, instance: &str) -> (bool, usize) {
+        let index = self.lock();
+        (index.namespaces.contains(&instance_dir(instance)), index.namespaces.len())
+    }
+
     /// The byte budget.
     pub fn budget(&self) -> u64 {
         self.lock().budget
