@@ -36,6 +36,9 @@ enum Command {
     /// Upload, download and list blobs and trees in a remote CAS.
     #[command(subcommand)]
     Cas(cmd::cas::Command),
+    /// API keys for a coordinator's [auth] table.
+    #[command(subcommand)]
+    Auth(cmd::auth::Command),
     /// Measure casbuild against baselines taken in the same run.
     #[command(subcommand)]
     Bench(cmd::bench::Command),
@@ -72,6 +75,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Coordinator(args) => cmd::coordinator::run(args).await,
             Command::Up(args) => cmd::up::run(args).await,
+            Command::Auth(command) => cmd::auth::run(command),
             Command::Worker(args) => cmd::worker::run(args).await,
             Command::Mount(args) => cmd::mount::run(args).await,
             Command::Exec(args) => cmd::exec::run(args).await,

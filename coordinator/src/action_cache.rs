@@ -14,7 +14,8 @@ use casbuild_proto::reapi::{ActionResult, GetActionResultRequest, Tree, UpdateAc
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::status::{call_status, check_instance, precondition_missing, request_digest, store_status};
+use crate::auth::{admit, Permission};
+use crate::status::{call_status, precondition_missing, request_digest, store_status};
 
 /// The action cache service over a coordinator's [`Storage`].
 pub struct ActionCacheService {
@@ -146,8 +147,7 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let request = request.into_inner();
-        check_instance(&request.instance_name)?;
+        let (_, request) = admit(request, Permission::ReadCache, |r| &r.instance_name)?;
         let action = request_digest(request.digest_function, request.action_digest.as_ref(), "action_digest")?;
         let result = usable_cached_result(&self.storage, &request.instance_name, &action).await?;
         Ok(Response::new(result))
@@ -157,8 +157,9 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
-        let request = request.into_inner();
-        check_instance(&request.instance_name)?;
+        // Results normally come from casbuild's own workers; a client may
+        // write one only with the cache-write role.
+        let (_, request) = admit(request, Permission::WriteActionCache, |r| &r.instance_name)?;
         let action = request_digest(request.digest_function, request.action_digest.as_ref(), "action_digest")?;
         let result = request.action_result.ok_or_else(|| Status::invalid_argument("action_result is missing"))?;
         let cas = self.storage.cas(&request.instance_name);

@@ -21,6 +21,7 @@ use casbuild_proto::protobuf::Timestamp;
 use casbuild_proto::reapi;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{admit, Permission};
 use crate::status::{check_instance, request_digest, rpc_ok, store_status};
 
 /// Fetch and Push over a coordinator's storage.
@@ -218,14 +219,15 @@ impl AssetService {
 #[tonic::async_trait]
 impl Fetch for AssetService {
     async fn fetch_blob(&self, request: Request<FetchBlobRequest>) -> Result<Response<FetchBlobResponse>, Status> {
-        Ok(Response::new(self.answer(request.into_inner(), false).await?))
+        let (_, request) = admit(request, Permission::ReadCache, |r| &r.instance_name)?;
+        Ok(Response::new(self.answer(request, false).await?))
     }
 
     async fn fetch_directory(
         &self,
         request: Request<FetchDirectoryRequest>,
     ) -> Result<Response<FetchDirectoryResponse>, Status> {
-        let r = request.into_inner();
+        let (_, r) = admit(request, Permission::ReadCache, |r| &r.instance_name)?;
         let as_blob = FetchBlobRequest {
             instance_name: r.instance_name,
             timeout: r.timeout,
@@ -249,7 +251,7 @@ impl Fetch for AssetService {
 #[tonic::async_trait]
 impl Push for AssetService {
     async fn push_blob(&self, request: Request<PushBlobRequest>) -> Result<Response<PushBlobResponse>, Status> {
-        let r = request.into_inner();
+        let (_, r) = admit(request, Permission::WriteActionCache, |r| &r.instance_name)?;
         let digest = request_digest(r.digest_function, r.blob_digest.as_ref(), "blob_digest")?;
         let function = digest.function.to_proto() as i32;
         let entry =
@@ -262,7 +264,7 @@ impl Push for AssetService {
         &self,
         request: Request<PushDirectoryRequest>,
     ) -> Result<Response<PushDirectoryResponse>, Status> {
-        let r = request.into_inner();
+        let (_, r) = admit(request, Permission::WriteActionCache, |r| &r.instance_name)?;
         let digest = request_digest(r.digest_function, r.root_directory_digest.as_ref(), "root_directory_digest")?;
         let function = digest.function.to_proto() as i32;
         let entry =

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::auth::{check, principal, Permission};
 use bytes::Bytes;
 use casbuild_fs::resource::{Compressor, ResourceName};
 use casbuild_fs::storage::Storage;
@@ -145,8 +146,10 @@ impl ByteStream for ByteStreamService {
     type ReadStream = BoxStream<'static, Result<ReadResponse, Status>>;
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
+        let principal = principal(&request)?;
         let request = request.into_inner();
         let resource = ResourceName::parse_read(&request.resource_name).map_err(digest_status)?;
+        check(&principal, Permission::ReadCache, &resource.instance)?;
         if request.read_offset < 0 || request.read_limit < 0 {
             return Err(Status::invalid_argument(format!(
                 "read_offset {} and read_limit {} must not be negative",
@@ -176,6 +179,7 @@ impl ByteStream for ByteStreamService {
     }
 
     async fn write(&self, request: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {
+        let principal = principal(&request)?;
         let mut stream = request.into_inner();
         let first = match stream.next().await {
             Some(first) => first?,
@@ -186,6 +190,7 @@ impl ByteStream for ByteStreamService {
             return Err(Status::invalid_argument("the first WriteRequest must name the resource"));
         }
         let resource = ResourceName::parse_write(&name).map_err(digest_status)?;
+        check(&principal, Permission::WriteCas, &resource.instance)?;
         let parked = self.sessions().remove(&name);
         let session = match parked {
             Some(session) => session,
@@ -230,8 +235,10 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let principal = principal(&request)?;
         let name = request.into_inner().resource_name;
         let resource = ResourceName::parse_write(&name).map_err(digest_status)?;
+        check(&principal, Permission::WriteCas, &resource.instance)?;
         if let Some(session) = self.sessions().get(&name) {
             return Ok(Response::new(QueryWriteStatusResponse { committed_size: session.committed, complete: false }));
         }

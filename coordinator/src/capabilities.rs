@@ -31,11 +31,15 @@ fn version(major: i32, minor: i32) -> Option<SemVer> {
 impl Capabilities for CapabilitiesService {
     async fn get_capabilities(
         &self,
-        _request: Request<GetCapabilitiesRequest>,
+        request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
+        let (principal, request) =
+            crate::auth::admit(request, crate::auth::Permission::ReadCache, |r| &r.instance_name)?;
+        // Clients learn here whether they may write results themselves.
+        let update_enabled = principal.may(crate::auth::Permission::WriteActionCache, &request.instance_name);
         let cache = CacheCapabilities {
             digest_functions: DigestFunction::ALL.iter().map(|f| f.to_proto() as i32).collect(),
-            action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities { update_enabled: true }),
+            action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities { update_enabled }),
             max_batch_total_size_bytes: self.max_batch_bytes as i64,
             symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed as i32,
             supported_compressors: vec![compressor::Value::Zstd as i32],

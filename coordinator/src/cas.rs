@@ -18,8 +18,9 @@ use casbuild_proto::reapi::{
 use futures::stream::{self, BoxStream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{admit, Permission};
 use crate::compression::{compress, decompress_exact};
-use crate::status::{check_instance, request_digest, rpc_ok, rpc_status, store_status};
+use crate::status::{request_digest, rpc_ok, rpc_status, store_status};
 
 /// Batch calls run this many blob reads or writes at once.
 const BATCH_CONCURRENCY: usize = 32;
@@ -109,13 +110,12 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        let request = request.into_inner();
+        let (_, request) = admit(request, Permission::ReadCache, |r| &r.instance_name)?;
         let digests = request
             .blob_digests
             .iter()
             .map(|d| request_digest(request.digest_function, Some(d), "blob_digests"))
             .collect::<Result<Vec<_>, _>>()?;
-        check_instance(&request.instance_name)?;
         let missing = self.storage.cas(&request.instance_name).find_missing(&digests).await.map_err(store_status)?;
         Ok(Response::new(FindMissingBlobsResponse {
             missing_blob_digests: missing.iter().map(Digest::to_proto).collect(),
@@ -126,8 +126,7 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
-        let request = request.into_inner();
-        check_instance(&request.instance_name)?;
+        let (_, request) = admit(request, Permission::WriteCas, |r| &r.instance_name)?;
         // What an entry takes in memory: its bytes, or what they decompress to
         // (the declared size, which decompression is held to).
         let sizes = request.requests.iter().map(|r| {
@@ -152,8 +151,7 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
-        let request = request.into_inner();
-        check_instance(&request.instance_name)?;
+        let (_, request) = admit(request, Permission::ReadCache, |r| &r.instance_name)?;
         let digests = request
             .digests
             .iter()
@@ -176,8 +174,7 @@ impl ContentAddressableStorage for CasService {
     type GetTreeStream = BoxStream<'static, Result<GetTreeResponse, Status>>;
 
     async fn get_tree(&self, request: Request<GetTreeRequest>) -> Result<Response<Self::GetTreeStream>, Status> {
-        let request = request.into_inner();
-        check_instance(&request.instance_name)?;
+        let (_, request) = admit(request, Permission::ReadCache, |r| &r.instance_name)?;
         let root = request_digest(request.digest_function, request.root_digest.as_ref(), "root_digest")?;
         let page_size = match request.page_size {
             n if n < 0 => return Err(Status::invalid_argument(format!("page_size {n} is negative"))),

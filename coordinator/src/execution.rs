@@ -18,8 +18,9 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::action_cache::usable_cached_result;
+use crate::auth::{admit, principal, Permission, Principal};
 use crate::scheduler::{finished, Scheduler};
-use crate::status::{check_instance, request_digest, rpc_ok};
+use crate::status::{request_digest, rpc_ok};
 
 type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
 
@@ -34,6 +35,15 @@ impl ExecutionService {
     /// Serves `scheduler`, looking up results in `storage`'s action cache.
     pub fn new(storage: Arc<Storage>, scheduler: Arc<Scheduler>) -> Self {
         ExecutionService { storage, scheduler }
+    }
+
+    /// The updates of operation `name`, for a caller who may execute on its
+    /// instance (others learn nothing, not even that it exists).
+    fn operation(&self, principal: &Principal, name: &str) -> Result<watch::Receiver<Operation>, Status> {
+        match self.scheduler.watch(name) {
+            Some((instance, receiver)) if principal.may(Permission::Execute, &instance) => Ok(receiver),
+            _ => Err(Status::not_found(format!("no operation {name:?}"))),
+        }
     }
 }
 
@@ -72,8 +82,7 @@ impl Execution for ExecutionService {
     type WaitExecutionStream = OperationStream;
 
     async fn execute(&self, request: Request<ExecuteRequest>) -> Result<Response<Self::ExecuteStream>, Status> {
-        let request = request.into_inner();
-        check_instance(&request.instance_name)?;
+        let (_, request) = admit(request, Permission::Execute, |r| &r.instance_name)?;
         let action = request_digest(request.digest_function, request.action_digest.as_ref(), "action_digest")?;
         let instance = request.instance_name;
         if !request.skip_cache_lookup {
@@ -103,9 +112,9 @@ impl Execution for ExecutionService {
         &self,
         request: Request<WaitExecutionRequest>,
     ) -> Result<Response<Self::WaitExecutionStream>, Status> {
+        let principal = principal(&request)?;
         let name = request.into_inner().name;
-        let receiver =
-            self.scheduler.watch(&name).ok_or_else(|| Status::not_found(format!("no operation {name:?}")))?;
+        let receiver = self.operation(&principal, &name)?;
         Ok(Response::new(updates(receiver, name)))
     }
 }
@@ -120,9 +129,9 @@ impl Operations for ExecutionService {
     }
 
     async fn get_operation(&self, request: Request<GetOperationRequest>) -> Result<Response<Operation>, Status> {
+        let principal = principal(&request)?;
         let name = request.into_inner().name;
-        let receiver =
-            self.scheduler.watch(&name).ok_or_else(|| Status::not_found(format!("no operation {name:?}")))?;
+        let receiver = self.operation(&principal, &name)?;
         let mut operation = receiver.borrow().clone();
         operation.name = name;
         Ok(Response::new(operation))
@@ -133,8 +142,11 @@ impl Operations for ExecutionService {
     }
 
     async fn cancel_operation(&self, request: Request<CancelOperationRequest>) -> Result<Response<Empty>, Status> {
+        let principal = principal(&request)?;
         let name = request.into_inner().name;
-        if self.scheduler.cancel(&name) {
+        self.operation(&principal, &name)?;
+        // Only an admin stops an action other requesters still wait for.
+        if self.scheduler.cancel(&name, principal.may_everywhere(Permission::Admin)) {
             Ok(Response::new(Empty {}))
         } else {
             Err(Status::not_found(format!("no operation {name:?}")))

@@ -6,7 +6,6 @@
 //! Keys are action digests, already uniformly random, so the filter needs no
 //! hashing of its own: hash function i is the digest's i-th 8-byte word.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use casbuild_fs::digest::DigestFunction;
@@ -14,6 +13,7 @@ use casbuild_fs::storage::Storage;
 use casbuild_proto::cc::existence_filter_server::ExistenceFilter;
 use casbuild_proto::cc::get_filter_response::Filter;
 use casbuild_proto::cc::{AddedKeys, Bloom as WireBloom, GetFilterRequest, GetFilterResponse};
+use lru::LruCache;
 use tokio::sync::OnceCell;
 use tonic::{Request, Response, Status};
 
@@ -113,7 +113,12 @@ fn new_epoch() -> u64 {
     uuid::Uuid::new_v4().as_u64_pair().0 | 1
 }
 
-type Filters = Arc<Mutex<HashMap<String, Arc<InstanceFilter>>>>;
+/// Filters kept per instance at most (each holds 1 MiB of bits and a
+/// delta log); the least recently asked for is dropped, and rebuilt from the
+/// action cache (under a new epoch) when asked for again.
+const MAX_FILTERS: usize = 64;
+
+type Filters = Arc<Mutex<LruCache<String, Arc<InstanceFilter>>>>;
 
 /// The ExistenceFilter service.
 #[derive(Clone)]
@@ -125,10 +130,11 @@ pub struct ExistenceService {
 impl ExistenceService {
     /// Serves filters of `storage`'s action cache, observing its writes.
     pub fn new(storage: Arc<Storage>) -> Self {
-        let filters: Filters = Arc::default();
+        let filters: Filters =
+            Arc::new(Mutex::new(LruCache::new(std::num::NonZeroUsize::new(MAX_FILTERS).expect("non-zero"))));
         let observed = filters.clone();
         let installed = storage.action_cache().observe(Box::new(move |instance, digest| {
-            let filter = observed.lock().unwrap_or_else(|e| e.into_inner()).get(instance).cloned();
+            let filter = observed.lock().unwrap_or_else(|e| e.into_inner()).peek(instance).cloned();
             if let Some(filter) = filter {
                 filter.add(&digest.hash);
             }
@@ -144,8 +150,7 @@ impl ExistenceService {
             .filters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(instance.to_owned())
-            .or_insert_with(|| Arc::new(InstanceFilter::new()))
+            .get_or_insert(instance.to_owned(), || Arc::new(InstanceFilter::new()))
             .clone();
         let (storage, scanning, name) = (self.storage.clone(), filter.clone(), instance.to_owned());
         filter
@@ -173,8 +178,7 @@ impl ExistenceService {
 #[tonic::async_trait]
 impl ExistenceFilter for ExistenceService {
     async fn get_filter(&self, request: Request<GetFilterRequest>) -> Result<Response<GetFilterResponse>, Status> {
-        let request = request.into_inner();
-        crate::status::check_instance(&request.instance_name)?;
+        let (_, request) = crate::auth::admit(request, crate::auth::Permission::ReadCache, |r| &r.instance_name)?;
         let filter = self.filter(&request.instance_name).await?;
         let inner = filter.lock();
         let generation = inner.log.len() as u64;
@@ -222,7 +226,9 @@ mod tests {
         let get = |epoch, generation| {
             let request = GetFilterRequest { instance_name: "i".into(), epoch, generation };
             let service = service.clone();
-            async move { service.get_filter(Request::new(request)).await.unwrap().into_inner() }
+            let mut request = Request::new(request);
+            request.extensions_mut().insert(crate::auth::Principal::trusted());
+            async move { service.get_filter(request).await.unwrap().into_inner() }
         };
         // First: the whole filter, built from a scan of the action cache.
         let first = get(0, 0).await;

@@ -16,6 +16,7 @@
 
 mod action_cache;
 mod asset;
+pub mod auth;
 mod bytestream;
 mod capabilities;
 mod cas;

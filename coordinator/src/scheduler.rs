@@ -8,9 +8,9 @@
 //! free slot, run on an [`ActionExecutor`], write the action cache for
 //! successful cacheable results, publish the ExecuteResponse.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use casbuild_fs::digest::Digest;
 use casbuild_fs::storage::Storage;
@@ -29,8 +29,32 @@ use tonic::Code;
 
 use crate::status::{precondition_missing, rpc_ok};
 
-/// How long a finished operation can still be looked up by name.
-const KEEP_FINISHED: Duration = Duration::from_secs(600);
+/// How many finished operations are kept for lookups by name, for how
+/// long, and how many bytes of final state they may hold; the oldest go
+/// first when a bound is reached.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    /// At most this long after finishing.
+    pub time: Duration,
+    /// At most this many finished jobs.
+    pub count: usize,
+    /// At most this many bytes of final operations (results, inline logs).
+    pub bytes: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { time: Duration::from_secs(600), count: 100_000, bytes: 256 << 20 }
+    }
+}
+
+/// A finished job's operation names, kept for the retention time or until
+/// the bounds push them out.
+struct Retained {
+    finished: Instant,
+    names: Vec<String>,
+    bytes: usize,
+}
 
 /// What an executor reports for an action it ran.
 #[derive(Clone, Debug)]
@@ -129,7 +153,33 @@ struct Jobs {
     by_name: HashMap<String, Arc<Job>>,
     /// Requesters that cancelled a job others still wait for: their
     /// operation, done with CANCELLED, kept as long as finished ones are.
-    detached: HashMap<String, Operation>,
+    /// Each with the job's instance.
+    detached: HashMap<String, (String, Operation)>,
+    /// Finished jobs (and detached requesters) in the order they finished.
+    retained: VecDeque<Retained>,
+    retained_bytes: usize,
+    retention: Retention,
+}
+
+impl Jobs {
+    /// Forgets finished operations past their time, and the oldest while
+    /// more than the bounds are kept (the newest always stays).
+    fn prune(&mut self, now: Instant) {
+        while let Some(oldest) = self.retained.front() {
+            let over = self.retained.len() > self.retention.count || self.retained_bytes > self.retention.bytes;
+            let expired = now.saturating_duration_since(oldest.finished) >= self.retention.time;
+            let pushed_out = over && self.retained.len() > 1;
+            if !(expired || pushed_out) {
+                break;
+            }
+            let oldest = self.retained.pop_front().expect("a front entry");
+            self.retained_bytes -= oldest.bytes;
+            for name in &oldest.names {
+                self.by_name.remove(name);
+                self.detached.remove(name);
+            }
+        }
+    }
 }
 
 /// A requester's view of a job: its own operation name and the updates.
@@ -226,6 +276,7 @@ impl Scheduler {
         let key = (instance.to_owned(), action);
         let name = format!("operations/{}", uuid::Uuid::new_v4());
         let mut jobs = self.lock();
+        jobs.prune(Instant::now());
         if let Some(job) = jobs.running.get(&key).cloned() {
             job.holders.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
             jobs.by_name.insert(name.clone(), job.clone());
@@ -250,21 +301,22 @@ impl Scheduler {
         Submitted { name, updates: receiver }
     }
 
-    /// The updates of an operation by name, if it is known.
-    pub fn watch(&self, name: &str) -> Option<watch::Receiver<Operation>> {
+    /// The instance of an operation and its updates, if it is known.
+    pub fn watch(&self, name: &str) -> Option<(String, watch::Receiver<Operation>)> {
         let jobs = self.lock();
-        if let Some(operation) = jobs.detached.get(name) {
+        if let Some((instance, operation)) = jobs.detached.get(name) {
             // Done for this requester: a channel holding its final state.
-            return Some(watch::channel(operation.clone()).1);
+            return Some((instance.clone(), watch::channel(operation.clone()).1));
         }
-        jobs.by_name.get(name).map(|job| job.state.subscribe())
+        jobs.by_name.get(name).map(|job| (job.key.0.clone(), job.state.subscribe()))
     }
 
     /// Cancels a requester's operation. A job nobody else waits for is
     /// stopped (its command killed) and finishes with CANCELLED; a job that
     /// other requesters share goes on for them, and only the canceller is
-    /// detached (its operation reads CANCELLED). Returns false for unknown names.
-    pub fn cancel(self: &Arc<Self>, name: &str) -> bool {
+    /// detached (its operation reads CANCELLED), unless `for_everyone` (an
+    /// admin's cancel) stops it for all. Returns false for unknown names.
+    pub fn cancel(self: &Arc<Self>, name: &str, for_everyone: bool) -> bool {
         let mut jobs = self.lock();
         if jobs.detached.contains_key(name) {
             return true;
@@ -276,15 +328,17 @@ impl Scheduler {
         let others = {
             let mut holders = job.holders.lock().unwrap_or_else(|e| e.into_inner());
             holders.remove(name);
-            !holders.is_empty()
+            !holders.is_empty() && !for_everyone
         };
         if others {
             let response =
                 error_response(Code::Cancelled, "the operation was cancelled (others still wait for it)".into());
-            jobs.detached.insert(name.to_owned(), finished(name, &job.key.1, response));
+            let operation = finished(name, &job.key.1, response);
+            let bytes = operation.encoded_len();
+            jobs.detached.insert(name.to_owned(), (job.key.0.clone(), operation));
             jobs.by_name.remove(name);
             drop(jobs);
-            self.forget_later(vec![name.to_owned()]);
+            self.retain(vec![name.to_owned()], bytes);
             return true;
         }
         drop(jobs);
@@ -295,19 +349,19 @@ impl Scheduler {
         true
     }
 
-    /// Forgets operation names after [`KEEP_FINISHED`].
-    fn forget_later(self: &Arc<Self>, names: Vec<String>) {
-        let scheduler = Arc::downgrade(self);
-        tokio::spawn(async move {
-            tokio::time::sleep(KEEP_FINISHED).await;
-            if let Some(scheduler) = scheduler.upgrade() {
-                let mut jobs = scheduler.lock();
-                for name in &names {
-                    jobs.by_name.remove(name);
-                    jobs.detached.remove(name);
-                }
-            }
-        });
+    /// Bounds what finished operations are kept (tests shrink it).
+    pub fn set_retention(&self, retention: Retention) {
+        let mut jobs = self.lock();
+        jobs.retention = retention;
+        jobs.prune(Instant::now());
+    }
+
+    /// Keeps finished operation names for lookups, within the retention bounds.
+    fn retain(&self, names: Vec<String>, bytes: usize) {
+        let mut jobs = self.lock();
+        jobs.retained_bytes += bytes;
+        jobs.retained.push_back(Retained { finished: Instant::now(), names, bytes });
+        jobs.prune(Instant::now());
     }
 
     fn finish(self: &Arc<Self>, job: &Arc<Job>, response: ExecuteResponse) {
@@ -326,7 +380,8 @@ impl Scheduler {
         });
         let mut names: Vec<String> = job.holders.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
         names.push(job.name.clone());
-        self.forget_later(names);
+        let bytes = job.state.borrow().encoded_len();
+        self.retain(names, bytes);
     }
 
     async fn run(&self, job: &Arc<Job>) -> ExecuteResponse {
@@ -457,5 +512,63 @@ impl Scheduler {
             Err(MissingError::Store(e)) => return Err(error_response(Code::Internal, e.to_string())),
         }
         Ok((missing, platform))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use casbuild_fs::digest::DigestFunction;
+    use casbuild_fs::storage::StorageConfig;
+
+    use super::*;
+
+    /// Never reached: the actions below are not in the CAS, so each ends in
+    /// FAILED_PRECONDITION before it would run.
+    struct Unreachable;
+
+    #[tonic::async_trait]
+    impl ActionExecutor for Unreachable {
+        async fn execute(&self, _request: ActionRequest) -> Result<Executed, ExecutorError> {
+            unreachable!("an action without its Action blob was run")
+        }
+    }
+
+    async fn finish_one(scheduler: &Arc<Scheduler>, n: u32) -> String {
+        let action = DigestFunction::Blake3.digest_of(format!("action {n}").as_bytes());
+        let mut submitted = scheduler.submit("", action, 0);
+        while !submitted.updates.borrow_and_update().done {
+            submitted.updates.changed().await.unwrap();
+        }
+        submitted.name
+    }
+
+    #[tokio::test]
+    async fn finished_operations_are_kept_within_count_and_byte_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(&StorageConfig::new(dir.path().to_path_buf())).unwrap());
+        let scheduler = Scheduler::new(storage, Arc::new(Unreachable), 4);
+        scheduler.set_retention(Retention { count: 3, ..Retention::default() });
+        let mut names = Vec::new();
+        for n in 0..10 {
+            names.push(finish_one(&scheduler, n).await);
+        }
+        let kept: Vec<bool> = names.iter().map(|name| scheduler.watch(name).is_some()).collect();
+        assert_eq!(kept, [false, false, false, false, false, false, false, true, true, true]);
+
+        // A byte bound below one operation's size keeps only the newest.
+        scheduler.set_retention(Retention { bytes: 1, ..Retention::default() });
+        let last = finish_one(&scheduler, 10).await;
+        assert!(scheduler.watch(&last).is_some());
+        assert!(names.iter().all(|name| scheduler.watch(name).is_none()));
+        let kept = {
+            let jobs = scheduler.lock();
+            (jobs.retained.len(), jobs.by_name.len())
+        };
+        assert_eq!(kept, (1, 1));
+
+        // Past their time they go too, at the next submission.
+        scheduler.set_retention(Retention { time: Duration::ZERO, ..Retention::default() });
+        finish_one(&scheduler, 11).await;
+        assert!(scheduler.watch(&last).is_none());
     }
 }

@@ -19,10 +19,12 @@ use casbuild_proto::worker::workers_server::WorkersServer;
 use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::service::InterceptorLayer;
+use tonic::transport::{Server, ServerTlsConfig};
 
 use crate::action_cache::ActionCacheService;
 use crate::asset::AssetService;
+use crate::auth::Authenticator;
 use crate::bytestream::ByteStreamService;
 use crate::capabilities::CapabilitiesService;
 use crate::cas::CasService;
@@ -37,11 +39,21 @@ use crate::workers::{WorkerPool, WorkersService};
 pub struct ServerConfig {
     /// Largest total of blob bytes in one batch call, announced in capabilities.
     pub max_batch_bytes: u64,
+    /// Who may do what; by default the open server (everything but admin,
+    /// for everyone), which only suits loopback.
+    pub auth: Arc<Authenticator>,
+    /// TLS on the listener (server certificate, and the CA of client
+    /// certificates when clients may present them).
+    pub tls: Option<ServerTlsConfig>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { max_batch_bytes: 4 << 20 }
+        ServerConfig {
+            max_batch_bytes: 4 << 20,
+            auth: Arc::new(Authenticator::new(None, None).expect("the open table always builds")),
+            tls: None,
+        }
     }
 }
 
@@ -114,9 +126,15 @@ pub async fn serve_with_execution(
         }
         conn
     });
-    Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = config.tls.clone() {
+        builder = builder.tls_config(tls)?;
+    }
+    let auth = config.auth.clone();
+    builder
         .initial_stream_window_size(16 << 20)
         .initial_connection_window_size(32 << 20)
+        .layer(InterceptorLayer::new(move |request| auth.intercept(request)))
         .add_service(capabilities)
         .add_service(cas)
         .add_service(bytestream)

@@ -38,13 +38,11 @@ pub struct PoolConfig {
     pub missed_heartbeats: u32,
     /// Times an action is requeued after its worker vanished.
     pub max_attempts: u32,
-    /// The shared secret workers must present; `None` accepts any worker.
-    pub token: Option<String>,
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { heartbeat_interval: Duration::from_secs(3), missed_heartbeats: 3, max_attempts: 3, token: None }
+        PoolConfig { heartbeat_interval: Duration::from_secs(3), missed_heartbeats: 3, max_attempts: 3 }
     }
 }
 
@@ -121,16 +119,6 @@ impl WorkerPool {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let Some(token) = &self.config.token else { return Ok(()) };
-        let presented = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        if presented == Some(format!("Bearer {token}").as_str()) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("this coordinator needs the worker token (casbuild worker --worker-token)"))
-        }
     }
 
     /// Hands queued actions to workers with free capacity, least loaded first.
@@ -346,7 +334,7 @@ impl Workers for WorkersService {
     type LeasesStream = LeaseStream;
 
     async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
-        self.pool.authorize(&request)?;
+        crate::auth::require_everywhere(&request, crate::auth::Permission::Work)?;
         let request = request.into_inner();
         if request.worker_id.is_empty() || request.slots == 0 {
             return Err(Status::invalid_argument("a worker needs an id and at least one slot"));
@@ -394,7 +382,7 @@ impl Workers for WorkersService {
     }
 
     async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        self.pool.authorize(&request)?;
+        crate::auth::require_everywhere(&request, crate::auth::Permission::Work)?;
         let request = request.into_inner();
         let mut pool = self.pool.lock();
         let worker = session_worker(&mut pool, &request.worker_id, &request.session)?;
@@ -408,7 +396,7 @@ impl Workers for WorkersService {
     }
 
     async fn leases(&self, request: Request<LeasesRequest>) -> Result<Response<Self::LeasesStream>, Status> {
-        self.pool.authorize(&request)?;
+        crate::auth::require_everywhere(&request, crate::auth::Permission::Work)?;
         let request = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         {
@@ -421,7 +409,7 @@ impl Workers for WorkersService {
     }
 
     async fn complete(&self, request: Request<CompleteRequest>) -> Result<Response<CompleteResponse>, Status> {
-        self.pool.authorize(&request)?;
+        crate::auth::require_everywhere(&request, crate::auth::Permission::Work)?;
         let request = request.into_inner();
         let mut pool = self.pool.lock();
         let Some((pending, owner)) = pool.leased.remove(&request.lease_id) else {
@@ -474,6 +462,13 @@ mod tests {
         }
     }
 
+    /// A call as the authentication layer hands it on.
+    fn worker_request<T>(message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.extensions_mut().insert(crate::auth::Principal::trusted());
+        request
+    }
+
     /// The session secret of test worker `id`.
     fn session(id: &str) -> String {
         format!("session-of-worker-{id}")
@@ -481,15 +476,15 @@ mod tests {
 
     async fn join(service: &WorkersService, id: &str, slots: u32) -> LeaseStream {
         let register = RegisterRequest { worker_id: id.into(), slots, session: session(id), ..Default::default() };
-        service.register(Request::new(register)).await.unwrap();
+        service.register(worker_request(register)).await.unwrap();
         let leases = LeasesRequest { worker_id: id.into(), session: session(id) };
-        service.leases(Request::new(leases)).await.unwrap().into_inner()
+        service.leases(worker_request(leases)).await.unwrap().into_inner()
     }
 
     async fn heartbeat(service: &WorkersService, id: &str, slots: u32, free_cpus: u32) {
         let beat =
             HeartbeatRequest { worker_id: id.into(), slots, free_cpus, session: session(id), ..Default::default() };
-        service.heartbeat(Request::new(beat)).await.unwrap();
+        service.heartbeat(worker_request(beat)).await.unwrap();
     }
 
     /// Leases a stream has received so far (without waiting for more).
@@ -549,7 +544,7 @@ mod tests {
             session: session(worker),
             ..Default::default()
         };
-        let err = service.complete(Request::new(complete("other", &lease.lease_id))).await.unwrap_err();
+        let err = service.complete(worker_request(complete("other", &lease.lease_id))).await.unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied);
         // Another process claiming the id of a live worker gets neither the id nor its lease.
         let hijack = RegisterRequest {
@@ -558,32 +553,28 @@ mod tests {
             session: "an-attackers-session".into(),
             ..Default::default()
         };
-        let err = service.register(Request::new(hijack)).await.unwrap_err();
+        let err = service.register(worker_request(hijack)).await.unwrap_err();
         assert_eq!(err.code(), Code::AlreadyExists);
         let mut forged = complete("w", &lease.lease_id);
         forged.session = "an-attackers-session".into();
-        let err = service.complete(Request::new(forged)).await.unwrap_err();
+        let err = service.complete(worker_request(forged)).await.unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied);
         let beat =
             HeartbeatRequest { worker_id: "w".into(), session: "an-attackers-session".into(), ..Default::default() };
-        assert_eq!(service.heartbeat(Request::new(beat)).await.unwrap_err().code(), Code::PermissionDenied);
+        assert_eq!(service.heartbeat(worker_request(beat)).await.unwrap_err().code(), Code::PermissionDenied);
         // The worker itself registering again (a broken stream) keeps its lease.
         let again = RegisterRequest { worker_id: "w".into(), slots: 1, session: session("w"), ..Default::default() };
-        service.register(Request::new(again)).await.unwrap();
-        let err = service.complete(Request::new(complete("w", "no-such-lease"))).await.unwrap_err();
+        service.register(worker_request(again)).await.unwrap();
+        let err = service.complete(worker_request(complete("w", "no-such-lease"))).await.unwrap_err();
         assert_eq!(err.code(), Code::NotFound);
-        service.complete(Request::new(complete("w", &lease.lease_id))).await.unwrap();
+        service.complete(worker_request(complete("w", &lease.lease_id))).await.unwrap();
         assert_eq!(waiting.await.unwrap().unwrap().result.exit_code, 3);
     }
 
     #[tokio::test]
     async fn an_action_lost_with_too_many_workers_fails_unavailable() {
-        let config = PoolConfig {
-            heartbeat_interval: Duration::from_millis(20),
-            missed_heartbeats: 1,
-            max_attempts: 1,
-            token: None,
-        };
+        let config =
+            PoolConfig { heartbeat_interval: Duration::from_millis(20), missed_heartbeats: 1, max_attempts: 1 };
         let pool = WorkerPool::new(config);
         let service = WorkersService::new(pool.clone());
         let waiting = tokio::spawn({

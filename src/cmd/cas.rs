@@ -17,10 +17,12 @@ use futures::StreamExt;
 use prost::Message;
 use tokio::io::AsyncWriteExt;
 
+use crate::cmd::client_args::ClientAuth;
+
 /// Options every `cas` subcommand takes.
 #[derive(clap::Args, Clone)]
 pub struct Remote {
-    /// The server, as grpc://HOST:PORT.
+    /// The server, as grpc://HOST:PORT (grpcs:// for TLS).
     #[arg(long, env = "CASBUILD_REMOTE", default_value = "grpc://127.0.0.1:8980")]
     pub remote: String,
     /// REAPI instance name.
@@ -29,6 +31,8 @@ pub struct Remote {
     /// Digest function of the digests given and printed.
     #[arg(long, default_value = "blake3")]
     pub digest_function: DigestFunction,
+    #[command(flatten)]
+    pub auth: ClientAuth,
 }
 
 impl Remote {
@@ -36,6 +40,7 @@ impl Remote {
         let options = RemoteStoreOptions {
             instance: self.instance.clone(),
             timeout: Duration::from_secs(60),
+            connect: self.auth.options()?,
             ..Default::default()
         };
         Ok(RemoteStore::connect(&self.remote, options).await?)
@@ -355,7 +360,7 @@ mod tests {
     /// A store that is never reached: the checks come before any fetch.
     fn unreachable_store() -> RemoteStore {
         let channel = tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy();
-        RemoteStore::from_channel(channel, RemoteStoreOptions::default())
+        RemoteStore::from_channel(casbuild_fs::store::RemoteChannel::plain(channel), RemoteStoreOptions::default())
     }
 
     fn tree_of(directories: Vec<Directory>) -> (HashMap<Digest, Directory>, Digest) {

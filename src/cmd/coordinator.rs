@@ -1,10 +1,11 @@
 //! `casbuild coordinator`: the REAPI server on local storage.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use casbuild_coordinator::auth::{AuthConfig, Authenticator};
 use casbuild_coordinator::{ExecutionConfig, PoolConfig, Scheduler, ServerConfig, WorkerPool};
 use casbuild_fs::storage::{Storage, StorageConfig};
 use serde::Deserialize;
@@ -14,7 +15,9 @@ use crate::config::{default_state_dir, load_toml, parse_size, secret, ConfigSize
 /// Flags of `casbuild coordinator`; each may also come from `--config`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// TOML file with any of: listen, storage, max_disk, max_memory, max_batch, worker_token, heartbeat_ms.
+    /// TOML file with any of: listen, storage, max_disk, max_memory, max_batch, worker_token, heartbeat_ms,
+    /// tls_cert, tls_key, tls_client_ca, tls_require_client_cert, and an [auth] table (reloaded on SIGHUP).
+    /// See docs/SECURITY.md.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Address to serve on (port 0 picks a free port, printed at start).
@@ -39,10 +42,22 @@ pub struct Args {
     /// A file whose first line is the worker token (keeps it out of `ps`).
     #[arg(long)]
     worker_token_file: Option<PathBuf>,
-    /// Listen beyond loopback without a worker token: anyone who reaches the port may then register as a
-    /// worker and receive (and answer) other people's actions.
+    /// Listen beyond loopback while callers without credentials may write the cache, execute or register
+    /// as workers (no [auth] table, or no worker token): anyone who reaches the port may then do so.
     #[arg(long)]
     insecure: bool,
+    /// PEM certificate chain of this server: serve gRPC over TLS (clients use grpcs://).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM bundle of the CAs whose client certificates are accepted (mTLS identities for [auth] certs).
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
+    /// Refuse TLS connections without a client certificate signed by --tls-client-ca.
+    #[arg(long)]
+    tls_require_client_cert: bool,
     /// How often workers heartbeat, in milliseconds; three missed heartbeats lose a worker its leases
     /// [default: 3000].
     #[arg(long)]
@@ -60,6 +75,11 @@ struct FileConfig {
     max_batch: Option<ConfigSize>,
     worker_token: Option<String>,
     heartbeat_ms: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    tls_require_client_cert: Option<bool>,
+    auth: Option<AuthConfig>,
 }
 
 /// Everything the coordinator needs, after flags, file and defaults are merged.
@@ -68,6 +88,10 @@ pub struct Settings {
     pub storage: StorageConfig,
     pub server: ServerConfig,
     pub pool: PoolConfig,
+    /// The config file, re-read for its [auth] table on SIGHUP.
+    pub config: Option<PathBuf>,
+    /// The worker token, kept across reloads.
+    pub worker_token: Option<String>,
 }
 
 impl Args {
@@ -94,18 +118,103 @@ impl Args {
             heartbeat_interval: std::time::Duration::from_millis(
                 self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(3000).max(10),
             ),
-            token: secret(self.worker_token.or(file.worker_token), self.worker_token_file.as_deref())?,
             ..PoolConfig::default()
         };
-        if pool.token.is_none() && !listen.ip().is_loopback() && !self.insecure {
-            anyhow::bail!(
-                "listening on {listen} without a worker token would let anyone who reaches it register as a worker \
-                 and receive (and answer) other people's actions; give --worker-token or --worker-token-file, or \
-                 --insecure to accept that"
-            );
+        let worker_token = secret(self.worker_token.or(file.worker_token), self.worker_token_file.as_deref())?;
+        let auth = Authenticator::new(file.auth.as_ref(), worker_token.as_deref()).map_err(|why| {
+            anyhow::anyhow!("[auth] in {}: {why}", self.config.as_deref().unwrap_or(Path::new("")).display())
+        })?;
+        server.tls = server_tls(ServerTls {
+            cert: self.tls_cert.or(file.tls_cert),
+            key: self.tls_key.or(file.tls_key),
+            client_ca: self.tls_client_ca.or(file.tls_client_ca),
+            require_client_cert: self.tls_require_client_cert || file.tls_require_client_cert.unwrap_or(false),
+        })?;
+        if !listen.ip().is_loopback() && !self.insecure {
+            if auth.anonymous_workers() {
+                anyhow::bail!(
+                    "listening on {listen} without a worker token would let anyone who reaches it register as a \
+                     worker and receive (and answer) other people's actions; give --worker-token or \
+                     --worker-token-file (or worker keys in [auth]), or --insecure to accept that"
+                );
+            }
+            if auth.anonymous_may_write() {
+                anyhow::bail!(
+                    "listening on {listen} without an [auth] table in --config would let anyone who reaches it \
+                     write the cache and run commands on the workers; configure API keys (docs/SECURITY.md), or \
+                     give --insecure to accept that"
+                );
+            }
+            if server.tls.is_none() && auth.counts() != (0, 0) {
+                tracing::warn!("API keys on {listen} travel in plaintext without --tls-cert");
+            }
         }
-        Ok(Settings { listen, storage, server, pool })
+        server.auth = Arc::new(auth);
+        Ok(Settings { listen, storage, server, pool, config: self.config, worker_token })
     }
+}
+
+/// TLS settings from flags and file.
+struct ServerTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    require_client_cert: bool,
+}
+
+/// The listener's TLS configuration, with every file read (and named in errors) now.
+fn server_tls(tls: ServerTls) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |path: &Path| std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    let (cert, key) = match (tls.cert, tls.key) {
+        (Some(cert), Some(key)) => (cert, key),
+        (None, None) => {
+            anyhow::ensure!(
+                tls.client_ca.is_none() && !tls.require_client_cert,
+                "client certificates (tls_client_ca, tls_require_client_cert) need TLS: give tls_cert and tls_key"
+            );
+            return Ok(None);
+        }
+        _ => anyhow::bail!("TLS needs both a certificate and its key (tls_cert and tls_key)"),
+    };
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(&cert)?, read(&key)?));
+    match tls.client_ca {
+        Some(ca) => {
+            config =
+                config.client_ca_root(Certificate::from_pem(read(&ca)?)).client_auth_optional(!tls.require_client_cert);
+        }
+        None => anyhow::ensure!(!tls.require_client_cert, "tls_require_client_cert needs tls_client_ca"),
+    }
+    Ok(Some(config))
+}
+
+/// Re-reads the [auth] table of the config file on every SIGHUP; a broken
+/// file is reported and the table in use stays.
+fn reload_on_hangup(settings: &Settings) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
+    let (config, token, auth) = (settings.config.clone(), settings.worker_token.clone(), settings.server.auth.clone());
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let Some(path) = &config else {
+                eprintln!("casbuild coordinator: SIGHUP, but no --config file to reload");
+                continue;
+            };
+            let reloaded = load_toml::<FileConfig>(path)
+                .and_then(|file| auth.replace(file.auth.as_ref(), token.as_deref()).map_err(anyhow::Error::msg));
+            match reloaded {
+                Ok(()) => {
+                    let (keys, certs) = auth.counts();
+                    eprintln!(
+                        "casbuild coordinator: reloaded [auth] from {}: {keys} keys, {certs} certificates",
+                        path.display()
+                    );
+                }
+                Err(e) => eprintln!("casbuild coordinator: kept the old [auth]: {e:#}"),
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Runs until SIGINT or SIGTERM, then lets calls in flight finish.
@@ -120,7 +229,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", settings.listen))?;
     let addr = listener.local_addr()?;
     let shutdown = shutdown_signal()?;
-    println!("casbuild coordinator listening on grpc://{addr}");
+    reload_on_hangup(&settings)?;
+    let scheme = if settings.server.tls.is_some() { "grpcs" } else { "grpc" };
+    println!("casbuild coordinator listening on {scheme}://{addr}");
     println!(
         "storage: {} ({} of {} on disk)",
         settings.storage.dir.display(),

@@ -17,7 +17,6 @@ use casbuild_proto::graph::graphs_client::GraphsClient;
 use casbuild_proto::graph::output::Kind;
 use casbuild_proto::graph::{self as proto, GraphEvent, SourceFile, SubmitGraphRequest, WatchGraphRequest};
 use indicatif::{ProgressBar, ProgressStyle};
-use tonic::transport::Channel;
 
 use crate::cmd::cas::{download_file, download_tree, output_destination, Remote};
 
@@ -33,7 +32,7 @@ pub enum Command {
     },
     /// Run a graph on the cluster: upload missing sources, stream progress,
     /// download outputs. Exits non-zero if any job failed.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args)]
@@ -69,7 +68,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}: ok, {} jobs, {} source files", graph.display(), parsed.jobs.len(), sources.len());
             Ok(())
         }
-        Command::Run(args) => run_graph(args).await,
+        Command::Run(args) => run_graph(*args).await,
     }
 }
 
@@ -214,7 +213,7 @@ async fn upload_sources(
 /// Resumes the graph's event stream after the connection dropped, retrying
 /// for up to a minute.
 async fn reconnect(
-    client: &mut GraphsClient<Channel>,
+    client: &mut GraphsClient<casbuild_fs::store::RemoteChannel>,
     graph_id: &str,
     after: u64,
     why: &str,

@@ -16,7 +16,7 @@ use crate::config::{default_data_dir, parse_size};
 pub struct Args {
     /// Where to mount (created if missing; a stale mount there is detached).
     mountpoint: PathBuf,
-    /// The CAS server, as grpc://HOST:PORT.
+    /// The CAS server, as grpc://HOST:PORT (grpcs:// for TLS).
     #[arg(long, env = "CASBUILD_REMOTE", default_value = "grpc://127.0.0.1:8980")]
     remote: String,
     /// REAPI instance name.
@@ -37,6 +37,8 @@ pub struct Args {
     /// Serve every read from userspace even where FUSE passthrough works.
     #[arg(long)]
     no_passthrough: bool,
+    #[command(flatten)]
+    auth: crate::cmd::client_args::ClientAuth,
 }
 
 /// Opens the blob cache in `cache_dir` (namespaced to `remote`'s instance)
@@ -69,7 +71,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(args.fetch_timeout.max(1));
     let remote = RemoteStore::connect(
         &args.remote,
-        RemoteStoreOptions { instance: args.instance.clone(), timeout, ..Default::default() },
+        RemoteStoreOptions {
+            instance: args.instance.clone(),
+            timeout,
+            connect: args.auth.options()?,
+            ..Default::default()
+        },
     )
     .await
     .with_context(|| format!("connecting to {}", args.remote))?;

@@ -34,6 +34,10 @@ pub struct Args {
     /// Actions run at once [default: the number of CPUs].
     #[arg(long)]
     slots: Option<usize>,
+    /// Listen beyond loopback although `up` has no authentication: anyone who reaches the port may then
+    /// write the cache and run commands as this machine's sandbox users.
+    #[arg(long)]
+    insecure: bool,
     #[command(flatten)]
     sandbox: SandboxArgs,
 }
@@ -65,6 +69,13 @@ impl ActionExecutor for LocalWorker {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.listen.ip().is_loopback() || args.insecure,
+        "casbuild up has no authentication: listening on {} would let anyone who reaches it write the cache and \
+         run commands here; listen on loopback, run `casbuild coordinator` with an [auth] table for a shared \
+         cluster, or give --insecure to accept that",
+        args.listen
+    );
     let dir = args.dir.unwrap_or_else(default_data_dir);
     // A scratch directory casbuild may not clear is refused before anything starts.
     casbuild_exec::scratch::prepare_root(&dir.join("scratch")).map_err(anyhow::Error::msg)?;

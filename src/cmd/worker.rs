@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use casbuild_exec::runner::{ExecError, Runner, RunnerConfig};
 use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::store::{RemoteStore, RemoteStoreOptions};
+use casbuild_fs::store::{RemoteChannel, RemoteStore, RemoteStoreOptions};
 use casbuild_proto::worker::complete_request::Outcome;
 use casbuild_proto::worker::lease_update::Update;
 use casbuild_proto::worker::workers_client::WorkersClient;
@@ -20,9 +20,6 @@ use casbuild_proto::worker::{
 };
 use prost::Message;
 use tokio::task::AbortHandle;
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::cmd::coordinator::shutdown_signal;
@@ -32,7 +29,7 @@ use crate::config::{default_data_dir, parse_size, secret};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The coordinator, as grpc://HOST:PORT.
+    /// The coordinator, as grpc://HOST:PORT (grpcs:// for TLS).
     #[arg(long, env = "CASBUILD_COORDINATOR", default_value = "grpc://127.0.0.1:8980")]
     coordinator: String,
     /// Where to mount the CAS.
@@ -56,6 +53,8 @@ pub struct Args {
     /// A file whose first line is the worker token (keeps it out of `ps`).
     #[arg(long)]
     worker_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    auth: crate::cmd::client_args::ClientAuth,
     /// This worker's id, also reported in results [default: HOSTNAME-PID].
     #[arg(long)]
     name: Option<String>,
@@ -70,7 +69,7 @@ pub struct Args {
     sandbox: SandboxArgs,
 }
 
-type Client = WorkersClient<InterceptedService<Channel, Auth>>;
+type Client = WorkersClient<RemoteChannel>;
 
 /// Leases being run, by id, so that a cancellation can stop one.
 type Active = Arc<Mutex<HashMap<String, AbortHandle>>>;
@@ -86,19 +85,6 @@ impl Drop for LeaseDone {
     fn drop(&mut self) {
         self.running.fetch_sub(1, Ordering::Relaxed);
         self.active.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.lease_id);
-    }
-}
-
-/// Adds the worker token to every call.
-#[derive(Clone)]
-struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(token) = &self.0 {
-            request.metadata_mut().insert("authorization", token.clone());
-        }
-        Ok(request)
     }
 }
 
@@ -128,14 +114,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("compiler {}: {}={identity}", compiler.display(), crate::cmd::cc::COMPILER_PROPERTY);
         platform.push(PlatformProperty { name: crate::cmd::cc::COMPILER_PROPERTY.into(), value: identity });
     }
-    let token = match &secret(args.worker_token.clone(), args.worker_token_file.as_deref())? {
-        Some(t) => Some(format!("Bearer {t}").parse().context("the worker token must be printable ASCII")?),
-        None => None,
+    // The worker token is the worker's API key: one credential for the
+    // Workers service and the CAS alike.
+    let token = secret(args.worker_token.clone(), args.worker_token_file.as_deref())?;
+    let connect = match token {
+        Some(token) => {
+            anyhow::ensure!(
+                args.auth.api_key.is_none() && args.auth.api_key_file.is_none(),
+                "give a worker token or an API key, not both"
+            );
+            args.auth.options_with_key(Some(token))?
+        }
+        None => args.auth.options()?,
     };
-    let remote = RemoteStore::connect(&args.coordinator, RemoteStoreOptions::default())
+    let remote = RemoteStore::connect(&args.coordinator, RemoteStoreOptions { connect, ..Default::default() })
         .await
         .with_context(|| format!("connecting to {}", args.coordinator))?;
-    let mut client: Client = WorkersClient::with_interceptor(remote.channel(), Auth(token));
+    let mut client: Client = WorkersClient::new(remote.channel());
     // This process's secret: the coordinator gives the id (and its leases)
     // to no one else while this session lives.
     let session = uuid::Uuid::new_v4().simple().to_string();

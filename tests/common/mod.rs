@@ -92,6 +92,11 @@ impl Coordinator {
         Coordinator { child, addr, storage: storage.to_path_buf(), graceful }
     }
 
+    /// The process id, for signals.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self) -> String {
         format!("grpc://{}", self.addr)
     }

@@ -44,15 +44,18 @@ pub struct GraphSpec {
 pub struct GraphRun {
     /// The graph's id, given to clients for WatchGraph.
     pub id: String,
+    /// The instance it runs on (who may watch it is checked against it).
+    pub instance: String,
     log: Mutex<Vec<GraphEvent>>,
     latest: watch::Sender<u64>,
 }
 
 impl GraphRun {
     /// An empty log for a new graph.
-    pub fn new() -> Arc<Self> {
+    pub fn new(instance: &str) -> Arc<Self> {
         let (latest, _) = watch::channel(0);
-        Arc::new(GraphRun { id: uuid::Uuid::new_v4().to_string(), log: Mutex::new(Vec::new()), latest })
+        let id = uuid::Uuid::new_v4().to_string();
+        Arc::new(GraphRun { id, instance: instance.to_owned(), log: Mutex::new(Vec::new()), latest })
     }
 
     fn log(&self) -> std::sync::MutexGuard<'_, Vec<GraphEvent>> {
@@ -468,7 +471,7 @@ mod tests {
 
     #[tokio::test]
     async fn watchers_resume_after_a_sequence_and_end_with_the_graph() {
-        let run = GraphRun::new();
+        let run = GraphRun::new("");
         run.emit(Event::Accepted(proto::GraphAccepted { jobs: 1 }));
         let live = tokio::spawn({
             let run = run.clone();

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::auth::{admit, Permission};
 use casbuild_fs::digest::{Digest, DigestFunction};
 use casbuild_fs::storage::Storage;
 use casbuild_proto::graph::graph_event::Event;
@@ -113,9 +114,10 @@ impl Graphs for GraphsService {
     type WatchGraphStream = EventStream;
 
     async fn submit_graph(&self, request: Request<SubmitGraphRequest>) -> Result<Response<EventStream>, Status> {
-        let spec = Self::check(request.into_inner())?;
+        let (_, request) = admit(request, Permission::Execute, |r| &r.instance_name)?;
+        let spec = Self::check(request)?;
         self.check_sources(&spec).await?;
-        let run = GraphRun::new();
+        let run = GraphRun::new(&spec.instance);
         run.emit(Event::Accepted(proto::GraphAccepted { jobs: spec.graph.jobs.len() as u32 }));
         self.runs().insert(run.id.clone(), run.clone());
         tracing::info!("graph {}: {} jobs", run.id, spec.graph.jobs.len());
@@ -130,6 +132,7 @@ impl Graphs for GraphsService {
     }
 
     async fn watch_graph(&self, request: Request<WatchGraphRequest>) -> Result<Response<EventStream>, Status> {
+        let principal = crate::auth::principal(&request)?;
         let request = request.into_inner();
         let run = self.runs().get(&request.graph_id).cloned().ok_or_else(|| {
             Status::not_found(format!(
@@ -138,6 +141,7 @@ impl Graphs for GraphsService {
                 KEEP_FINISHED.as_secs()
             ))
         })?;
+        crate::auth::check(&principal, Permission::Execute, &run.instance)?;
         Ok(Response::new(Box::pin(run.events(request.after_sequence).map(Ok))))
     }
 }

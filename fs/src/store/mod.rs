@@ -5,11 +5,12 @@
 //! - [`DiskStore`]: sharded files, atomic writes, LRU eviction at a byte budget,
 //!   survives restarts, verifies every blob it reads back.
 //! - [`TieredStore`]: a fast store over a slow one (memory over disk).
-//! - [`RemoteStore`]: a REAPI CAS reached over gRPC.
+//! - [`RemoteStore`]: a REAPI CAS reached over gRPC (or gRPC over TLS).
 //!
 //! Every write is verified against its digest before it becomes visible; a
 //! reader never sees a blob whose bytes do not hash to its name.
 
+mod channel;
 mod disk;
 mod memory;
 mod remote;
@@ -24,6 +25,7 @@ use futures::stream::{BoxStream, StreamExt};
 
 use crate::digest::Digest;
 
+pub use channel::{connect_channel, ConnectOptions, RemoteChannel};
 pub use disk::{DiskStore, PinGuard};
 pub use memory::MemoryStore;
 pub use remote::{RemoteStore, RemoteStoreOptions};

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::store::channel::{connect_channel, ConnectOptions, RemoteChannel};
 use async_trait::async_trait;
 use bytes::Bytes;
 use casbuild_proto::bytestream::byte_stream_client::ByteStreamClient;
@@ -18,7 +19,6 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::digest::{Digest, DigestFunction};
 use crate::resource::{Compressor, ResourceName};
@@ -34,11 +34,18 @@ pub struct RemoteStoreOptions {
     pub max_batch_bytes: u64,
     /// Bound on connecting and on each unary call.
     pub timeout: Duration,
+    /// TLS material and credential.
+    pub connect: ConnectOptions,
 }
 
 impl Default for RemoteStoreOptions {
     fn default() -> Self {
-        RemoteStoreOptions { instance: String::new(), max_batch_bytes: 4 << 20, timeout: Duration::from_secs(60) }
+        RemoteStoreOptions {
+            instance: String::new(),
+            max_batch_bytes: 4 << 20,
+            timeout: Duration::from_secs(60),
+            connect: ConnectOptions::default(),
+        }
     }
 }
 
@@ -51,24 +58,24 @@ const BATCH_ENTRY_OVERHEAD: u64 = 128;
 /// A client of a remote REAPI CAS. Cheap to clone.
 #[derive(Clone)]
 pub struct RemoteStore {
-    channel: Channel,
+    channel: RemoteChannel,
     options: RemoteStoreOptions,
 }
 
 impl RemoteStore {
-    /// Connects to `url` (`grpc://HOST:PORT` or `http://HOST:PORT`).
+    /// Connects to `url` (`grpc://HOST:PORT`, or `grpcs://HOST:PORT` for TLS).
     pub async fn connect(url: &str, options: RemoteStoreOptions) -> Result<Self, StoreError> {
-        let channel = connect_channel(url, options.timeout).await?;
+        let channel = connect_channel(url, options.timeout, &options.connect).await?;
         Ok(RemoteStore { channel, options })
     }
 
     /// Wraps an existing channel.
-    pub fn from_channel(channel: Channel, options: RemoteStoreOptions) -> Self {
+    pub fn from_channel(channel: RemoteChannel, options: RemoteStoreOptions) -> Self {
         RemoteStore { channel, options }
     }
 
     /// The underlying channel, for other services on the same server.
-    pub fn channel(&self) -> Channel {
+    pub fn channel(&self) -> RemoteChannel {
         self.channel.clone()
     }
 
@@ -83,13 +90,13 @@ impl RemoteStore {
         RemoteStore { channel: self.channel.clone(), options }
     }
 
-    fn cas(&self) -> ContentAddressableStorageClient<Channel> {
+    fn cas(&self) -> ContentAddressableStorageClient<RemoteChannel> {
         ContentAddressableStorageClient::new(self.channel.clone())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX)
     }
 
-    fn bytestream(&self) -> ByteStreamClient<Channel> {
+    fn bytestream(&self) -> ByteStreamClient<RemoteChannel> {
         ByteStreamClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
     }
 
@@ -264,22 +271,6 @@ impl RemoteStore {
         request.set_timeout(self.options.timeout);
         request
     }
-}
-
-/// Opens a gRPC channel tuned for bulk transfers.
-pub async fn connect_channel(url: &str, timeout: Duration) -> Result<Channel, StoreError> {
-    let http = match url.strip_prefix("grpc://") {
-        Some(rest) => format!("http://{rest}"),
-        None if url.starts_with("http://") => url.to_string(),
-        None => return Err(StoreError::InvalidArgument(format!("remote {url:?} must look like grpc://HOST:PORT"))),
-    };
-    let endpoint = Endpoint::from_shared(http)
-        .map_err(|e| StoreError::InvalidArgument(format!("remote {url:?}: {e}")))?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
-        .initial_stream_window_size(16 << 20)
-        .initial_connection_window_size(32 << 20);
-    endpoint.connect().await.map_err(|e| StoreError::Unavailable(format!("cannot connect to {url}: {e}")))
 }
 
 /// Groups items by digest function, keeping their order within each group.

@@ -44,7 +44,7 @@ const FILTER_REFRESH: Duration = Duration::from_secs(2);
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The cluster, as grpc://HOST:PORT.
+    /// The cluster, as grpc://HOST:PORT (grpcs:// for TLS).
     #[arg(long, env = "CASBUILD_REMOTE", default_value = "grpc://127.0.0.1:8980")]
     remote: String,
     /// REAPI instance name.
@@ -59,6 +59,9 @@ pub struct Args {
     /// Exit after this many seconds without requests.
     #[arg(long, default_value_t = 600)]
     idle_secs: u64,
+    /// TLS and API key; `casbuild cc` passes them on through the environment (CASBUILD_API_KEY, ...).
+    #[command(flatten)]
+    auth: crate::cmd::client_args::ClientAuth,
 }
 
 /// The existence filter as last fetched.
@@ -70,6 +73,7 @@ struct Known {
 
 struct Daemon {
     remote: String,
+    connect: casbuild_fs::store::ConnectOptions,
     instance: String,
     store: tokio::sync::Mutex<Option<RemoteStore>>,
     /// Until when not to retry connecting after a failure.
@@ -112,8 +116,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = UnixListener::bind(&socket).with_context(|| format!("listening on {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let local_jobs = args.local_jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let connect = args.auth.options()?;
     let daemon = Arc::new(Daemon {
         remote: args.remote.clone(),
+        connect,
         instance: args.instance.clone(),
         store: tokio::sync::Mutex::new(None),
         down_until: Mutex::new(None),
@@ -234,6 +240,7 @@ impl Daemon {
         let options = RemoteStoreOptions {
             instance: self.instance.clone(),
             timeout: Duration::from_secs(120),
+            connect: self.connect.clone(),
             ..Default::default()
         };
         let connected = tokio::time::timeout(Duration::from_secs(5), RemoteStore::connect(&self.remote, options))
