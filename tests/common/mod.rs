@@ -5,6 +5,7 @@
 
 pub mod bazel;
 pub mod execute;
+pub mod liar;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
