@@ -235,3 +235,43 @@ async fn many_concurrent_writers_of_one_blob_leave_one_correct_copy() {
     let response = server.bytestream().await.write(futures::stream::iter(one)).await.unwrap().into_inner();
     assert_eq!(response.committed_size, data.len() as i64);
 }
+
+#[tokio::test]
+async fn parked_uploads_hold_at_most_their_share_of_the_disk_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    // 16 MiB: 15 MiB for blobs, of which 1/16 (960 KiB) for parked uploads.
+    let server = Coordinator::start(dir.path(), &["--max-disk", "16MiB"]);
+    let client = server.bytestream().await;
+    let interrupt = |name: String, data: Vec<u8>, sent: usize| {
+        let mut client = client.clone();
+        async move {
+            let partial = requests(&name, &data[..sent], 0, 64 << 10, false);
+            assert_eq!(client.write(futures::stream::iter(partial)).await.unwrap_err().code(), Code::InvalidArgument);
+        }
+    };
+    let status = |name: String| {
+        let mut client = client.clone();
+        async move { client.query_write_status(QueryWriteStatusRequest { resource_name: name }).await.unwrap().into_inner() }
+    };
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| bytes(40 + i, 2 * MIB)).collect();
+    let names: Vec<String> = blobs.iter().map(|b| write_name(&sha256(b))).collect();
+    let tmp_files = || std::fs::read_dir(dir.path().join("tmp")).unwrap().count();
+
+    interrupt(names[0].clone(), blobs[0].clone(), 600 << 10).await;
+    assert_eq!(status(names[0].clone()).await.committed_size, 600 << 10);
+    // A second parked upload would pass the share: the older one goes, with its file.
+    interrupt(names[1].clone(), blobs[1].clone(), 600 << 10).await;
+    assert_eq!(status(names[0].clone()).await.committed_size, 0);
+    assert_eq!(status(names[1].clone()).await.committed_size, 600 << 10);
+    assert_eq!(tmp_files(), 1);
+    // One larger than the whole share is not parked at all.
+    interrupt(names[2].clone(), blobs[2].clone(), 1536 << 10).await;
+    assert_eq!(status(names[2].clone()).await.committed_size, 0);
+    assert_eq!(status(names[1].clone()).await.committed_size, 600 << 10);
+    assert_eq!(tmp_files(), 1);
+
+    // The evicted upload starts over and completes.
+    let again = requests(&names[0], &blobs[0], 0, MIB, true);
+    client.clone().write(futures::stream::iter(again)).await.unwrap();
+    assert!(status(names[0].clone()).await.complete);
+}

@@ -190,11 +190,12 @@ async fn the_disk_budget_evicts_least_recently_used_blobs_and_results_that_lose_
     }
     let used: u64 = walk_size(&dir.path().join("cas"));
     assert!(used <= 10 * MIB as u64, "{used} bytes on disk over a 10 MiB budget");
-    // 18 MiB went in, 10 MiB fit: the stdout blob (last used by the cache
-    // lookup) and the three oldest uploads are evicted.
+    // 18 MiB went in; blobs get 15/16 of the budget (the rest is for
+    // action-cache and asset entries), so four 2 MiB blobs fit: the stdout
+    // blob (last used by the cache lookup) and the four oldest uploads are evicted.
     let gone = missing(&server, &digests).await;
-    assert_eq!(gone, digests[..3].iter().map(|d| d.hash_hex()).collect::<Vec<_>>(), "oldest first");
-    assert!(missing(&server, &digests[3..]).await.is_empty());
+    assert_eq!(gone, digests[..4].iter().map(|d| d.hash_hex()).collect::<Vec<_>>(), "oldest first");
+    assert!(missing(&server, &digests[4..]).await.is_empty());
 
     let err = ac.get_action_result(request()).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -279,4 +280,47 @@ fn walk_for(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
         }
     }
     None
+}
+
+#[tokio::test]
+async fn action_cache_entries_count_toward_the_disk_budget_and_go_least_recently_used() {
+    let dir = tempfile::tempdir().unwrap();
+    // 1 MiB: 1/16 for entries, 3/4 of that (48 KiB) for action-cache
+    // entries, which cost a 4 KiB block each: twelve fit.
+    let server = Coordinator::start(dir.path(), &["--max-disk", "1MiB"]);
+    let mut ac = server.action_cache().await;
+    let actions: Vec<_> = (0..20).map(|i| sha256(format!("action {i}").as_bytes())).collect();
+    let get = |action: &casbuild_fs::Digest| GetActionResultRequest {
+        action_digest: Some(action.to_proto()),
+        ..Default::default()
+    };
+    for (i, action) in actions.iter().enumerate() {
+        let result = ActionResult { exit_code: i as i32, ..Default::default() };
+        let request = UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result),
+            ..Default::default()
+        };
+        ac.update_action_result(request).await.unwrap();
+        if i == 11 {
+            // Reading the first keeps it among the recently used.
+            ac.get_action_result(get(&actions[0])).await.unwrap();
+        }
+    }
+    let mut present = Vec::new();
+    for action in &actions {
+        present.push(ac.get_action_result(get(action)).await.is_ok());
+    }
+    let expected: Vec<bool> = (0..20).map(|i| i == 0 || i >= 9).collect();
+    assert_eq!(present, expected);
+    let files = walk_count(&dir.path().join("ac/entries"));
+    assert_eq!(files, 12, "evicted entries leave no files");
+}
+
+fn walk_count(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| if e.metadata().unwrap().is_dir() { walk_count(&e.path()) } else { 1 })
+        .sum()
 }

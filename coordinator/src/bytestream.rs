@@ -59,12 +59,26 @@ impl ByteStreamService {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Parks an interrupted upload for a later resume, dropping stale ones.
+    /// Parks an interrupted upload for a later resume, dropping stale ones
+    /// and, beyond the count or the bytes parked uploads may hold on disk
+    /// (the entries' share of the disk budget), the least recently used.
     fn park(&self, name: String, mut session: Session) {
         session.last_used = Instant::now();
+        let max_bytes = self.storage.disk().budget() / casbuild_fs::storage::ENTRY_SHARE;
+        if session.committed.max(0) as u64 > max_bytes {
+            // Larger than all parked uploads may be: dropped with its
+            // temporary file; the client's next Write starts over.
+            tracing::debug!("upload {name} is too large to park ({} bytes)", session.committed);
+            return;
+        }
         let mut sessions = self.sessions();
         sessions.retain(|_, s| s.last_used.elapsed() < SESSION_IDLE);
-        while sessions.len() >= MAX_SESSIONS {
+        let parked = |sessions: &HashMap<String, Session>| -> u64 {
+            sessions.values().map(|s| s.committed.max(0) as u64).sum::<u64>()
+        };
+        while sessions.len() >= MAX_SESSIONS
+            || (!sessions.is_empty() && parked(&sessions) + session.committed.max(0) as u64 > max_bytes)
+        {
             let oldest = sessions.iter().min_by_key(|(_, s)| s.last_used).map(|(k, _)| k.clone());
             match oldest {
                 Some(key) => sessions.remove(&key),

@@ -30,9 +30,15 @@ impl std::fmt::Debug for ActionCache {
 }
 
 impl ActionCache {
-    /// Opens (creating if needed) the cache under `root`. Blocking.
-    pub fn open(root: &Path) -> Result<Self, StoreError> {
-        Ok(ActionCache { files: EntryFiles::open(root)?, observer: Arc::default() })
+    /// Opens (creating if needed) the cache under `root`, holding at most
+    /// `budget` bytes of entries (least recently used go first). Blocking.
+    pub fn open(root: &Path, budget: u64) -> Result<Self, StoreError> {
+        Ok(ActionCache { files: EntryFiles::open(root, budget)?, observer: Arc::default() })
+    }
+
+    /// Bytes the entries take on disk, and how many there are.
+    pub fn usage(&self) -> (u64, usize) {
+        self.files.usage()
     }
 
     /// Sets the one observer told of every write (the existence filter);
@@ -92,17 +98,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let action = DigestFunction::Sha256.digest_of(b"action");
         let result = ActionResult { exit_code: 3, ..Default::default() };
-        let cache = ActionCache::open(dir.path()).unwrap();
+        let cache = ActionCache::open(dir.path(), 1 << 20).unwrap();
         cache.update("a", &action, &result).await.unwrap();
         assert_eq!(cache.get("b", &action).await.unwrap(), None);
-        let reopened = ActionCache::open(dir.path()).unwrap();
+        let reopened = ActionCache::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(reopened.get("a", &action).await.unwrap(), Some(result));
     }
 
     #[tokio::test]
     async fn keys_are_listed_and_writes_observed() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = ActionCache::open(dir.path()).unwrap();
+        let cache = ActionCache::open(dir.path(), 1 << 20).unwrap();
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = seen.clone();
         assert!(
@@ -126,7 +132,7 @@ mod tests {
     async fn an_entry_that_does_not_decode_is_a_miss() {
         let dir = tempfile::tempdir().unwrap();
         let action = DigestFunction::Blake3.digest_of(b"action");
-        let cache = ActionCache::open(dir.path()).unwrap();
+        let cache = ActionCache::open(dir.path(), 1 << 20).unwrap();
         cache.update("", &action, &ActionResult::default()).await.unwrap();
         std::fs::write(cache.entry_path("", &action), [0xff, 0xff, 0xff]).unwrap();
         assert_eq!(cache.get("", &action).await.unwrap(), None);

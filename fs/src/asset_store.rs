@@ -56,9 +56,15 @@ fn key(uri: &str, qualifiers: &[(String, String)]) -> String {
 }
 
 impl AssetStore {
-    /// Opens (creating if needed) the store under `root`. Blocking.
-    pub fn open(root: &Path) -> Result<Self, StoreError> {
-        Ok(AssetStore { files: EntryFiles::open(root)? })
+    /// Opens (creating if needed) the store under `root`, holding at most
+    /// `budget` bytes of entries (least recently used go first). Blocking.
+    pub fn open(root: &Path, budget: u64) -> Result<Self, StoreError> {
+        Ok(AssetStore { files: EntryFiles::open(root, budget)? })
+    }
+
+    /// Bytes the entries take on disk, and how many there are.
+    pub fn usage(&self) -> (u64, usize) {
+        self.files.usage()
     }
 
     fn entry_path(&self, instance: &str, uri: &str, qualifiers: &[(String, String)]) -> PathBuf {
@@ -105,10 +111,10 @@ mod tests {
     async fn entries_persist_per_instance() {
         let dir = tempfile::tempdir().unwrap();
         let entry = AssetEntry { directory: true, pushed_at: 7, ..Default::default() };
-        let store = AssetStore::open(dir.path()).unwrap();
+        let store = AssetStore::open(dir.path(), 1 << 20).unwrap();
         store.put("a", "https://x/y.tar", &[], &entry).await.unwrap();
         assert_eq!(store.get("b", "https://x/y.tar", &[]).await.unwrap(), None);
-        let reopened = AssetStore::open(dir.path()).unwrap();
+        let reopened = AssetStore::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(reopened.get("a", "https://x/y.tar", &[]).await.unwrap(), Some(entry));
     }
 }

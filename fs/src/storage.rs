@@ -51,6 +51,9 @@ pub struct Storage {
     instances: Mutex<LruCache<String, Arc<dyn BlobStore>>>,
 }
 
+/// Entries get 1/ENTRY_SHARE of the disk budget; blobs the rest.
+pub const ENTRY_SHARE: u64 = 16;
+
 /// How many per-instance views are kept built.
 const VIEWS: usize = 1024;
 
@@ -58,11 +61,14 @@ impl Storage {
     /// Opens the tiers under `config.dir`, indexing what is already on disk.
     /// Blocking: scans the disk tier.
     pub fn open(config: &StorageConfig) -> Result<Self, StoreError> {
+        // One disk budget: blobs, and a share for action-cache (3/4) and
+        // Remote Asset (1/4) entries.
+        let entries = config.max_disk / ENTRY_SHARE;
         Ok(Storage {
             memory: MemoryStore::new(config.max_memory),
-            disk: DiskStore::open(&config.dir, config.max_disk)?,
-            action_cache: ActionCache::open(&config.dir.join("ac"))?,
-            assets: AssetStore::open(&config.dir.join("assets"))?,
+            disk: DiskStore::open(&config.dir, config.max_disk - entries)?,
+            action_cache: ActionCache::open(&config.dir.join("ac"), entries / 4 * 3)?,
+            assets: AssetStore::open(&config.dir.join("assets"), entries / 4)?,
             memory_admit_max: config.memory_admit_max,
             max_instances: config.max_instances,
             instances: Mutex::new(LruCache::new(NonZeroUsize::new(VIEWS).expect("non-zero"))),
