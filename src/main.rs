@@ -1,6 +1,7 @@
 //! `casbuild`: the one binary. Parses arguments, wires the library crates
 //! together and presents errors; the work itself lives in the crates.
 
+mod claims;
 mod cmd;
 mod config;
 

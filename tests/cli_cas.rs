@@ -119,3 +119,52 @@ fn user_mistakes_get_clear_messages() {
     let err = fails(&["coordinator", "--config", config.to_str().unwrap()]);
     assert!(err.contains("bad.toml") && err.contains("max_dsk"), "{err}");
 }
+
+#[test]
+fn roles_refuse_directories_that_overlap_another_roles() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    let server = Coordinator::start(&storage, &[]);
+    let pid = server.pid().to_string();
+
+    // Inside a live coordinator's storage, or around it: refused, naming it.
+    // (Bounded: a role that wrongly starts would serve forever.)
+    let bounded = |args: &[&str]| {
+        let out = std::process::Command::new("timeout")
+            .arg("30")
+            .arg(env!("CARGO_BIN_EXE_casbuild"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "casbuild {args:?} should fail");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let inner = storage.join("blobs-of-another");
+    let err = bounded(&["coordinator", "--listen", "127.0.0.1:0", "--storage", inner.to_str().unwrap()]);
+    assert!(err.contains("overlaps") && err.contains("casbuild coordinator") && err.contains(&pid), "{err}");
+    let err = bounded(&["coordinator", "--listen", "127.0.0.1:0", "--storage", dir.path().to_str().unwrap()]);
+    assert!(err.contains("overlaps") && err.contains(&pid), "{err}");
+    let err = bounded(&["up", "--listen", "127.0.0.1:0", "--dir", storage.to_str().unwrap()]);
+    assert!(err.contains("overlaps") && err.contains(&pid), "{err}");
+    assert!(!storage.join("scratch").exists(), "refused before touching anything");
+
+    // One role's own directories must not nest either.
+    let mount = dir.path().join("cas");
+    let err = bounded(&[
+        "worker",
+        "--coordinator",
+        &server.url(),
+        "--mount",
+        mount.to_str().unwrap(),
+        "--scratch",
+        mount.join("scratch").to_str().unwrap(),
+        "--cache-dir",
+        dir.path().join("cache").to_str().unwrap(),
+    ]);
+    assert!(err.contains("the mount directory") && err.contains("the scratch directory"), "{err}");
+
+    // A dead process's claim does not count.
+    server.kill();
+    let again = Coordinator::start(&inner, &[]);
+    drop(again);
+}

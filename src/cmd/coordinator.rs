@@ -220,6 +220,7 @@ fn reload_on_hangup(settings: &Settings) -> anyhow::Result<()> {
 /// Runs until SIGINT or SIGTERM, then lets calls in flight finish.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let settings = args.settings()?;
+    let _claims = crate::claims::claim("coordinator", &[("storage", &settings.storage.dir)])?;
     let storage_config = settings.storage.clone();
     let storage = tokio::task::spawn_blocking(move || Storage::open(&storage_config))
         .await?

@@ -81,6 +81,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("connecting to {}", args.remote))?;
     let cache_dir = args.cache_dir.unwrap_or_else(|| default_data_dir().join("mount-cache"));
+    let _claims = crate::claims::claim("mount", &[("mount", &args.mountpoint), ("cache", &cache_dir)])?;
     let options = MountOptions { threads: args.threads, passthrough: !args.no_passthrough, readers: None };
     let mount = mount_cas(&args.mountpoint, &cache_dir, args.cache_size, remote, timeout, options).await?;
     let shutdown = shutdown_signal()?;

@@ -77,6 +77,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.listen
     );
     let dir = args.dir.unwrap_or_else(default_data_dir);
+    let _claims = crate::claims::claim(
+        "up",
+        &[
+            ("store", &dir.join("store")),
+            ("worker cache", &dir.join("worker-cache")),
+            ("mount", &dir.join("cas")),
+            ("scratch", &dir.join("scratch")),
+        ],
+    )?;
     // A scratch directory casbuild may not clear is refused before anything starts.
     casbuild_exec::scratch::prepare_root(&dir.join("scratch")).map_err(anyhow::Error::msg)?;
     let mut storage_config = StorageConfig::new(dir.join("store"));

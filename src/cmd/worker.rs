@@ -96,6 +96,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let slots = args.slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() as u32));
     // A scratch directory casbuild may not clear is refused before anything starts.
     let scratch = args.scratch.clone().unwrap_or_else(|| default_data_dir().join("worker-scratch"));
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| default_data_dir().join("worker-cache"));
+    let _claims =
+        crate::claims::claim("worker", &[("mount", &args.mount), ("scratch", &scratch), ("cache", &cache_dir)])?;
     casbuild_exec::scratch::prepare_root(&scratch).map_err(anyhow::Error::msg)?;
     let platform = args
         .platform
@@ -149,8 +152,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Err(status) => bail!("registering with {}: {}", args.coordinator, status.message()),
     };
 
-    let data = default_data_dir();
-    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| data.join("worker-cache"));
     let timeout = Duration::from_secs(60);
     let mount =
         mount_cas(&args.mount, &cache_dir, args.cache_size, remote.clone(), timeout, args.sandbox.mount_options());
