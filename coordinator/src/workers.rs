@@ -7,6 +7,13 @@
 //! a full one — when every worker is full, actions wait in the queue. A worker
 //! that misses heartbeats loses its leases, which are requeued (a bounded
 //! number of times, then the action fails with UNAVAILABLE).
+//!
+//! Slots and idle CPUs are the worker's claims; what it has shown counts too.
+//! Like TCP's slow start, a newly registered worker is trusted with
+//! [`INITIAL_CAPACITY`] leases at once, and each action it completes with a
+//! result raises that by one (doubling per round), up to its slots (at most
+//! [`MAX_SLOTS`]). A worker that registers with a huge capacity and sits on
+//! its leases holds only a few actions until they expire.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -61,12 +68,20 @@ struct Pending {
     done: oneshot::Sender<ActionOutcome>,
 }
 
+/// Leases a newly registered worker may hold at once.
+pub const INITIAL_CAPACITY: u32 = 4;
+
+/// The most slots a worker may claim.
+pub const MAX_SLOTS: u32 = 1024;
+
 struct Worker {
     /// The secret of the process that registered this id.
     session: String,
     platform: Vec<(String, String)>,
     slots: u32,
     free_cpus: u32,
+    /// Leases it may hold at once by what it has shown (slow start).
+    proven: u32,
     running: Vec<String>,
     last_heartbeat: Instant,
     leases: Option<mpsc::Sender<Result<LeaseUpdate, Status>>>,
@@ -74,7 +89,7 @@ struct Worker {
 
 impl Worker {
     fn effective(&self) -> u32 {
-        self.slots.min(self.free_cpus.max(1))
+        self.slots.min(self.free_cpus.max(1)).min(self.proven)
     }
 
     fn can_take(&self, platform: &[(String, String)]) -> bool {
@@ -348,7 +363,7 @@ impl Workers for WorkersService {
             if worker.session == request.session {
                 // The same process again (its lease stream broke): it keeps its leases.
                 worker.platform = platform;
-                worker.slots = request.slots;
+                worker.slots = request.slots.min(MAX_SLOTS);
                 worker.last_heartbeat = Instant::now();
                 return Ok(Response::new(RegisterResponse {
                     heartbeat_interval_ms: self.pool.config.heartbeat_interval.as_millis() as u32,
@@ -368,8 +383,9 @@ impl Workers for WorkersService {
             Worker {
                 session: request.session,
                 platform,
-                slots: request.slots,
+                slots: request.slots.min(MAX_SLOTS),
                 free_cpus: request.slots,
+                proven: INITIAL_CAPACITY,
                 running: Vec::new(),
                 last_heartbeat: Instant::now(),
                 leases: None,
@@ -389,7 +405,7 @@ impl Workers for WorkersService {
         worker.last_heartbeat = Instant::now();
         worker.free_cpus = request.free_cpus;
         if request.slots > 0 {
-            worker.slots = request.slots;
+            worker.slots = request.slots.min(MAX_SLOTS);
         }
         WorkerPool::dispatch(&mut pool, self.pool.lease_time());
         Ok(Response::new(HeartbeatResponse {}))
@@ -420,9 +436,13 @@ impl Workers for WorkersService {
             pool.leased.insert(request.lease_id.clone(), (pending, owner));
             return Err(Status::permission_denied("the lease belongs to another worker session"));
         }
+        let delivered = matches!(request.outcome, Some(Outcome::ActionResult(_)));
         if let Some(worker) = pool.workers.get_mut(&owner) {
             worker.running.retain(|l| *l != request.lease_id);
             worker.last_heartbeat = Instant::now();
+            if delivered {
+                worker.proven = (worker.proven + 1).min(MAX_SLOTS);
+            }
         }
         let function = pending.action.function;
         let outcome = match request.outcome {
@@ -519,6 +539,63 @@ mod tests {
         heartbeat(&service, "busy", 4, 4).await;
         assert_eq!(drain(&mut busy), 1);
         assert!(pool.lock().queue.is_empty());
+        for task in waiting {
+            task.abort();
+        }
+    }
+
+    /// The lease ids among the updates waiting on `stream`.
+    fn drain_leases(stream: &mut LeaseStream) -> Vec<String> {
+        let mut ids = Vec::new();
+        while let Some(Some(Ok(update))) = stream.next().now_or_never() {
+            if let Some(Update::Lease(lease)) = update.update {
+                ids.push(lease.lease_id);
+            }
+        }
+        ids
+    }
+
+    #[tokio::test]
+    async fn a_worker_is_trusted_with_more_leases_only_as_it_delivers() {
+        let pool = WorkerPool::new(PoolConfig { heartbeat_interval: Duration::from_secs(60), ..Default::default() });
+        let service = WorkersService::new(pool.clone());
+        // It claims far more than anyone may; the claim is capped, and at
+        // first it gets a few leases, however many it claims.
+        let mut stream = join(&service, "big", 1_000_000).await;
+        heartbeat(&service, "big", 1_000_000, 1_000_000).await;
+        assert_eq!(pool.lock().workers["big"].slots, MAX_SLOTS);
+        let waiting: Vec<_> = (0..20)
+            .map(|i| {
+                let pool = pool.clone();
+                tokio::spawn(async move { pool.execute(action(i)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let first = drain_leases(&mut stream);
+        assert_eq!(first.len(), INITIAL_CAPACITY as usize);
+        // Each delivered result makes room for two more: the one it freed, and one more of trust.
+        let done = CompleteRequest {
+            worker_id: "big".into(),
+            session: session("big"),
+            lease_id: first[0].clone(),
+            outcome: Some(Outcome::ActionResult(ActionResult::default().encode_to_vec())),
+            ..Default::default()
+        };
+        service.complete(worker_request(done)).await.unwrap();
+        assert_eq!(drain_leases(&mut stream).len(), 2);
+        // An error outcome frees its slot but earns no trust.
+        let failed = CompleteRequest {
+            worker_id: "big".into(),
+            session: session("big"),
+            lease_id: first[1].clone(),
+            outcome: Some(Outcome::Error(casbuild_proto::worker::LeaseError {
+                code: Code::Unavailable as i32,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        service.complete(worker_request(failed)).await.unwrap();
+        assert_eq!(drain_leases(&mut stream).len(), 1);
         for task in waiting {
             task.abort();
         }
