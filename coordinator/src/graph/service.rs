@@ -1,7 +1,7 @@
 //! The Graphs gRPC service: SubmitGraph checks a graph and starts it,
 //! WatchGraph resumes its event stream.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,7 +31,31 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<GraphEvent, Status>> + Send>
 pub struct GraphsService {
     storage: Arc<Storage>,
     scheduler: Arc<Scheduler>,
-    runs: Arc<Mutex<HashMap<String, Arc<GraphRun>>>>,
+    runs: Arc<Mutex<Runs>>,
+}
+
+/// Finished graphs kept for watchers at most; beyond it the oldest go first.
+const MAX_FINISHED: usize = 1000;
+
+/// The graphs that can be watched: running ones, and finished ones for
+/// [`KEEP_FINISHED`] within [`MAX_FINISHED`].
+#[derive(Default)]
+struct Runs {
+    by_id: HashMap<String, Arc<GraphRun>>,
+    /// Ids of finished graphs in the order they finished (some may have
+    /// been forgotten already, by time).
+    finished: VecDeque<String>,
+}
+
+impl Runs {
+    fn finished(&mut self, id: &str) {
+        self.finished.push_back(id.to_owned());
+        while self.finished.len() > MAX_FINISHED {
+            if let Some(oldest) = self.finished.pop_front() {
+                self.by_id.remove(&oldest);
+            }
+        }
+    }
 }
 
 impl GraphsService {
@@ -40,7 +64,7 @@ impl GraphsService {
         GraphsService { storage, scheduler, runs: Arc::default() }
     }
 
-    fn runs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<GraphRun>>> {
+    fn runs(&self) -> std::sync::MutexGuard<'_, Runs> {
         self.runs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -119,14 +143,15 @@ impl Graphs for GraphsService {
         self.check_sources(&spec).await?;
         let run = GraphRun::new(&spec.instance);
         run.emit(Event::Accepted(proto::GraphAccepted { jobs: spec.graph.jobs.len() as u32 }));
-        self.runs().insert(run.id.clone(), run.clone());
+        self.runs().by_id.insert(run.id.clone(), run.clone());
         tracing::info!("graph {}: {} jobs", run.id, spec.graph.jobs.len());
         let (driven, runs, scheduler, storage) =
             (run.clone(), self.runs.clone(), self.scheduler.clone(), self.storage.clone());
         tokio::spawn(async move {
             drive(driven.clone(), spec, scheduler, storage).await;
+            runs.lock().unwrap_or_else(|e| e.into_inner()).finished(&driven.id);
             tokio::time::sleep(KEEP_FINISHED).await;
-            runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&driven.id);
+            runs.lock().unwrap_or_else(|e| e.into_inner()).by_id.remove(&driven.id);
         });
         Ok(Response::new(Box::pin(run.events(0).map(Ok))))
     }
@@ -134,7 +159,7 @@ impl Graphs for GraphsService {
     async fn watch_graph(&self, request: Request<WatchGraphRequest>) -> Result<Response<EventStream>, Status> {
         let principal = crate::auth::principal(&request)?;
         let request = request.into_inner();
-        let run = self.runs().get(&request.graph_id).cloned().ok_or_else(|| {
+        let run = self.runs().by_id.get(&request.graph_id).cloned().ok_or_else(|| {
             Status::not_found(format!(
                 "graph {:?} is unknown here (finished graphs are kept for {} s)",
                 request.graph_id,
@@ -143,5 +168,26 @@ impl Graphs for GraphsService {
         })?;
         crate::auth::check(&principal, Permission::Execute, &run.instance)?;
         Ok(Response::new(Box::pin(run.events(request.after_sequence).map(Ok))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finished_graphs_are_kept_within_a_count_oldest_first() {
+        let mut runs = Runs::default();
+        let ids: Vec<String> = (0..MAX_FINISHED + 5).map(|i| format!("graph-{i}")).collect();
+        for id in &ids {
+            runs.by_id.insert(id.clone(), GraphRun::new(""));
+        }
+        runs.by_id.insert("running".into(), GraphRun::new(""));
+        for id in &ids {
+            runs.finished(id);
+        }
+        assert_eq!(runs.by_id.len(), MAX_FINISHED + 1, "the running graph stays");
+        assert!(ids[..5].iter().all(|id| !runs.by_id.contains_key(id)));
+        assert!(runs.by_id.contains_key(&ids[5]) && runs.by_id.contains_key("running"));
     }
 }
