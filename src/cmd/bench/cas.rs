@@ -1,6 +1,7 @@
 //! `casbuild bench cas`: the storage API over loopback.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -84,10 +85,139 @@ pub async fn bench_cas(args: CasArgs) -> anyhow::Result<()> {
         ratio: round_trip.as_secs_f64() / find_missing.as_secs_f64(),
     });
 
+    eprintln!("bench: the same calls with an API key, and with a key over TLS");
+    rows.extend(secured(&remote, function, args.size, args.runs, scratch.path()).await?);
+
     print_table(&rows);
     drop(remote);
     server.stop().await;
     Ok(())
+}
+
+/// What authentication and TLS cost: GetCapabilities round trips with an API
+/// key (plaintext and over TLS) against the open server's, and a ByteStream
+/// download over TLS against the plaintext one. Certificates come from the
+/// `openssl` command (scripts/setup-debian.sh installs it).
+async fn secured(
+    open: &RemoteStore,
+    function: DigestFunction,
+    size: u64,
+    runs: usize,
+    scratch: &std::path::Path,
+) -> anyhow::Result<Vec<Row>> {
+    use casbuild_coordinator::auth::{AuthConfig, Authenticator, KeyConfig, Role};
+    use casbuild_fs::store::ConnectOptions;
+    let pki = scratch.join("pki");
+    std::fs::create_dir_all(&pki)?;
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let out =
+            std::process::Command::new("openssl").args(args).current_dir(&pki).output().context("running openssl")?;
+        anyhow::ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    let new_key = ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout"];
+    openssl(&[&new_key[..], &["ca.key", "-x509", "-out", "ca.pem", "-days", "1", "-subj", "/CN=bench CA"]].concat())?;
+    openssl(&[&new_key[..], &["server.key", "-out", "server.csr", "-subj", "/CN=bench"]].concat())?;
+    std::fs::write(pki.join("server.ext"), "subjectAltName=IP:127.0.0.1\n")?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "server.ext",
+    ])?;
+    let (key, hash) = casbuild_coordinator::auth::new_key();
+    let table = AuthConfig {
+        keys: vec![KeyConfig { name: "bench".into(), blake3: hash, roles: vec![Role::Admin], instances: None }],
+        ..Default::default()
+    };
+    let auth = Arc::new(Authenticator::new(Some(&table), None).map_err(anyhow::Error::msg)?);
+    let tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
+        std::fs::read(pki.join("server.pem"))?,
+        std::fs::read(pki.join("server.key"))?,
+    ));
+    let with_key = ConnectOptions { api_key: Some(key.clone()), ..Default::default() };
+    let with_tls =
+        ConnectOptions { ca_pem: Some(std::fs::read(pki.join("ca.pem"))?), api_key: Some(key), identity: None };
+    let config = |tls: Option<tonic::transport::ServerTlsConfig>| casbuild_coordinator::ServerConfig {
+        auth: auth.clone(),
+        tls,
+        ..Default::default()
+    };
+    let keyed = LocalServer::start_with(&scratch.join("keyed"), config(None), with_key).await?;
+    let secure = LocalServer::start_with(&scratch.join("secure"), config(Some(tls)), with_tls).await?;
+
+    let round_trip = |remote: RemoteStore| async move {
+        let mut client = CapabilitiesClient::new(remote.channel());
+        let mut times = Vec::new();
+        for _ in 0..501 {
+            let start = Instant::now();
+            client.get_capabilities(GetCapabilitiesRequest::default()).await.context("GetCapabilities")?;
+            times.push(start.elapsed());
+        }
+        anyhow::Ok(median(times))
+    };
+    let (open_rt, keyed_rt, secure_rt) = (
+        round_trip(open.clone()).await?,
+        round_trip(keyed.remote.clone()).await?,
+        round_trip(secure.remote.clone()).await?,
+    );
+
+    let blob = Bytes::from(noise(7, size as usize));
+    let digest = function.digest_of(&blob);
+    let download = |remote: RemoteStore| {
+        let blob = blob.clone();
+        async move {
+            remote.write(&digest, blob).await?;
+            let mut times = Vec::new();
+            for _ in 0..runs {
+                let start = Instant::now();
+                let mut stream = remote.read(&digest, 0, None).await?;
+                while let Some(chunk) = stream.next().await {
+                    chunk?;
+                }
+                times.push(start.elapsed());
+            }
+            anyhow::Ok(median(times))
+        }
+    };
+    let (plain_down, secure_down) = (download(open.clone()).await?, download(secure.remote.clone()).await?);
+    keyed.stop().await;
+    secure.stop().await;
+    let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
+    Ok(vec![
+        Row {
+            name: "GetCapabilities round trip, API key".into(),
+            casbuild: ms(keyed_rt),
+            baseline_name: "the same call, open server, no key",
+            baseline: ms(open_rt),
+            ratio: open_rt.as_secs_f64() / keyed_rt.as_secs_f64(),
+        },
+        Row {
+            name: "GetCapabilities round trip, API key over TLS".into(),
+            casbuild: ms(secure_rt),
+            baseline_name: "the same call, open server, no key",
+            baseline: ms(open_rt),
+            ratio: open_rt.as_secs_f64() / secure_rt.as_secs_f64(),
+        },
+        Row {
+            name: format!("ByteStream download over TLS, {} blob", bytesize::ByteSize(size)),
+            casbuild: format!("{:.2} GB/s", gb_per_s(size, secure_down)),
+            baseline_name: "the same download, plaintext",
+            baseline: format!("{:.2} GB/s", gb_per_s(size, plain_down)),
+            ratio: plain_down.as_secs_f64() / secure_down.as_secs_f64(),
+        },
+    ])
 }
 
 /// Median times of: upload through ByteStream, download through ByteStream,

@@ -103,16 +103,27 @@ struct LocalServer {
 
 impl LocalServer {
     async fn start(dir: &Path) -> anyhow::Result<LocalServer> {
+        LocalServer::start_with(dir, Default::default(), Default::default()).await
+    }
+
+    /// A server with `config` (auth, TLS), and a client connected with `connect`.
+    async fn start_with(
+        dir: &Path,
+        config: casbuild_coordinator::ServerConfig,
+        connect: casbuild_fs::store::ConnectOptions,
+    ) -> anyhow::Result<LocalServer> {
         let mut storage_config = StorageConfig::new(dir.to_path_buf());
         storage_config.max_disk = u64::MAX;
         let storage = tokio::task::spawn_blocking(move || Storage::open(&storage_config)).await??;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("grpc://{}", listener.local_addr()?);
+        let scheme = if config.tls.is_some() { "grpcs" } else { "grpc" };
+        let url = format!("{scheme}://{}", listener.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(casbuild_coordinator::serve(listener, Arc::new(storage), Default::default(), async {
+        let task = tokio::spawn(casbuild_coordinator::serve(listener, Arc::new(storage), config, async {
             let _ = stopped.await;
         }));
-        let remote = RemoteStore::connect(&url, RemoteStoreOptions::default()).await.context("connecting")?;
+        let options = RemoteStoreOptions { connect, ..Default::default() };
+        let remote = RemoteStore::connect(&url, options).await.context("connecting")?;
         Ok(LocalServer { remote, stop, task })
     }
 
