@@ -174,7 +174,7 @@ impl Cluster {
 
     fn options(&self, key: Option<&str>, cert: Option<&str>) -> ConnectOptions {
         ConnectOptions {
-            ca_pem: Some(std::fs::read(self.pki.path("ca.pem")).unwrap()),
+            ca_pem: self.tls.then(|| std::fs::read(self.pki.path("ca.pem")).unwrap()),
             identity: cert.map(|c| {
                 (
                     std::fs::read(self.pki.path(&format!("{c}.pem"))).unwrap(),
@@ -205,6 +205,19 @@ async fn upload(channel: RemoteChannel, instance: &str, data: &[u8]) -> Result<D
     let response = ContentAddressableStorageClient::new(channel).batch_update_blobs(batch).await?.into_inner();
     assert_eq!(response.responses[0].status.as_ref().map_or(0, |s| s.code), 0);
     Ok(digest)
+}
+
+/// Uploads a shell action (and its Command) through `channel`; its digest.
+async fn upload_action(channel: &RemoteChannel, script: &str) -> Digest {
+    let (action, blobs) = common::execute::shell_action(script);
+    let requests = blobs.into_iter().map(|(d, data)| batch_update_blobs_request::Request {
+        digest: Some(d.to_proto()),
+        data: data.to_vec(),
+        compressor: 0,
+    });
+    let batch = BatchUpdateBlobsRequest { requests: requests.collect(), ..Default::default() };
+    ContentAddressableStorageClient::new(channel.clone()).batch_update_blobs(batch).await.unwrap();
+    action
 }
 
 async fn capabilities(channel: RemoteChannel) -> Result<bool, tonic::Status> {
@@ -431,15 +444,8 @@ fn workers_prove_who_they_are_with_a_client_certificate() {
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let (action, blobs) = common::execute::shell_action("echo remote > out.txt");
         let runner = cluster.channel(Some("runner")).await;
-        let requests = blobs.into_iter().map(|(d, data)| batch_update_blobs_request::Request {
-            digest: Some(d.to_proto()),
-            data: data.to_vec(),
-            compressor: 0,
-        });
-        let batch = BatchUpdateBlobsRequest { requests: requests.collect(), ..Default::default() };
-        ContentAddressableStorageClient::new(runner.clone()).batch_update_blobs(batch).await.unwrap();
+        let action = upload_action(&runner, "echo remote > out.txt").await;
         let stream =
             ExecutionClient::new(runner).execute(common::execute::execute_request(&action, true)).await.unwrap();
         let operations = common::execute::operations(stream.into_inner()).await;
@@ -486,4 +492,52 @@ fn bazel_builds_remotely_with_an_api_key_and_is_refused_without() {
     assert!(ok, "{built}");
     assert!(common::bazel::processes(&built, " remote") >= 2, "{built}");
     assert_eq!(std::fs::read_to_string(ws.join("bazel-bin/pkg/b.txt")).unwrap(), "with a key\nwith a key\n");
+}
+
+/// Operations belong to the instance they run on: a key without execute
+/// there learns nothing of them, and only an admin's cancel stops an action
+/// others still wait for.
+#[test]
+fn only_an_admin_cancels_an_action_for_every_waiter() {
+    use casbuild_proto::longrunning::operations_client::OperationsClient;
+    use casbuild_proto::longrunning::{CancelOperationRequest, GetOperationRequest};
+    if !common::needs_root("only_an_admin_cancels_an_action_for_every_waiter", true) {
+        return;
+    }
+    let cluster = Cluster::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let _worker = common::start_worker(&cluster.server, dir.path(), 1, &["--worker-token", WORKER_TOKEN]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let runner = cluster.channel(Some("runner")).await;
+        let action = upload_action(&runner, "sleep 30; echo never > out").await;
+        let execute = || {
+            let runner = runner.clone();
+            async move {
+                let request = common::execute::execute_request(&action, true);
+                ExecutionClient::new(runner).execute(request).await.unwrap().into_inner()
+            }
+        };
+        let mut a = execute().await;
+        let b = execute().await;
+        let a_name = a.message().await.unwrap().unwrap().name;
+
+        // A key with execute on another instance only: no such operation.
+        let mut team = OperationsClient::new(cluster.channel(Some("team")).await);
+        let err = team.get_operation(GetOperationRequest { name: a_name.clone() }).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        let err = team.cancel_operation(CancelOperationRequest { name: a_name.clone() }).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+
+        // The admin cancels A's operation: the shared action stops for B too.
+        let mut admin = OperationsClient::new(cluster.channel(Some("admin")).await);
+        admin.cancel_operation(CancelOperationRequest { name: a_name }).await.unwrap();
+        let last = tokio::time::timeout(Duration::from_secs(20), common::execute::operations(b))
+            .await
+            .expect("B's operation ended after the admin's cancel")
+            .pop()
+            .unwrap();
+        let status = common::execute::response_of(&last).status.unwrap_or_default();
+        assert_eq!(status.code, Code::Cancelled as i32, "{status:?}");
+    });
 }
