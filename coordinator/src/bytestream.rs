@@ -73,17 +73,14 @@ impl ByteStreamService {
         }
         let mut sessions = self.sessions();
         sessions.retain(|_, s| s.last_used.elapsed() < SESSION_IDLE);
-        let parked = |sessions: &HashMap<String, Session>| -> u64 {
-            sessions.values().map(|s| s.committed.max(0) as u64).sum::<u64>()
-        };
-        while sessions.len() >= MAX_SESSIONS
-            || (!sessions.is_empty() && parked(&sessions) + session.committed.max(0) as u64 > max_bytes)
-        {
+        let bytes = |s: &Session| s.committed.max(0) as u64;
+        let mut parked: u64 = sessions.values().map(bytes).sum();
+        while sessions.len() >= MAX_SESSIONS || (!sessions.is_empty() && parked + bytes(&session) > max_bytes) {
             let oldest = sessions.iter().min_by_key(|(_, s)| s.last_used).map(|(k, _)| k.clone());
-            match oldest {
-                Some(key) => sessions.remove(&key),
+            match oldest.and_then(|key| sessions.remove(&key)) {
+                Some(evicted) => parked -= bytes(&evicted),
                 None => break,
-            };
+            }
         }
         sessions.insert(name, session);
     }
