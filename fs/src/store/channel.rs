@@ -129,16 +129,14 @@ pub async fn connect_channel(
         endpoint = endpoint.tls_config(config).map_err(|e| invalid(format!("TLS settings: {e}")))?;
     }
     let authorization = match &options.api_key {
-        Some(key) => Some(
-            http::HeaderValue::try_from(format!("Bearer {key}"))
-                .map_err(|_| invalid("the API key holds characters a header cannot carry".into()))?,
-        ),
+        Some(key) => {
+            let mut value = http::HeaderValue::try_from(format!("Bearer {key}"))
+                .map_err(|_| invalid("the API key holds characters a header cannot carry".into()))?;
+            value.set_sensitive(true);
+            Some(value)
+        }
         None => None,
-    }
-    .map(|mut value| {
-        value.set_sensitive(true);
-        value
-    });
+    };
     let channel = endpoint
         .connect()
         .await
