@@ -125,6 +125,7 @@ fn a_tree_that_names_each_child_twice_does_not_wedge_the_server() {
         let (action_digest, action_bytes) = blob(&action);
         blobs.extend([(command_digest, command_bytes), (action_digest, action_bytes)]);
         upload(&server, blobs).await;
+        let before = resident_bytes(server.pid());
 
         let mut client = ExecutionClient::new(server.channel().await);
         let bounded = Duration::from_secs(60);
@@ -140,6 +141,8 @@ fn a_tree_that_names_each_child_twice_does_not_wedge_the_server() {
             .await
             .expect("GetCapabilities answers")
             .unwrap();
+        let grown = resident_bytes(server.pid()).saturating_sub(before);
+        assert!(grown < 64 << 20, "the walk grew the server by {} MiB", grown >> 20);
     });
 }
 
@@ -151,6 +154,7 @@ fn batch_limits_hold_for_declared_and_decompressed_sizes() {
     let dir = tempfile::tempdir().unwrap();
     let server = Coordinator::start(&dir.path().join("storage"), &[]);
     runtime().block_on(async {
+        let before = resident_bytes(server.pid());
         // 32 KiB of "zstd" declaring a 1 GiB blob: refused before decompression.
         let huge = casbuild_proto::reapi::Digest { hash: F.digest_of(b"bomb").hash_hex(), size_bytes: 1 << 30 };
         let bomb = batch_update_blobs_request::Request {
@@ -179,6 +183,41 @@ fn batch_limits_hold_for_declared_and_decompressed_sizes() {
         };
         let status = server.cas().await.batch_read_blobs(request).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+        // A real bomb: 256 MiB of zeros in a few KiB of zstd, declared as
+        // 100 bytes, by batch and by ByteStream.
+        let bomb = {
+            let mut encoder = zstd::stream::Encoder::new(Vec::new(), 19).unwrap();
+            let zeros = vec![0u8; 1 << 20];
+            for _ in 0..256 {
+                std::io::Write::write_all(&mut encoder, &zeros).unwrap();
+            }
+            encoder.finish().unwrap()
+        };
+        assert!(bomb.len() < 64 << 10, "{} bytes", bomb.len());
+        let small = casbuild_proto::reapi::Digest { hash: F.digest_of(&[0u8; 100]).hash_hex(), size_bytes: 100 };
+        let request = BatchUpdateBlobsRequest {
+            requests: vec![batch_update_blobs_request::Request {
+                digest: Some(small.clone()),
+                data: bomb.clone(),
+                compressor: compressor::Value::Zstd as i32,
+            }],
+            digest_function: F.to_proto() as i32,
+            ..Default::default()
+        };
+        let response = server.cas().await.batch_update_blobs(request).await.unwrap().into_inner();
+        let status = response.responses[0].status.clone().unwrap();
+        assert_eq!(status.code, Code::InvalidArgument as i32, "{status:?}");
+        let write = casbuild_proto::bytestream::WriteRequest {
+            resource_name: format!("uploads/bomb/compressed-blobs/zstd/{}/100", small.hash),
+            write_offset: 0,
+            finish_write: true,
+            data: bomb,
+        };
+        let status = server.bytestream().await.write(futures::stream::iter([write])).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        let grown = resident_bytes(server.pid()).saturating_sub(before);
+        assert!(grown < 64 << 20, "the server grew by {} MiB", grown >> 20);
     });
 }
 
@@ -293,5 +332,163 @@ fn instance_names_are_checked_before_they_cost_anything() {
             digest_function: F.to_proto() as i32,
         };
         server.cas().await.find_missing_blobs(request).await.unwrap();
+    });
+}
+
+/// The resident memory of process `pid`, in bytes.
+fn resident_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// Asks for the server's capabilities every 50 ms until `stop` is set and
+/// fails if one answer takes longer than `bound`: the server must keep
+/// serving others while an attack goes on. Returns how many answers came.
+async fn probe_capabilities(
+    server: &Coordinator,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    bound: Duration,
+) -> tokio::task::JoinHandle<usize> {
+    let mut client = server.capabilities().await;
+    tokio::spawn(async move {
+        let mut answers = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::timeout(bound, client.get_capabilities(GetCapabilitiesRequest::default()))
+                .await
+                .expect("GetCapabilities answers during the attack")
+                .unwrap();
+            answers += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        answers
+    })
+}
+
+#[test]
+fn a_flood_of_instance_names_is_refused_beyond_the_bound_and_costs_bounded_memory() {
+    use casbuild_proto::reapi::FindMissingBlobsRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(&config, "[limits]\ninstances = 2000\n").unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &["--config", config.to_str().unwrap()]);
+    runtime().block_on(async {
+        let cas = server.cas().await;
+        let find = |instance: String| {
+            let mut cas = cas.clone();
+            async move {
+                let request = FindMissingBlobsRequest {
+                    instance_name: instance,
+                    blob_digests: vec![F.digest_of(b"x").to_proto()],
+                    digest_function: F.to_proto() as i32,
+                };
+                cas.find_missing_blobs(request).await
+            }
+        };
+        find("warm/up".into()).await.unwrap();
+        let before = resident_bytes(server.pid());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let probe = probe_capabilities(&server, stop.clone(), Duration::from_secs(5)).await;
+
+        // 3,000 new names from 8 callers at once: the first ones are served,
+        // every one beyond the bound is refused.
+        let (mut served, mut refused) = (0, 0);
+        for wave in 0..375 {
+            let calls = (0..8).map(|i| find(format!("flood/{wave}/{i}")));
+            for result in futures::future::join_all(calls).await {
+                match result {
+                    Ok(_) => served += 1,
+                    Err(status) => {
+                        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                        assert!(status.message().contains("instance names"), "{}", status.message());
+                        refused += 1;
+                    }
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let answers = tokio::time::timeout(Duration::from_secs(10), probe).await.unwrap().unwrap();
+        assert!(answers > 0);
+        // The default instance and "warm/up" count too.
+        assert_eq!(served, 1998, "served {served}, refused {refused}");
+        assert_eq!(refused, 1002);
+        // Known names keep working.
+        find("flood/0/0".into()).await.unwrap();
+        let grown = resident_bytes(server.pid()).saturating_sub(before);
+        // Built views are an LRU of 1,024 and existence filters one of 64
+        // (1 MiB each): a flood costs tens of MiB at most, not a MiB per name.
+        assert!(grown < 96 << 20, "the server grew by {} MiB", grown >> 20);
+        eprintln!("3,000 instance names: resident memory grew by {} KiB", grown >> 10);
+    });
+}
+
+#[test]
+fn a_flood_of_failed_operations_is_retained_within_its_bound() {
+    use casbuild_coordinator::status::PreconditionFailure;
+    use casbuild_proto::longrunning::operations_client::OperationsClient;
+    use casbuild_proto::longrunning::GetOperationRequest;
+    use common::execute::response_of;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(&config, "[limits]\nfinished_operations = 20\n").unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &["--config", config.to_str().unwrap()]);
+    runtime().block_on(async {
+        // Each action's input root names 6,000 files nobody uploaded.
+        let files: Vec<FileNode> = (0..6000)
+            .map(|i| FileNode {
+                name: format!("f{i:05}"),
+                digest: Some(F.digest_of(format!("absent {i}").as_bytes()).to_proto()),
+                ..Default::default()
+            })
+            .collect();
+        let (root, root_bytes) = blob(&Directory { files, ..Default::default() });
+        let (command, command_bytes) = blob(&Command { arguments: vec!["true".into()], ..Default::default() });
+        let mut blobs = vec![(root, root_bytes), (command, command_bytes)];
+        let mut actions = Vec::new();
+        for i in 0..60 {
+            let action = Action {
+                command_digest: Some(command.to_proto()),
+                input_root_digest: Some(root.to_proto()),
+                salt: format!("{i}").into_bytes(),
+                ..Default::default()
+            };
+            let (digest, bytes) = blob(&action);
+            blobs.push((digest, bytes));
+            actions.push(digest);
+        }
+        upload(&server, blobs).await;
+
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let probe = probe_capabilities(&server, stop.clone(), Duration::from_secs(5)).await;
+        let mut client = ExecutionClient::new(server.channel().await);
+        let mut names = Vec::new();
+        for action in &actions {
+            let stream = client.execute(execute_request(action, true)).await.unwrap().into_inner();
+            let last = common::execute::operations(stream).await.pop().unwrap();
+            let status = response_of(&last).status.unwrap();
+            assert_eq!(status.code, Code::FailedPrecondition as i32);
+            // The message counts every missing blob and names a few; the
+            // details list at most 5,000.
+            assert!(status.message.starts_with("6000 input blob(s) missing"), "{:.100}", status.message);
+            assert!(status.message.len() < 2048, "a {} byte message", status.message.len());
+            let failure: PreconditionFailure = prost::Message::decode(&status.details[0].value[..]).unwrap();
+            assert_eq!(failure.violations.len(), 5000);
+            names.push(last.name);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(10), probe).await.unwrap().unwrap();
+
+        // Only the 20 most recent are still kept.
+        let mut ops = OperationsClient::new(server.channel().await);
+        let get = |name: &String| GetOperationRequest { name: name.clone() };
+        let status = ops.get_operation(get(&names[0])).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        let kept = futures::future::join_all(names.iter().map(|n| {
+            let mut ops = ops.clone();
+            async move { ops.get_operation(get(n)).await.is_ok() }
+        }))
+        .await;
+        assert_eq!(kept.iter().filter(|k| **k).count(), 20);
+        assert!(kept[40..].iter().all(|k| *k), "the most recent are kept");
     });
 }

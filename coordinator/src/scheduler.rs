@@ -349,7 +349,7 @@ impl Scheduler {
         true
     }
 
-    /// Bounds what finished operations are kept (tests shrink it).
+    /// Bounds what finished operations are kept (`[limits]` in the config file).
     pub fn set_retention(&self, retention: Retention) {
         let mut jobs = self.lock();
         jobs.retention = retention;

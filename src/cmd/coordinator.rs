@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use casbuild_coordinator::auth::{AuthConfig, Authenticator};
+use casbuild_coordinator::scheduler::Retention;
 use casbuild_coordinator::{ExecutionConfig, PoolConfig, Scheduler, ServerConfig, WorkerPool};
 use casbuild_fs::storage::{Storage, StorageConfig};
 use serde::Deserialize;
@@ -16,8 +17,8 @@ use crate::config::{default_state_dir, load_toml, parse_size, secret, ConfigSize
 #[derive(clap::Args)]
 pub struct Args {
     /// TOML file with any of: listen, storage, max_disk, max_memory, max_batch, worker_token, heartbeat_ms,
-    /// tls_cert, tls_key, tls_client_ca, tls_require_client_cert, and an [auth] table (reloaded on SIGHUP).
-    /// See docs/SECURITY.md.
+    /// tls_cert, tls_key, tls_client_ca, tls_require_client_cert, a [limits] table and an [auth] table
+    /// (reloaded on SIGHUP). See docs/SECURITY.md.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Address to serve on (port 0 picks a free port, printed at start).
@@ -80,6 +81,21 @@ struct FileConfig {
     tls_client_ca: Option<PathBuf>,
     tls_require_client_cert: Option<bool>,
     auth: Option<AuthConfig>,
+    limits: Option<Limits>,
+}
+
+/// The `[limits]` table: bounds on what callers can make the server hold.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Limits {
+    /// Distinct instance names the CAS holds.
+    instances: Option<usize>,
+    /// Finished operations kept for lookups by name.
+    finished_operations: Option<usize>,
+    /// Bytes of final state (results, inline logs) those may hold.
+    finished_operations_bytes: Option<ConfigSize>,
+    /// Seconds a finished operation is kept.
+    finished_operations_seconds: Option<u64>,
 }
 
 /// Everything the coordinator needs, after flags, file and defaults are merged.
@@ -92,6 +108,8 @@ pub struct Settings {
     pub config: Option<PathBuf>,
     /// The worker token, kept across reloads.
     pub worker_token: Option<String>,
+    /// How long and how many finished operations are kept.
+    pub retention: Retention,
 }
 
 impl Args {
@@ -109,6 +127,17 @@ impl Args {
         if let Some(n) = self.max_memory.or(file.max_memory.map(ConfigSize::bytes)) {
             storage.max_memory = n;
         }
+        let limits = file.limits.unwrap_or_default();
+        if let Some(n) = limits.instances {
+            anyhow::ensure!(n > 0, "[limits] instances must be at least 1");
+            storage.max_instances = n;
+        }
+        let defaults = Retention::default();
+        let retention = Retention {
+            time: limits.finished_operations_seconds.map_or(defaults.time, std::time::Duration::from_secs),
+            count: limits.finished_operations.unwrap_or(defaults.count),
+            bytes: limits.finished_operations_bytes.map_or(defaults.bytes, |n| n.bytes() as usize),
+        };
         let mut server = ServerConfig::default();
         if let Some(n) = self.max_batch.or(file.max_batch.map(ConfigSize::bytes)) {
             server.max_batch_bytes = n;
@@ -150,7 +179,7 @@ impl Args {
             }
         }
         server.auth = Arc::new(auth);
-        Ok(Settings { listen, storage, server, pool, config: self.config, worker_token })
+        Ok(Settings { listen, storage, server, pool, config: self.config, worker_token, retention })
     }
 }
 
@@ -248,6 +277,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let workers = WorkerPool::new(settings.pool);
     // Capacity is the workers' to decide; the scheduler only queues.
     let scheduler = Scheduler::new(storage.clone(), workers.clone(), 1 << 20);
+    scheduler.set_retention(settings.retention);
     let execution = ExecutionConfig { scheduler, workers: Some(workers) };
     let server =
         casbuild_coordinator::serve_with_execution(listener, storage, settings.server, Some(execution), async move {
