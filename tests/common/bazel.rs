@@ -16,6 +16,31 @@ pub fn available(test: &str) -> bool {
     })
 }
 
+/// The startup flag that lets Debian's Bazel open TLS channels, or `None`
+/// (the test skips, or fails under CASBUILD_REQUIRE_PRIVILEGED) when the
+/// library it needs is missing. Debian builds Bazel's Netty without the
+/// JDK's ALPN support, so gRPC over TLS needs netty-tcnative's native half
+/// (package `libnetty-tcnative-jni`), which Debian installs under a name
+/// Netty does not look for: the flag points `java.library.path` at a
+/// directory holding a copy under the expected name.
+pub fn tls_jvm_args(test: &str) -> Option<String> {
+    let installed = Path::new("/usr/lib/x86_64-linux-gnu/jni/libnetty-tcnative.so");
+    let dir = std::env::temp_dir().join("casbuild-bazel-tcnative");
+    let ready = super::privileged(test, || {
+        if !installed.exists() {
+            return Err(format!("{} is missing (apt-get install libnetty-tcnative-jni)", installed.display()));
+        }
+        // A copy, not a link: the library checks the file name it was
+        // loaded from.
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let partial = dir.join(format!(".copy-{}", std::process::id()));
+        std::fs::copy(installed, &partial).map_err(|e| e.to_string())?;
+        std::fs::rename(&partial, dir.join("libnetty_tcnative.so")).map_err(|e| e.to_string())?;
+        Ok(())
+    });
+    ready.then(|| format!("--host_jvm_args=-Djava.library.path={}", dir.display()))
+}
+
 /// Runs one bazel command in `workspace` in batch mode (no server left
 /// behind) with a private output root, bounded to 10 minutes. Returns whether
 /// it succeeded and its combined output.
