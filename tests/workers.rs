@@ -33,6 +33,15 @@ impl Drop for Detach {
     }
 }
 
+/// Waits (at most 30 s) until a process whose command line holds `script` runs.
+async fn until_running(script: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while processes_with(script).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the action never started on the worker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn worker_of(response: &casbuild_proto::reapi::ExecuteResponse) -> String {
     response.result.as_ref().and_then(|r| r.execution_metadata.as_ref()).map(|m| m.worker.clone()).unwrap_or_default()
 }
@@ -198,11 +207,7 @@ async fn queued_actions_run_by_priority_and_cancelling_stops_a_remote_command() 
     upload(&server, blobs).await;
     let mut stream = client.execute(execute_request(&slow, false)).await.unwrap().into_inner();
     let name = stream.message().await.unwrap().unwrap().name;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while processes_with("sleep 300; echo remote-cancel").is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the action never started on the worker");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_running("sleep 300; echo remote-cancel").await;
     OperationsClient::new(channel.clone()).cancel_operation(CancelOperationRequest { name }).await.unwrap();
     let rest = tokio::time::timeout(Duration::from_secs(30), operations(stream)).await.unwrap();
     assert_eq!(response_of(rest.last().unwrap()).status.unwrap().code, tonic::Code::Cancelled as i32);
@@ -226,11 +231,7 @@ async fn a_worker_told_to_stop_finishes_its_running_actions_first() {
     upload(&server, blobs).await;
     let mut client = ExecutionClient::new(server.channel().await);
     let stream = client.execute(execute_request(&action, false)).await.unwrap().into_inner();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while processes_with("sleep 1.5; echo drained").is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the action never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_running("sleep 1.5; echo drained").await;
     // SIGTERM: the worker takes no new leases but completes this one, then exits.
     let stopping = tokio::task::spawn_blocking(move || w1.stop());
     let ops = tokio::time::timeout(Duration::from_secs(60), operations(stream)).await.unwrap();
@@ -289,4 +290,58 @@ fn beyond_loopback_a_coordinator_wants_a_worker_token_and_takes_it_from_a_file()
         .unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("refused"));
+}
+
+/// Another process that holds the worker token claims a live worker's id
+/// while it runs an action: it gets neither the id, nor its lease stream,
+/// nor a say in the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_cannot_take_over_a_live_workers_id_or_leases() {
+    use casbuild_fs::store::{connect_channel, ConnectOptions};
+    use casbuild_proto::worker::workers_client::WorkersClient;
+    use casbuild_proto::worker::{
+        complete_request::Outcome, CompleteRequest, HeartbeatRequest, LeasesRequest, RegisterRequest,
+    };
+    use tonic::Code;
+    if !needs_root("a_second_process_cannot_take_over_a_live_workers_id_or_leases", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN]);
+    let _detach = Detach(dir.path().join("worker-1/cas"));
+    let _w1 = worker(&server, dir.path(), 1);
+    let (action, blobs) = shell_action("sleep 2; echo genuine > out");
+    upload(&server, blobs).await;
+    let mut client = ExecutionClient::new(server.channel().await);
+    let stream = client.execute(execute_request(&action, true)).await.unwrap().into_inner();
+    until_running("sleep 2; echo genuine").await;
+
+    let options = ConnectOptions { api_key: Some(TOKEN.into()), ..Default::default() };
+    let channel = connect_channel(&server.url(), Duration::from_secs(10), &options).await.unwrap();
+    let mut attacker = WorkersClient::new(channel);
+    let session = "the-attackers-own-session".to_owned();
+    let hijack = RegisterRequest { worker_id: "w1".into(), slots: 64, session: session.clone(), ..Default::default() };
+    let err = attacker.register(hijack).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let leases = LeasesRequest { worker_id: "w1".into(), session: session.clone() };
+    let err = attacker.leases(leases).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let beat = HeartbeatRequest { worker_id: "w1".into(), session: session.clone(), ..Default::default() };
+    assert_eq!(attacker.heartbeat(beat).await.unwrap_err().code(), Code::PermissionDenied);
+    // Completing in w1's name with a guessed lease id changes nothing.
+    let forged = CompleteRequest {
+        worker_id: "w1".into(),
+        lease_id: "1".into(),
+        outcome: Some(Outcome::ActionResult(Vec::new())),
+        session,
+        ..Default::default()
+    };
+    let err = attacker.complete(forged).await.unwrap_err();
+    assert!(matches!(err.code(), Code::PermissionDenied | Code::NotFound), "{err:?}");
+
+    let ops = tokio::time::timeout(Duration::from_secs(60), operations(stream)).await.unwrap();
+    let response = response_of(ops.last().unwrap());
+    assert_eq!(response.status.as_ref().map_or(0, |s| s.code), 0, "{response:?}");
+    assert_eq!(worker_of(&response), "w1");
+    assert_eq!(response.result.unwrap().output_files.len(), 1, "the genuine worker's result");
 }
