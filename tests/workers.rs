@@ -345,3 +345,56 @@ async fn a_second_process_cannot_take_over_a_live_workers_id_or_leases() {
     assert_eq!(worker_of(&response), "w1");
     assert_eq!(response.result.unwrap().output_files.len(), 1, "the genuine worker's result");
 }
+
+/// A worker that claims 1,000 slots and never answers gets only the few
+/// leases a new worker is trusted with, not the whole queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_claiming_a_huge_capacity_is_trusted_with_a_few_leases() {
+    use casbuild_fs::store::{connect_channel, ConnectOptions};
+    use casbuild_proto::worker::lease_update::Update;
+    use casbuild_proto::worker::workers_client::WorkersClient;
+    use casbuild_proto::worker::{HeartbeatRequest, LeasesRequest, RegisterRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN]);
+    let options = ConnectOptions { api_key: Some(TOKEN.into()), ..Default::default() };
+    let channel = connect_channel(&server.url(), Duration::from_secs(10), &options).await.unwrap();
+    let mut rogue = WorkersClient::new(channel);
+    let session = "a-rogue-workers-session".to_owned();
+    let id = "greedy".to_owned();
+    rogue
+        .register(RegisterRequest {
+            worker_id: id.clone(),
+            slots: 1000,
+            session: session.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let beat = HeartbeatRequest {
+        worker_id: id.clone(),
+        session: session.clone(),
+        slots: 1000,
+        free_cpus: 1000,
+        ..Default::default()
+    };
+    rogue.heartbeat(beat).await.unwrap();
+    let mut leases = rogue.leases(LeasesRequest { worker_id: id, session }).await.unwrap().into_inner();
+
+    // Twenty actions wait; the rogue sits on whatever it gets.
+    let mut waiting = Vec::new();
+    for i in 0..20 {
+        let (action, blobs) = shell_action(&format!("echo {i} > out"));
+        upload(&server, blobs).await;
+        let mut client = ExecutionClient::new(server.channel().await);
+        waiting.push(client.execute(execute_request(&action, true)).await.unwrap().into_inner());
+    }
+    let mut leased = 0;
+    // Until nothing more comes for 2 s.
+    while let Ok(update) = tokio::time::timeout(Duration::from_secs(2), leases.message()).await {
+        match update.unwrap().expect("the lease stream stays open").update {
+            Some(Update::Lease(_)) => leased += 1,
+            other => panic!("expected leases only, got {other:?}"),
+        }
+    }
+    assert_eq!(leased, casbuild_coordinator::workers::INITIAL_CAPACITY);
+}
