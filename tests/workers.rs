@@ -346,14 +346,18 @@ async fn a_second_process_cannot_take_over_a_live_workers_id_or_leases() {
     assert_eq!(response.result.unwrap().output_files.len(), 1, "the genuine worker's result");
 }
 
-/// A worker that claims 1,000 slots and never answers gets only the few
-/// leases a new worker is trusted with, not the whole queue.
+/// A worker (holding the token) that claims 1,000 slots gets only the few
+/// leases a new worker is trusted with, not the whole queue, and a result
+/// it makes up is refused at the door, not cached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_claiming_a_huge_capacity_is_trusted_with_a_few_leases() {
+async fn a_rogue_worker_gets_a_few_leases_and_cannot_poison_the_cache() {
     use casbuild_fs::store::{connect_channel, ConnectOptions};
+    use casbuild_proto::reapi::{ActionResult, GetActionResultRequest, OutputFile};
     use casbuild_proto::worker::lease_update::Update;
     use casbuild_proto::worker::workers_client::WorkersClient;
+    use casbuild_proto::worker::{complete_request::Outcome, CompleteRequest};
     use casbuild_proto::worker::{HeartbeatRequest, LeasesRequest, RegisterRequest};
+    use prost::Message;
     let dir = tempfile::tempdir().unwrap();
     let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN]);
     let options = ConnectOptions { api_key: Some(TOKEN.into()), ..Default::default() };
@@ -381,20 +385,53 @@ async fn a_worker_claiming_a_huge_capacity_is_trusted_with_a_few_leases() {
     let mut leases = rogue.leases(LeasesRequest { worker_id: id, session }).await.unwrap().into_inner();
 
     // Twenty actions wait; the rogue sits on whatever it gets.
-    let mut waiting = Vec::new();
+    let mut waiting = std::collections::HashMap::new();
     for i in 0..20 {
         let (action, blobs) = shell_action(&format!("echo {i} > out"));
         upload(&server, blobs).await;
         let mut client = ExecutionClient::new(server.channel().await);
-        waiting.push(client.execute(execute_request(&action, true)).await.unwrap().into_inner());
+        waiting.insert(
+            action.hash_hex(),
+            (action, client.execute(execute_request(&action, true)).await.unwrap().into_inner()),
+        );
     }
-    let mut leased = 0;
+    let mut leased = Vec::new();
     // Until nothing more comes for 2 s.
     while let Ok(update) = tokio::time::timeout(Duration::from_secs(2), leases.message()).await {
         match update.unwrap().expect("the lease stream stays open").update {
-            Some(Update::Lease(_)) => leased += 1,
+            Some(Update::Lease(lease)) => leased.push(lease),
             other => panic!("expected leases only, got {other:?}"),
         }
     }
-    assert_eq!(leased, casbuild_coordinator::workers::INITIAL_CAPACITY);
+    assert_eq!(leased.len() as u32, casbuild_coordinator::workers::INITIAL_CAPACITY);
+
+    // A made-up result writing outside the output root, from a blob that
+    // exists: the client gets an error and the cache stays clean.
+    let lease = &leased[0];
+    let (action, stream) = waiting.remove(&lease.action_digest.as_ref().unwrap().hash).unwrap();
+    let present = casbuild_fs::digest::DigestFunction::Sha256.digest_of(b"");
+    upload(&server, vec![(present, bytes::Bytes::new())]).await;
+    let poisoned = ActionResult {
+        output_files: vec![OutputFile {
+            path: "../../etc/cron.d/x".into(),
+            digest: Some(present.to_proto()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let complete = CompleteRequest {
+        worker_id: "greedy".into(),
+        lease_id: lease.lease_id.clone(),
+        outcome: Some(Outcome::ActionResult(poisoned.encode_to_vec())),
+        session: "a-rogue-workers-session".into(),
+        ..Default::default()
+    };
+    rogue.complete(complete).await.unwrap();
+    let ops = tokio::time::timeout(Duration::from_secs(30), operations(stream)).await.unwrap();
+    let status = response_of(ops.last().unwrap()).status.unwrap();
+    assert_eq!(status.code, tonic::Code::Internal as i32);
+    assert!(status.message.contains("unusable result"), "{}", status.message);
+    let get = GetActionResultRequest { action_digest: Some(action.to_proto()), ..Default::default() };
+    let err = server.action_cache().await.get_action_result(get).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
 }
