@@ -138,6 +138,16 @@ fn a_failing_action_names_the_undeclared_input_and_is_not_cached() {
     assert!(stderr.contains("No such file or directory"), "the command's own stderr is replayed: {stderr}");
     assert_eq!(env.cached(&action_of(&out)).unwrap_err().code(), Code::NotFound, "failures are not cached");
 
+    // An absolute host path (a workspace's) is named too; what the sandbox
+    // itself has at its top is not.
+    let out =
+        env.exec(&["--input", &src, "--", "sh", "-c", "ls /proc /tmp >/dev/null; cat /home/alice/ws/data/config.txt"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("undeclared input: /home (lookup: not found)"), "{stderr}");
+    let named = stderr.lines().filter(|l| l.contains("undeclared input:")).count();
+    assert_eq!(named, 1, "only the host path is named: {stderr}");
+
     let out = env.exec(&["--input", &src, "--timeout", "1", "--", "sh", "-c", "sleep 600 & sleep 300"]);
     assert_eq!(out.status.code(), Some(128 + 9), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("timed out"), "{}", text(&out.stderr));

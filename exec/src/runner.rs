@@ -158,17 +158,19 @@ impl Drop for Uid<'_> {
     }
 }
 
-/// An input root registered on the mount and its scratch directory,
-/// released on drop.
+/// An input root and the root observer registered on the mount and the
+/// scratch directory, released on drop.
 struct Lease<'a> {
     mount: &'a CasMount,
-    name: &'a str,
+    names: [&'a str; 2],
     scratch: &'a std::path::Path,
 }
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        let _ = self.mount.unregister(self.name);
+        for name in self.names {
+            let _ = self.mount.unregister(name);
+        }
         crate::scratch::discard(self.scratch);
     }
 }
@@ -184,6 +186,9 @@ struct Run<'a> {
     scratch: PathBuf,
     writable: Vec<String>,
     name: &'a str,
+    /// The empty tree under the sandbox's root (`SandboxSpec::root_lower`)
+    /// and its name on the mount.
+    observer: (PathBuf, &'a str),
 }
 
 fn infra(what: &str) -> impl FnOnce(StoreError) -> ExecError + '_ {
@@ -275,12 +280,17 @@ impl Runner {
 
         let name = format!("{}-{}", &action_digest.hash_hex()[..16], self.next.fetch_add(1, Ordering::Relaxed));
         let fetch_start = SystemTime::now();
-        let input = self
-            .mount
-            .register_in(&name, Some(instance), input_root)
-            .map_err(|e| ExecError::Infrastructure(e.to_string()))?;
-        let fetch_done = SystemTime::now();
+        let observer_name = format!("{name}-root");
         let scratch = self.config.scratch_root.join(&name);
+        // Unregisters and removes scratch space however the run ends, also
+        // when this future is dropped (the operation was cancelled).
+        let _lease = Lease { mount: &self.mount, names: [&name, &observer_name], scratch: &scratch };
+        let registered = |name: &str, root: Digest| {
+            self.mount.register_in(name, Some(instance), root).map_err(|e| ExecError::Infrastructure(e.to_string()))
+        };
+        let input = registered(&name, input_root)?;
+        let observer = registered(&observer_name, function.empty())?;
+        let fetch_done = SystemTime::now();
         let run = Run {
             remote: &remote,
             action: &action,
@@ -291,10 +301,8 @@ impl Runner {
             scratch: scratch.clone(),
             writable,
             name: &name,
+            observer: (observer, &observer_name),
         };
-        // Unregisters and removes scratch space however the run ends, also
-        // when this future is dropped (the operation was cancelled).
-        let _lease = Lease { mount: &self.mount, name: &name, scratch: &scratch };
         let mut execution = self.run_registered(run).await?;
         let metadata = execution.result.execution_metadata.get_or_insert_with(Default::default);
         metadata.worker_start_timestamp = casbuild_proto::timestamp(worker_start);
@@ -305,7 +313,7 @@ impl Runner {
     }
 
     async fn run_registered(&self, run: Run<'_>) -> Result<Execution, ExecError> {
-        let Run { remote, action, command, function, input, input_root, scratch, writable, name } = run;
+        let Run { remote, action, command, function, input, input_root, scratch, writable, name, observer } = run;
         let mut spec = SandboxSpec::new(input, scratch, command.arguments.clone());
         spec.work_dir = PathBuf::from(DEFAULT_WORK_DIR);
         spec.cwd = command.working_directory.clone();
@@ -315,6 +323,7 @@ impl Runner {
         spec.gid = self.config.gid;
         spec.limits = self.config.limits.clone();
         spec.seccomp_deny = self.config.seccomp_deny.clone();
+        spec.root_lower = Some(observer.0);
         spec.timeout_ms = Some(self.timeout_of(action)?.as_millis() as u64);
         spec.validate().map_err(ExecError::Invalid)?;
         let uid = self.uids.take().await?;
@@ -324,6 +333,7 @@ impl Runner {
         let report = self.sandbox.run(&spec).await.map_err(|e| ExecError::Infrastructure(e.to_string()))?;
         let exec_done = SystemTime::now();
         let access = self.mount.access_report(name).unwrap_or_default();
+        let outside = host_lookups(&self.mount.access_report(observer.1).unwrap_or_default(), &spec);
         if let Some(error) = &report.error {
             // The command never ran (not found, not executable, bad set-up).
             let mut result = ActionResult { exit_code: 127, ..Default::default() };
@@ -337,7 +347,7 @@ impl Runner {
         let mut message = if report.success() {
             String::new()
         } else {
-            failure_message(&report, &spec.limits, &access, &spec.writable_dirs)
+            failure_message(&report, &spec.limits, &access, &spec.writable_dirs, &outside)
         };
         if !message.is_empty() {
             // Clients show a failed action's stderr; put the report where it is seen.
@@ -433,10 +443,40 @@ async fn append_report(stderr: &std::path::Path, message: &str) {
     }
 }
 
+/// The absolute paths the command looked up and the sandbox's root does not
+/// have, from the access log of the tree under that root: every name there
+/// but those the sandbox itself puts at the top (the toolchain, the working
+/// tree, /proc, /dev, /tmp, /etc), whose lookups set-up made, and the kernel
+/// interfaces that libc and libselinux probe in every program (/sys,
+/// /selinux), which would name nothing the action needs.
+pub fn host_lookups(observed: &AccessReport, spec: &SandboxSpec) -> Vec<String> {
+    let top = |path: &std::path::Path| {
+        path.components().find_map(|c| match c {
+            std::path::Component::Normal(name) => Some(name.to_string_lossy().into_owned()),
+            _ => None,
+        })
+    };
+    let ours: std::collections::BTreeSet<String> = spec
+        .toolchain
+        .iter()
+        .chain([&spec.work_dir])
+        .filter_map(|p| top(p))
+        .chain(["proc", "dev", "tmp", "etc", "sys", "selinux"].map(String::from))
+        .collect();
+    observed.not_found.iter().filter(|name| !ours.contains(*name)).map(|name| format!("/{name}")).collect()
+}
+
 /// How a failed command ended, and the paths it tried to read that are not
-/// in its input root. Lookups of the directories the worker created for
-/// outputs (`created`, and their parents) are not the command's doing.
-pub fn failure_message(report: &RunReport, limits: &Limits, access: &AccessReport, created: &[String]) -> String {
+/// in its input root (`access`) or anywhere in the sandbox (`outside`,
+/// absolute). Lookups of the directories the worker created for outputs
+/// (`created`, and their parents) are not the command's doing.
+pub fn failure_message(
+    report: &RunReport,
+    limits: &Limits,
+    access: &AccessReport,
+    created: &[String],
+    outside: &[String],
+) -> String {
     let mut lines = Vec::new();
     if report.memory_exceeded {
         lines.push(format!(
@@ -465,7 +505,7 @@ pub fn failure_message(report: &RunReport, limits: &Limits, access: &AccessRepor
         lines.push(format!("the command exited with status {code}"));
     }
     let ours = |path: &str| created.iter().any(|dir| dir == path || dir.starts_with(&format!("{path}/")));
-    let undeclared: Vec<&String> = access.not_found.iter().filter(|p| !ours(p)).collect();
+    let undeclared: Vec<&String> = access.not_found.iter().filter(|p| !ours(p)).chain(outside).collect();
     for path in undeclared.iter().take(REPORT_LINES) {
         lines.push(format!("undeclared input: {path} (lookup: not found)"));
     }
@@ -511,7 +551,7 @@ mod tests {
     fn limits_hit_are_named_with_their_size() {
         let report = RunReport { signal: Some(9), memory_exceeded: true, ..Default::default() };
         let limits = Limits { max_memory_bytes: 2 << 30, ..Default::default() };
-        let message = failure_message(&report, &limits, &AccessReport::default(), &[]);
+        let message = failure_message(&report, &limits, &AccessReport::default(), &[], &[]);
         assert!(message.starts_with("the action exceeded its 2 GiB memory limit"), "{message}");
         assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
         assert_eq!(human_bytes(1000), "1000 bytes");
@@ -524,7 +564,7 @@ mod tests {
             access.not_found.insert(path.to_owned());
         }
         let report = RunReport { exit_code: Some(1), ..Default::default() };
-        let message = failure_message(&report, &Limits::default(), &access, &["bazel-out/bin/pkg".to_owned()]);
+        let message = failure_message(&report, &Limits::default(), &access, &["bazel-out/bin/pkg".to_owned()], &[]);
         assert_eq!(
             message,
             "the command exited with status 1\n\

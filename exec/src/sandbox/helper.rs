@@ -19,6 +19,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -65,7 +66,14 @@ fn zygote() -> std::process::ExitCode {
     use std::io::BufRead;
     let mut stdout = std::io::stdout().lock();
     for line in std::io::stdin().lock().lines() {
-        let Ok(spec) = line else { break };
+        let Ok(line) = line else { break };
+        // Parsed here, before the fork, so that the filters for its deny
+        // list are compiled once for all runs rather than in each.
+        let spec = serde_json::from_str::<SandboxSpec>(&line).map_err(|e| format!("reading the spec: {e}"));
+        if let Ok(spec) = &spec {
+            // An error comes back to the run that needs the filters.
+            let _ = filters_for(&spec.seccomp_deny);
+        }
         // Runs that ended are reaped only now, when the owner has had the
         // chance to open a pidfd on them: their pids cannot be reused before.
         while let Ok(status) = waitpid(None::<Pid>, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
@@ -81,7 +89,7 @@ fn zygote() -> std::process::ExitCode {
                     let _ = nix::unistd::dup2_stdin(&null);
                     let _ = nix::unistd::dup2_stdout(&null);
                 }
-                let code = match run_spec(spec.as_bytes(), "the spec") {
+                let code = match spec.and_then(|spec| run_parsed(&spec)) {
                     Ok(()) => 0,
                     Err(e) => {
                         eprintln!("sandbox helper: {e}");
@@ -109,8 +117,13 @@ fn run_spec_file(spec_path: &Path) -> Result<(), String> {
 /// Runs a spec (JSON) and writes its report into its scratch directory.
 fn run_spec(json: &[u8], what: &str) -> Result<(), String> {
     let spec: SandboxSpec = serde_json::from_slice(json).map_err(|e| format!("reading {what}: {e}"))?;
+    run_parsed(&spec)
+}
+
+/// Runs a spec and writes its report into its scratch directory.
+fn run_parsed(spec: &SandboxSpec) -> Result<(), String> {
     let layout = ScratchLayout::new(&spec.scratch);
-    let report = run(&spec, &layout);
+    let report = run(spec, &layout);
     serde_json::to_vec(&report)
         .map_err(std::io::Error::other)
         .and_then(|b| std::fs::write(&layout.report, b))
@@ -258,6 +271,17 @@ fn build_root(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<(), String> 
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(Some("tmpfs"), root, Some("tmpfs"), nosuid, Some("mode=0755,size=16m"))
         .map_err(sys(|| "mounting the root tmpfs".into()))?;
+    if let Some(lower) = &spec.root_lower {
+        // The tmpfs becomes the upper layer of an overlay whose lower layer
+        // observes every lookup the root cannot answer.
+        let (upper, work) = (root.join("upper"), root.join("work"));
+        for dir in [&upper, &work] {
+            std::fs::create_dir(dir).map_err(io(|| format!("creating {}", dir.display())))?;
+        }
+        let options = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
+        mount(Some("overlay"), root, Some("overlay"), nosuid, Some(options.as_str()))
+            .map_err(sys(|| format!("mounting the root overlay over {}", lower.display())))?;
+    }
 
     // The working tree: the input root under a private writable layer.
     let work = under(root, &spec.work_dir);
@@ -427,7 +451,7 @@ fn run_command(
     let env =
         cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().iter().map(String::as_str))?;
     let program_c = CString::new(program.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
-    let filters = Filters::compile(&spec.seccomp_deny)?;
+    let filters = filters_for(&spec.seccomp_deny)?;
     // Installed here, in pid 1, so that the listener is ours and the
     // command inherits the filter.
     let watch = ConnectWatch::install()?;
@@ -459,6 +483,24 @@ fn run_command(
             } else {
                 Err(error)
             }
+        }
+    }
+}
+
+/// The seccomp filters of the last deny list asked for. A worker's runs all
+/// use the same list, so the zygote compiles them once, before it forks, and
+/// every run inherits them.
+static FILTERS: Mutex<Option<(Vec<String>, Arc<Filters>)>> = Mutex::new(None);
+
+/// The compiled filters for `deny` (see [`FILTERS`]).
+fn filters_for(deny: &[String]) -> Result<Arc<Filters>, String> {
+    let mut cached = FILTERS.lock().unwrap_or_else(|e| e.into_inner());
+    match cached.as_ref() {
+        Some((list, filters)) if list.as_slice() == deny => Ok(filters.clone()),
+        _ => {
+            let filters = Arc::new(Filters::compile(deny)?);
+            *cached = Some((deny.to_vec(), filters.clone()));
+            Ok(filters)
         }
     }
 }

@@ -102,6 +102,13 @@ pub struct SandboxSpec {
     /// ([`crate::seccomp`]), by name.
     #[serde(default)]
     pub seccomp_deny: Vec<String>,
+    /// An empty host directory laid under the sandbox's root file system as
+    /// its read-only lowest layer (on a worker, an empty tree on the /cas
+    /// mount, which logs lookups): a lookup of a name the root does not have
+    /// (`/home/...`) ends there, so the worker can name it in the report.
+    /// `None`: the root is a plain tmpfs.
+    #[serde(default)]
+    pub root_lower: Option<PathBuf>,
 }
 
 impl SandboxSpec {
@@ -122,6 +129,7 @@ impl SandboxSpec {
             timeout_ms: None,
             cgroup_procs: Vec::new(),
             seccomp_deny: Vec::new(),
+            root_lower: None,
         }
     }
 
@@ -143,7 +151,7 @@ impl SandboxSpec {
         if !self.work_dir.is_absolute() || self.work_dir == Path::new("/") {
             return Err(format!("work_dir {} must be an absolute path below /", self.work_dir.display()));
         }
-        for path in [&self.input_root, &self.scratch] {
+        for path in [&self.input_root, &self.scratch].into_iter().chain(&self.root_lower) {
             let text = path.to_string_lossy();
             if !path.is_absolute() || text.contains([',', ':', '\\']) {
                 return Err(format!("{text} must be absolute and free of ',', ':' and '\\' (overlayfs options)"));
