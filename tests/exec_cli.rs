@@ -147,6 +147,12 @@ fn a_failing_action_names_the_undeclared_input_and_is_not_cached() {
     assert!(stderr.contains("undeclared input: /home (lookup: not found)"), "{stderr}");
     let named = stderr.lines().filter(|l| l.contains("undeclared input:")).count();
     assert_eq!(named, 1, "only the host path is named: {stderr}");
+    // The root shows what the sandbox put there and nothing the host lacks.
+    let out = env.exec(&["--input", &src, "--", "sh", "-c", "ls -A / >&2; exit 2"]);
+    for name in text(&out.stderr).lines().filter(|l| !l.starts_with("casbuild:")) {
+        let known = ["proc", "dev", "tmp", "etc", "work"].contains(&name) || Path::new("/").join(name).exists();
+        assert!(known, "/{name} in the sandbox: {}", text(&out.stderr));
+    }
 
     let out = env.exec(&["--input", &src, "--timeout", "1", "--", "sh", "-c", "sleep 600 & sleep 300"]);
     assert_eq!(out.status.code(), Some(128 + 9), "{}", text(&out.stderr));

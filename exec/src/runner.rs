@@ -450,19 +450,8 @@ async fn append_report(stderr: &std::path::Path, message: &str) {
 /// interfaces that libc and libselinux probe in every program (/sys,
 /// /selinux), which would name nothing the action needs.
 pub fn host_lookups(observed: &AccessReport, spec: &SandboxSpec) -> Vec<String> {
-    let top = |path: &std::path::Path| {
-        path.components().find_map(|c| match c {
-            std::path::Component::Normal(name) => Some(name.to_string_lossy().into_owned()),
-            _ => None,
-        })
-    };
-    let ours: std::collections::BTreeSet<String> = spec
-        .toolchain
-        .iter()
-        .chain([&spec.work_dir])
-        .filter_map(|p| top(p))
-        .chain(["proc", "dev", "tmp", "etc", "sys", "selinux"].map(String::from))
-        .collect();
+    let mut ours = spec.own_top_names();
+    ours.extend(["sys", "selinux"].map(String::from));
     observed.not_found.iter().filter(|name| !ours.contains(*name)).map(|name| format!("/{name}")).collect()
 }
 

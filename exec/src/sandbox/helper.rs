@@ -278,6 +278,15 @@ fn build_root(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<(), String> 
         for dir in [&upper, &work] {
             std::fs::create_dir(dir).map_err(io(|| format!("creating {}", dir.display())))?;
         }
+        // The directories the set-up makes at the top are made now, in the
+        // upper layer and opaque, so that their lookups stay there: only the
+        // command's own lookups of what the root lacks reach the observer (a
+        // FUSE round trip each).
+        for name in own_top_dirs(spec) {
+            let dir = upper.join(&name);
+            std::fs::create_dir(&dir).map_err(io(|| format!("creating {}", dir.display())))?;
+            make_opaque(&dir)?;
+        }
         let options = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
         mount(Some("overlay"), root, Some("overlay"), nosuid, Some(options.as_str()))
             .map_err(sys(|| format!("mounting the root overlay over {}", lower.display())))?;
@@ -349,6 +358,33 @@ fn build_root(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<(), String> 
     nix::unistd::pivot_root(".", ".").map_err(sys(|| "pivot_root".into()))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(sys(|| "detaching the old root".into()))?;
     nix::unistd::chdir("/").map_err(sys(|| "chdir /".into()))?;
+    Ok(())
+}
+
+/// The names at the top of the sandbox's root that its set-up makes as
+/// directories: all its own but the toolchain's that are not directories on
+/// the host (merged-usr links such as `/bin -> usr/bin` are copied as links,
+/// and what the host lacks is left out).
+fn own_top_dirs(spec: &SandboxSpec) -> Vec<String> {
+    let work = spec.work_dir.components().nth(1).map(|c| c.as_os_str().to_string_lossy().into_owned());
+    let kept = |name: &String| {
+        ["proc", "dev", "tmp", "etc"].contains(&name.as_str())
+            || work.as_ref() == Some(name)
+            || std::fs::symlink_metadata(Path::new("/").join(name)).is_ok_and(|m| m.file_type().is_dir())
+    };
+    spec.own_top_names().into_iter().filter(kept).collect()
+}
+
+/// Marks an upper-layer directory opaque: overlayfs then never looks for it
+/// in the lower layer.
+fn make_opaque(dir: &Path) -> Result<(), String> {
+    let path = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: both strings are NUL-terminated and outlive the call; the
+    // value is one byte long as passed.
+    let rc = unsafe { libc::setxattr(path.as_ptr(), c"trusted.overlay.opaque".as_ptr(), b"y".as_ptr().cast(), 1, 0) };
+    if rc != 0 {
+        return Err(format!("marking {} opaque: {}", dir.display(), std::io::Error::last_os_error()));
+    }
     Ok(())
 }
 

@@ -133,6 +133,20 @@ impl SandboxSpec {
         }
     }
 
+    /// The names the sandbox's own set-up puts at the top of its root: the
+    /// first components of the toolchain paths and of the working tree, and
+    /// `proc`, `dev`, `tmp` and `etc`.
+    pub fn own_top_names(&self) -> std::collections::BTreeSet<String> {
+        let top = |path: &Path| {
+            path.components().find_map(|c| match c {
+                Component::Normal(name) => Some(name.to_string_lossy().into_owned()),
+                _ => None,
+            })
+        };
+        let fixed = ["proc", "dev", "tmp", "etc"].map(String::from);
+        self.toolchain.iter().chain([&self.work_dir]).filter_map(|p| top(p)).chain(fixed).collect()
+    }
+
     /// Checks what the command asks for before anything is set up.
     pub fn validate(&self) -> Result<(), String> {
         if self.argv.is_empty() || self.argv[0].is_empty() {

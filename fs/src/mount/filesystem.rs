@@ -408,16 +408,15 @@ impl fuser::Filesystem for CasFs {
         reply.ok() // nothing is ever written
     }
 
+    // No extended attributes. ENOSYS (rather than "none here") makes the
+    // kernel stop asking for good: overlayfs probes its lower layers' xattrs
+    // at every mount and lookup, and each probe would be a round trip.
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
-        reply.error(Errno::ENODATA)
+        reply.error(Errno::ENOSYS)
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
-        if size == 0 {
-            reply.size(0)
-        } else {
-            reply.data(&[])
-        }
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS)
     }
 
     fn ioctl(
