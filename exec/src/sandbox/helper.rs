@@ -278,14 +278,20 @@ fn build_root(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<(), String> 
         for dir in [&upper, &work] {
             std::fs::create_dir(dir).map_err(io(|| format!("creating {}", dir.display())))?;
         }
-        // The directories the set-up makes at the top are made now, in the
-        // upper layer and opaque, so that their lookups stay there: only the
+        // What the set-up makes at the top is made now, in the upper layer
+        // (directories opaque), so that its lookups stay there: only the
         // command's own lookups of what the root lacks reach the observer (a
         // FUSE round trip each).
-        for name in own_top_dirs(spec) {
-            let dir = upper.join(&name);
-            std::fs::create_dir(&dir).map_err(io(|| format!("creating {}", dir.display())))?;
-            make_opaque(&dir)?;
+        for (name, link) in own_top_entries(spec) {
+            let path = upper.join(&name);
+            match &link {
+                Some(target) => std::os::unix::fs::symlink(target, &path),
+                None => std::fs::create_dir(&path),
+            }
+            .map_err(io(|| format!("creating {}", path.display())))?;
+            if link.is_none() {
+                make_opaque(&path)?;
+            }
         }
         let options = format!("lowerdir={},upperdir={},workdir={}", lower.display(), upper.display(), work.display());
         mount(Some("overlay"), root, Some("overlay"), nosuid, Some(options.as_str()))
@@ -361,18 +367,30 @@ fn build_root(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<(), String> 
     Ok(())
 }
 
-/// The names at the top of the sandbox's root that its set-up makes as
-/// directories: all its own but the toolchain's that are not directories on
-/// the host (merged-usr links such as `/bin -> usr/bin` are copied as links,
-/// and what the host lacks is left out).
-fn own_top_dirs(spec: &SandboxSpec) -> Vec<String> {
+/// What the sandbox's set-up makes at the top of its root: a directory for
+/// each of its own names, but a link for a toolchain name that is a link on
+/// the host (merged-usr `/bin -> usr/bin`), and nothing for a toolchain name
+/// the host lacks.
+fn own_top_entries(spec: &SandboxSpec) -> Vec<(String, Option<PathBuf>)> {
     let work = spec.work_dir.components().nth(1).map(|c| c.as_os_str().to_string_lossy().into_owned());
-    let kept = |name: &String| {
-        ["proc", "dev", "tmp", "etc"].contains(&name.as_str())
-            || work.as_ref() == Some(name)
-            || std::fs::symlink_metadata(Path::new("/").join(name)).is_ok_and(|m| m.file_type().is_dir())
-    };
-    spec.own_top_names().into_iter().filter(kept).collect()
+    let mut entries = Vec::new();
+    for name in spec.own_top_names() {
+        let host = Path::new("/").join(&name);
+        if ["proc", "dev", "tmp", "etc"].contains(&name.as_str()) || work.as_ref() == Some(&name) {
+            entries.push((name, None));
+            continue;
+        }
+        match std::fs::symlink_metadata(&host) {
+            Ok(m) if m.is_dir() => entries.push((name, None)),
+            Ok(m) if m.file_type().is_symlink() && spec.toolchain.contains(&host) => {
+                if let Ok(target) = std::fs::read_link(&host) {
+                    entries.push((name, Some(target)));
+                }
+            }
+            _ => {}
+        }
+    }
+    entries
 }
 
 /// Marks an upper-layer directory opaque: overlayfs then never looks for it
@@ -412,31 +430,37 @@ fn name_the_sandbox_user(root: &Path, spec: &SandboxSpec) -> Result<(), String> 
     Ok(())
 }
 
-/// Copies a host file or symlink to `target`; skips paths this host does not have.
-fn copy_file(host: &Path, target: &Path) -> Result<(), String> {
-    let Ok(meta) = std::fs::symlink_metadata(host) else { return Ok(()) };
+/// Makes `target`'s parent and, when `host` is a link, the same link at
+/// `target` (unless the root overlay's set-up made it already). Returns what
+/// is left to do: `host`'s metadata when it is not a link, `None` when it is
+/// or this host does not have it.
+fn link_or_prepare(host: &Path, target: &Path) -> Result<Option<std::fs::Metadata>, String> {
+    let Ok(meta) = std::fs::symlink_metadata(host) else { return Ok(None) };
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(io(|| format!("creating {}", parent.display())))?;
     }
-    if meta.file_type().is_symlink() {
-        let link = std::fs::read_link(host).map_err(io(|| format!("reading link {}", host.display())))?;
-        std::os::unix::fs::symlink(link, target).map_err(io(|| format!("symlink {}", target.display())))
-    } else {
-        std::fs::copy(host, target).map(drop).map_err(io(|| format!("copying {}", host.display())))
+    if !meta.file_type().is_symlink() {
+        return Ok(Some(meta));
     }
+    if !std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_symlink()) {
+        let link = std::fs::read_link(host).map_err(io(|| format!("reading link {}", host.display())))?;
+        std::os::unix::fs::symlink(link, target).map_err(io(|| format!("symlink {}", target.display())))?;
+    }
+    Ok(None)
+}
+
+/// Copies a host file or symlink to `target`; skips paths this host does not have.
+fn copy_file(host: &Path, target: &Path) -> Result<(), String> {
+    if link_or_prepare(host, target)?.is_some() {
+        std::fs::copy(host, target).map_err(io(|| format!("copying {}", host.display())))?;
+    }
+    Ok(())
 }
 
 /// Binds a host path read-only at `target`; recreates symlinks (merged /usr
 /// makes `/bin` one); skips paths this host does not have.
 fn bind_read_only(host: &Path, target: &Path) -> Result<(), String> {
-    let Ok(meta) = std::fs::symlink_metadata(host) else { return Ok(()) };
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(io(|| format!("creating {}", parent.display())))?;
-    }
-    if meta.file_type().is_symlink() {
-        let link = std::fs::read_link(host).map_err(io(|| format!("reading link {}", host.display())))?;
-        return std::os::unix::fs::symlink(link, target).map_err(io(|| format!("symlink {}", target.display())));
-    }
+    let Some(meta) = link_or_prepare(host, target)? else { return Ok(()) };
     if meta.is_dir() {
         std::fs::create_dir_all(target).map_err(io(|| format!("creating {}", target.display())))?;
     } else {
