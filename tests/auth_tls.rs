@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::store::{connect_channel, ConnectOptions, RemoteChannel};
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::store::{connect_channel, ConnectOptions, RemoteChannel};
 use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
 use casbuild_proto::reapi::capabilities_client::CapabilitiesClient;
 use casbuild_proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;

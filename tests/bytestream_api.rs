@@ -2,8 +2,8 @@
 
 mod common;
 
-use casbuild_fs::resource::{Compressor, ResourceName};
-use casbuild_fs::Digest;
+use casbuild_cas::resource::{Compressor, ResourceName};
+use casbuild_cas::Digest;
 use casbuild_proto::bytestream::{QueryWriteStatusRequest, ReadRequest, WriteRequest};
 use casbuild_proto::reapi::FindMissingBlobsRequest;
 use common::{blake3, bytes, sha256, Coordinator};

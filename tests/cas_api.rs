@@ -11,7 +11,7 @@ use futures::StreamExt;
 use prost::Message;
 use tonic::Code;
 
-fn update(digest: &casbuild_fs::Digest, data: Vec<u8>) -> batch_update_blobs_request::Request {
+fn update(digest: &casbuild_cas::Digest, data: Vec<u8>) -> batch_update_blobs_request::Request {
     batch_update_blobs_request::Request { digest: Some(digest.to_proto()), data, compressor: 0 }
 }
 
@@ -230,10 +230,10 @@ async fn instances_are_separate_namespaces() {
 
 /// Uploads a chain of `depth` nested directories, each holding `width` files
 /// and the next one; returns the root digest and how many Directory protos exist.
-async fn upload_tree(server: &Coordinator, depth: usize, width: usize) -> (casbuild_fs::Digest, usize) {
+async fn upload_tree(server: &Coordinator, depth: usize, width: usize) -> (casbuild_cas::Digest, usize) {
     let mut cas = server.cas().await;
     let mut requests = Vec::new();
-    let mut child: Option<casbuild_fs::Digest> = None;
+    let mut child: Option<casbuild_cas::Digest> = None;
     for level in 0..depth {
         let mut dir = Directory::default();
         for i in 0..width {

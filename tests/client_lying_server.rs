@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_proto::graph::graph_event::Event;
 use casbuild_proto::graph::graphs_server::{Graphs, GraphsServer};
 use casbuild_proto::graph::{

@@ -4,8 +4,8 @@
 
 mod common;
 
-use casbuild_fs::resource::{Compressor, ResourceName};
-use casbuild_fs::Digest;
+use casbuild_cas::resource::{Compressor, ResourceName};
+use casbuild_cas::Digest;
 use casbuild_proto::bytestream::{ReadRequest, WriteRequest};
 use casbuild_proto::reapi::{
     ActionResult, FindMissingBlobsRequest, GetActionResultRequest, OutputFile, UpdateActionResultRequest,
@@ -290,7 +290,7 @@ async fn action_cache_entries_count_toward_the_disk_budget_and_go_least_recently
     let server = Coordinator::start(dir.path(), &["--max-disk", "1MiB"]);
     let mut ac = server.action_cache().await;
     let actions: Vec<_> = (0..20).map(|i| sha256(format!("action {i}").as_bytes())).collect();
-    let get = |action: &casbuild_fs::Digest| GetActionResultRequest {
+    let get = |action: &casbuild_cas::Digest| GetActionResultRequest {
         action_digest: Some(action.to_proto()),
         ..Default::default()
     };

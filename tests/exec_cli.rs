@@ -8,7 +8,7 @@ use std::process::Output;
 
 use std::path::Path;
 
-use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_proto::reapi::GetActionResultRequest;
 use common::{casbuild, needs_root, Coordinator};
 use tonic::Code;

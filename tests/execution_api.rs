@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 
-use casbuild_fs::digest::Digest;
+use casbuild_cas::digest::Digest;
 use casbuild_proto::longrunning::operations_client::OperationsClient;
 use casbuild_proto::longrunning::{CancelOperationRequest, GetOperationRequest};
 use casbuild_proto::reapi::execution_client::ExecutionClient;

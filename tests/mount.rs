@@ -11,9 +11,9 @@ use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
-use casbuild_fs::store::{DiskStore, RemoteStore, RemoteStoreOptions};
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::store::{DiskStore, RemoteStore, RemoteStoreOptions};
+use casbuild_mount::{BlobCache, CasMount, MountOptions};
 use common::{bytes, casbuild, needs_root, privileged, sample_tree, Coordinator};
 
 const MIB: usize = 1 << 20;

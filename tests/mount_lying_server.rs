@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
-use casbuild_fs::store::BlobStore;
-use casbuild_fs::store::{DiskStore, RemoteStore, RemoteStoreOptions};
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::store::BlobStore;
+use casbuild_cas::store::{DiskStore, RemoteStore, RemoteStoreOptions};
+use casbuild_mount::{BlobCache, CasMount, MountOptions};
 use casbuild_proto::reapi::{Directory, FileNode};
 use common::liar::Liar;
 use prost::Message;

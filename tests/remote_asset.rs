@@ -5,7 +5,7 @@
 
 mod common;
 
-use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_proto::asset::fetch_client::FetchClient;
 use casbuild_proto::asset::push_client::PushClient;
 use casbuild_proto::asset::{

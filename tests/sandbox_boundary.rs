@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use casbuild_fs::digest::Digest;
+use casbuild_cas::digest::Digest;
 use casbuild_proto::reapi::command::EnvironmentVariable;
 use casbuild_proto::reapi::execution_client::ExecutionClient;
 use casbuild_proto::reapi::{

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use casbuild_fs::digest::Digest;
+use casbuild_cas::digest::Digest;
 use casbuild_proto::reapi::capabilities_client::CapabilitiesClient;
 use casbuild_proto::reapi::execution_client::ExecutionClient;
 use casbuild_proto::reapi::{

@@ -49,7 +49,7 @@ fn worker_of(response: &casbuild_proto::reapi::ExecuteResponse) -> String {
 /// Executes each action once, concurrently; returns the responses.
 async fn execute_all(
     server: &Coordinator,
-    actions: &[casbuild_fs::digest::Digest],
+    actions: &[casbuild_cas::digest::Digest],
 ) -> Vec<casbuild_proto::reapi::ExecuteResponse> {
     let channel = server.channel().await;
     let calls: Vec<_> = actions
@@ -297,7 +297,7 @@ fn beyond_loopback_a_coordinator_wants_a_worker_token_and_takes_it_from_a_file()
 /// nor a say in the result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_cannot_take_over_a_live_workers_id_or_leases() {
-    use casbuild_fs::store::{connect_channel, ConnectOptions};
+    use casbuild_cas::store::{connect_channel, ConnectOptions};
     use casbuild_proto::worker::workers_client::WorkersClient;
     use casbuild_proto::worker::{
         complete_request::Outcome, CompleteRequest, HeartbeatRequest, LeasesRequest, RegisterRequest,
@@ -351,7 +351,7 @@ async fn a_second_process_cannot_take_over_a_live_workers_id_or_leases() {
 /// it makes up is refused at the door, not cached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rogue_worker_gets_a_few_leases_and_cannot_poison_the_cache() {
-    use casbuild_fs::store::{connect_channel, ConnectOptions};
+    use casbuild_cas::store::{connect_channel, ConnectOptions};
     use casbuild_proto::reapi::{ActionResult, GetActionResultRequest, OutputFile};
     use casbuild_proto::worker::lease_update::Update;
     use casbuild_proto::worker::workers_client::WorkersClient;
@@ -409,7 +409,7 @@ async fn a_rogue_worker_gets_a_few_leases_and_cannot_poison_the_cache() {
     // exists: the client gets an error and the cache stays clean.
     let lease = &leased[0];
     let (action, stream) = waiting.remove(&lease.action_digest.as_ref().unwrap().hash).unwrap();
-    let present = casbuild_fs::digest::DigestFunction::Sha256.digest_of(b"");
+    let present = casbuild_cas::digest::DigestFunction::Sha256.digest_of(b"");
     upload(&server, vec![(present, bytes::Bytes::new())]).await;
     let poisoned = ActionResult {
         output_files: vec![OutputFile {

@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::storage::Storage;
-use casbuild_fs::store::BlobStore;
-use casbuild_fs::tree::{check_output_path, child_digest, validate_directory};
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::storage::Storage;
+use casbuild_cas::store::BlobStore;
+use casbuild_cas::tree::{check_output_path, child_digest, validate_directory};
 use casbuild_proto::reapi::action_cache_server::ActionCache;
 use casbuild_proto::reapi::{ActionResult, GetActionResultRequest, Tree, UpdateActionResultRequest};
 use prost::Message;

@@ -7,10 +7,10 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use casbuild_fs::asset_store::AssetEntry;
-use casbuild_fs::digest::Digest;
-use casbuild_fs::storage::Storage;
-use casbuild_fs::tree::{missing_in_tree, MissingError};
+use casbuild_cas::asset_store::AssetEntry;
+use casbuild_cas::digest::Digest;
+use casbuild_cas::storage::Storage;
+use casbuild_cas::tree::{missing_in_tree, MissingError};
 use casbuild_proto::asset::fetch_server::Fetch;
 use casbuild_proto::asset::push_server::Push;
 use casbuild_proto::asset::{

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{check, principal, Permission};
 use bytes::Bytes;
-use casbuild_fs::resource::{Compressor, ResourceName};
-use casbuild_fs::storage::Storage;
-use casbuild_fs::store::{BlobStream, BlobWriter};
+use casbuild_cas::resource::{Compressor, ResourceName};
+use casbuild_cas::storage::Storage;
+use casbuild_cas::store::{BlobStream, BlobWriter};
 use casbuild_proto::bytestream::byte_stream_server::ByteStream;
 use casbuild_proto::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest, WriteResponse,
@@ -64,7 +64,7 @@ impl ByteStreamService {
     /// (the entries' share of the disk budget), the least recently used.
     fn park(&self, name: String, mut session: Session) {
         session.last_used = Instant::now();
-        let max_bytes = self.storage.disk().budget() / casbuild_fs::storage::ENTRY_SHARE;
+        let max_bytes = self.storage.disk().budget() / casbuild_cas::storage::ENTRY_SHARE;
         if session.committed.max(0) as u64 > max_bytes {
             // Larger than all parked uploads may be: dropped with its
             // temporary file; the client's next Write starts over.

@@ -1,7 +1,7 @@
 //! `Capabilities.GetCapabilities`: what this server supports, so clients pick
 //! a digest function, batch sizes and compression that will work.
 
-use casbuild_fs::digest::DigestFunction;
+use casbuild_cas::digest::DigestFunction;
 use casbuild_proto::reapi::capabilities_server::Capabilities;
 use casbuild_proto::reapi::{
     compressor, symlink_absolute_path_strategy, ActionCacheUpdateCapabilities, CacheCapabilities,

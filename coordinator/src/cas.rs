@@ -4,10 +4,10 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use casbuild_fs::digest::Digest;
-use casbuild_fs::storage::Storage;
-use casbuild_fs::store::BlobStore;
-use casbuild_fs::tree::{child_digest, decode_directory};
+use casbuild_cas::digest::Digest;
+use casbuild_cas::storage::Storage;
+use casbuild_cas::store::BlobStore;
+use casbuild_cas::tree::{child_digest, decode_directory};
 use casbuild_proto::reapi::content_addressable_storage_server::ContentAddressableStorage;
 use casbuild_proto::reapi::{
     batch_read_blobs_response, batch_update_blobs_response, compressor, BatchReadBlobsRequest, BatchReadBlobsResponse,

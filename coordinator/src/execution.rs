@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use casbuild_fs::storage::Storage;
+use casbuild_cas::storage::Storage;
 use casbuild_proto::longrunning::operations_server::Operations;
 use casbuild_proto::longrunning::{
     CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest, ListOperationsResponse,

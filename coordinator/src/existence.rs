@@ -8,8 +8,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use casbuild_fs::digest::DigestFunction;
-use casbuild_fs::storage::Storage;
+use casbuild_cas::digest::DigestFunction;
+use casbuild_cas::storage::Storage;
 use casbuild_proto::cc::existence_filter_server::ExistenceFilter;
 use casbuild_proto::cc::get_filter_response::Filter;
 use casbuild_proto::cc::{AddedKeys, Bloom as WireBloom, GetFilterRequest, GetFilterResponse};
@@ -216,7 +216,7 @@ mod tests {
 
     #[tokio::test]
     async fn refreshes_carry_only_the_keys_added_since() {
-        use casbuild_fs::storage::StorageConfig;
+        use casbuild_cas::storage::StorageConfig;
         use casbuild_proto::reapi::ActionResult;
         let dir = tempfile::tempdir().unwrap();
         let storage = Arc::new(Storage::open(&StorageConfig::new(dir.path().to_path_buf())).unwrap());

@@ -1,4 +1,4 @@
-//! The casbuild coordinator: a REAPI v2 server over `casbuild-fs` storage.
+//! The casbuild coordinator: a REAPI v2 server over `casbuild-cas` storage.
 //!
 //! It serves Capabilities, ContentAddressableStorage, ByteStream and the
 //! ActionCache — enough for any REAPI client to use it as a remote cache —
@@ -7,7 +7,7 @@
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
-//! use casbuild_fs::storage::{Storage, StorageConfig};
+//! use casbuild_cas::storage::{Storage, StorageConfig};
 //! let storage = Arc::new(Storage::open(&StorageConfig::new("/var/cache/casbuild".into()))?);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8980").await?;
 //! casbuild_coordinator::serve(listener, storage, Default::default(), std::future::pending()).await?;

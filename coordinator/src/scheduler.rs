@@ -12,9 +12,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use casbuild_fs::digest::Digest;
-use casbuild_fs::storage::Storage;
-use casbuild_fs::tree::{child_digest, missing_in_tree, MissingError};
+use casbuild_cas::digest::Digest;
+use casbuild_cas::storage::Storage;
+use casbuild_cas::tree::{child_digest, missing_in_tree, MissingError};
 
 use crate::action_cache::Unusable;
 use casbuild_proto::longrunning::{operation, Operation};
@@ -517,8 +517,8 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests {
-    use casbuild_fs::digest::DigestFunction;
-    use casbuild_fs::storage::StorageConfig;
+    use casbuild_cas::digest::DigestFunction;
+    use casbuild_cas::storage::StorageConfig;
 
     use super::*;
 

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use casbuild_fs::storage::Storage;
+use casbuild_cas::storage::Storage;
 use casbuild_proto::asset::fetch_server::FetchServer;
 use casbuild_proto::asset::push_server::PushServer;
 use casbuild_proto::bytestream::byte_stream_server::ByteStreamServer;

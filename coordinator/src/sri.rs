@@ -5,8 +5,8 @@
 //! ever vouches for bytes it does not describe.
 
 use base64::Engine;
-use casbuild_fs::digest::Digest;
-use casbuild_fs::store::BlobStore;
+use casbuild_cas::digest::Digest;
+use casbuild_cas::store::BlobStore;
 use futures::StreamExt;
 use sha2::Digest as _;
 use tonic::Status;

@@ -1,8 +1,8 @@
 //! Turning storage and parsing errors into gRPC statuses with the codes REAPI
 //! clients act on.
 
-use casbuild_fs::digest::{Digest, DigestError};
-use casbuild_fs::store::StoreError;
+use casbuild_cas::digest::{Digest, DigestError};
+use casbuild_cas::store::StoreError;
 use casbuild_proto::reapi;
 use tonic::{Code, Status};
 
@@ -65,9 +65,9 @@ pub struct Violation {
 }
 
 /// INVALID_ARGUMENT unless `name` is an acceptable instance name
-/// ([`casbuild_fs::resource::check_instance_name`]).
+/// ([`casbuild_cas::resource::check_instance_name`]).
 pub fn check_instance(name: &str) -> Result<(), Status> {
-    casbuild_fs::resource::check_instance_name(name).map_err(Status::invalid_argument)
+    casbuild_cas::resource::check_instance_name(name).map_err(Status::invalid_argument)
 }
 
 /// Most MISSING violations one status lists: a client uploads those and
@@ -116,7 +116,7 @@ mod tests {
     #[test]
     fn a_precondition_failure_lists_a_bounded_number_of_blobs() {
         let missing: Vec<Digest> = (0..MAX_VIOLATIONS as u32 + 10)
-            .map(|i| casbuild_fs::digest::DigestFunction::Sha256.digest_of(&i.to_le_bytes()))
+            .map(|i| casbuild_cas::digest::DigestFunction::Sha256.digest_of(&i.to_le_bytes()))
             .collect();
         let status = precondition_missing(&missing);
         let failure: PreconditionFailure = prost::Message::decode(status.details[0].value.as_slice()).unwrap();

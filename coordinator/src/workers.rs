@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_proto::reapi::ActionResult;
 use casbuild_proto::worker::complete_request::Outcome;
 use casbuild_proto::worker::lease_update::Update;

@@ -7,8 +7,8 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::local_tree::{hash_reader, LocalTree};
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::local_tree::{hash_reader, LocalTree};
 use casbuild_proto::reapi::{ActionResult, Command, Directory, OutputDirectory, OutputFile, OutputSymlink, Tree};
 use prost::Message;
 

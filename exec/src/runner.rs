@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::local_tree::hash_file;
-use casbuild_fs::mount::{AccessReport, CasMount};
-use casbuild_fs::store::{BlobStore, RemoteStore, StoreError};
-use casbuild_fs::tree::child_digest;
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::local_tree::hash_file;
+use casbuild_cas::store::{BlobStore, RemoteStore, StoreError};
+use casbuild_cas::tree::child_digest;
+use casbuild_mount::{AccessReport, CasMount};
 use casbuild_proto::reapi::{Action, ActionResult, Command, ExecutedActionMetadata};
 use prost::Message;
 

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::local_tree::{hash_file, LocalTree};
+use casbuild_cas::store::{BlobStore, RemoteStore, RemoteStoreOptions, CHUNK_SIZE};
+use casbuild_cas::tree::{check_output_path, child_digest, looks_like_directory, validate_directory};
 use casbuild_exec::beneath::{split_last, Beneath};
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::local_tree::{hash_file, LocalTree};
-use casbuild_fs::store::{BlobStore, RemoteStore, RemoteStoreOptions, CHUNK_SIZE};
-use casbuild_fs::tree::{check_output_path, child_digest, looks_like_directory, validate_directory};
 use casbuild_proto::reapi::{Directory, Tree};
 use futures::StreamExt;
 use prost::Message;
@@ -360,7 +360,7 @@ mod tests {
     /// A store that is never reached: the checks come before any fetch.
     fn unreachable_store() -> RemoteStore {
         let channel = tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy();
-        RemoteStore::from_channel(casbuild_fs::store::RemoteChannel::plain(channel), RemoteStoreOptions::default())
+        RemoteStore::from_channel(casbuild_cas::store::RemoteChannel::plain(channel), RemoteStoreOptions::default())
     }
 
     fn tree_of(directories: Vec<Directory>) -> (HashMap<Digest, Directory>, Digest) {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use casbuild_fs::store::ConnectOptions;
+use casbuild_cas::store::ConnectOptions;
 
 use crate::config::secret;
 

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use casbuild_cas::storage::{Storage, StorageConfig};
 use casbuild_coordinator::auth::{AuthConfig, Authenticator};
 use casbuild_coordinator::scheduler::Retention;
 use casbuild_coordinator::{ExecutionConfig, PoolConfig, Scheduler, ServerConfig, WorkerPool};
-use casbuild_fs::storage::{Storage, StorageConfig};
 use serde::Deserialize;
 
 use crate::config::{default_state_dir, load_toml, parse_size, secret, ConfigSize};

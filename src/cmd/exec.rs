@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use casbuild_cas::action::ActionSpec;
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::store::{BlobStore, RemoteStore};
 use casbuild_exec::cgroup::Cgroups;
 use casbuild_exec::runner::{unread_inputs, ExecError, Execution, Runner, RunnerConfig};
-use casbuild_fs::action::ActionSpec;
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::mount::MountOptions;
-use casbuild_fs::store::{BlobStore, RemoteStore};
+use casbuild_mount::MountOptions;
 use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
 use casbuild_proto::reapi::UpdateActionResultRequest;
 

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::local_tree::hash_file;
+use casbuild_cas::store::{BlobStore, RemoteStore};
 use casbuild_coordinator::graph::{normal, parse_input, wire, Graph, Input};
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::local_tree::hash_file;
-use casbuild_fs::store::{BlobStore, RemoteStore};
 use casbuild_proto::graph::graph_event::Event;
 use casbuild_proto::graph::graphs_client::GraphsClient;
 use casbuild_proto::graph::output::Kind;
@@ -213,7 +213,7 @@ async fn upload_sources(
 /// Resumes the graph's event stream after the connection dropped, retrying
 /// for up to a minute.
 async fn reconnect(
-    client: &mut GraphsClient<casbuild_fs::store::RemoteChannel>,
+    client: &mut GraphsClient<casbuild_cas::store::RemoteChannel>,
     graph_id: &str,
     after: u64,
     why: &str,

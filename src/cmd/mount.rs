@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use casbuild_fs::mount::{BlobCache, CasMount, MountOptions};
-use casbuild_fs::store::{DiskStore, RemoteStore, RemoteStoreOptions};
+use casbuild_cas::store::{DiskStore, RemoteStore, RemoteStoreOptions};
+use casbuild_mount::{BlobCache, CasMount, MountOptions};
 
 use crate::cmd::coordinator::shutdown_signal;
 use crate::config::{default_data_dir, parse_size};

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use casbuild_exec::cgroup::Cgroups;
 use casbuild_exec::runner::RunnerConfig;
-use casbuild_fs::mount::MountOptions;
+use casbuild_mount::MountOptions;
 
 use crate::config::parse_size;
 

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use casbuild_cas::storage::{Storage, StorageConfig};
+use casbuild_cas::store::{RemoteStore, RemoteStoreOptions};
 use casbuild_coordinator::{
     ActionExecutor, ActionRequest, Executed, ExecutionConfig, ExecutorError, Scheduler, ServerConfig,
 };
 use casbuild_exec::runner::{ExecError, Runner, RunnerConfig};
-use casbuild_fs::storage::{Storage, StorageConfig};
-use casbuild_fs::store::{RemoteStore, RemoteStoreOptions};
 
 use crate::cmd::coordinator::shutdown_signal;
 use crate::cmd::mount::mount_cas;

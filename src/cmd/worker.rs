@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::store::{RemoteChannel, RemoteStore, RemoteStoreOptions};
 use casbuild_exec::runner::{ExecError, Runner, RunnerConfig};
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::store::{RemoteChannel, RemoteStore, RemoteStoreOptions};
 use casbuild_proto::worker::complete_request::Outcome;
 use casbuild_proto::worker::lease_update::Update;
 use casbuild_proto::worker::workers_client::WorkersClient;

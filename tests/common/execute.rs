@@ -2,7 +2,7 @@
 //! and uploading shell actions, and reading Operation streams.
 
 use bytes::Bytes;
-use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_proto::longrunning::Operation;
 use casbuild_proto::reapi::command::EnvironmentVariable;
 use casbuild_proto::reapi::execution_client::ExecutionClient;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use casbuild_fs::digest::DigestFunction;
+use casbuild_cas::digest::DigestFunction;
 use casbuild_proto::bytestream::byte_stream_server::{ByteStream, ByteStreamServer};
 use casbuild_proto::bytestream::{
     QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest, WriteResponse,

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use casbuild_fs::digest::{Digest, DigestFunction};
+use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_proto::bytestream::byte_stream_client::ByteStreamClient;
 use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
 use casbuild_proto::reapi::capabilities_client::CapabilitiesClient;

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use casbuild_fs::action::ActionSpec;
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::storage::Storage;
+use casbuild_cas::action::ActionSpec;
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::storage::Storage;
 use casbuild_proto::graph::graph_event::Event;
 use casbuild_proto::graph::{self as proto, output::Kind, GraphEvent};
 use casbuild_proto::reapi::execution_stage::Value as Stage;
@@ -24,7 +24,7 @@ use tonic::Code;
 use super::{normal, parse_input, Graph, Input, Job};
 use crate::action_cache::usable_cached_result;
 use crate::scheduler::{response_of, stage_of, Scheduler};
-use casbuild_fs::input_root::{Entry, InputRoot};
+use casbuild_cas::input_root::{Entry, InputRoot};
 
 /// A checked graph and what it runs against.
 pub struct GraphSpec {

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::auth::{admit, Permission};
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::storage::Storage;
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::storage::Storage;
 use casbuild_proto::graph::graph_event::Event;
 use casbuild_proto::graph::graphs_server::Graphs;
 use casbuild_proto::graph::{self as proto, GraphEvent, SubmitGraphRequest, WatchGraphRequest};
@@ -19,7 +19,7 @@ use super::run::{drive, GraphRun, GraphSpec};
 use super::{escapes, normal, Graph, Job};
 use crate::scheduler::Scheduler;
 use crate::status::{call_status, precondition_missing, store_status};
-use casbuild_fs::input_root::Entry;
+use casbuild_cas::input_root::Entry;
 
 /// How long a finished graph's events can still be watched.
 const KEEP_FINISHED: Duration = Duration::from_secs(600);

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::store::{BlobStore, RemoteStore, CHUNK_SIZE};
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::store::{BlobStore, RemoteStore, CHUNK_SIZE};
 use casbuild_proto::reapi::capabilities_client::CapabilitiesClient;
 use casbuild_proto::reapi::GetCapabilitiesRequest;
 use futures::StreamExt;
@@ -105,8 +105,8 @@ async fn secured(
     runs: usize,
     scratch: &std::path::Path,
 ) -> anyhow::Result<Vec<Row>> {
+    use casbuild_cas::store::ConnectOptions;
     use casbuild_coordinator::auth::{AuthConfig, Authenticator, KeyConfig, Role};
-    use casbuild_fs::store::ConnectOptions;
     let pki = scratch.join("pki");
     std::fs::create_dir_all(&pki)?;
     let openssl = |args: &[&str]| -> anyhow::Result<()> {

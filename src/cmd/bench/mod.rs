@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use casbuild_fs::storage::{Storage, StorageConfig};
-use casbuild_fs::store::{RemoteStore, RemoteStoreOptions};
+use casbuild_cas::storage::{Storage, StorageConfig};
+use casbuild_cas::store::{RemoteStore, RemoteStoreOptions};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -110,7 +110,7 @@ impl LocalServer {
     async fn start_with(
         dir: &Path,
         config: casbuild_coordinator::ServerConfig,
-        connect: casbuild_fs::store::ConnectOptions,
+        connect: casbuild_cas::store::ConnectOptions,
     ) -> anyhow::Result<LocalServer> {
         let mut storage_config = StorageConfig::new(dir.to_path_buf());
         storage_config.max_disk = u64::MAX;

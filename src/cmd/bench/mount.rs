@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::mount::{CasMount, MountOptions};
-use casbuild_fs::store::RemoteStore;
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::store::RemoteStore;
+use casbuild_mount::{CasMount, MountOptions};
 
 use super::{gb_per_s, median, noise, print_table, settle_disk, LocalServer, Row};
 use crate::cmd::mount::mount_cas;

@@ -62,10 +62,10 @@ pub async fn bench_sandbox(args: SandboxArgs) -> anyhow::Result<()> {
         1 << 30,
         server.remote.clone(),
         Duration::from_secs(10),
-        casbuild_fs::mount::MountOptions::default(),
+        casbuild_mount::MountOptions::default(),
     )
     .await?;
-    let empty = casbuild_fs::digest::DigestFunction::Sha256.empty();
+    let empty = casbuild_cas::digest::DigestFunction::Sha256.empty();
     let bare = Sandbox::new(&helper);
     let cgroups = casbuild_exec::cgroup::Cgroups::host().map_err(anyhow::Error::msg)?;
     let sandbox = Sandbox::new(&helper).with_cgroups(cgroups);

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::store::{BlobStore, RemoteStore, RemoteStoreOptions};
 use casbuild_coordinator::existence::Bloom;
 use casbuild_coordinator::scheduler::response_of;
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::store::{BlobStore, RemoteStore, RemoteStoreOptions};
 use casbuild_proto::cc::existence_filter_client::ExistenceFilterClient;
 use casbuild_proto::cc::get_filter_response::Filter;
 use casbuild_proto::cc::{
@@ -73,7 +73,7 @@ struct Known {
 
 struct Daemon {
     remote: String,
-    connect: casbuild_fs::store::ConnectOptions,
+    connect: casbuild_cas::store::ConnectOptions,
     instance: String,
     store: tokio::sync::Mutex<Option<RemoteStore>>,
     /// Until when not to retry connecting after a failure.

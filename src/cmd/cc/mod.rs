@@ -14,11 +14,11 @@ use std::process::Stdio;
 
 use anyhow::Context;
 use bytes::Bytes;
+use casbuild_cas::action::ActionSpec;
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::input_root::{Entry, InputRoot};
 use casbuild_coordinator::graph::escapes;
 use casbuild_exec::runner::report_suffix;
-use casbuild_fs::action::ActionSpec;
-use casbuild_fs::digest::{Digest, DigestFunction};
-use casbuild_fs::input_root::{Entry, InputRoot};
 use casbuild_proto::cc::{
     daemon_reply, daemon_request, Blob, Compile as CompileRequest, GetStats, LocalNote, LocalSlot, Shutdown, Stats,
 };

@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use casbuild_fs::digest::DigestFunction;
+use casbuild_cas::digest::DigestFunction;
 use casbuild_proto::cc::{daemon_request, DaemonReply, DaemonRequest};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,9 +1,10 @@
 //! Content-addressed storage for casbuild: digests, ByteStream resource names,
-//! blob stores that compose into tiers, and the action cache.
+//! blob stores that compose into tiers, and the action cache. The FUSE
+//! filesystem over them is the `casbuild-mount` crate.
 //!
 //! ```
-//! use casbuild_fs::digest::DigestFunction;
-//! use casbuild_fs::store::{BlobStore, MemoryStore};
+//! use casbuild_cas::digest::DigestFunction;
+//! use casbuild_cas::store::{BlobStore, MemoryStore};
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let store = MemoryStore::new(1 << 20);
 //! let digest = DigestFunction::Blake3.digest_of(b"hello");
@@ -19,7 +20,6 @@ pub mod digest;
 pub mod entry_files;
 pub mod input_root;
 pub mod local_tree;
-pub mod mount;
 pub mod namespace;
 pub mod resource;
 pub mod storage;

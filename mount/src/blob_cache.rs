@@ -16,8 +16,8 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
 
-use crate::digest::Digest;
-use crate::store::{BlobStore, BlobStream, DiskStore, MemoryStore, PinGuard, RemoteStore, StoreError};
+use casbuild_cas::digest::Digest;
+use casbuild_cas::store::{BlobStore, BlobStream, DiskStore, MemoryStore, PinGuard, RemoteStore, StoreError};
 
 /// Blobs up to this size are fetched whole with BatchReadBlobs, served from
 /// memory and written to the disk cache behind the reader's back; larger

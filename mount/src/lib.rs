@@ -31,7 +31,7 @@ use tokio::runtime::Handle;
 pub use access_log::{AccessLog, AccessReport};
 pub use blob_cache::{BlobCache, CachedBlob, FetchError};
 
-use crate::digest::Digest;
+use casbuild_cas::digest::Digest;
 use filesystem::{CasFs, MountState, INPUTS_INO};
 
 /// How to mount.

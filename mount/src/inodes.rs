@@ -15,10 +15,10 @@ use std::time::{Duration, SystemTime};
 
 use casbuild_proto::reapi::{Directory, NodeProperties};
 
-use crate::digest::{Digest, DigestFunction};
-use crate::mount::access_log::{join, AccessLog};
-use crate::mount::blob_cache::BlobCache;
-use crate::tree::child_digest;
+use crate::access_log::{join, AccessLog};
+use crate::blob_cache::BlobCache;
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::tree::child_digest;
 
 /// Modification time of entries without `NodeProperties.mtime`: a fixed
 /// instant (2000-01-01), so that tools comparing times see a stable tree.

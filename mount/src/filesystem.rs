@@ -24,11 +24,11 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 
-use crate::digest::{Digest, DigestFunction};
-use crate::mount::access_log::{Access, AccessLog};
-use crate::mount::blob_cache::{BlobCache, CachedBlob, FetchError};
-use crate::mount::inodes::{Children, DirNode, Inodes, Node, NodeKind, Virtual, FIXED_MTIME, INPUTS};
-use crate::tree::decode_directory;
+use crate::access_log::{Access, AccessLog};
+use crate::blob_cache::{BlobCache, CachedBlob, FetchError};
+use crate::inodes::{Children, DirNode, Inodes, Node, NodeKind, Virtual, FIXED_MTIME, INPUTS};
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::tree::decode_directory;
 
 /// Content never changes, so the kernel may cache names and attributes for
 /// as long as it likes; input roots that go away are invalidated explicitly.
