@@ -8,3 +8,4 @@ pub mod runner;
 pub mod sandbox;
 pub mod scratch;
 pub mod seccomp;
+pub mod worker;

@@ -1,26 +1,16 @@
 //! `casbuild worker`: pulls leases from a coordinator and runs them through
-//! the sandbox over this host's /cas mount.
+//! the sandbox over this host's /cas mount. The lease loop is
+//! `casbuild_exec::worker`; this is its wiring.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use casbuild_cas::digest::{Digest, DigestFunction};
-use casbuild_cas::store::{RemoteChannel, RemoteStore, RemoteStoreOptions};
-use casbuild_exec::runner::{ExecError, Runner, RunnerConfig};
-use casbuild_proto::worker::complete_request::Outcome;
-use casbuild_proto::worker::lease_update::Update;
-use casbuild_proto::worker::workers_client::WorkersClient;
-use casbuild_proto::worker::{
-    BlobDigest, CompleteRequest, HeartbeatRequest, Lease, LeaseError, LeaseUpdate, LeasesRequest, PlatformProperty,
-    RegisterRequest,
-};
-use prost::Message;
-use tokio::task::AbortHandle;
-use tonic::Code;
+use casbuild_cas::store::{RemoteStore, RemoteStoreOptions};
+use casbuild_exec::runner::{Runner, RunnerConfig};
+use casbuild_exec::worker::{RegisterError, Session};
+use casbuild_proto::worker::PlatformProperty;
 
 use crate::cmd::coordinator::shutdown_signal;
 use crate::cmd::mount::mount_cas;
@@ -69,25 +59,6 @@ pub struct Args {
     sandbox: SandboxArgs,
 }
 
-type Client = WorkersClient<RemoteChannel>;
-
-/// Leases being run, by id, so that a cancellation can stop one.
-type Active = Arc<Mutex<HashMap<String, AbortHandle>>>;
-
-/// Bookkeeping when a lease's task ends, whether it finished or was aborted.
-struct LeaseDone {
-    running: Arc<AtomicU32>,
-    active: Active,
-    lease_id: String,
-}
-
-impl Drop for LeaseDone {
-    fn drop(&mut self) {
-        self.running.fetch_sub(1, Ordering::Relaxed);
-        self.active.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.lease_id);
-    }
-}
-
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let id = args.name.clone().unwrap_or_else(|| {
         let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
@@ -133,23 +104,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let remote = RemoteStore::connect(&args.coordinator, RemoteStoreOptions { connect, ..Default::default() })
         .await
         .with_context(|| format!("connecting to {}", args.coordinator))?;
-    let mut client: Client = WorkersClient::new(remote.channel());
-    // This process's secret: the coordinator gives the id (and its leases)
-    // to no one else while this session lives.
-    let session = uuid::Uuid::new_v4().simple().to_string();
-    let register = RegisterRequest {
-        worker_id: id.clone(),
-        platform,
-        slots,
-        version: env!("CARGO_PKG_VERSION").into(),
-        session: session.clone(),
-    };
-    let interval = match client.register(register.clone()).await {
-        Ok(response) => Duration::from_millis(response.into_inner().heartbeat_interval_ms.max(10) as u64),
-        Err(status) if status.code() == Code::Unauthenticated => {
-            bail!("the coordinator refused this worker: {}", status.message())
-        }
-        Err(status) => bail!("registering with {}: {}", args.coordinator, status.message()),
+    let session = match Session::register(remote.channel(), id.clone(), platform, slots).await {
+        Ok(session) => session,
+        Err(e @ RegisterError::Refused(_)) => bail!("{e}"),
+        Err(RegisterError::Failed(why)) => bail!("registering with {}: {why}", args.coordinator),
     };
 
     let timeout = Duration::from_secs(60);
@@ -162,136 +120,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let runner = Arc::new(Runner::new(config, mount.clone(), remote)?);
     let signal = shutdown_signal()?;
     println!("casbuild worker {id} serving {} with {slots} slots, /cas at {}", args.coordinator, args.mount.display());
-
-    let running = Arc::new(AtomicU32::new(0));
-    let active: Active = Arc::new(Mutex::new(HashMap::new()));
-    let heartbeats = tokio::spawn(heartbeat_loop(client.clone(), register.clone(), interval, running.clone()));
-    let mut tasks = tokio::task::JoinSet::new();
-    tokio::pin!(signal);
-    'serve: loop {
-        let leases = LeasesRequest { worker_id: id.clone(), session: session.clone() };
-        let mut stream = match client.leases(leases).await {
-            Ok(stream) => stream.into_inner(),
-            Err(status) => {
-                tracing::warn!("opening the lease stream: {}; retrying", status.message());
-                tokio::select! {
-                    () = tokio::time::sleep(interval) => { let _ = client.register(register.clone()).await; continue 'serve }
-                    () = &mut signal => break 'serve,
-                }
-            }
-        };
-        loop {
-            tokio::select! {
-                update = stream.message() => match update {
-                    Ok(Some(LeaseUpdate { update: Some(Update::Lease(lease)) })) => {
-                        let (runner, client, id, session) = (runner.clone(), client.clone(), id.clone(), session.clone());
-                        let lease_id = lease.lease_id.clone();
-                        let on_exit = LeaseDone { running: running.clone(), active: active.clone(), lease_id: lease_id.clone() };
-                        running.fetch_add(1, Ordering::Relaxed);
-                        // Insert under the lock, so the task cannot remove itself first.
-                        let mut table = active.lock().unwrap_or_else(|e| e.into_inner());
-                        let handle = tasks.spawn(async move {
-                            let _on_exit = on_exit;
-                            run_lease(&runner, client, &id, &session, lease).await;
-                        });
-                        table.insert(lease_id, handle);
-                    }
-                    Ok(Some(LeaseUpdate { update: Some(Update::CancelLeaseId(lease_id)) })) => {
-                        // Dropping the run kills its sandbox and releases its input root.
-                        if let Some(handle) = active.lock().unwrap_or_else(|e| e.into_inner()).get(&lease_id) {
-                            handle.abort();
-                        }
-                    }
-                    Ok(Some(LeaseUpdate { update: None })) => {}
-                    // The coordinator went away or dropped us: register again.
-                    Ok(None) | Err(_) => {
-                        tokio::time::sleep(interval).await;
-                        let _ = client.register(register.clone()).await;
-                        continue 'serve;
-                    }
-                },
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                () = &mut signal => break 'serve,
-            }
-        }
-    }
-    // Drain: no new leases (the stream is closed), finish the running ones.
-    eprintln!("casbuild worker {id}: draining {} running actions", running.load(Ordering::Relaxed));
-    while tasks.join_next().await.is_some() {}
-    heartbeats.abort();
-    drop(runner);
+    session.serve(runner, signal).await;
     tokio::task::spawn_blocking(move || mount.shutdown()).await?.context("unmounting /cas")?;
     // Scratch directories still being deleted in the background.
     casbuild_exec::scratch::flush();
     eprintln!("casbuild worker {id} stopped");
     Ok(())
-}
-
-/// Reports load every `interval`; re-registers if the coordinator forgot us.
-async fn heartbeat_loop(mut client: Client, register: RegisterRequest, interval: Duration, running: Arc<AtomicU32>) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    loop {
-        tokio::time::sleep(interval).await;
-        let load = std::fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
-            .unwrap_or(0.0);
-        let ours = running.load(Ordering::Relaxed);
-        // Idle CPUs, not counting what our own actions keep busy.
-        let others = (load - ours as f64).max(0.0);
-        let free_cpus = (cpus - others).round().max(1.0) as u32;
-        let beat = HeartbeatRequest {
-            worker_id: register.worker_id.clone(),
-            session: register.session.clone(),
-            running: ours,
-            slots: register.slots,
-            load_15s: load,
-            free_cpus,
-        };
-        if let Err(status) = client.heartbeat(beat).await {
-            if status.code() == Code::NotFound {
-                let _ = client.register(register.clone()).await;
-            }
-        }
-    }
-}
-
-/// Runs one lease and reports it.
-async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str, lease: Lease) {
-    let action = lease.action_digest.as_ref().and_then(|d| {
-        let function = DigestFunction::resolve(lease.digest_function, &d.hash).ok()?;
-        Digest::from_hex(function, &d.hash, d.size_bytes).ok()
-    });
-    let error = |code: Code, message: String, missing: Vec<BlobDigest>| {
-        Outcome::Error(LeaseError { code: code as i32, message, missing })
-    };
-    let mut request = CompleteRequest {
-        worker_id: id.to_owned(),
-        lease_id: lease.lease_id.clone(),
-        session: session.to_owned(),
-        ..Default::default()
-    };
-    request.outcome = Some(match action {
-        None => error(Code::InvalidArgument, "the lease has no valid action digest".into(), vec![]),
-        Some(action) => match runner.execute_in(&lease.instance_name, &action).await {
-            Ok(execution) => {
-                request.message = execution.message;
-                request.timed_out = execution.report.timed_out;
-                request.do_not_cache = execution.do_not_cache;
-                Outcome::ActionResult(execution.result.encode_to_vec())
-            }
-            Err(ExecError::MissingBlobs(missing)) => {
-                let digests = missing
-                    .iter()
-                    .map(|d| BlobDigest { hash: d.hash_hex(), size_bytes: d.size_bytes as i64 })
-                    .collect();
-                error(Code::FailedPrecondition, "inputs are missing from the CAS".into(), digests)
-            }
-            Err(ExecError::Invalid(message)) => error(Code::InvalidArgument, message, vec![]),
-            Err(ExecError::Infrastructure(message)) => error(Code::Unavailable, message, vec![]),
-        },
-    });
-    if let Err(status) = client.complete(request).await {
-        tracing::warn!("reporting lease {}: {}", lease.lease_id, status.message());
-    }
 }
