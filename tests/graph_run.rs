@@ -6,6 +6,8 @@
 //! namespaces) except for the refusals.
 
 mod common;
+#[path = "../src/cmd/bench/demo.rs"]
+mod demo;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -14,10 +16,10 @@ use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use casbuild_coordinator::graph::demo::write_c_program;
 use casbuild_proto::graph::graphs_client::GraphsClient;
 use casbuild_proto::graph::{Digest as WireDigest, Job, SourceFile, SubmitGraphRequest};
 use common::{casbuild, needs_root, start_worker, Coordinator};
+use demo::write_c_program;
 
 /// Runs `casbuild graph run` on the graph in `dir`; returns the process output.
 fn graph_run(server: &str, dir: &Path, extra: &[&str]) -> Output {

@@ -7,7 +7,6 @@ use std::path::{Component, Path};
 
 use serde::Deserialize;
 
-pub mod demo;
 mod run;
 mod service;
 

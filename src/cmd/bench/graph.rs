@@ -7,9 +7,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use casbuild_coordinator::graph::demo::{serial_script, write_c_program};
 use casbuild_coordinator::graph::Graph;
 
+use super::demo::write_c_program;
 use super::{median, print_table, Row, Up};
 
 #[derive(clap::Args)]
@@ -101,4 +101,20 @@ fn measure(root: &Path, units: usize, rounds: usize, slots: Option<usize>) -> an
         row(&format!("{jobs}-job graph, warm (all cached)"), median(warm)),
     ]);
     Ok(())
+}
+
+/// The commands of the graph in `dir` in dependency order, as a shell script
+/// that runs them serially in `dir` — the host baseline for benchmarks.
+fn serial_script(graph: &Graph) -> String {
+    let mut script = String::from("set -e\n");
+    for job in graph.topological_order() {
+        for output in &job.outputs {
+            if let Some(parent) = std::path::Path::new(output).parent().filter(|p| !p.as_os_str().is_empty()) {
+                script.push_str(&format!("mkdir -p '{}'\n", parent.display()));
+            }
+        }
+        let words: Vec<String> = job.argv.iter().map(|a| format!("'{}'", a.replace('\'', r"'\''"))).collect();
+        script.push_str(&format!("( {} )\n", words.join(" ")));
+    }
+    script
 }

@@ -3,6 +3,7 @@
 
 mod cas;
 mod cc;
+mod demo;
 mod graph;
 mod mount;
 mod sandbox;

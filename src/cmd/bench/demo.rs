@@ -1,5 +1,6 @@
 //! A generated build graph of a small C program — the workload the graph
 //! tests and `casbuild bench graph` share, so both measure the same thing.
+//! (The tests include this file by path; it needs only std and serde_json.)
 //!
 //! `units` generated headers (`gen-tK`), `units` compiles of real source files
 //! that include them and a generated `config.h`, a compile of `main.c`, an
@@ -79,20 +80,4 @@ pub fn write_c_program(dir: &Path, units: usize) -> std::io::Result<String> {
     std::fs::write(dir.join("graph.json"), serde_json::to_string_pretty(&graph)?)?;
     let sum: usize = (0..units).map(|k| k * 3 + k).sum();
     Ok(format!("sum={sum}\n"))
-}
-
-/// The commands of the graph in `dir` in dependency order, as a shell script
-/// that runs them serially in `dir` — the host baseline for benchmarks.
-pub fn serial_script(graph: &super::Graph) -> String {
-    let mut script = String::from("set -e\n");
-    for job in graph.topological_order() {
-        for output in &job.outputs {
-            if let Some(parent) = std::path::Path::new(output).parent().filter(|p| !p.as_os_str().is_empty()) {
-                script.push_str(&format!("mkdir -p '{}'\n", parent.display()));
-            }
-        }
-        let words: Vec<String> = job.argv.iter().map(|a| format!("'{}'", a.replace('\'', r"'\''"))).collect();
-        script.push_str(&format!("( {} )\n", words.join(" ")));
-    }
-    script
 }
