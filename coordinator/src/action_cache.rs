@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::storage::Storage;
-use casbuild_cas::store::BlobStore;
+use casbuild_cas::store::{BlobStore, StoreError};
 use casbuild_cas::tree::{check_output_path, child_digest, validate_directory};
 use casbuild_proto::reapi::action_cache_server::ActionCache;
 use casbuild_proto::reapi::{ActionResult, GetActionResultRequest, Tree, UpdateActionResultRequest};
@@ -115,30 +115,33 @@ pub(crate) async fn check_result(
     }
 }
 
-/// The cached result of `action`, as long as every blob it references is
-/// still in the CAS; otherwise NOT_FOUND saying why.
-pub(crate) async fn usable_cached_result(
-    storage: &Storage,
-    instance: &str,
-    action: &Digest,
-) -> Result<ActionResult, Status> {
-    let result = storage
-        .action_cache()
-        .get(instance, action)
-        .await
-        .map_err(store_status)?
-        .ok_or_else(|| Status::not_found(format!("no cached result for action {action}")))?;
+/// What the action cache holds for an action, as far as a caller may use it.
+pub(crate) enum Lookup {
+    /// A result whose every referenced blob is still in the CAS.
+    Hit(Box<ActionResult>),
+    /// Nothing usable, and why (no entry, or a blob it names is gone).
+    Miss(String),
+}
+
+/// The one action-cache lookup that GetActionResult, Execute and build
+/// graphs share: a result counts only while every blob it references is
+/// still in the CAS. An error is the store failing, not a miss.
+pub(crate) async fn cached_result(storage: &Storage, instance: &str, action: &Digest) -> Result<Lookup, StoreError> {
+    let Some(result) = storage.action_cache().get(instance, action).await? else {
+        return Ok(Lookup::Miss(format!("no cached result for action {action}")));
+    };
     let cas = storage.cas(instance);
-    let referenced = referenced_blobs(cas.as_ref(), action.function, &result)
-        .await
-        .map_err(|e| Status::not_found(format!("cached result for action {action} is unusable: {e}")))?;
-    let missing = cas.find_missing(&referenced).await.map_err(store_status)?;
-    if let Some(gone) = missing.first() {
-        return Err(Status::not_found(format!(
+    let referenced = match referenced_blobs(cas.as_ref(), action.function, &result).await {
+        Ok(referenced) => referenced,
+        Err(e) => return Ok(Lookup::Miss(format!("cached result for action {action} is unusable: {e}"))),
+    };
+    let missing = cas.find_missing(&referenced).await?;
+    Ok(match missing.first() {
+        Some(gone) => Lookup::Miss(format!(
             "cached result for action {action} references blob {gone}, which is no longer in the CAS"
-        )));
-    }
-    Ok(result)
+        )),
+        None => Lookup::Hit(Box::new(result)),
+    })
 }
 
 #[tonic::async_trait]
@@ -149,8 +152,10 @@ impl ActionCache for ActionCacheService {
     ) -> Result<Response<ActionResult>, Status> {
         let (_, request) = admit(request, Permission::ReadCache, |r| &r.instance_name)?;
         let action = request_digest(request.digest_function, request.action_digest.as_ref(), "action_digest")?;
-        let result = usable_cached_result(&self.storage, &request.instance_name, &action).await?;
-        Ok(Response::new(result))
+        match cached_result(&self.storage, &request.instance_name, &action).await.map_err(store_status)? {
+            Lookup::Hit(result) => Ok(Response::new(*result)),
+            Lookup::Miss(why) => Err(Status::not_found(why)),
+        }
     }
 
     async fn update_action_result(
@@ -176,5 +181,58 @@ impl ActionCache for ActionCacheService {
         }
         self.storage.action_cache().update(&request.instance_name, &action, &result).await.map_err(store_status)?;
         Ok(Response::new(result))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use casbuild_cas::storage::StorageConfig;
+    use casbuild_proto::reapi::OutputFile;
+
+    /// Every entry file under `dir`.
+    fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(files_under(&path));
+            } else {
+                found.push(path);
+            }
+        }
+        found
+    }
+
+    #[tokio::test]
+    async fn the_shared_lookup_tells_a_hit_from_a_miss_from_a_failing_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&StorageConfig::new(dir.path().to_path_buf())).unwrap();
+        let f = DigestFunction::Sha256;
+        let action = f.digest_of(b"an action");
+        let miss = |lookup| matches!(lookup, Lookup::Miss(_));
+        assert!(miss(cached_result(&storage, "", &action).await.unwrap()), "no entry");
+
+        let output = f.digest_of(b"output");
+        let result = ActionResult {
+            output_files: vec![OutputFile {
+                path: "out".into(),
+                digest: Some(output.to_proto()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        storage.action_cache().update("", &action, &result).await.unwrap();
+        let gone = cached_result(&storage, "", &action).await.unwrap();
+        assert!(matches!(&gone, Lookup::Miss(why) if why.contains("no longer in the CAS")), "the output is not stored");
+        storage.cas("").write(&output, "output".into()).await.unwrap();
+        assert!(matches!(cached_result(&storage, "", &action).await.unwrap(), Lookup::Hit(_)));
+
+        // An entry the store cannot read is an error for the caller, not a miss.
+        let entries = files_under(&dir.path().join("ac"));
+        let entry = entries.iter().find(|p| p.to_string_lossy().contains(&action.hash_hex())).unwrap();
+        std::fs::remove_file(entry).unwrap();
+        std::fs::create_dir(entry).unwrap();
+        assert!(cached_result(&storage, "", &action).await.is_err());
     }
 }

@@ -17,10 +17,10 @@ use futures::Stream;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::action_cache::usable_cached_result;
+use crate::action_cache::{cached_result, Lookup};
 use crate::auth::{admit, principal, Permission, Principal};
 use crate::scheduler::{finished, Scheduler};
-use crate::status::{request_digest, rpc_ok};
+use crate::status::{request_digest, rpc_ok, store_status};
 
 type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
 
@@ -86,15 +86,11 @@ impl Execution for ExecutionService {
         let action = request_digest(request.digest_function, request.action_digest.as_ref(), "action_digest")?;
         let instance = request.instance_name;
         if !request.skip_cache_lookup {
-            let cached = match usable_cached_result(&self.storage, &instance, &action).await {
-                Ok(result) => Some(result),
-                Err(status) if status.code() == tonic::Code::NotFound => None,
-                Err(status) => return Err(status),
-            };
-            if let Some(result) = cached {
+            let lookup = cached_result(&self.storage, &instance, &action).await.map_err(store_status)?;
+            if let Lookup::Hit(result) = lookup {
                 let name = format!("operations/{}", uuid::Uuid::new_v4());
                 let response = ExecuteResponse {
-                    result: Some(result),
+                    result: Some(*result),
                     cached_result: true,
                     status: Some(rpc_ok()),
                     ..Default::default()

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tonic::Code;
 
 use super::{normal, parse_input, Graph, Input, Job};
-use crate::action_cache::usable_cached_result;
+use crate::action_cache::{cached_result, Lookup};
 use crate::scheduler::{response_of, stage_of, Scheduler};
 use casbuild_cas::input_root::{Entry, InputRoot};
 
@@ -256,8 +256,12 @@ async fn run_job(
         Err(reason) => return fail(reason),
     };
     run.emit(Event::Queued(proto::JobQueued { job_id: job.id.clone(), action_digest: Some(wire(&action)) }));
-    if let Ok(result) = usable_cached_result(storage, &spec.instance, &action).await {
-        return with_directories(spec, storage, outcome(spec, job, &action, result, true, String::new())).await;
+    match cached_result(storage, &spec.instance, &action).await {
+        Ok(Lookup::Hit(result)) => {
+            return with_directories(spec, storage, outcome(spec, job, &action, *result, true, String::new())).await
+        }
+        Ok(Lookup::Miss(_)) => {}
+        Err(e) => return fail(format!("looking up action {action} in the action cache: {e}")),
     }
     let mut updates = scheduler.submit(&spec.instance, action, 0).updates;
     let mut announced = false;
