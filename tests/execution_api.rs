@@ -170,3 +170,15 @@ async fn failures_and_do_not_cache_actions_are_not_cached() {
         assert_ne!(outputs[0], outputs[1], "ran twice");
     }
 }
+
+/// `casbuild up` with one slot honours REAPI priorities too (its scheduler
+/// admits queued actions to the local worker by priority, not FIFO).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_queued_actions_by_priority() {
+    if !needs_root("up_runs_queued_actions_by_priority", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start_up_with(dir.path(), &["--slots", "1"]);
+    common::execute::assert_runs_by_priority(&server).await;
+}

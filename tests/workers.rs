@@ -144,7 +144,6 @@ async fn queued_actions_run_by_priority_and_cancelling_stops_a_remote_command() 
     }
     use casbuild_proto::longrunning::operations_client::OperationsClient;
     use casbuild_proto::longrunning::CancelOperationRequest;
-    use casbuild_proto::reapi::ExecutionPolicy;
 
     let dir = tempfile::tempdir().unwrap();
     let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN, "--heartbeat-ms", "200"]);
@@ -153,35 +152,8 @@ async fn queued_actions_run_by_priority_and_cancelling_stops_a_remote_command() 
     let _w1 = worker_with(&server, dir.path(), 1, &limits);
     let channel = server.channel().await;
 
-    // One slot, busy with a blocker; then priorities 5, 1, 3 arrive in that order.
-    let (blocker, blobs) = shell_action("sleep 1; echo blocker > out");
-    upload(&server, blobs).await;
+    common::execute::assert_runs_by_priority(&server).await;
     let mut client = ExecutionClient::new(channel.clone());
-    let blocking = client.execute(execute_request(&blocker, false)).await.unwrap().into_inner();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut calls = Vec::new();
-    for priority in [5, 1, 3] {
-        let (action, blobs) = shell_action(&format!("date +%s%N > out # priority {priority}"));
-        upload(&server, blobs).await;
-        let mut request = execute_request(&action, false);
-        request.execution_policy = Some(ExecutionPolicy { priority });
-        let mut client = ExecutionClient::new(channel.clone());
-        let stream = client.execute(request).await.unwrap().into_inner();
-        calls.push((priority, tokio::spawn(operations(stream))));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    operations(blocking).await;
-    let mut started = Vec::new();
-    for (priority, call) in calls {
-        let ops = tokio::time::timeout(Duration::from_secs(60), call).await.unwrap().unwrap();
-        let response = response_of(ops.last().unwrap());
-        let meta = response.result.unwrap().execution_metadata.unwrap();
-        let at = meta.execution_start_timestamp.unwrap();
-        started.push((at.seconds, at.nanos, priority));
-    }
-    started.sort();
-    let order: Vec<i32> = started.iter().map(|s| s.2).collect();
-    assert_eq!(order, [1, 3, 5], "lower priority values run first");
 
     // Commands run as the worker's configured user and group.
     let (ids, blobs) = shell_action("echo $(id -u):$(id -g) > out");

@@ -23,6 +23,7 @@ mod cas;
 mod compression;
 mod execution;
 pub mod existence;
+mod gate;
 pub mod graph;
 pub mod scheduler;
 mod server;

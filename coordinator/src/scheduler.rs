@@ -24,9 +24,10 @@ use casbuild_proto::reapi::{
     Action, ActionResult, Command, ExecuteOperationMetadata, ExecuteResponse, ExecutedActionMetadata,
 };
 use prost::Message;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tonic::Code;
 
+use crate::gate::PriorityGate;
 use crate::status::{precondition_missing, rpc_ok};
 
 /// How many finished operations are kept for lookups by name, for how
@@ -195,7 +196,8 @@ pub struct Submitted {
 pub struct Scheduler {
     storage: Arc<Storage>,
     executor: Arc<dyn ActionExecutor>,
-    slots: Arc<Semaphore>,
+    /// Admits jobs to the executor by priority.
+    slots: Arc<PriorityGate>,
     jobs: Mutex<Jobs>,
 }
 
@@ -258,12 +260,7 @@ fn error_response(code: Code, message: String) -> ExecuteResponse {
 impl Scheduler {
     /// A scheduler running at most `slots` actions at once on `executor`.
     pub fn new(storage: Arc<Storage>, executor: Arc<dyn ActionExecutor>, slots: usize) -> Arc<Self> {
-        Arc::new(Scheduler {
-            storage,
-            executor,
-            slots: Arc::new(Semaphore::new(slots.max(1))),
-            jobs: Mutex::new(Jobs::default()),
-        })
+        Arc::new(Scheduler { storage, executor, slots: PriorityGate::new(slots), jobs: Mutex::new(Jobs::default()) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Jobs> {
@@ -393,9 +390,7 @@ impl Scheduler {
             Ok((_, platform)) => platform,
             Err(response) => return response,
         };
-        let Ok(_slot) = self.slots.clone().acquire_owned().await else {
-            return error_response(Code::Unavailable, "the scheduler is shutting down".into());
-        };
+        let _slot = self.slots.acquire(job.priority).await;
         let state = job.clone();
         let started = Started::new(move |worker| {
             let partial = ExecutedActionMetadata {

@@ -107,3 +107,39 @@ pub fn output_digest(response: &ExecuteResponse) -> String {
     let result = response.result.as_ref().expect("a result");
     result.output_files[0].digest.as_ref().unwrap().hash.clone()
 }
+
+/// With one slot busy with a blocker, actions of priorities 5, 1 and 3
+/// arriving in that order start in the order 1, 3, 5 (lower values first).
+pub async fn assert_runs_by_priority(server: &Coordinator) {
+    use casbuild_proto::reapi::ExecutionPolicy;
+    use std::time::Duration;
+    let channel = server.channel().await;
+    let (blocker, blobs) = shell_action("sleep 1; echo blocker > out");
+    upload(server, blobs).await;
+    let mut client = ExecutionClient::new(channel.clone());
+    let blocking = client.execute(execute_request(&blocker, false)).await.unwrap().into_inner();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut calls = Vec::new();
+    for priority in [5, 1, 3] {
+        let (action, blobs) = shell_action(&format!("date +%s%N > out # priority {priority}"));
+        upload(server, blobs).await;
+        let mut request = execute_request(&action, false);
+        request.execution_policy = Some(ExecutionPolicy { priority });
+        let mut client = ExecutionClient::new(channel.clone());
+        let stream = client.execute(request).await.unwrap().into_inner();
+        calls.push((priority, tokio::spawn(operations(stream))));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    operations(blocking).await;
+    let mut started = Vec::new();
+    for (priority, call) in calls {
+        let ops = tokio::time::timeout(Duration::from_secs(60), call).await.unwrap().unwrap();
+        let response = response_of(ops.last().unwrap());
+        let meta = response.result.unwrap().execution_metadata.unwrap();
+        let at = meta.execution_start_timestamp.unwrap();
+        started.push((at.seconds, at.nanos, priority));
+    }
+    started.sort();
+    let order: Vec<i32> = started.iter().map(|s| s.2).collect();
+    assert_eq!(order, [1, 3, 5], "lower priority values run first");
+}
