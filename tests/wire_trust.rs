@@ -33,6 +33,7 @@ async fn update(server: &Coordinator, action: &Digest, result: ActionResult) -> 
 }
 
 #[test]
+#[allow(deprecated)] // output_file_symlinks: REAPI's older list, which servers still fill
 fn results_that_would_poison_the_action_cache_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = Coordinator::start(&dir.path().join("storage"), &[]);
@@ -51,6 +52,25 @@ fn results_that_would_poison_the_action_cache_are_refused() {
             let result = ActionResult { output_files: vec![file(path)], ..Default::default() };
             let status = update(&server, &action, result).await.unwrap_err();
             assert_eq!(status.code(), Code::InvalidArgument, "{path:?}: {status:?}");
+        }
+
+        // One path as a file and as a link (which would a client make?), or
+        // as two different links.
+        let link = |target: &str| casbuild_proto::reapi::OutputSymlink {
+            path: "x".into(),
+            target: target.into(),
+            ..Default::default()
+        };
+        let both =
+            ActionResult { output_files: vec![file("x")], output_symlinks: vec![link("y")], ..Default::default() };
+        let twice = ActionResult {
+            output_symlinks: vec![link("y")],
+            output_file_symlinks: vec![link("/etc/shadow")],
+            ..Default::default()
+        };
+        for result in [both, twice] {
+            let status = update(&server, &action, result).await.unwrap_err();
+            assert!(status.message().contains("appears twice"), "{status:?}");
         }
 
         // An output directory whose Tree names an entry `..`.
@@ -89,9 +109,14 @@ fn results_that_would_poison_the_action_cache_are_refused() {
         };
         let missed = server.action_cache().await.get_action_result(get()).await.unwrap_err();
         assert_eq!(missed.code(), Code::NotFound);
-        update(&server, &action, ActionResult { output_files: vec![file("bazel-out/x")], ..Default::default() })
-            .await
-            .unwrap();
+        // The same link in both lists, as REAPI servers send them, is fine.
+        let same = ActionResult {
+            output_files: vec![file("bazel-out/x")],
+            output_symlinks: vec![link("y")],
+            output_file_symlinks: vec![link("y")],
+            ..Default::default()
+        };
+        update(&server, &action, same).await.unwrap();
         server.action_cache().await.get_action_result(get()).await.unwrap();
     });
 }

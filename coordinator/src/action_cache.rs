@@ -80,19 +80,28 @@ async fn referenced_blobs(
 // The legacy symlink lists are still filled by REAPI < 2.1 clients.
 #[allow(deprecated)]
 fn check_paths(result: &ActionResult) -> Result<(), String> {
+    fn link(l: &casbuild_proto::reapi::OutputSymlink) -> (&String, Option<&str>) {
+        (&l.path, Some(l.target.as_str()))
+    }
     let paths = result
         .output_files
         .iter()
-        .map(|f| &f.path)
-        .chain(result.output_directories.iter().map(|d| &d.path))
-        .chain(result.output_symlinks.iter().map(|l| &l.path))
-        .chain(result.output_file_symlinks.iter().map(|l| &l.path))
-        .chain(result.output_directory_symlinks.iter().map(|l| &l.path));
-    let mut seen = std::collections::HashSet::new();
-    for path in paths {
+        .map(|f| (&f.path, None))
+        .chain(result.output_directories.iter().map(|d| (&d.path, None)))
+        .chain(result.output_symlinks.iter().map(link))
+        .chain(result.output_file_symlinks.iter().map(link))
+        .chain(result.output_directory_symlinks.iter().map(link));
+    // Path → the link's target, if it is a link.
+    let mut seen = std::collections::HashMap::new();
+    for (path, target) in paths {
         check_output_path(path)?;
-        if !seen.insert(path.as_str()) && !result.output_symlinks.iter().any(|l| &l.path == path) {
-            return Err(format!("output path {path:?} appears twice"));
+        // REAPI lists a link both in output_symlinks and in the older
+        // per-kind lists: a repeat is fine only as the very same link.
+        match seen.insert(path.as_str(), target) {
+            Some(previous) if previous.is_none() || previous != target => {
+                return Err(format!("output path {path:?} appears twice"));
+            }
+            _ => {}
         }
     }
     Ok(())
