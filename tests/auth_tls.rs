@@ -5,9 +5,10 @@
 //! builds remotely over TLS with an API key and is refused without one.
 
 mod common;
+#[path = "../src/cmd/bench/pki.rs"]
+mod pki;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use casbuild_cas::digest::{Digest, DigestFunction};
@@ -21,76 +22,8 @@ use casbuild_proto::reapi::{
     OutputFile, UpdateActionResultRequest,
 };
 use common::{casbuild, Coordinator};
+use pki::Pki;
 use tonic::Code;
-
-/// A CA, a server certificate for 127.0.0.1, and client certificates, all
-/// made with the openssl command line in a temporary directory.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(dir: &Path) -> Pki {
-        std::fs::create_dir_all(dir).unwrap();
-        let pki = Pki { dir: dir.to_path_buf() };
-        pki.new_key("ca.key", &["-x509", "-out", "ca.pem", "-days", "2", "-subj", "/CN=casbuild test CA"]);
-        pki.issue("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n");
-        pki
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        let out = Command::new("openssl").args(args).current_dir(&self.dir).output().expect("running openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    /// `openssl req` making a new P-256 key in `keyout`, plus `rest`.
-    fn new_key(&self, keyout: &str, rest: &[&str]) {
-        let mut args = vec!["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", keyout];
-        args.extend_from_slice(rest);
-        self.openssl(&args);
-    }
-
-    /// `NAME.pem` and `NAME.key`, signed by the CA, with `extensions`.
-    fn issue(&self, name: &str, extensions: &str) {
-        let (key, csr, pem, ext) =
-            (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
-        std::fs::write(self.dir.join(&ext), extensions).unwrap();
-        self.new_key(&key, &["-out", &csr, "-subj", &format!("/CN={name}")]);
-        self.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-        ]);
-    }
-
-    /// A client certificate and the SHA-256 fingerprint `[auth]` names it by.
-    fn client(&self, name: &str) -> String {
-        self.issue(name, "extendedKeyUsage=clientAuth\n");
-        let out = Command::new("openssl")
-            .args(["x509", "-noout", "-fingerprint", "-sha256", "-in", &format!("{name}.pem")])
-            .current_dir(&self.dir)
-            .output()
-            .unwrap();
-        let text = String::from_utf8(out.stdout).unwrap();
-        text.trim().rsplit('=').next().unwrap().to_owned()
-    }
-
-    fn path(&self, file: &str) -> String {
-        self.dir.join(file).to_str().unwrap().to_owned()
-    }
-}
 
 /// An API key and its `[[auth.keys]]` entry.
 fn key_entry(name: &str, roles: &[&str], instances: Option<&[&str]>) -> (String, String) {
@@ -130,9 +63,9 @@ impl Cluster {
     /// the worker token [`WORKER_TOKEN`]. Without `tls`, plain gRPC.
     fn start(tls: bool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::new(&dir.path().join("pki"));
-        let worker_fingerprint = pki.client("worker");
-        pki.client("stranger");
+        let pki = Pki::new(&dir.path().join("pki")).unwrap();
+        let worker_fingerprint = pki.client("worker").unwrap();
+        pki.client("stranger").unwrap();
         let mut config = String::from("[auth]\nanonymous = []\n");
         let mut keys = std::collections::HashMap::new();
         for (name, roles, instances) in [
@@ -270,7 +203,7 @@ async fn keys_and_roles_decide_every_call_over_tls() {
         assert!(capabilities(channel).await.is_err(), "a plaintext call on the TLS port must fail");
     }
     // A client that trusts another CA refuses the server.
-    let other = Pki::new(&cluster.pki.dir.join("other"));
+    let other = Pki::new(&cluster.pki.dir().join("other")).unwrap();
     let distrust = ConnectOptions { ca_pem: Some(std::fs::read(other.path("ca.pem")).unwrap()), ..Default::default() };
     let refused = match connect_channel(&cluster.url(), Duration::from_secs(5), &distrust).await {
         Ok(channel) => capabilities(channel).await.is_err(),
@@ -329,7 +262,7 @@ async fn keys_and_roles_decide_every_call_over_tls() {
     // The CLI takes the same credentials.
     let cli = |holder: &str| {
         // Content of its own, so the client finds it missing and uploads.
-        let src = cluster.pki.dir.join(format!("upload-{holder}.txt"));
+        let src = cluster.pki.dir().join(format!("upload-{holder}.txt"));
         std::fs::write(&src, format!("uploaded by {holder}\n")).unwrap();
         let key = &cluster.keys[holder];
         casbuild()

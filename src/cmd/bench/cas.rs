@@ -107,35 +107,7 @@ async fn secured(
 ) -> anyhow::Result<Vec<Row>> {
     use casbuild_cas::store::ConnectOptions;
     use casbuild_coordinator::auth::{AuthConfig, Authenticator, KeyConfig, Role};
-    let pki = scratch.join("pki");
-    std::fs::create_dir_all(&pki)?;
-    let openssl = |args: &[&str]| -> anyhow::Result<()> {
-        let out =
-            std::process::Command::new("openssl").args(args).current_dir(&pki).output().context("running openssl")?;
-        anyhow::ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(())
-    };
-    let new_key = ["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout"];
-    openssl(&[&new_key[..], &["ca.key", "-x509", "-out", "ca.pem", "-days", "1", "-subj", "/CN=bench CA"]].concat())?;
-    openssl(&[&new_key[..], &["server.key", "-out", "server.csr", "-subj", "/CN=bench"]].concat())?;
-    std::fs::write(pki.join("server.ext"), "subjectAltName=IP:127.0.0.1\n")?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "1",
-        "-extfile",
-        "server.ext",
-    ])?;
+    let pki = super::pki::Pki::new(&scratch.join("pki")).map_err(anyhow::Error::msg)?;
     let (key, hash) = casbuild_coordinator::auth::new_key();
     let table = AuthConfig {
         keys: vec![KeyConfig { name: "bench".into(), blake3: hash, roles: vec![Role::Admin], instances: None }],
@@ -143,12 +115,12 @@ async fn secured(
     };
     let auth = Arc::new(Authenticator::new(Some(&table), None).map_err(anyhow::Error::msg)?);
     let tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(
-        std::fs::read(pki.join("server.pem"))?,
-        std::fs::read(pki.join("server.key"))?,
+        std::fs::read(pki.path("server.pem"))?,
+        std::fs::read(pki.path("server.key"))?,
     ));
     let with_key = ConnectOptions { api_key: Some(key.clone()), ..Default::default() };
     let with_tls =
-        ConnectOptions { ca_pem: Some(std::fs::read(pki.join("ca.pem"))?), api_key: Some(key), identity: None };
+        ConnectOptions { ca_pem: Some(std::fs::read(pki.path("ca.pem"))?), api_key: Some(key), identity: None };
     let config = |tls: Option<tonic::transport::ServerTlsConfig>| casbuild_coordinator::ServerConfig {
         auth: auth.clone(),
         tls,

@@ -6,6 +6,7 @@ mod cc;
 mod demo;
 mod graph;
 mod mount;
+mod pki;
 mod sandbox;
 
 use std::io::{BufRead, BufReader};
