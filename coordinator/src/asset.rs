@@ -118,10 +118,10 @@ impl AssetService {
         let pairs = pairs(qualifiers)?;
         let missing = self.missing(instance, &entry).await?;
         if !missing.is_empty() {
-            let listed: Vec<String> = missing.iter().take(10).map(|d| d.to_string()).collect();
             return Err(Status::failed_precondition(format!(
-                "the asset references blobs the CAS does not have: {}",
-                listed.join(", ")
+                "the asset references {} blob(s) the CAS does not have: {}",
+                missing.len(),
+                crate::status::some_digests(&missing)
             )));
         }
         if !entry.directory {

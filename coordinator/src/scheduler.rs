@@ -421,11 +421,10 @@ impl Scheduler {
                         return error_response(Code::Internal, message);
                     }
                     Err(Unusable::Missing(missing)) => {
-                        let listed: Vec<String> = missing.iter().take(10).map(|d| d.to_string()).collect();
                         let message = format!(
                             "the worker's result for {action} references {} blob(s) it did not upload: {}",
                             missing.len(),
-                            listed.join(", ")
+                            crate::status::some_digests(&missing)
                         );
                         tracing::warn!("{message}");
                         return error_response(Code::Internal, message);

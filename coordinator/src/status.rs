@@ -75,6 +75,16 @@ pub fn check_instance(name: &str) -> Result<(), Status> {
 /// instead of one unbounded response.
 pub const MAX_VIOLATIONS: usize = 5000;
 
+/// How messages list a set of digests: the first ten, and how many more
+/// (`a/1, b/2, ... and 15 more`).
+pub fn some_digests(digests: &[Digest]) -> String {
+    let listed: Vec<String> = digests.iter().take(10).map(|d| d.to_string()).collect();
+    match digests.len() - listed.len() {
+        0 => listed.join(", "),
+        more => format!("{} and {more} more", listed.join(", ")),
+    }
+}
+
 /// FAILED_PRECONDITION listing `missing` blobs as REAPI clients expect: one
 /// MISSING violation per blob (at most [`MAX_VIOLATIONS`]), subject
 /// `blobs/{hash}/{size}`.
@@ -90,10 +100,9 @@ pub fn precondition_missing(missing: &[Digest]) -> casbuild_proto::rpc::Status {
             })
             .collect(),
     };
-    let listed: Vec<String> = missing.iter().take(10).map(|d| d.to_string()).collect();
     casbuild_proto::rpc::Status {
         code: Code::FailedPrecondition as i32,
-        message: format!("{} input blob(s) missing from the CAS: {}", missing.len(), listed.join(", ")),
+        message: format!("{} input blob(s) missing from the CAS: {}", missing.len(), some_digests(missing)),
         details: vec![casbuild_proto::protobuf::Any {
             type_url: "type.googleapis.com/google.rpc.PreconditionFailure".into(),
             value: prost::Message::encode_to_vec(&failure),
