@@ -565,4 +565,68 @@ mod tests {
         finish_one(&scheduler, 11).await;
         assert!(scheduler.watch(&last).is_none());
     }
+
+    /// Counts the actions it runs; each waits until `release` is notified.
+    struct Counting {
+        runs: std::sync::atomic::AtomicU32,
+        release: tokio::sync::Notify,
+    }
+
+    #[tonic::async_trait]
+    impl ActionExecutor for Counting {
+        async fn execute(&self, _request: ActionRequest) -> Result<Executed, ExecutorError> {
+            self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.release.notified().await;
+            let result = ActionResult { exit_code: 7, ..Default::default() };
+            Ok(Executed { result, message: String::new(), timed_out: false, do_not_cache: true })
+        }
+    }
+
+    #[tokio::test]
+    async fn identical_actions_in_flight_run_once_and_each_requester_gets_the_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(Storage::open(&StorageConfig::new(dir.path().to_path_buf())).unwrap());
+        let f = DigestFunction::Sha256;
+        let command = Command { arguments: vec!["true".into()], ..Default::default() }.encode_to_vec();
+        let command_digest = f.digest_of(&command);
+        let action = Action {
+            command_digest: Some(command_digest.to_proto()),
+            input_root_digest: Some(f.empty().to_proto()),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let action_digest = f.digest_of(&action);
+        let cas = storage.cas("");
+        cas.write(&command_digest, command.into()).await.unwrap();
+        cas.write(&action_digest, action.into()).await.unwrap();
+        let executor = Arc::new(Counting { runs: Default::default(), release: tokio::sync::Notify::new() });
+        let scheduler = Scheduler::new(storage, executor.clone(), 4);
+
+        let submitted: Vec<Submitted> = (0..10).map(|_| scheduler.submit("", action_digest, 0)).collect();
+        let names: std::collections::HashSet<&String> = submitted.iter().map(|s| &s.name).collect();
+        assert_eq!(names.len(), 10, "each requester has an operation name of its own");
+        while executor.runs.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        executor.release.notify_one();
+        for mut requester in submitted {
+            while !requester.updates.borrow_and_update().done {
+                requester.updates.changed().await.unwrap();
+            }
+            let response = response_of(&requester.updates.borrow());
+            assert_eq!(response.unwrap().result.unwrap().exit_code, 7);
+        }
+        assert_eq!(executor.runs.load(std::sync::atomic::Ordering::SeqCst), 1, "ten requests, one run");
+
+        // Once finished, the same action runs again (only in-flight work is shared).
+        let mut again = scheduler.submit("", action_digest, 0);
+        while executor.runs.load(std::sync::atomic::Ordering::SeqCst) == 1 {
+            tokio::task::yield_now().await;
+        }
+        executor.release.notify_one();
+        while !again.updates.borrow_and_update().done {
+            again.updates.changed().await.unwrap();
+        }
+        assert_eq!(executor.runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
 }
