@@ -300,3 +300,64 @@ pub(crate) fn mtime_of(properties: Option<&NodeProperties>) -> SystemTime {
         SystemTime::UNIX_EPOCH - Duration::from_secs(ts.seconds.unsigned_abs()) + Duration::from_nanos(nanos as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use casbuild_cas::store::{DiskStore, RemoteChannel, RemoteStore, RemoteStoreOptions};
+    use casbuild_proto::reapi::{DirectoryNode, FileNode as WireFile, SymlinkNode};
+
+    /// A cache whose remote is never reached: the inode table fetches nothing.
+    fn cache(dir: &std::path::Path) -> Arc<BlobCache> {
+        let local = DiskStore::open(dir, 1 << 20).unwrap().namespace("");
+        let channel = tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        let remote = RemoteStore::from_channel(RemoteChannel::plain(channel), RemoteStoreOptions::default());
+        Arc::new(BlobCache::new(local, remote, Duration::from_secs(1)))
+    }
+
+    #[tokio::test]
+    async fn input_roots_register_once_load_children_once_and_unregister_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inodes, cache) = (Inodes::new(), cache(dir.path()));
+        let f = DigestFunction::Sha256;
+        let before = inodes.len();
+        for bad in ["", ".", "..", "a/b", "nul\0"] {
+            assert!(inodes.register(bad, f.empty(), cache.clone()).is_err(), "{bad:?}");
+        }
+        inodes.register("a", f.digest_of(b"root"), cache.clone()).unwrap();
+        assert!(inodes.register("a", f.empty(), cache.clone()).is_err(), "a name is taken once");
+        let root = inodes.get(inodes.input_ino("a").unwrap()).unwrap();
+
+        let directory = Directory {
+            files: vec![WireFile {
+                name: "x".into(),
+                digest: Some(f.digest_of(b"x").to_proto()),
+                ..Default::default()
+            }],
+            directories: vec![DirectoryNode { name: "sub".into(), digest: Some(f.empty().to_proto()) }],
+            symlinks: vec![SymlinkNode { name: "ln".into(), target: "x".into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let children = inodes.install_children(&root, &directory);
+        let names: Vec<&str> = children.entries.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["ln", "sub", "x"], "sorted for lookups");
+        let x = inodes.get(children.get("x").unwrap()).unwrap();
+        assert!(matches!(x.kind, NodeKind::File(ref file) if file.digest == f.digest_of(b"x")));
+        assert_eq!(x.scope.as_ref().unwrap().path, "x", "accesses are logged by path in the input root");
+        // A second load (a racing thread) keeps the first one's inodes.
+        let again = inodes.install_children(&root, &Directory::default());
+        assert!(Arc::ptr_eq(&children, &again));
+        assert_eq!(inodes.len(), before + 4);
+
+        // By-digest entries are made once.
+        let blob = inodes.add_by_digest(INPUTS, false, f.digest_of(b"y"));
+        assert_eq!(inodes.add_by_digest(INPUTS, false, f.digest_of(b"y")).ino, blob.ino);
+        assert_eq!(inodes.by_digest(false, &f.digest_of(b"y")), Some(blob.ino));
+
+        // Unregistering removes the root and everything loaded below it.
+        inodes.unregister("a").unwrap();
+        assert!(inodes.input("a").is_none());
+        assert!(inodes.get(x.ino).is_none());
+        assert_eq!(inodes.len(), before + 1, "only the by-digest entry is left");
+    }
+}
