@@ -372,14 +372,14 @@ fn build_root(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<(), String> 
 /// the host (merged-usr `/bin -> usr/bin`), and nothing for a toolchain name
 /// the host lacks.
 fn own_top_entries(spec: &SandboxSpec) -> Vec<(String, Option<PathBuf>)> {
-    let work = spec.work_dir.components().nth(1).map(|c| c.as_os_str().to_string_lossy().into_owned());
+    let made = spec.made_top_dirs();
     let mut entries = Vec::new();
     for name in spec.own_top_names() {
-        let host = Path::new("/").join(&name);
-        if ["proc", "dev", "tmp", "etc"].contains(&name.as_str()) || work.as_ref() == Some(&name) {
+        if made.contains(&name) {
             entries.push((name, None));
             continue;
         }
+        let host = Path::new("/").join(&name);
         match std::fs::symlink_metadata(&host) {
             Ok(m) if m.is_dir() => entries.push((name, None)),
             Ok(m) if m.file_type().is_symlink() && spec.toolchain.contains(&host) => {

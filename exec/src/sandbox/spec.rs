@@ -133,18 +133,21 @@ impl SandboxSpec {
         }
     }
 
-    /// The names the sandbox's own set-up puts at the top of its root: the
-    /// first components of the toolchain paths and of the working tree, and
-    /// `proc`, `dev`, `tmp` and `etc`.
-    pub fn own_top_names(&self) -> std::collections::BTreeSet<String> {
-        let top = |path: &Path| {
-            path.components().find_map(|c| match c {
-                Component::Normal(name) => Some(name.to_string_lossy().into_owned()),
-                _ => None,
-            })
-        };
+    /// The names the sandbox's set-up always makes at the top of its root,
+    /// as directories: the working tree's first component, and `proc`,
+    /// `dev`, `tmp` and `etc`.
+    pub fn made_top_dirs(&self) -> std::collections::BTreeSet<String> {
         let fixed = ["proc", "dev", "tmp", "etc"].map(String::from);
-        self.toolchain.iter().chain([&self.work_dir]).filter_map(|p| top(p)).chain(fixed).collect()
+        top_name(&self.work_dir).into_iter().chain(fixed).collect()
+    }
+
+    /// Every name the sandbox's own set-up puts at the top of its root:
+    /// [`SandboxSpec::made_top_dirs`] and the toolchain paths' first
+    /// components.
+    pub fn own_top_names(&self) -> std::collections::BTreeSet<String> {
+        let mut names = self.made_top_dirs();
+        names.extend(self.toolchain.iter().filter_map(|p| top_name(p)));
+        names
     }
 
     /// Checks what the command asks for before anything is set up.
@@ -173,6 +176,14 @@ impl SandboxSpec {
         }
         Ok(())
     }
+}
+
+/// The first normal component of `path` (`usr` of `/usr/bin`).
+fn top_name(path: &Path) -> Option<String> {
+    path.components().find_map(|c| match c {
+        Component::Normal(name) => Some(name.to_string_lossy().into_owned()),
+        _ => None,
+    })
 }
 
 /// Checks that `path` is relative and stays inside the tree it is relative to.
