@@ -390,11 +390,11 @@ fn bazel_builds_remotely_over_tls_with_an_api_key_and_is_refused_without() {
     if !common::needs_root(test, true) || !common::bazel::available(test) {
         return;
     }
-    let Some(tls_jvm) = common::bazel::tls_jvm_args(test) else {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(tls_jvm) = common::bazel::tls_jvm_args(test, dir.path()) else {
         return;
     };
     let cluster = Cluster::start(true);
-    let dir = tempfile::tempdir().unwrap();
     let args = cluster.worker_args(dir.path(), 1, Some("worker"));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _worker = Coordinator::spawn(&args, "casbuild worker ", &dir.path().join("worker-1"), true);

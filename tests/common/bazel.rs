@@ -23,9 +23,11 @@ pub fn available(test: &str) -> bool {
 /// (package `libnetty-tcnative-jni`), which Debian installs under a name
 /// Netty does not look for: the flag points `java.library.path` at a
 /// directory holding a copy under the expected name.
-pub fn tls_jvm_args(test: &str) -> Option<String> {
+/// The copy goes into `scratch` (the test's own directory: a fixed path
+/// under /tmp could be planted by another user, and Bazel runs as root).
+pub fn tls_jvm_args(test: &str, scratch: &Path) -> Option<String> {
     let installed = Path::new("/usr/lib/x86_64-linux-gnu/jni/libnetty-tcnative.so");
-    let dir = std::env::temp_dir().join("casbuild-bazel-tcnative");
+    let dir = scratch.join("tcnative");
     let ready = super::privileged(test, || {
         if !installed.exists() {
             return Err(format!("{} is missing (apt-get install libnetty-tcnative-jni)", installed.display()));
@@ -33,9 +35,7 @@ pub fn tls_jvm_args(test: &str) -> Option<String> {
         // A copy, not a link: the library checks the file name it was
         // loaded from.
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let partial = dir.join(format!(".copy-{}", std::process::id()));
-        std::fs::copy(installed, &partial).map_err(|e| e.to_string())?;
-        std::fs::rename(&partial, dir.join("libnetty_tcnative.so")).map_err(|e| e.to_string())?;
+        std::fs::copy(installed, dir.join("libnetty_tcnative.so")).map_err(|e| e.to_string())?;
         Ok(())
     });
     ready.then(|| format!("--host_jvm_args=-Djava.library.path={}", dir.display()))
