@@ -42,6 +42,16 @@ async fn until_running(script: &str) {
     }
 }
 
+/// A Workers client holding the worker token, as any process given it could.
+async fn workers_client_with_token(
+    server: &Coordinator,
+) -> casbuild_proto::worker::workers_client::WorkersClient<casbuild_cas::store::RemoteChannel> {
+    use casbuild_cas::store::{connect_channel, ConnectOptions};
+    let options = ConnectOptions { api_key: Some(TOKEN.into()), ..Default::default() };
+    let channel = connect_channel(&server.url(), Duration::from_secs(10), &options).await.unwrap();
+    casbuild_proto::worker::workers_client::WorkersClient::new(channel)
+}
+
 fn worker_of(response: &casbuild_proto::reapi::ExecuteResponse) -> String {
     response.result.as_ref().and_then(|r| r.execution_metadata.as_ref()).map(|m| m.worker.clone()).unwrap_or_default()
 }
@@ -269,8 +279,6 @@ fn beyond_loopback_a_coordinator_wants_a_worker_token_and_takes_it_from_a_file()
 /// nor a say in the result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_cannot_take_over_a_live_workers_id_or_leases() {
-    use casbuild_cas::store::{connect_channel, ConnectOptions};
-    use casbuild_proto::worker::workers_client::WorkersClient;
     use casbuild_proto::worker::{
         complete_request::Outcome, CompleteRequest, HeartbeatRequest, LeasesRequest, RegisterRequest,
     };
@@ -288,9 +296,7 @@ async fn a_second_process_cannot_take_over_a_live_workers_id_or_leases() {
     let stream = client.execute(execute_request(&action, true)).await.unwrap().into_inner();
     until_running("sleep 2; echo genuine").await;
 
-    let options = ConnectOptions { api_key: Some(TOKEN.into()), ..Default::default() };
-    let channel = connect_channel(&server.url(), Duration::from_secs(10), &options).await.unwrap();
-    let mut attacker = WorkersClient::new(channel);
+    let mut attacker = workers_client_with_token(&server).await;
     let session = "the-attackers-own-session".to_owned();
     let hijack = RegisterRequest { worker_id: "w1".into(), slots: 64, session: session.clone(), ..Default::default() };
     let err = attacker.register(hijack).await.unwrap_err();
@@ -323,18 +329,14 @@ async fn a_second_process_cannot_take_over_a_live_workers_id_or_leases() {
 /// it makes up is refused at the door, not cached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rogue_worker_gets_a_few_leases_and_cannot_poison_the_cache() {
-    use casbuild_cas::store::{connect_channel, ConnectOptions};
     use casbuild_proto::reapi::{ActionResult, GetActionResultRequest, OutputFile};
     use casbuild_proto::worker::lease_update::Update;
-    use casbuild_proto::worker::workers_client::WorkersClient;
     use casbuild_proto::worker::{complete_request::Outcome, CompleteRequest};
     use casbuild_proto::worker::{HeartbeatRequest, LeasesRequest, RegisterRequest};
     use prost::Message;
     let dir = tempfile::tempdir().unwrap();
     let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN]);
-    let options = ConnectOptions { api_key: Some(TOKEN.into()), ..Default::default() };
-    let channel = connect_channel(&server.url(), Duration::from_secs(10), &options).await.unwrap();
-    let mut rogue = WorkersClient::new(channel);
+    let mut rogue = workers_client_with_token(&server).await;
     let session = "a-rogue-workers-session".to_owned();
     let id = "greedy".to_owned();
     rogue
