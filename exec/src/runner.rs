@@ -333,7 +333,7 @@ impl Runner {
         let report = self.sandbox.run(&spec).await.map_err(|e| ExecError::Infrastructure(e.to_string()))?;
         let exec_done = SystemTime::now();
         let access = self.mount.access_report(name).unwrap_or_default();
-        let outside = host_lookups(&self.mount.access_report(observer.1).unwrap_or_default(), &spec);
+        let observed = self.mount.access_report(observer.1).unwrap_or_default();
         if let Some(error) = &report.error {
             // The command never ran (not found, not executable, bad set-up).
             let mut result = ActionResult { exit_code: 127, ..Default::default() };
@@ -344,11 +344,8 @@ impl Runner {
             return Ok(Execution { result, message: error.clone(), access, report, do_not_cache: true, input_root });
         }
 
-        let mut message = if report.success() {
-            String::new()
-        } else {
-            failure_message(&report, &spec.limits, &access, &spec.writable_dirs, &outside)
-        };
+        let mut message =
+            if report.success() { String::new() } else { failure_message(&report, &spec, &access, &observed) };
         if !message.is_empty() {
             // Clients show a failed action's stderr; put the report where it is seen.
             append_report(&Sandbox::stderr_path(&spec), &message).await;
@@ -449,23 +446,24 @@ async fn append_report(stderr: &std::path::Path, message: &str) {
 /// tree, /proc, /dev, /tmp, /etc), whose lookups set-up made, and the kernel
 /// interfaces that libc and libselinux probe in every program (/sys,
 /// /selinux), which would name nothing the action needs.
-pub fn host_lookups(observed: &AccessReport, spec: &SandboxSpec) -> Vec<String> {
+fn host_lookups(observed: &AccessReport, spec: &SandboxSpec) -> Vec<String> {
     let mut ours = spec.own_top_names();
     ours.extend(["sys", "selinux"].map(String::from));
     observed.not_found.iter().filter(|name| !ours.contains(*name)).map(|name| format!("/{name}")).collect()
 }
 
 /// How a failed command ended, and the paths it tried to read that are not
-/// in its input root (`access`) or anywhere in the sandbox (`outside`,
-/// absolute). Lookups of the directories the worker created for outputs
-/// (`created`, and their parents) are not the command's doing.
+/// in its input root (`access`) or anywhere in the sandbox (`observed`, the
+/// log of the tree under its root; named as absolute paths). Lookups of the
+/// directories the worker created for outputs (the spec's writable
+/// directories, and their parents) are not the command's doing.
 pub fn failure_message(
     report: &RunReport,
-    limits: &Limits,
+    spec: &SandboxSpec,
     access: &AccessReport,
-    created: &[String],
-    outside: &[String],
+    observed: &AccessReport,
 ) -> String {
+    let limits = &spec.limits;
     let mut lines = Vec::new();
     if report.memory_exceeded {
         lines.push(format!(
@@ -493,13 +491,18 @@ pub fn failure_message(
     } else if let Some(code) = report.exit_code {
         lines.push(format!("the command exited with status {code}"));
     }
+    let created = &spec.writable_dirs;
     let ours = |path: &str| created.iter().any(|dir| dir == path || dir.starts_with(&format!("{path}/")));
-    let undeclared: Vec<&String> = access.not_found.iter().filter(|p| !ours(p)).chain(outside).collect();
+    let outside = host_lookups(observed, spec);
+    let undeclared: Vec<&String> = access.not_found.iter().filter(|p| !ours(p)).chain(&outside).collect();
     for path in undeclared.iter().take(REPORT_LINES) {
         lines.push(format!("undeclared input: {path} (lookup: not found)"));
     }
-    if undeclared.len() > REPORT_LINES {
-        lines.push(format!("... and {} more undeclared paths", undeclared.len() - REPORT_LINES));
+    // Misses the logs did not keep (past their bound) are counted too.
+    let more =
+        undeclared.len().saturating_sub(REPORT_LINES) as u64 + access.not_found_dropped + observed.not_found_dropped;
+    if more > 0 {
+        lines.push(format!("... and {more} more undeclared paths"));
     }
     lines.extend(report.blocked.iter().cloned());
     lines.join("\n")
@@ -539,8 +542,10 @@ mod tests {
     #[test]
     fn limits_hit_are_named_with_their_size() {
         let report = RunReport { signal: Some(9), memory_exceeded: true, ..Default::default() };
-        let limits = Limits { max_memory_bytes: 2 << 30, ..Default::default() };
-        let message = failure_message(&report, &limits, &AccessReport::default(), &[], &[]);
+        let mut spec = SandboxSpec::new("/in".into(), "/scratch".into(), vec!["cc".into()]);
+        spec.limits = Limits { max_memory_bytes: 2 << 30, ..Default::default() };
+        let none = AccessReport::default();
+        let message = failure_message(&report, &spec, &none, &none);
         assert!(message.starts_with("the action exceeded its 2 GiB memory limit"), "{message}");
         assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
         assert_eq!(human_bytes(1000), "1000 bytes");
@@ -553,12 +558,32 @@ mod tests {
             access.not_found.insert(path.to_owned());
         }
         let report = RunReport { exit_code: Some(1), ..Default::default() };
-        let message = failure_message(&report, &Limits::default(), &access, &["bazel-out/bin/pkg".to_owned()], &[]);
+        let mut spec = SandboxSpec::new("/in".into(), "/scratch".into(), vec!["cc".into()]);
+        spec.writable_dirs = vec!["bazel-out/bin/pkg".to_owned()];
+        let message = failure_message(&report, &spec, &access, &AccessReport::default());
         assert_eq!(
             message,
             "the command exited with status 1\n\
              undeclared input: pkg (lookup: not found)\n\
              undeclared input: src/config.h (lookup: not found)"
+        );
+    }
+
+    #[test]
+    fn host_paths_are_named_absolute_and_misses_past_the_logs_bound_counted() {
+        let access = AccessReport { not_found_dropped: 2, ..Default::default() };
+        let mut observed = AccessReport { not_found_dropped: 1, ..Default::default() };
+        for name in ["home", "proc", "usr", "selinux"] {
+            observed.not_found.insert(name.to_owned());
+        }
+        let report = RunReport { exit_code: Some(1), ..Default::default() };
+        let spec = SandboxSpec::new("/in".into(), "/scratch".into(), vec!["cc".into()]);
+        let message = failure_message(&report, &spec, &access, &observed);
+        assert_eq!(
+            message,
+            "the command exited with status 1\n\
+             undeclared input: /home (lookup: not found)\n\
+             ... and 3 more undeclared paths"
         );
     }
 }

@@ -8,13 +8,20 @@
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
+/// Misses kept per log. Other kinds name paths that exist in the tree, so
+/// the tree bounds them; a command can make up names without end.
+pub const MAX_NOT_FOUND: usize = 10_000;
+
 /// A snapshot of one input root's access log.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AccessReport {
     /// Paths looked up that exist.
     pub found: BTreeSet<String>,
-    /// Paths looked up that do not exist (ENOENT).
+    /// Paths looked up that do not exist (ENOENT), at most
+    /// [`MAX_NOT_FOUND`]: a command may look up any number of names.
     pub not_found: BTreeSet<String>,
+    /// Misses not kept in `not_found` because it was full.
+    pub not_found_dropped: u64,
     /// Files opened.
     pub opened: BTreeSet<String>,
     /// Files whose bytes were read through the filesystem. With FUSE
@@ -51,6 +58,7 @@ pub(crate) enum Access {
 impl AccessLog {
     pub(crate) fn record(&self, access: Access, path: &str) {
         let mut report = self.report.lock().unwrap_or_else(|e| e.into_inner());
+        let report = &mut *report;
         let set = match access {
             Access::Found => &mut report.found,
             Access::NotFound => &mut report.not_found,
@@ -59,9 +67,14 @@ impl AccessLog {
             Access::Listed => &mut report.listed,
         };
         // Most accesses repeat a path already logged: avoid the allocation then.
-        if !set.contains(path) {
-            set.insert(path.to_owned());
+        if set.contains(path) {
+            return;
         }
+        if matches!(access, Access::NotFound) && set.len() >= MAX_NOT_FOUND {
+            report.not_found_dropped += 1;
+            return;
+        }
+        set.insert(path.to_owned());
     }
 
     /// A copy of what has been logged so far.
@@ -87,6 +100,18 @@ pub(crate) fn join(parent: &str, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn misses_are_kept_up_to_a_bound_and_the_rest_counted() {
+        let log = AccessLog::default();
+        for i in 0..MAX_NOT_FOUND + 5 {
+            log.record(Access::NotFound, &format!("made-up-{i}"));
+        }
+        log.record(Access::NotFound, "made-up-0");
+        let report = log.report();
+        assert_eq!(report.not_found.len(), MAX_NOT_FOUND);
+        assert_eq!(report.not_found_dropped, 5, "a repeat of a kept miss is not counted");
+    }
 
     #[test]
     fn records_each_kind_once_and_clears() {

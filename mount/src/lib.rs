@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use fuser::{BackgroundSession, Config, MountOption, Notifier, SessionACL};
 use tokio::runtime::Handle;
 
-pub use access_log::{AccessLog, AccessReport};
+pub use access_log::{AccessLog, AccessReport, MAX_NOT_FOUND};
 pub use blob_cache::{BlobCache, CachedBlob, FetchError};
 
 use casbuild_cas::digest::Digest;
