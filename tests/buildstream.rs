@@ -17,13 +17,32 @@ fn bst_path() -> PathBuf {
     std::env::var_os("CASBUILD_BST").map(PathBuf::from).unwrap_or_else(|| "/opt/casbuild/buildstream/bin/bst".into())
 }
 
+/// How long one `bst` command may take; each takes a few seconds here.
+const BST_TIMEOUT_SECS: &str = "120";
+
 /// Runs `bst ARGS` in `project` with a private home and the user config; returns success and output.
+/// A run that `timeout` ends is tried once more (a hang of BuildStream's own
+/// processes has been seen once on a fresh machine), and the output of the
+/// hung run says so, with BuildStream's main and task logs, for diagnosis.
 fn bst(home: &Path, project: &Path, args: &[&str]) -> (bool, String) {
+    let (status, output) = bst_once(home, project, args);
+    if status != Some(124) {
+        return (status == Some(0), output);
+    }
+    let hung = format!("bst {args:?} did not finish in {BST_TIMEOUT_SECS} s:\n{output}\n{}", bst_logs(home));
+    eprintln!("{hung}\n-- trying once more --");
+    let (status, output) = bst_once(home, project, args);
+    (status == Some(0), format!("{output}\n(an earlier attempt hung)\n{hung}"))
+}
+
+fn bst_once(home: &Path, project: &Path, args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new("timeout")
-        .arg("300")
+        .args(["-k", "10", BST_TIMEOUT_SECS])
         .arg(bst_path())
         .args(["--no-interactive", "--config"])
         .arg(home.join("buildstream.conf"))
+        .arg("--log-file")
+        .arg(home.join("main.log"))
         .args(args)
         .current_dir(project)
         .env("HOME", home)
@@ -32,7 +51,32 @@ fn bst(home: &Path, project: &Path, args: &[&str]) -> (bool, String) {
         .env("XDG_DATA_HOME", home.join("data"))
         .output()
         .expect("running bst");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The last lines of BuildStream's main log and of every task log under the
+/// log directory (a sibling of `home`).
+fn bst_logs(home: &Path) -> String {
+    let mut files = vec![home.join("main.log")];
+    let mut dirs = vec![home.with_file_name("bst-logs")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    let mut text = String::new();
+    for file in files {
+        let body = std::fs::read_to_string(&file).unwrap_or_default();
+        let lines: Vec<&str> = body.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        text.push_str(&format!("==> {} <==\n{tail}\n", file.display()));
+    }
+    text
 }
 
 #[test]
