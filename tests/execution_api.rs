@@ -182,3 +182,70 @@ async fn up_runs_queued_actions_by_priority() {
     let server = Coordinator::start_up_with(dir.path(), &["--slots", "1"]);
     common::execute::assert_runs_by_priority(&server).await;
 }
+
+/// Bytes in regular files under `dir`, each inode once, not descending into
+/// `skip` (the FUSE mount).
+fn bytes_on_disk(dir: &std::path::Path, skip: &std::path::Path, seen: &mut HashSet<(u64, u64)>) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if meta.is_dir() && path != skip {
+            total += bytes_on_disk(&path, skip, seen);
+        } else if meta.is_file() && seen.insert((meta.dev(), meta.ino())) {
+            total += meta.len();
+        }
+    }
+    total
+}
+
+/// `casbuild up`'s worker reads the coordinator's store through its mount:
+/// a tree uploaded once and read whole by an action is on disk once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_keeps_each_blob_once_on_disk() {
+    if !needs_root("up_keeps_each_blob_once_on_disk", true) {
+        return;
+    }
+    use casbuild_proto::reapi::command::EnvironmentVariable;
+    use casbuild_proto::reapi::{Action, Command, Directory, FileNode};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start_up(dir.path());
+    // 16 files of 256 KiB: each far above what the mount keeps in memory.
+    let mut root = Directory::default();
+    let mut tree_bytes = 0;
+    for i in 0..16u64 {
+        let data = bytes::Bytes::from(common::bytes(i + 1, 256 << 10));
+        let digest = F.digest_of(&data);
+        tree_bytes += data.len() as u64;
+        let name = format!("f{i:02}");
+        root.files.push(FileNode { name, digest: Some(digest.to_proto()), ..Default::default() });
+        upload(&server, vec![(digest, data)]).await;
+    }
+    let command = Command {
+        arguments: vec!["sh".into(), "-c".into(), "cat f* | wc -c > out".into()],
+        environment_variables: vec![EnvironmentVariable { name: "PATH".into(), value: "/usr/bin:/bin".into() }],
+        output_paths: vec!["out".into()],
+        ..Default::default()
+    };
+    let (command_digest, command_bytes) = common::execute::blob(&command);
+    let (root_digest, root_bytes) = common::execute::blob(&root);
+    let action = Action {
+        command_digest: Some(command_digest.to_proto()),
+        input_root_digest: Some(root_digest.to_proto()),
+        ..Default::default()
+    };
+    let (action_digest, action_bytes) = common::execute::blob(&action);
+    upload(&server, vec![(command_digest, command_bytes), (root_digest, root_bytes), (action_digest, action_bytes)])
+        .await;
+
+    let mut client = ExecutionClient::new(server.channel().await);
+    let response = execute(&mut client, execute_request(&action_digest, true)).await;
+    assert_eq!(response.result.as_ref().map(|r| r.exit_code), Some(0), "{response:?}");
+    let on_disk = bytes_on_disk(dir.path(), &dir.path().join("cas"), &mut HashSet::new());
+    assert!(on_disk >= tree_bytes, "the tree is stored: {on_disk} bytes on disk for a {tree_bytes}-byte tree");
+    assert!(
+        on_disk < tree_bytes + tree_bytes / 4,
+        "{on_disk} bytes on disk for a {tree_bytes}-byte tree read whole: blobs are kept more than once"
+    );
+}

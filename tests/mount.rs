@@ -44,7 +44,7 @@ impl Fixture {
             .block_on(RemoteStore::connect(&url, RemoteStoreOptions { timeout: FETCH_TIMEOUT, ..Default::default() }))
             .unwrap();
         let local = DiskStore::open(&dir.path().join("cache"), cache_budget).unwrap();
-        let cache = Arc::new(BlobCache::new(local, remote, FETCH_TIMEOUT));
+        let cache = Arc::new(BlobCache::new(local, Arc::new(remote), "", FETCH_TIMEOUT));
         let mut mount = None;
         let mountpoint = dir.path().join("cas");
         let handle = runtime.handle().clone();

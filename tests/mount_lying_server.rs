@@ -52,7 +52,7 @@ fn blobs_that_do_not_match_their_digest_are_never_served_or_kept() {
     let dir = tempfile::tempdir().unwrap();
     let remote = runtime.block_on(RemoteStore::connect(&url, RemoteStoreOptions::default())).unwrap();
     let local = DiskStore::open(&dir.path().join("cache"), 1 << 30).unwrap();
-    let cache = Arc::new(BlobCache::new(local.clone(), remote, Duration::from_secs(5)));
+    let cache = Arc::new(BlobCache::new(local.clone(), Arc::new(remote), "", Duration::from_secs(5)));
     let mount =
         CasMount::mount(&dir.path().join("cas"), cache, runtime.handle().clone(), &MountOptions::default()).unwrap();
     let input = mount.register("liar", root_digest).unwrap();

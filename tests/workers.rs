@@ -221,6 +221,14 @@ async fn a_worker_told_to_stop_finishes_its_running_actions_first() {
     assert_eq!(response.status.as_ref().map_or(0, |s| s.code), 0, "{response:?}");
     assert_eq!(worker_of(&response), "w1", "the draining worker finished it");
     stopping.await.unwrap();
+
+    // It left: its id is free at once (not after the lease timeout), and the
+    // restarted worker runs the next action.
+    let _w1 = worker(&server, dir.path(), 1);
+    let (action, blobs) = shell_action("echo restarted > out");
+    upload(&server, blobs).await;
+    let response = execute(&mut client, execute_request(&action, false)).await;
+    assert_eq!(worker_of(&response), "w1", "{response:?}");
 }
 
 #[test]

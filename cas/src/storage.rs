@@ -12,7 +12,9 @@ use lru::LruCache;
 use crate::action_cache::ActionCache;
 use crate::asset_store::AssetStore;
 use crate::digest::Digest;
-use crate::store::{BlobStore, BlobStream, BlobWriter, DiskStore, MemoryStore, StoreError, TieredStore};
+use crate::store::{
+    BlobStore, BlobStream, BlobWriter, CasInstances, DiskStore, MemoryStore, SharedStore, StoreError, TieredStore,
+};
 
 /// Sizes and places of the storage tiers.
 #[derive(Clone, Debug)]
@@ -115,6 +117,12 @@ impl Storage {
     /// The memory tier, for inspection.
     pub fn memory(&self) -> &MemoryStore {
         &self.memory
+    }
+}
+
+impl CasInstances for Storage {
+    fn instance(&self, instance: &str) -> SharedStore {
+        self.cas(instance)
     }
 }
 

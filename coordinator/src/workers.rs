@@ -27,7 +27,7 @@ use casbuild_proto::worker::lease_update::Update;
 use casbuild_proto::worker::workers_server::Workers;
 use casbuild_proto::worker::{
     BlobDigest, CompleteRequest, CompleteResponse, HeartbeatRequest, HeartbeatResponse, Lease, LeaseUpdate,
-    LeasesRequest, RegisterRequest, RegisterResponse,
+    LeasesRequest, LeaveRequest, LeaveResponse, RegisterRequest, RegisterResponse,
 };
 use futures::Stream;
 use prost::Message;
@@ -422,6 +422,17 @@ impl Workers for WorkersService {
             WorkerPool::dispatch(&mut pool, self.pool.lease_time());
         }
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
+        crate::auth::require_everywhere(&request, crate::auth::Permission::Work)?;
+        let request = request.into_inner();
+        let mut pool = self.pool.lock();
+        session_worker(&mut pool, &request.worker_id, &request.session)?;
+        self.pool.forget_worker(&mut pool, &request.worker_id);
+        WorkerPool::dispatch(&mut pool, self.pool.lease_time());
+        tracing::info!("worker {} left", request.worker_id);
+        Ok(Response::new(LeaveResponse {}))
     }
 
     async fn complete(&self, request: Request<CompleteRequest>) -> Result<Response<CompleteResponse>, Status> {

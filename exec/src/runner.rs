@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::local_tree::hash_file;
-use casbuild_cas::store::{BlobStore, RemoteStore, StoreError};
+use casbuild_cas::store::{upload_missing, BlobStore, CasInstances, StoreError};
 use casbuild_cas::tree::child_digest;
 use casbuild_mount::{AccessReport, CasMount};
 use casbuild_proto::reapi::{Action, ActionResult, Command, ExecutedActionMetadata};
@@ -118,7 +118,7 @@ pub struct Execution {
 pub struct Runner {
     config: RunnerConfig,
     mount: Arc<CasMount>,
-    remote: RemoteStore,
+    cas: Arc<dyn CasInstances>,
     sandbox: Sandbox,
     uids: UidPool,
     next: AtomicU64,
@@ -177,7 +177,7 @@ impl Drop for Lease<'_> {
 
 /// One action between registration and unregistration.
 struct Run<'a> {
-    remote: &'a RemoteStore,
+    store: &'a dyn BlobStore,
     action: &'a Action,
     command: &'a Command,
     function: DigestFunction,
@@ -197,7 +197,7 @@ fn infra(what: &str) -> impl FnOnce(StoreError) -> ExecError + '_ {
 
 impl Runner {
     /// A runner; removes scratch directories a killed worker left behind.
-    pub fn new(config: RunnerConfig, mount: Arc<CasMount>, remote: RemoteStore) -> Result<Self, ExecError> {
+    pub fn new(config: RunnerConfig, mount: Arc<CasMount>, cas: Arc<dyn CasInstances>) -> Result<Self, ExecError> {
         crate::scratch::prepare_root(&config.scratch_root).map_err(ExecError::Infrastructure)?;
         let (first, last) = config.uids;
         if first == 0 || last < first {
@@ -210,7 +210,7 @@ impl Runner {
             sandbox = sandbox.with_cgroups(cgroups.clone());
         }
         let uids = UidPool::new(first..=last);
-        Ok(Runner { config, mount, remote, sandbox, uids, next: AtomicU64::new(1) })
+        Ok(Runner { config, mount, cas, sandbox, uids, next: AtomicU64::new(1) })
     }
 
     /// The action's timeout: its own, or the default; past the maximum it
@@ -242,11 +242,11 @@ impl Runner {
     /// Fetches a proto the action needs; absent → MissingBlobs.
     async fn fetch<M: Message + Default>(
         &self,
-        remote: &RemoteStore,
+        store: &dyn BlobStore,
         digest: &Digest,
         what: &str,
     ) -> Result<M, ExecError> {
-        let bytes = match remote.read_all(digest).await {
+        let bytes = match store.read_all(digest).await {
             Ok(bytes) => bytes,
             Err(e) if e.is_not_found() => return Err(ExecError::MissingBlobs(vec![*digest])),
             Err(e) => return Err(infra(&format!("fetching the {what}"))(e)),
@@ -254,26 +254,20 @@ impl Runner {
         M::decode(bytes.as_ref()).map_err(|e| ExecError::Invalid(format!("the {what} {digest} does not decode: {e}")))
     }
 
-    /// Runs the action stored under `action_digest` in the remote's own instance.
-    pub async fn execute(&self, action_digest: &Digest) -> Result<Execution, ExecError> {
-        let instance = self.remote.instance().to_owned();
-        self.execute_in(&instance, action_digest).await
-    }
-
     /// Runs the action stored under `action_digest` in `instance`.
     pub async fn execute_in(&self, instance: &str, action_digest: &Digest) -> Result<Execution, ExecError> {
         let worker_start = SystemTime::now();
         let function = action_digest.function;
-        let remote = self.remote.with_instance(instance);
-        let action: Action = self.fetch(&remote, action_digest, "Action").await?;
+        let store = self.cas.instance(instance);
+        let action: Action = self.fetch(&*store, action_digest, "Action").await?;
         let command_digest = child_digest(function, "command_digest", action.command_digest.as_ref())
             .map_err(|e| ExecError::Invalid(format!("Action: {e}")))?;
         let input_root = child_digest(function, "input_root_digest", action.input_root_digest.as_ref())
             .map_err(|e| ExecError::Invalid(format!("Action: {e}")))?;
-        let command: Command = self.fetch(&remote, &command_digest, "Command").await?;
+        let command: Command = self.fetch(&*store, &command_digest, "Command").await?;
         let writable = output_parents(&command).map_err(ExecError::Invalid)?;
         if !input_root.is_empty_blob()
-            && !remote.find_missing(&[input_root]).await.map_err(infra("FindMissing"))?.is_empty()
+            && !store.find_missing(&[input_root]).await.map_err(infra("FindMissing"))?.is_empty()
         {
             return Err(ExecError::MissingBlobs(vec![input_root]));
         }
@@ -292,7 +286,7 @@ impl Runner {
         let observer = registered(&observer_name, function.empty())?;
         let fetch_done = SystemTime::now();
         let run = Run {
-            remote: &remote,
+            store: &*store,
             action: &action,
             command: &command,
             function,
@@ -313,7 +307,7 @@ impl Runner {
     }
 
     async fn run_registered(&self, run: Run<'_>) -> Result<Execution, ExecError> {
-        let Run { remote, action, command, function, input, input_root, scratch, writable, name, observer } = run;
+        let Run { store, action, command, function, input, input_root, scratch, writable, name, observer } = run;
         let mut spec = SandboxSpec::new(input, scratch, command.arguments.clone());
         spec.work_dir = PathBuf::from(DEFAULT_WORK_DIR);
         spec.cwd = command.working_directory.clone();
@@ -339,7 +333,7 @@ impl Runner {
             let mut result = ActionResult { exit_code: 127, ..Default::default() };
             let stderr = Bytes::from(format!("casbuild: {error}\n"));
             let digest = function.digest_of(&stderr);
-            remote.upload(vec![(digest, stderr)]).await.map_err(infra("uploading stderr"))?;
+            store.write_batch(vec![(digest, stderr)]).await.map_err(infra("uploading stderr"))?;
             result.stderr_digest = Some(digest.to_proto());
             return Ok(Execution { result, message: error.clone(), access, report, do_not_cache: true, input_root });
         }
@@ -403,7 +397,7 @@ impl Runner {
             message = if message.is_empty() { note } else { format!("{message}\n{note}") };
             do_not_cache = true;
         }
-        remote.upload_missing(blobs, &files).await.map_err(infra("uploading outputs"))?;
+        upload_missing(store, blobs, &files).await.map_err(infra("uploading outputs"))?;
         let upload_done = SystemTime::now();
 
         result.exit_code = match (report.exit_code, report.signal) {

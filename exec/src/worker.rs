@@ -16,8 +16,8 @@ use casbuild_proto::worker::complete_request::Outcome;
 use casbuild_proto::worker::lease_update::Update;
 use casbuild_proto::worker::workers_client::WorkersClient;
 use casbuild_proto::worker::{
-    BlobDigest, CompleteRequest, HeartbeatRequest, Lease, LeaseError, LeaseUpdate, LeasesRequest, PlatformProperty,
-    RegisterRequest,
+    BlobDigest, CompleteRequest, HeartbeatRequest, Lease, LeaseError, LeaseUpdate, LeasesRequest, LeaveRequest,
+    PlatformProperty, RegisterRequest,
 };
 use prost::Message;
 use tokio::task::AbortHandle;
@@ -140,6 +140,14 @@ impl Session {
         eprintln!("casbuild worker {id}: draining {} running actions", running.load(Ordering::Relaxed));
         while tasks.join_next().await.is_some() {}
         heartbeats.abort();
+        // The id is free for the next process at once, not after the lease timeout.
+        let leave = LeaveRequest { worker_id: id.clone(), session };
+        if let Err(status) = tokio::time::timeout(Duration::from_secs(5), client.leave(leave))
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer within 5 s")))
+        {
+            eprintln!("casbuild worker {id}: leaving: {}", status.message());
+        }
     }
 }
 

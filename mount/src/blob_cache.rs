@@ -1,23 +1,31 @@
-//! The worker's local blob cache: blobs fetched from the remote CAS once, kept
-//! in a size-bounded [`DiskStore`], and opened from there.
+//! The worker's local blob cache: the store layers composed for a mount.
 //!
-//! Concurrent requests for a blob that is not yet local share one fetch
-//! (single-flight). A fetch is spawned on the runtime, so it completes and
-//! fills the cache even if the request that started it gives up. Fetches that
-//! stall (no bytes for the idle timeout) fail instead of hanging.
+//! - Large blobs: a [`TieredStore`] of the local [`DiskStore`] over the CAS
+//!   (behind an [`IdleTimeout`]); a blob is promoted (streamed into its cache
+//!   file) once for all concurrent openers, then opened through the disk
+//!   store's pinned-file escape hatch and handed to the kernel.
+//! - Small blobs: read whole (BatchReadBlobs from a remote CAS) into a memory
+//!   tier and written to the disk cache behind the reader's back.
+//! - Directory protos: read into memory only; the mount keeps them decoded.
+//!
+//! Single-flight ([`Flights`]) joins concurrent requests for one blob, and a
+//! fetch completes and fills the cache even if the request that started it
+//! gives up. The CAS is any [`CasInstances`]: a remote server for a worker,
+//! the coordinator's own storage under `casbuild up`, where the disk tier is
+//! the coordinator's and nothing is copied.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::{BoxFuture, FutureExt, Shared};
-use futures::StreamExt;
 
 use casbuild_cas::digest::Digest;
-use casbuild_cas::store::{BlobStore, BlobStream, DiskStore, MemoryStore, PinGuard, RemoteStore, StoreError};
+use casbuild_cas::store::{
+    BlobStore, CasInstances, DiskStore, Flights, IdleTimeout, MemoryStore, PinGuard, SharedStore, StoreError,
+    TieredStore,
+};
 
 /// Blobs up to this size are fetched whole with BatchReadBlobs, served from
 /// memory and written to the disk cache behind the reader's back; larger
@@ -68,67 +76,77 @@ impl CachedBlob {
     }
 }
 
-/// A fetch in progress: into the local cache (`None`) or, for Directory
-/// protos, into memory (`Some`).
-type Flight = Shared<BoxFuture<'static, Result<Option<Bytes>, FetchError>>>;
-
-/// Where a flight puts what it fetches.
+/// What a read into memory is for.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-enum Dest {
-    /// Streamed into the disk cache.
-    Cache,
-    /// Kept in memory only (Directory protos, which the mount decodes).
-    Memory,
-    /// Into the memory tier, and written to the disk cache in the background.
-    Small,
+enum Use {
+    /// A Directory proto: kept in memory only.
+    Directory,
+    /// A small file: into the memory tier, and to the disk cache behind the reader's back.
+    File,
 }
 
-/// Local copies of remote blobs.
+/// Local copies of a CAS's blobs.
 pub struct BlobCache {
+    cas: Arc<dyn CasInstances>,
+    instance: String,
+    /// The disk tier; its pinned files are what the mount hands out.
     local: DiskStore,
     memory: MemoryStore,
-    remote: RemoteStore,
-    flights: Mutex<HashMap<(Digest, Dest), Flight>>,
-    remote_reads: AtomicU64,
+    /// The CAS of `instance`, failing where it stalls for the idle timeout.
+    source: SharedStore,
+    /// `local` over `source`: how large blobs become local files.
+    files: TieredStore,
+    reads: Flights<(Digest, Use), Bytes>,
+    memory_reads: Arc<AtomicU64>,
     idle_timeout: Duration,
 }
 
 impl BlobCache {
-    /// A cache of `remote` blobs in `local`; a fetch fails after `idle_timeout`
-    /// without progress.
-    pub fn new(local: DiskStore, remote: RemoteStore, idle_timeout: Duration) -> Self {
+    /// A cache of `cas`'s `instance` in `local` (namespaced to the instance);
+    /// a fetch fails after `idle_timeout` without progress.
+    pub fn new(local: DiskStore, cas: Arc<dyn CasInstances>, instance: &str, idle_timeout: Duration) -> Self {
+        BlobCache::with_memory(local, MemoryStore::new(MEMORY_BUDGET), cas, instance, idle_timeout)
+    }
+
+    fn with_memory(
+        local: DiskStore,
+        memory: MemoryStore,
+        cas: Arc<dyn CasInstances>,
+        instance: &str,
+        idle_timeout: Duration,
+    ) -> Self {
+        let local = local.namespace(instance);
+        let memory = memory.namespace(instance);
+        let source: SharedStore = Arc::new(IdleTimeout::new(cas.instance(instance), idle_timeout));
+        let files = TieredStore::new(Arc::new(local.clone()), source.clone(), 0);
         BlobCache {
+            cas,
+            instance: instance.to_owned(),
             local,
-            memory: MemoryStore::new(MEMORY_BUDGET),
-            remote,
-            flights: Mutex::new(HashMap::new()),
-            remote_reads: AtomicU64::new(0),
+            memory,
+            source,
+            files,
+            reads: Flights::default(),
+            memory_reads: Arc::default(),
             idle_timeout,
         }
     }
 
-    /// A cache of the same remote's `instance`, sharing this cache's disk
-    /// and memory budgets (blobs are kept per instance).
+    /// A cache of the same CAS's `instance`, sharing this cache's disk and
+    /// memory budgets (blobs are kept per instance).
     pub fn for_instance(&self, instance: &str) -> BlobCache {
-        BlobCache {
-            local: self.local.namespace(instance),
-            memory: self.memory.namespace(instance),
-            remote: self.remote.with_instance(instance),
-            flights: Mutex::new(HashMap::new()),
-            remote_reads: AtomicU64::new(0),
-            idle_timeout: self.idle_timeout,
-        }
+        BlobCache::with_memory(self.local.clone(), self.memory.clone(), self.cas.clone(), instance, self.idle_timeout)
     }
 
     /// The REAPI instance this cache fetches from.
     pub fn instance(&self) -> &str {
-        self.remote.instance()
+        &self.instance
     }
 
-    /// How many blob reads went to the remote CAS (each fetch counts once,
-    /// however many callers waited for it).
+    /// How many blob reads went to the CAS (each fetch counts once, however
+    /// many callers waited for it).
     pub fn remote_reads(&self) -> u64 {
-        self.remote_reads.load(Ordering::Relaxed)
+        self.files.copies() + self.memory_reads.load(Ordering::Relaxed)
     }
 
     /// The local store, for sizes and inspection.
@@ -136,7 +154,7 @@ impl BlobCache {
         &self.local
     }
 
-    /// Whether the blob is local or the remote holds it (for lookups by name).
+    /// Whether the blob is local or the CAS holds it (for lookups by name).
     pub async fn has(&self, digest: &Digest) -> Result<bool, FetchError> {
         match self.local.find_missing(&[*digest]).await {
             Ok(missing) if missing.is_empty() => Ok(true),
@@ -144,22 +162,20 @@ impl BlobCache {
         }
     }
 
-    /// Whether the remote holds `digest`.
+    /// Whether the CAS holds `digest`.
     pub async fn remote_has(&self, digest: &Digest) -> Result<bool, FetchError> {
         if digest.is_empty_blob() {
             return Ok(true);
         }
-        let result = tokio::time::timeout(self.idle_timeout, self.remote.find_missing(&[*digest])).await;
-        match result {
-            Ok(Ok(missing)) => Ok(missing.is_empty()),
-            Ok(Err(e)) => Err(FetchError::Failed(e.to_string())),
-            Err(_) => Err(FetchError::Failed(format!("asking the remote CAS for {digest} timed out"))),
+        match self.source.find_missing(&[*digest]).await {
+            Ok(missing) => Ok(missing.is_empty()),
+            Err(e) => Err(FetchError::Failed(format!("asking the CAS for {digest}: {e}"))),
         }
     }
 
     /// Opens the local copy of `digest`, fetching it first if needed. The blob
     /// stays pinned in the local cache (never evicted) while the result lives.
-    pub async fn open(self: &Arc<Self>, digest: &Digest) -> Result<CachedBlob, FetchError> {
+    pub async fn open(&self, digest: &Digest) -> Result<CachedBlob, FetchError> {
         if digest.is_empty_blob() {
             return Ok(CachedBlob { file: None, data: None, _pin: None });
         }
@@ -175,12 +191,9 @@ impl BlobCache {
             return Ok(CachedBlob::file(file, pin));
         }
         if small {
-            return match self.fetch(digest, Dest::Small).await? {
-                Some(data) => Ok(CachedBlob::bytes(data)),
-                None => Err(FetchError::Failed(format!("blob {digest} was not delivered"))),
-            };
+            return self.read_into_memory(digest, Use::File).await.map(CachedBlob::bytes);
         }
-        self.fetch(digest, Dest::Cache).await?;
+        self.files.promote(digest).await.map_err(|e| fetch_error(digest, e))?;
         match self.open_local(digest)? {
             Some(file) => Ok(CachedBlob::file(file, pin)),
             None => Err(FetchError::Failed(format!("blob {digest} vanished from the local cache after its fetch"))),
@@ -191,124 +204,56 @@ impl BlobCache {
     /// shared by concurrent callers). Directories are not written to the disk
     /// cache: the mount keeps them decoded, and a file per directory would
     /// cost more than the round trip.
-    pub async fn read_directory(self: &Arc<Self>, digest: &Digest) -> Result<Bytes, FetchError> {
+    pub async fn read_directory(&self, digest: &Digest) -> Result<Bytes, FetchError> {
         if digest.is_empty_blob() {
             return Ok(Bytes::new());
         }
-        match self.fetch(digest, Dest::Memory).await? {
-            Some(bytes) => Ok(bytes),
-            None => Err(FetchError::Failed(format!("directory {digest} was not delivered"))),
-        }
+        self.read_into_memory(digest, Use::Directory).await
     }
 
     fn open_local(&self, digest: &Digest) -> Result<Option<File>, FetchError> {
         self.local.open_trusted(digest).map_err(|e| FetchError::Failed(e.to_string()))
     }
 
-    /// Fetches `digest`, joining a fetch in progress.
-    async fn fetch(self: &Arc<Self>, digest: &Digest, into: Dest) -> Result<Option<Bytes>, FetchError> {
-        let key = (*digest, into);
-        let flight = {
-            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            flights
-                .entry(key)
-                .or_insert_with(|| {
-                    let cache = self.clone();
-                    let task = tokio::spawn(async move {
-                        let result = match into {
-                            Dest::Cache => cache.download(&key.0).await.map(|()| None),
-                            Dest::Memory => cache.download_to_memory(&key.0).await.map(Some),
-                            Dest::Small => cache.download_small(&key.0).await.map(Some),
-                        };
-                        cache.flights.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-                        result
-                    });
-                    async move { task.await.unwrap_or_else(|e| Err(FetchError::Failed(format!("fetch task: {e}")))) }
-                        .boxed()
-                        .shared()
-                })
-                .clone()
-        };
-        flight.await
-    }
-
-    async fn download_to_memory(&self, digest: &Digest) -> Result<Bytes, FetchError> {
-        self.remote_reads.fetch_add(1, Ordering::Relaxed);
-        if digest.size_bytes > MAX_IN_MEMORY {
-            return Err(FetchError::Failed(format!(
-                "blob {digest} is over the {MAX_IN_MEMORY}-byte limit of a directory read into memory"
-            )));
-        }
-        if digest.size_bytes <= MAX_BATCH_READ {
-            return self.fetch_small(digest).await;
-        }
-        // Too large for one BatchReadBlobs (a Directory of tens of thousands
-        // of entries): streamed through ByteStream, verified as it arrives.
-        let mut stream = self.open_stream(digest).await?;
-        let mut data = bytes::BytesMut::with_capacity(digest.size_bytes as usize);
-        while let Some(chunk) = self.next_chunk(&mut stream, digest).await? {
-            data.extend_from_slice(&chunk);
-        }
-        Ok(data.freeze())
-    }
-
-    /// A small blob into memory, then (not awaited) into the disk cache.
-    async fn download_small(self: &Arc<Self>, digest: &Digest) -> Result<Bytes, FetchError> {
-        let data = self.download_to_memory(digest).await?;
-        if let Err(e) = self.memory.write(digest, data.clone()).await {
-            tracing::warn!("caching {digest} in memory: {e}");
-        }
-        let (local, digest, copy) = (self.local.clone(), *digest, data.clone());
-        tokio::spawn(async move {
-            if let Err(e) = local.write(&digest, copy).await {
-                tracing::warn!("writing {digest} to the disk cache: {e}");
+    /// Reads `digest` whole, joining a read in progress; a small file is also
+    /// kept in the memory tier and written to the disk cache.
+    async fn read_into_memory(&self, digest: &Digest, usage: Use) -> Result<Bytes, FetchError> {
+        let (source, reads, digest) = (self.source.clone(), self.memory_reads.clone(), *digest);
+        let (memory, local) = (self.memory.clone(), self.local.clone());
+        let work = async move {
+            reads.fetch_add(1, Ordering::Relaxed);
+            let data = read_whole(&source, &digest).await?;
+            if usage == Use::File {
+                if let Err(e) = memory.write(&digest, data.clone()).await {
+                    tracing::warn!("caching {digest} in memory: {e}");
+                }
+                let copy = data.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = local.write(&digest, copy).await {
+                        tracing::warn!("writing {digest} to the disk cache: {e}");
+                    }
+                });
             }
-        });
-        Ok(data)
+            Ok(data)
+        };
+        self.reads.run((digest, usage), work).await.map_err(|e| fetch_error(&digest, e))
     }
+}
 
-    /// One blob with one unary BatchReadBlobs call, verified by the store.
-    async fn fetch_small(&self, digest: &Digest) -> Result<Bytes, FetchError> {
-        let failed = |e: StoreError| fetch_error(digest, e);
-        match tokio::time::timeout(self.idle_timeout, self.remote.read_batch(&[*digest])).await {
-            Err(_) => Err(FetchError::Failed(format!("fetching {digest}: no answer for {:?}", self.idle_timeout))),
-            Ok(Err(e)) => Err(failed(e)),
-            Ok(Ok(mut found)) => match found.pop() {
-                Some((_, result)) => result.map_err(failed),
-                None => Err(FetchError::NotFound(digest.to_string())),
-            },
-        }
+/// A blob read whole into memory: one BatchReadBlobs call when small enough,
+/// else streamed (verified as it arrives by the store that reads it).
+async fn read_whole(source: &SharedStore, digest: &Digest) -> Result<Bytes, StoreError> {
+    if digest.size_bytes > MAX_IN_MEMORY {
+        return Err(StoreError::InvalidArgument(format!(
+            "blob {digest} is over the {MAX_IN_MEMORY}-byte limit of a read into memory"
+        )));
     }
-
-    async fn download(&self, digest: &Digest) -> Result<(), FetchError> {
-        self.remote_reads.fetch_add(1, Ordering::Relaxed);
-        let mut stream = self.open_stream(digest).await?;
-        let mut writer = self.local.begin_write(digest).await.map_err(|e| fetch_error(digest, e))?;
-        while let Some(chunk) = self.next_chunk(&mut stream, digest).await? {
-            writer.write(chunk).await.map_err(|e| fetch_error(digest, e))?;
-        }
-        writer.commit().await.map_err(|e| fetch_error(digest, e))
+    if digest.size_bytes > MAX_BATCH_READ {
+        return source.read_all(digest).await;
     }
-
-    /// A ByteStream read of the whole blob, verified as it arrives.
-    async fn open_stream(&self, digest: &Digest) -> Result<BlobStream, FetchError> {
-        match tokio::time::timeout(self.idle_timeout, self.remote.read(digest, 0, None)).await {
-            Err(_) => Err(self.stalled(digest)),
-            Ok(result) => result.map_err(|e| fetch_error(digest, e)),
-        }
-    }
-
-    /// The next chunk of `stream`; a stall past the idle timeout fails.
-    async fn next_chunk(&self, stream: &mut BlobStream, digest: &Digest) -> Result<Option<Bytes>, FetchError> {
-        match tokio::time::timeout(self.idle_timeout, stream.next()).await {
-            Err(_) => Err(self.stalled(digest)),
-            Ok(None) => Ok(None),
-            Ok(Some(chunk)) => chunk.map(Some).map_err(|e| fetch_error(digest, e)),
-        }
-    }
-
-    fn stalled(&self, digest: &Digest) -> FetchError {
-        FetchError::Failed(format!("fetching {digest}: no data for {:?}", self.idle_timeout))
+    match source.read_batch(&[*digest]).await?.pop() {
+        Some((_, result)) => result,
+        None => Err(StoreError::not_found(digest)),
     }
 }
 

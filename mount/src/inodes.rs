@@ -312,7 +312,7 @@ mod tests {
         let local = DiskStore::open(dir, 1 << 20).unwrap().namespace("");
         let channel = tonic::transport::Channel::from_static("http://127.0.0.1:9").connect_lazy();
         let remote = RemoteStore::from_channel(RemoteChannel::plain(channel), RemoteStoreOptions::default());
-        Arc::new(BlobCache::new(local, remote, Duration::from_secs(1)))
+        Arc::new(BlobCache::new(local, Arc::new(remote), "", Duration::from_secs(1)))
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::local_tree::{hash_file, LocalTree};
-use casbuild_cas::store::{BlobStore, RemoteStore, RemoteStoreOptions, CHUNK_SIZE};
+use casbuild_cas::store::{upload_missing, BlobStore, RemoteStore, RemoteStoreOptions, CHUNK_SIZE};
 use casbuild_cas::tree::{check_output_path, child_digest, looks_like_directory, validate_directory};
 use casbuild_exec::beneath::{split_last, Beneath};
 use casbuild_proto::reapi::{Directory, Tree};
@@ -117,14 +117,14 @@ pub async fn upload(store: &RemoteStore, path: &Path, function: DigestFunction) 
     let root = path.to_path_buf();
     let tree = tokio::task::spawn_blocking(move || LocalTree::scan(&root, function)).await??;
     let directories = tree.directories.iter().map(|(d, b)| (*d, b.clone())).collect();
-    store.upload_missing(directories, &tree.files).await?;
+    upload_missing(store, directories, &tree.files).await?;
     Ok(tree.root)
 }
 
 /// Streams one file into the CAS without holding it in memory.
 async fn upload_file(store: &RemoteStore, digest: &Digest, path: &Path) -> anyhow::Result<()> {
     store
-        .upload_file(digest, path)
+        .write_file(digest, path)
         .await
         .with_context(|| format!("uploading {} (did it change while being read?)", path.display()))
 }

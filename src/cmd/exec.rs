@@ -17,7 +17,7 @@ use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
 use casbuild_proto::reapi::UpdateActionResultRequest;
 
 use crate::cmd::cas::{download_file, download_tree, file_paths, output_destination, upload, Remote};
-use crate::cmd::mount::mount_cas;
+use crate::cmd::mount::{mount_cas, open_cache};
 use crate::config::{default_data_dir, parse_size};
 
 #[derive(clap::Args)]
@@ -90,10 +90,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let timeout = Duration::from_secs(60);
     let options = MountOptions { readers: Some(config.gid), ..Default::default() };
-    let mount = mount_cas(&mountpoint, &cache_dir, args.cache_size, remote.clone(), timeout, options).await?;
-    let mount = Arc::new(mount);
-    let runner = Runner::new(config, mount.clone(), remote.clone())?;
-    let outcome = runner.execute(&action_digest).await;
+    let local = open_cache(&cache_dir, args.cache_size).await?;
+    let cas = Arc::new(remote.clone());
+    let instance = &args.remote.instance;
+    let mount = Arc::new(mount_cas(&mountpoint, local, cas.clone(), instance, timeout, options).await?);
+    let runner = Runner::new(config, mount.clone(), cas)?;
+    let outcome = runner.execute_in(instance, &action_digest).await;
     drop(runner);
     casbuild_exec::scratch::flush();
     let _ = std::fs::remove_dir_all(&scratch);
@@ -167,7 +169,7 @@ async fn store_action(remote: &RemoteStore, args: &Args, dir: &Path) -> anyhow::
         platform: BTreeMap::new(),
     }
     .encode(function);
-    remote.upload(action.blobs).await?;
+    remote.write_batch(action.blobs).await?;
     Ok(action.digest)
 }
 

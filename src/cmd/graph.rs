@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::local_tree::hash_file;
-use casbuild_cas::store::{BlobStore, RemoteStore};
+use casbuild_cas::store::{upload_missing, BlobStore, RemoteStore};
 use casbuild_coordinator::graph::{normal, parse_input, wire, Graph, Input};
 use casbuild_proto::graph::graph_event::Event;
 use casbuild_proto::graph::graphs_client::GraphsClient;
@@ -202,7 +202,7 @@ async fn upload_sources(
     .await?
     .context("hashing the sources")?;
     let files: BTreeMap<Digest, PathBuf> = hashed.iter().map(|(_, file, d, _)| (*d, file.clone())).collect();
-    let uploaded = remote.upload_missing(Vec::new(), &files).await.context("uploading sources")?;
+    let uploaded = upload_missing(remote, Vec::new(), &files).await.context("uploading sources")?;
     eprintln!("casbuild: {} source files, {uploaded} uploaded", hashed.len());
     Ok(hashed
         .into_iter()

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use casbuild_cas::store::{DiskStore, RemoteStore, RemoteStoreOptions};
+use casbuild_cas::store::{CasInstances, DiskStore, RemoteStore, RemoteStoreOptions};
 use casbuild_mount::{BlobCache, CasMount, MountOptions};
 
 use crate::cmd::coordinator::shutdown_signal;
@@ -41,23 +41,27 @@ pub struct Args {
     auth: crate::cmd::client_args::ClientAuth,
 }
 
-/// Opens the blob cache in `cache_dir` (namespaced to `remote`'s instance)
-/// and mounts it at `mountpoint`, both off the async threads: the one way the
-/// CLI's commands get a /cas mount.
-pub async fn mount_cas(
-    mountpoint: &Path,
-    cache_dir: &Path,
-    budget: u64,
-    remote: RemoteStore,
-    fetch_timeout: Duration,
-    options: MountOptions,
-) -> anyhow::Result<CasMount> {
+/// Opens a blob cache of `budget` bytes in `cache_dir`, off the async
+/// threads (it indexes what is there).
+pub async fn open_cache(cache_dir: &Path, budget: u64) -> anyhow::Result<DiskStore> {
     let dir = cache_dir.to_path_buf();
     let local = tokio::task::spawn_blocking(move || DiskStore::open(&dir, budget))
         .await?
-        .with_context(|| format!("opening the blob cache in {}", cache_dir.display()))?
-        .namespace(remote.instance());
-    let cache = Arc::new(BlobCache::new(local, remote, fetch_timeout));
+        .with_context(|| format!("opening the blob cache in {}", cache_dir.display()))?;
+    Ok(local)
+}
+
+/// Mounts `instance` of `cas` at `mountpoint` over the disk cache `local`,
+/// off the async threads: the one way the CLI's commands get a /cas mount.
+pub async fn mount_cas(
+    mountpoint: &Path,
+    local: DiskStore,
+    cas: Arc<dyn CasInstances>,
+    instance: &str,
+    fetch_timeout: Duration,
+    options: MountOptions,
+) -> anyhow::Result<CasMount> {
+    let cache = Arc::new(BlobCache::new(local, cas, instance, fetch_timeout));
     let runtime = tokio::runtime::Handle::current();
     let point = mountpoint.to_path_buf();
     let mount = tokio::task::spawn_blocking(move || CasMount::mount(&point, cache, runtime, &options))
@@ -83,7 +87,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let cache_dir = args.cache_dir.unwrap_or_else(|| default_data_dir().join("mount-cache"));
     let _claims = crate::claims::claim("mount", &[("mount", &args.mountpoint), ("cache", &cache_dir)])?;
     let options = MountOptions { threads: args.threads, passthrough: !args.no_passthrough, readers: None };
-    let mount = mount_cas(&args.mountpoint, &cache_dir, args.cache_size, remote, timeout, options).await?;
+    let local = open_cache(&cache_dir, args.cache_size).await?;
+    let mount = mount_cas(&args.mountpoint, local, Arc::new(remote), &args.instance, timeout, options).await?;
     let shutdown = shutdown_signal()?;
     println!("casbuild mount ready at {}", mount.mountpoint().display());
     shutdown.await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use casbuild_cas::storage::{Storage, StorageConfig};
-use casbuild_cas::store::{RemoteStore, RemoteStoreOptions};
+use casbuild_cas::store::CasInstances;
 use casbuild_coordinator::{
     ActionExecutor, ActionRequest, Executed, ExecutionConfig, ExecutorError, Scheduler, ServerConfig,
 };
@@ -43,7 +43,7 @@ pub struct Args {
 }
 
 /// The worker inside `casbuild up`: runs actions through the sandbox over its
-/// own /cas mount, talking to the coordinator over loopback like any worker.
+/// /cas mount of the coordinator's store, called by the scheduler in-process.
 #[derive(Default)]
 struct LocalWorker {
     runner: tokio::sync::OnceCell<Runner>,
@@ -79,12 +79,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let dir = args.dir.unwrap_or_else(default_data_dir);
     let _claims = crate::claims::claim(
         "up",
-        &[
-            ("store", &dir.join("store")),
-            ("worker cache", &dir.join("worker-cache")),
-            ("mount", &dir.join("cas")),
-            ("scratch", &dir.join("scratch")),
-        ],
+        &[("store", &dir.join("store")), ("mount", &dir.join("cas")), ("scratch", &dir.join("scratch"))],
     )?;
     // A scratch directory casbuild may not clear is refused before anything starts.
     casbuild_exec::scratch::prepare_root(&dir.join("scratch")).map_err(anyhow::Error::msg)?;
@@ -107,24 +102,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let stop = stopping.clone();
     let server = tokio::spawn(casbuild_coordinator::serve_with_execution(
         listener,
-        storage,
+        storage.clone(),
         ServerConfig::default(),
         Some(ExecutionConfig { scheduler, workers: None }),
         async move { stop.notified().await },
     ));
 
-    // The worker half: a blob cache and /cas mount of its own, fed over loopback.
-    let remote = RemoteStore::connect(&url, RemoteStoreOptions::default()).await?;
+    // The worker half reads and writes the coordinator's own store: its /cas
+    // mount opens the store's files, so each blob is on disk once, under
+    // one budget, and no blob crosses a socket.
     let mountpoint = dir.join("cas");
-    let cache_dir = dir.join("worker-cache");
     let timeout = Duration::from_secs(60);
-    let mount = Arc::new(
-        mount_cas(&mountpoint, &cache_dir, u64::MAX / 2, remote.clone(), timeout, args.sandbox.mount_options()).await?,
-    );
+    let local = storage.disk().clone();
+    let cas: Arc<dyn CasInstances> = storage.clone();
+    let mount = Arc::new(mount_cas(&mountpoint, local, cas.clone(), "", timeout, args.sandbox.mount_options()).await?);
     let helper = std::env::current_exe().context("finding casbuild itself")?;
     let mut config = RunnerConfig::new(dir.join("scratch"), helper);
     args.sandbox.apply(&mut config, slots as u64)?;
-    let runner = Runner::new(config, mount.clone(), remote)?;
+    let runner = Runner::new(config, mount.clone(), cas)?;
     let _ = worker.runner.set(runner);
 
     let shutdown = shutdown_signal()?;

@@ -13,7 +13,7 @@ use casbuild_exec::worker::{RegisterError, Session};
 use casbuild_proto::worker::PlatformProperty;
 
 use crate::cmd::coordinator::shutdown_signal;
-use crate::cmd::mount::mount_cas;
+use crate::cmd::mount::{mount_cas, open_cache};
 use crate::cmd::sandbox_args::SandboxArgs;
 use crate::config::{default_data_dir, parse_size, secret};
 
@@ -111,13 +111,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let timeout = Duration::from_secs(60);
-    let mount =
-        mount_cas(&args.mount, &cache_dir, args.cache_size, remote.clone(), timeout, args.sandbox.mount_options());
+    let local = open_cache(&cache_dir, args.cache_size).await?;
+    let cas = Arc::new(remote.clone());
+    let mount = mount_cas(&args.mount, local, cas.clone(), "", timeout, args.sandbox.mount_options());
     let mount = Arc::new(mount.await?);
     let mut config = RunnerConfig::new(scratch, std::env::current_exe().context("finding casbuild itself")?);
     config.worker_name = id.clone();
     args.sandbox.apply(&mut config, u64::from(slots))?;
-    let runner = Arc::new(Runner::new(config, mount.clone(), remote)?);
+    let runner = Arc::new(Runner::new(config, mount.clone(), cas)?);
     let signal = shutdown_signal()?;
     println!("casbuild worker {id} serving {} with {slots} slots, /cas at {}", args.coordinator, args.mount.display());
     session.serve(runner, signal).await;

@@ -4,19 +4,35 @@
 //! - [`MemoryStore`]: an LRU of blobs with a byte budget.
 //! - [`DiskStore`]: sharded files, atomic writes, LRU eviction at a byte budget,
 //!   survives restarts, verifies every blob it reads back.
-//! - [`TieredStore`]: a fast store over a slow one (memory over disk).
+//! - [`TieredStore`]: a fast store over a slow one (memory over disk, or a
+//!   worker's disk cache over its CAS), copying a blob up once however many
+//!   callers want it at the same time.
 //! - [`RemoteStore`]: a REAPI CAS reached over gRPC (or gRPC over TLS).
+//! - [`IdleTimeout`]: fails calls and reads of another store that stop making
+//!   progress.
+//!
+//! A whole CAS with its instance names is a [`CasInstances`]: a remote server
+//! or a coordinator's own [`crate::storage::Storage`]. Workers and the mount
+//! are written against it, so `casbuild up` hands them its store directly.
+//!
+//! One store exposes its blobs as files, the escape hatch the FUSE mount
+//! needs to hand a file to the kernel: [`DiskStore::pin`] and
+//! [`DiskStore::open_trusted`]. Nothing else reaches beneath [`BlobStore`].
 //!
 //! Every write is verified against its digest before it becomes visible; a
 //! reader never sees a blob whose bytes do not hash to its name.
 
 mod channel;
 mod disk;
+mod flights;
+mod idle;
 mod memory;
 mod remote;
 mod tiered;
 mod verify;
 
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -27,6 +43,8 @@ use crate::digest::Digest;
 
 pub use channel::{connect_channel, ConnectOptions, RemoteChannel};
 pub use disk::{DiskStore, PinGuard};
+pub use flights::Flights;
+pub use idle::IdleTimeout;
 pub use memory::MemoryStore;
 pub use remote::{RemoteStore, RemoteStoreOptions};
 pub use tiered::TieredStore;
@@ -65,6 +83,73 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn read_all(&self, digest: &Digest) -> Result<Bytes, StoreError> {
         collect(self.read(digest, 0, None).await?, digest.size_bytes).await
     }
+
+    /// Reads many small blobs, each with its own outcome (a remote store
+    /// packs them into BatchReadBlobs calls).
+    async fn read_batch(&self, digests: &[Digest]) -> Result<Vec<(Digest, Result<Bytes, StoreError>)>, StoreError> {
+        let mut out = Vec::with_capacity(digests.len());
+        for digest in digests {
+            out.push((*digest, self.read_all(digest).await));
+        }
+        Ok(out)
+    }
+
+    /// Writes many blobs held in memory (a remote store packs the small ones
+    /// into BatchUpdateBlobs calls).
+    async fn write_batch(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), StoreError> {
+        for (digest, data) in blobs {
+            self.write(&digest, data).await?;
+        }
+        Ok(())
+    }
+
+    /// Streams one file into the store without holding it in memory.
+    async fn write_file(&self, digest: &Digest, path: &Path) -> Result<(), StoreError> {
+        use tokio::io::AsyncReadExt;
+        let io = |e| StoreError::io(format!("read {}", path.display()), e);
+        let mut file = tokio::fs::File::open(path).await.map_err(io)?;
+        let mut writer = self.begin_write(digest).await?;
+        loop {
+            let mut buf = vec![0u8; CHUNK_SIZE];
+            let n = file.read(&mut buf).await.map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            writer.write(Bytes::from(buf)).await?;
+        }
+        writer.commit().await
+    }
+}
+
+/// Every instance of one CAS: a remote server, or a coordinator's own storage.
+pub trait CasInstances: Send + Sync + 'static {
+    /// The blob store of `instance`.
+    fn instance(&self, instance: &str) -> SharedStore;
+}
+
+/// Writes whichever of these blobs `store` lacks: `in_memory` as given,
+/// `files` read from disk (streamed when large). Returns how many blobs were
+/// written.
+pub async fn upload_missing(
+    store: &dyn BlobStore,
+    in_memory: Vec<(Digest, Bytes)>,
+    files: &BTreeMap<Digest, PathBuf>,
+) -> Result<usize, StoreError> {
+    let all: Vec<Digest> = in_memory.iter().map(|(d, _)| *d).chain(files.keys().copied()).collect();
+    let missing: HashSet<Digest> = store.find_missing(&all).await?.into_iter().collect();
+    let mut small: Vec<(Digest, Bytes)> = in_memory.into_iter().filter(|(d, _)| missing.contains(d)).collect();
+    for (digest, path) in files.iter().filter(|(d, _)| missing.contains(d)) {
+        if digest.size_bytes <= CHUNK_SIZE as u64 {
+            let data =
+                tokio::fs::read(path).await.map_err(|e| StoreError::io(format!("read {}", path.display()), e))?;
+            small.push((*digest, Bytes::from(data)));
+        } else {
+            store.write_file(digest, path).await?;
+        }
+    }
+    store.write_batch(small).await?;
+    Ok(missing.len())
 }
 
 /// An in-progress write of one blob. Dropping it without committing discards
@@ -130,6 +215,25 @@ fn detail_suffix(detail: &str) -> String {
     }
 }
 
+/// Errors are cloned for every caller that waited on one shared fetch; an
+/// I/O error keeps its kind and text.
+impl Clone for StoreError {
+    fn clone(&self) -> Self {
+        match self {
+            StoreError::NotFound { digest, detail } => StoreError::NotFound { digest: *digest, detail: detail.clone() },
+            StoreError::DigestMismatch(m) => StoreError::DigestMismatch(m.clone()),
+            StoreError::OutOfRange { digest, offset } => StoreError::OutOfRange { digest: *digest, offset: *offset },
+            StoreError::ResourceExhausted(m) => StoreError::ResourceExhausted(m.clone()),
+            StoreError::InvalidArgument(m) => StoreError::InvalidArgument(m.clone()),
+            StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+            StoreError::Io { context, source } => StoreError::Io {
+                context: context.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+        }
+    }
+}
+
 impl StoreError {
     /// A plain "not in the store".
     pub fn not_found(digest: &Digest) -> Self {
@@ -140,9 +244,7 @@ impl StoreError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         let context = context.into();
         match source.raw_os_error() {
-            Some(libc_enospc) if libc_enospc == 28 || libc_enospc == 122 => {
-                StoreError::ResourceExhausted(format!("{context}: {source}"))
-            }
+            Some(libc::ENOSPC | libc::EDQUOT) => StoreError::ResourceExhausted(format!("{context}: {source}")),
             _ => StoreError::Io { context, source },
         }
     }

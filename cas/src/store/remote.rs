@@ -2,7 +2,7 @@
 //! BatchUpdateBlobs/BatchReadBlobs for small blobs, ByteStream for large ones.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::store::channel::{connect_channel, ConnectOptions, RemoteChannel};
@@ -23,7 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::digest::{Digest, DigestFunction};
 use crate::resource::{Compressor, ResourceName};
 use crate::store::verify::verified;
-use crate::store::{read_range, BlobStore, BlobStream, BlobWriter, StoreError, CHUNK_SIZE};
+use crate::store::{read_range, BlobStore, BlobStream, BlobWriter, CasInstances, SharedStore, StoreError, CHUNK_SIZE};
 
 /// How to talk to the remote CAS.
 #[derive(Clone, Debug)]
@@ -100,31 +100,6 @@ impl RemoteStore {
         ByteStreamClient::new(self.channel.clone()).max_decoding_message_size(usize::MAX)
     }
 
-    /// Uploads many blobs: small ones packed into BatchUpdateBlobs calls under
-    /// the batch limit, large ones through ByteStream.
-    pub async fn upload(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), StoreError> {
-        let limit = self.options.max_batch_bytes;
-        let mut batch: Vec<(Digest, Bytes)> = Vec::new();
-        let mut batch_bytes = 0;
-        for (digest, data) in blobs {
-            let cost = data.len() as u64 + BATCH_ENTRY_OVERHEAD;
-            if cost > limit / 2 {
-                self.write_stream(&digest, data).await?;
-                continue;
-            }
-            if batch_bytes + cost > limit {
-                self.batch_update(std::mem::take(&mut batch)).await?;
-                batch_bytes = 0;
-            }
-            batch_bytes += cost;
-            batch.push((digest, data));
-        }
-        if !batch.is_empty() {
-            self.batch_update(batch).await?;
-        }
-        Ok(())
-    }
-
     async fn batch_update(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), StoreError> {
         for (function, blobs) in by_function(blobs, |(d, _)| d.function) {
             let requests = blobs
@@ -152,47 +127,6 @@ impl RemoteStore {
         Ok(())
     }
 
-    /// Reads many small blobs with BatchReadBlobs, verifying each.
-    pub async fn read_batch(&self, digests: &[Digest]) -> Result<Vec<(Digest, Result<Bytes, StoreError>)>, StoreError> {
-        let mut out = Vec::with_capacity(digests.len());
-        for (function, digests) in by_function(digests.to_vec(), |d| d.function) {
-            let mut start = 0;
-            while start < digests.len() {
-                let mut end = start;
-                let mut bytes = 0;
-                while end < digests.len()
-                    && (end == start
-                        || bytes + digests[end].size_bytes + BATCH_ENTRY_OVERHEAD <= self.options.max_batch_bytes)
-                {
-                    bytes += digests[end].size_bytes + BATCH_ENTRY_OVERHEAD;
-                    end += 1;
-                }
-                let request = BatchReadBlobsRequest {
-                    instance_name: self.options.instance.clone(),
-                    digests: digests[start..end].iter().map(Digest::to_proto).collect(),
-                    acceptable_compressors: vec![],
-                    digest_function: function.to_proto() as i32,
-                };
-                let response =
-                    self.cas().batch_read_blobs(self.unary(request)).await.map_err(|s| from_status(s, None))?;
-                for entry in response.into_inner().responses {
-                    let Some(digest) = entry.digest.and_then(|d| Digest::from_proto(function, &d).ok()) else {
-                        continue;
-                    };
-                    let result = match entry.status.filter(|s| s.code != 0) {
-                        Some(status) => {
-                            Err(from_status(tonic::Status::new(status.code.into(), status.message), Some(&digest)))
-                        }
-                        None => crate::store::Verifier::check(digest, &entry.data).map(|()| Bytes::from(entry.data)),
-                    };
-                    out.push((digest, result));
-                }
-                start = end;
-            }
-        }
-        Ok(out)
-    }
-
     /// Every Directory of the tree rooted at `root`, following GetTree's pages.
     pub async fn get_tree(&self, root: &Digest) -> Result<Vec<Directory>, StoreError> {
         let mut page_token = String::new();
@@ -215,49 +149,6 @@ impl RemoteStore {
                 return Ok(directories);
             }
         }
-    }
-
-    /// Uploads whichever of these blobs the remote lacks: `in_memory` as
-    /// given, `files` read from disk (streamed through ByteStream when
-    /// large). Returns how many blobs were uploaded.
-    pub async fn upload_missing(
-        &self,
-        in_memory: Vec<(Digest, Bytes)>,
-        files: &BTreeMap<Digest, PathBuf>,
-    ) -> Result<usize, StoreError> {
-        let all: Vec<Digest> = in_memory.iter().map(|(d, _)| *d).chain(files.keys().copied()).collect();
-        let missing: std::collections::HashSet<Digest> = self.find_missing(&all).await?.into_iter().collect();
-        let mut small: Vec<(Digest, Bytes)> = in_memory.into_iter().filter(|(d, _)| missing.contains(d)).collect();
-        let count = missing.len();
-        for (digest, path) in files.iter().filter(|(d, _)| missing.contains(d)) {
-            if digest.size_bytes <= CHUNK_SIZE as u64 {
-                let data =
-                    tokio::fs::read(path).await.map_err(|e| StoreError::io(format!("read {}", path.display()), e))?;
-                small.push((*digest, Bytes::from(data)));
-            } else {
-                self.upload_file(digest, path).await?;
-            }
-        }
-        self.upload(small).await?;
-        Ok(count)
-    }
-
-    /// Streams one file into the CAS without holding it in memory.
-    pub async fn upload_file(&self, digest: &Digest, path: &Path) -> Result<(), StoreError> {
-        use tokio::io::AsyncReadExt;
-        let io = |e| StoreError::io(format!("read {}", path.display()), e);
-        let mut file = tokio::fs::File::open(path).await.map_err(io)?;
-        let mut writer = self.begin_write(digest).await?;
-        loop {
-            let mut buf = vec![0u8; CHUNK_SIZE];
-            let n = file.read(&mut buf).await.map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            buf.truncate(n);
-            writer.write(Bytes::from(buf)).await?;
-        }
-        writer.commit().await
     }
 
     async fn write_stream(&self, digest: &Digest, data: Bytes) -> Result<(), StoreError> {
@@ -361,6 +252,78 @@ impl BlobStore for RemoteStore {
             return self.batch_update(vec![(*digest, data)]).await;
         }
         self.write_stream(digest, data).await
+    }
+
+    /// Small blobs packed into BatchUpdateBlobs calls under the batch limit,
+    /// large ones through ByteStream.
+    async fn write_batch(&self, blobs: Vec<(Digest, Bytes)>) -> Result<(), StoreError> {
+        let limit = self.options.max_batch_bytes;
+        let mut batch: Vec<(Digest, Bytes)> = Vec::new();
+        let mut batch_bytes = 0;
+        for (digest, data) in blobs {
+            let cost = data.len() as u64 + BATCH_ENTRY_OVERHEAD;
+            if cost > limit / 2 {
+                self.write_stream(&digest, data).await?;
+                continue;
+            }
+            if batch_bytes + cost > limit {
+                self.batch_update(std::mem::take(&mut batch)).await?;
+                batch_bytes = 0;
+            }
+            batch_bytes += cost;
+            batch.push((digest, data));
+        }
+        if !batch.is_empty() {
+            self.batch_update(batch).await?;
+        }
+        Ok(())
+    }
+
+    /// BatchReadBlobs calls under the batch limit, each blob verified.
+    async fn read_batch(&self, digests: &[Digest]) -> Result<Vec<(Digest, Result<Bytes, StoreError>)>, StoreError> {
+        let mut out = Vec::with_capacity(digests.len());
+        for (function, digests) in by_function(digests.to_vec(), |d| d.function) {
+            let mut start = 0;
+            while start < digests.len() {
+                let mut end = start;
+                let mut bytes = 0;
+                while end < digests.len()
+                    && (end == start
+                        || bytes + digests[end].size_bytes + BATCH_ENTRY_OVERHEAD <= self.options.max_batch_bytes)
+                {
+                    bytes += digests[end].size_bytes + BATCH_ENTRY_OVERHEAD;
+                    end += 1;
+                }
+                let request = BatchReadBlobsRequest {
+                    instance_name: self.options.instance.clone(),
+                    digests: digests[start..end].iter().map(Digest::to_proto).collect(),
+                    acceptable_compressors: vec![],
+                    digest_function: function.to_proto() as i32,
+                };
+                let response =
+                    self.cas().batch_read_blobs(self.unary(request)).await.map_err(|s| from_status(s, None))?;
+                for entry in response.into_inner().responses {
+                    let Some(digest) = entry.digest.and_then(|d| Digest::from_proto(function, &d).ok()) else {
+                        continue;
+                    };
+                    let result = match entry.status.filter(|s| s.code != 0) {
+                        Some(status) => {
+                            Err(from_status(tonic::Status::new(status.code.into(), status.message), Some(&digest)))
+                        }
+                        None => crate::store::Verifier::check(digest, &entry.data).map(|()| Bytes::from(entry.data)),
+                    };
+                    out.push((digest, result));
+                }
+                start = end;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl CasInstances for RemoteStore {
+    fn instance(&self, instance: &str) -> SharedStore {
+        Arc::new(self.with_instance(instance))
     }
 }
 

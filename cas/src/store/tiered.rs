@@ -1,27 +1,65 @@
 //! A fast store in front of a slow one: memory over disk, or disk over remote.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 
 use crate::digest::Digest;
-use crate::store::{chunked, read_range, BlobStore, BlobStream, BlobWriter, StoreError};
+use crate::store::{chunked, read_range, BlobStore, BlobStream, BlobWriter, Flights, StoreError};
 
 /// Reads try the fast tier first; a blob read from the slow tier is copied up
 /// when it is small enough. Writes go to the slow tier (the one that must keep
-/// it) and small blobs to the fast tier as well.
+/// it) and small blobs to the fast tier as well. [`TieredStore::promote`]
+/// copies a blob of any size up, streamed, once for all concurrent callers:
+/// how a worker's disk cache fills from its CAS.
 pub struct TieredStore {
     fast: Arc<dyn BlobStore>,
     slow: Arc<dyn BlobStore>,
-    /// Largest blob admitted into the fast tier.
+    /// Largest blob admitted into the fast tier by reads and writes.
     admit_max: u64,
+    promotions: Flights<Digest, ()>,
+    copies: Arc<AtomicU64>,
 }
 
 impl TieredStore {
     /// Layers `fast` over `slow`; blobs up to `admit_max` bytes are kept in both.
     pub fn new(fast: Arc<dyn BlobStore>, slow: Arc<dyn BlobStore>, admit_max: u64) -> Self {
-        TieredStore { fast, slow, admit_max }
+        TieredStore { fast, slow, admit_max, promotions: Flights::default(), copies: Arc::default() }
+    }
+
+    /// The slow tier.
+    pub fn slow(&self) -> &Arc<dyn BlobStore> {
+        &self.slow
+    }
+
+    /// Makes `digest` present in the fast tier, streaming it from the slow one
+    /// unless it is there already. Concurrent calls for one blob share one
+    /// copy, which completes even if its callers give up.
+    pub async fn promote(&self, digest: &Digest) -> Result<(), StoreError> {
+        if self.fast.find_missing(&[*digest]).await?.is_empty() {
+            return Ok(());
+        }
+        let (fast, slow, digest, copies) = (self.fast.clone(), self.slow.clone(), *digest, self.copies.clone());
+        self.promotions
+            .run(digest, async move {
+                copies.fetch_add(1, Ordering::Relaxed);
+                let mut stream = slow.read(&digest, 0, None).await?;
+                let mut writer = fast.begin_write(&digest).await?;
+                while let Some(chunk) = stream.next().await {
+                    writer.write(chunk?).await?;
+                }
+                writer.commit().await
+            })
+            .await
+    }
+
+    /// How many copies [`TieredStore::promote`] started (one per blob however
+    /// many callers waited for it).
+    pub fn copies(&self) -> u64 {
+        self.copies.load(Ordering::Relaxed)
     }
 }
 
@@ -125,5 +163,32 @@ mod tests {
         assert_eq!(memory.bytes_used(), small.len() as u64, "large blob kept out of memory");
         assert_eq!(tiered.read_all(&large_d).await.unwrap(), large);
         assert!(tiered.find_missing(&[small_d, large_d]).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn concurrent_promotions_of_a_blob_copy_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = MemoryStore::new(64 << 20);
+        let disk = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        let data = Bytes::from(vec![3u8; 5 << 20]);
+        let digest = DigestFunction::Sha256.digest_of(&data);
+        source.write(&digest, data.clone()).await.unwrap();
+        let tiered = Arc::new(TieredStore::new(Arc::new(disk.clone()), Arc::new(source), 0));
+        let callers: Vec<_> = (0..6)
+            .map(|_| {
+                let tiered = tiered.clone();
+                tokio::spawn(async move { tiered.promote(&digest).await })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.unwrap().unwrap();
+        }
+        assert_eq!(tiered.copies(), 1, "one copy for six callers");
+        assert_eq!(disk.read_all(&digest).await.unwrap(), data);
+        tiered.promote(&digest).await.unwrap();
+        assert_eq!(tiered.copies(), 1, "a present blob is not copied again");
+
+        let absent = DigestFunction::Sha256.digest_of(b"absent");
+        assert!(tiered.promote(&absent).await.unwrap_err().is_not_found());
     }
 }

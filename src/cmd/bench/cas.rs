@@ -282,7 +282,7 @@ async fn small_blobs(
             .collect();
         settle_disk().await?;
         let start = Instant::now();
-        remote.upload(blobs.clone()).await?;
+        remote.write_batch(blobs.clone()).await?;
         batch.push(start.elapsed());
 
         let dir = native.join(run.to_string());
@@ -320,7 +320,7 @@ async fn find_missing_latency(
             (function.digest_of(&data), data)
         })
         .collect();
-    remote.upload(present.clone()).await?;
+    remote.write_batch(present.clone()).await?;
     let mut digests: Vec<Digest> = present.iter().map(|(d, _)| *d).collect();
     digests.extend((0..count - count / 2).map(|i| function.digest_of(format!("absent blob {i}").as_bytes())));
     let mut capabilities = CapabilitiesClient::new(remote.channel());

@@ -7,6 +7,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -15,7 +16,7 @@ use casbuild_cas::store::RemoteStore;
 use casbuild_mount::{CasMount, MountOptions};
 
 use super::{gb_per_s, median, noise, print_table, settle_disk, LocalServer, Row};
-use crate::cmd::mount::mount_cas;
+use crate::cmd::mount::{mount_cas, open_cache};
 use crate::config::parse_size;
 
 #[derive(clap::Args)]
@@ -68,7 +69,8 @@ impl Setup {
         let mountpoint = self.scratch.join(format!("mnt-{}", self.mounts));
         let remote = self.server.remote.clone();
         let timeout = Duration::from_secs(60);
-        let mount = mount_cas(&mountpoint, &cache_dir, u64::MAX, remote, timeout, MountOptions::default()).await?;
+        let local = open_cache(&cache_dir, u64::MAX).await?;
+        let mount = mount_cas(&mountpoint, local, Arc::new(remote), "", timeout, MountOptions::default()).await?;
         Ok(Fresh { mount, cache_dir })
     }
 }

@@ -56,11 +56,12 @@ pub async fn bench_sandbox(args: SandboxArgs) -> anyhow::Result<()> {
     // and an empty tree of the /cas mount under the root that names lookups
     // of host paths; the variants beside it show what those layers cost.
     let server = super::LocalServer::start(&scratch.path().join("store")).await?;
+    let local = crate::cmd::mount::open_cache(&scratch.path().join("cache"), 1 << 30).await?;
     let mount = crate::cmd::mount::mount_cas(
         &scratch.path().join("cas"),
-        &scratch.path().join("cache"),
-        1 << 30,
-        server.remote.clone(),
+        local,
+        std::sync::Arc::new(server.remote.clone()),
+        "",
         Duration::from_secs(10),
         casbuild_mount::MountOptions::default(),
     )

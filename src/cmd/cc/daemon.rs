@@ -374,7 +374,7 @@ impl Daemon {
             return Ok(absent);
         }
         let bytes: u64 = needed.iter().map(|(d, _)| d.size_bytes).sum();
-        store.upload(needed.into_iter().map(|(d, data)| (d, Bytes::copy_from_slice(data))).collect()).await?;
+        store.write_batch(needed.into_iter().map(|(d, data)| (d, Bytes::copy_from_slice(data))).collect()).await?;
         lock(&self.stats).bytes_uploaded += bytes;
         Ok(Vec::new())
     }
