@@ -14,6 +14,7 @@ pub fn store_status(error: StoreError) -> Status {
         StoreError::OutOfRange { .. } => Code::OutOfRange,
         StoreError::ResourceExhausted(_) => Code::ResourceExhausted,
         StoreError::Unavailable(_) => Code::Unavailable,
+        StoreError::Refused { code, .. } => *code,
         StoreError::Io { .. } => Code::Internal,
     };
     Status::new(code, error.to_string())

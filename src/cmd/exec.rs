@@ -17,7 +17,7 @@ use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
 use casbuild_proto::reapi::UpdateActionResultRequest;
 
 use crate::cmd::cas::{download_file, download_tree, file_paths, output_destination, upload, Remote};
-use crate::cmd::mount::{mount_cas, open_cache};
+use crate::cmd::mount::{mount_cas, open_cache, retrying};
 use crate::config::{default_data_dir, parse_size};
 
 #[derive(clap::Args)]
@@ -91,7 +91,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(60);
     let options = MountOptions { readers: Some(config.gid), ..Default::default() };
     let local = open_cache(&cache_dir, args.cache_size).await?;
-    let cas = Arc::new(remote.clone());
+    let cas = retrying(remote.clone());
     let instance = &args.remote.instance;
     let mount = Arc::new(mount_cas(&mountpoint, local, cas.clone(), instance, timeout, options).await?);
     let runner = Runner::new(config, mount.clone(), cas)?;

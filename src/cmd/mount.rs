@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use casbuild_cas::store::{CasInstances, DiskStore, RemoteStore, RemoteStoreOptions};
+use casbuild_cas::store::{CasInstances, DiskStore, RemoteStore, RemoteStoreOptions, RetryPolicy, RetryingCas};
 use casbuild_mount::{BlobCache, CasMount, MountOptions};
 
 use crate::cmd::coordinator::shutdown_signal;
@@ -51,6 +51,12 @@ pub async fn open_cache(cache_dir: &Path, budget: u64) -> anyhow::Result<DiskSto
     Ok(local)
 }
 
+/// A remote CAS whose calls are retried when it is briefly unavailable (a
+/// restarting coordinator, a dropped connection).
+pub fn retrying(remote: RemoteStore) -> Arc<dyn CasInstances> {
+    Arc::new(RetryingCas::new(Arc::new(remote), RetryPolicy::default()))
+}
+
 /// Mounts `instance` of `cas` at `mountpoint` over the disk cache `local`,
 /// off the async threads: the one way the CLI's commands get a /cas mount.
 pub async fn mount_cas(
@@ -88,7 +94,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let _claims = crate::claims::claim("mount", &[("mount", &args.mountpoint), ("cache", &cache_dir)])?;
     let options = MountOptions { threads: args.threads, passthrough: !args.no_passthrough, readers: None };
     let local = open_cache(&cache_dir, args.cache_size).await?;
-    let mount = mount_cas(&args.mountpoint, local, Arc::new(remote), &args.instance, timeout, options).await?;
+    let mount = mount_cas(&args.mountpoint, local, retrying(remote), &args.instance, timeout, options).await?;
     let shutdown = shutdown_signal()?;
     println!("casbuild mount ready at {}", mount.mountpoint().display());
     shutdown.await;

@@ -13,7 +13,7 @@ use casbuild_exec::worker::{RegisterError, Session};
 use casbuild_proto::worker::PlatformProperty;
 
 use crate::cmd::coordinator::shutdown_signal;
-use crate::cmd::mount::{mount_cas, open_cache};
+use crate::cmd::mount::{mount_cas, open_cache, retrying};
 use crate::cmd::sandbox_args::SandboxArgs;
 use crate::config::{default_data_dir, parse_size, secret};
 
@@ -112,7 +112,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let timeout = Duration::from_secs(60);
     let local = open_cache(&cache_dir, args.cache_size).await?;
-    let cas = Arc::new(remote.clone());
+    let cas = retrying(remote.clone());
     let mount = mount_cas(&args.mount, local, cas.clone(), "", timeout, args.sandbox.mount_options());
     let mount = Arc::new(mount.await?);
     let mut config = RunnerConfig::new(scratch, std::env::current_exe().context("finding casbuild itself")?);

@@ -10,6 +10,8 @@
 //! - [`RemoteStore`]: a REAPI CAS reached over gRPC (or gRPC over TLS).
 //! - [`IdleTimeout`]: fails calls and reads of another store that stop making
 //!   progress.
+//! - [`Retrying`]: retries calls of another store that fail as unavailable,
+//!   with backoff.
 //!
 //! A whole CAS with its instance names is a [`CasInstances`]: a remote server
 //! or a coordinator's own [`crate::storage::Storage`]. Workers and the mount
@@ -28,6 +30,7 @@ mod flights;
 mod idle;
 mod memory;
 mod remote;
+mod retry;
 mod tiered;
 mod verify;
 
@@ -47,6 +50,7 @@ pub use flights::Flights;
 pub use idle::IdleTimeout;
 pub use memory::MemoryStore;
 pub use remote::{RemoteStore, RemoteStoreOptions};
+pub use retry::{RetryPolicy, Retrying, RetryingCas};
 pub use tiered::TieredStore;
 pub use verify::Verifier;
 
@@ -194,9 +198,19 @@ pub enum StoreError {
     /// The request cannot be served as asked.
     #[error("{0}")]
     InvalidArgument(String),
-    /// The backing store (a remote server) could not be reached in time.
+    /// The backing store (a remote server) could not be reached in time, or
+    /// failed in a way worth retrying.
     #[error("{0}")]
     Unavailable(String),
+    /// A remote server refused the call for good (authentication,
+    /// permission, an unimplemented method...): retrying cannot help.
+    #[error("remote CAS: {code:?}: {message}")]
+    Refused {
+        /// The server's status code.
+        code: tonic::Code,
+        /// The server's message.
+        message: String,
+    },
     /// An I/O error, with what was being done.
     #[error("{context}: {source}")]
     Io {
@@ -226,6 +240,7 @@ impl Clone for StoreError {
             StoreError::ResourceExhausted(m) => StoreError::ResourceExhausted(m.clone()),
             StoreError::InvalidArgument(m) => StoreError::InvalidArgument(m.clone()),
             StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+            StoreError::Refused { code, message } => StoreError::Refused { code: *code, message: message.clone() },
             StoreError::Io { context, source } => StoreError::Io {
                 context: context.clone(),
                 source: std::io::Error::new(source.kind(), source.to_string()),

@@ -180,7 +180,16 @@ pub fn from_status(status: tonic::Status, digest: Option<&Digest>) -> StoreError
         (tonic::Code::NotFound, Some(d)) => StoreError::NotFound { digest: *d, detail: message },
         (tonic::Code::InvalidArgument, _) => StoreError::InvalidArgument(message),
         (tonic::Code::ResourceExhausted, _) => StoreError::ResourceExhausted(message),
-        (code, _) => StoreError::Unavailable(format!("remote CAS: {code:?}: {message}")),
+        (
+            code @ (tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Aborted
+            | tonic::Code::Internal
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled),
+            _,
+        ) => StoreError::Unavailable(format!("remote CAS: {code:?}: {message}")),
+        (code, _) => StoreError::Refused { code, message },
     }
 }
 
