@@ -28,7 +28,7 @@ enum Command {
     /// Compile on the cluster: `make CC="casbuild cc gcc"`; anything but a compile runs locally.
     Cc(cmd::cc::Args),
     /// The per-host daemon behind `casbuild cc` (started by it on demand).
-    Daemon(cmd::cc::daemon::Args),
+    Daemon(cmd::cc::DaemonArgs),
     /// Whole build graphs: check one, or run one on the cluster.
     #[command(subcommand)]
     Graph(cmd::graph::Command),
@@ -82,7 +82,7 @@ fn main() -> std::process::ExitCode {
             Command::Exec(args) => cmd::exec::run(args).await,
             Command::Graph(command) => cmd::graph::run(command).await,
             Command::Cc(args) => cmd::cc::run(args).await,
-            Command::Daemon(args) => cmd::cc::daemon::run(args).await,
+            Command::Daemon(args) => cmd::cc::daemon(args).await,
             Command::Cas(command) => cmd::cas::run(command).await,
             Command::Bench(command) => cmd::bench::run(command).await,
         }

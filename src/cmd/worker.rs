@@ -81,12 +81,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut platform = platform;
     for compiler in &args.compilers {
-        let found = crate::cmd::cc::find_on_path(&compiler.to_string_lossy(), None)
+        let found = casbuild_cc::find_on_path(&compiler.to_string_lossy(), None)
             .with_context(|| format!("--compiler {}: not found on PATH", compiler.display()))?;
-        let identity =
-            crate::cmd::cc::compiler_identity(&found).with_context(|| format!("--compiler {}", compiler.display()))?;
-        println!("compiler {}: {}={identity}", compiler.display(), crate::cmd::cc::COMPILER_PROPERTY);
-        platform.push(PlatformProperty { name: crate::cmd::cc::COMPILER_PROPERTY.into(), value: identity });
+        let identity = casbuild_cc::compiler_identity(&found, &crate::cmd::cc::compiler_memo_dir())
+            .with_context(|| format!("--compiler {}", compiler.display()))?;
+        println!("compiler {}: {}={identity}", compiler.display(), casbuild_cc::COMPILER_PROPERTY);
+        platform.push(PlatformProperty { name: casbuild_cc::COMPILER_PROPERTY.into(), value: identity });
     }
     // The worker token is the worker's API key: one credential for the
     // Workers service and the CAS alike.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use casbuild_cas::digest::{Digest, DigestFunction};
-use casbuild_cas::store::{BlobStore, RemoteStore, RemoteStoreOptions};
+use casbuild_cas::store::{BlobStore, ConnectOptions, RemoteStore, RemoteStoreOptions};
 use casbuild_coordinator::existence::Bloom;
 use casbuild_coordinator::scheduler::response_of;
 use casbuild_proto::cc::existence_filter_client::ExistenceFilterClient;
@@ -29,7 +29,8 @@ use lru::LruCache;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 
-use super::socket::{receive, send};
+use crate::reason::{label, Local, LocalKind};
+use crate::socket::{receive, send, socket_path};
 
 /// Results kept in the L1.
 const L1_ENTRIES: usize = 1024;
@@ -42,26 +43,19 @@ const RETRY_CONNECT: Duration = Duration::from_secs(10);
 /// How often the existence filter is refreshed.
 const FILTER_REFRESH: Duration = Duration::from_secs(2);
 
-#[derive(clap::Args)]
-pub struct Args {
+/// How a daemon serves.
+pub struct DaemonConfig {
     /// The cluster, as grpc://HOST:PORT (grpcs:// for TLS).
-    #[arg(long, env = "CASBUILD_REMOTE", default_value = "grpc://127.0.0.1:8980")]
-    remote: String,
-    /// REAPI instance name.
-    #[arg(long, default_value = "")]
-    instance: String,
+    pub remote: String,
+    pub instance: String,
     /// The unix socket to serve [default: the one `casbuild cc` uses for this remote].
-    #[arg(long)]
-    socket: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
     /// Local fallback compiles allowed at once [default: the number of CPUs].
-    #[arg(long)]
-    local_jobs: Option<usize>,
+    pub local_jobs: Option<usize>,
     /// Exit after this many seconds without requests.
-    #[arg(long, default_value_t = 600)]
-    idle_secs: u64,
-    /// TLS and API key; `casbuild cc` passes them on through the environment (CASBUILD_API_KEY, ...).
-    #[command(flatten)]
-    auth: crate::cmd::client_args::ClientAuth,
+    pub idle_secs: u64,
+    /// TLS material and credential for the cluster.
+    pub connect: ConnectOptions,
 }
 
 /// The existence filter as last fetched.
@@ -73,7 +67,7 @@ struct Known {
 
 struct Daemon {
     remote: String,
-    connect: casbuild_cas::store::ConnectOptions,
+    connect: ConnectOptions,
     instance: String,
     store: tokio::sync::Mutex<Option<RemoteStore>>,
     /// Until when not to retry connecting after a failure.
@@ -92,8 +86,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
-    let socket = args.socket.clone().unwrap_or_else(|| super::socket::socket_path(&args.remote, &args.instance));
+pub async fn run(args: DaemonConfig) -> anyhow::Result<()> {
+    let socket = args.socket.clone().unwrap_or_else(|| socket_path(&args.remote, &args.instance));
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -116,7 +110,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = UnixListener::bind(&socket).with_context(|| format!("listening on {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let local_jobs = args.local_jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let connect = args.auth.options()?;
+    let connect = args.connect.clone();
     let daemon = Arc::new(Daemon {
         remote: args.remote.clone(),
         connect,
@@ -188,7 +182,8 @@ impl Daemon {
             let answer = match request {
                 daemon_request::Request::Compile(compile) => self.compile(compile).await,
                 daemon_request::Request::LocalSlot(slot) => {
-                    *lock(&self.stats).local_fallbacks.entry(category(&slot.reason)).or_default() += 1;
+                    let kind = slot.reason.as_ref().map_or(LocalKind::Unspecified, |r| Local::from_proto(r).kind);
+                    *lock(&self.stats).local_fallbacks.entry(label(kind).to_owned()).or_default() += 1;
                     let Ok(_permit) = self.local.clone().acquire_owned().await else { return };
                     if send(&mut stream, &reply(daemon_reply::Reply::Granted(true))).await.is_err() {
                         return;
@@ -208,7 +203,8 @@ impl Daemon {
                     daemon_reply::Reply::Stats(snapshot)
                 }
                 daemon_request::Request::Note(note) => {
-                    *lock(&self.stats).not_sent.entry(note.reason).or_default() += 1;
+                    let kind = note.reason.as_ref().map_or(LocalKind::Unspecified, |r| Local::from_proto(r).kind);
+                    *lock(&self.stats).not_sent.entry(label(kind).to_owned()).or_default() += 1;
                     daemon_reply::Reply::Ok(true)
                 }
                 daemon_request::Request::Shutdown(_) => {
@@ -301,37 +297,46 @@ impl Daemon {
                 }
                 daemon_reply::Reply::Compiled(compiled)
             }
-            Err(e) => daemon_reply::Reply::Fallback(format!("{e:#}")),
+            Err(why) => daemon_reply::Reply::Fallback(why.to_proto()),
         }
     }
 
-    async fn compile_remotely(&self, compile: &Compile) -> anyhow::Result<Remote> {
+    /// The compile on the cluster; why not, as the wrapper reports it.
+    async fn compile_remotely(&self, compile: &Compile) -> Result<Remote, Local> {
+        let unreachable =
+            |e: anyhow::Error| Local::new(LocalKind::ClusterUnreachable, format!("cluster unreachable: {e:#}"));
+        let store = self.store().await.map_err(unreachable)?;
+        self.compile_on(&store, compile)
+            .await
+            .map_err(|e| Local::new(LocalKind::Infrastructure, format!("infrastructure failure: {e:#}")))
+    }
+
+    async fn compile_on(&self, store: &RemoteStore, compile: &Compile) -> anyhow::Result<Remote> {
         let function = DigestFunction::Blake3;
-        let store = self.store().await.context("cluster unreachable")?;
         let action = Digest::from_hex(function, &compile.action_hash, compile.action_size).context("bad request")?;
         let certainly_new = lock(&self.filter).as_ref().is_some_and(|k| !k.bloom.may_contain(&action.hash));
         if compile.resent {
             // Looked up already, on the first send.
         } else if certainly_new {
             lock(&self.stats).filter_skipped_lookups += 1;
-        } else if let Some(result) = self.lookup(&store, &action).await? {
-            if let Ok(compiled) = self.fetch(&store, &result, compile, "remote cache").await {
+        } else if let Some(result) = self.lookup(store, &action).await? {
+            if let Ok(compiled) = self.fetch(store, &result, compile, "remote cache").await {
                 lock(&self.stats).remote_hits += 1;
                 return Ok(Remote::Compiled(compiled));
             }
         }
-        let absent = self.upload(&store, compile).await.context("infrastructure failure: uploading")?;
+        let absent = self.upload(store, compile).await.context("uploading")?;
         if !absent.is_empty() {
             return Ok(Remote::NeedBlobs(absent));
         }
-        let response = self.execute(&store, &action).await.context("infrastructure failure")?;
+        let response = self.execute(store, &action).await?;
         let status = response.status.unwrap_or_default();
         if status.code != 0 {
-            anyhow::bail!("infrastructure failure: the cluster could not run it: {}", status.message);
+            anyhow::bail!("the cluster could not run it: {}", status.message);
         }
-        let result = response.result.context("infrastructure failure: no result")?;
+        let result = response.result.context("no result")?;
         let source = if response.cached_result { "remote cache" } else { "executed" };
-        let mut compiled = self.fetch(&store, &result, compile, source).await.context("infrastructure failure")?;
+        let mut compiled = self.fetch(store, &result, compile, source).await?;
         compiled.message = response.message;
         let mut stats = lock(&self.stats);
         if response.cached_result {
@@ -353,7 +358,7 @@ impl Daemon {
         match ActionCacheClient::new(store.channel()).get_action_result(request).await {
             Ok(result) => Ok(Some(result.into_inner())),
             Err(status) if status.code() == tonic::Code::NotFound => Ok(None),
-            Err(status) => anyhow::bail!("infrastructure failure: cache lookup: {}", status.message()),
+            Err(status) => anyhow::bail!("cache lookup: {}", status.message()),
         }
     }
 
@@ -472,11 +477,6 @@ enum Remote {
 
 fn reply(reply: daemon_reply::Reply) -> DaemonReply {
     DaemonReply { reply: Some(reply) }
-}
-
-/// The category of a fallback reason: the part before the first colon.
-fn category(reason: &str) -> String {
-    reason.split(':').next().unwrap_or(reason).trim().to_owned()
 }
 
 #[cfg(test)]

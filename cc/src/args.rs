@@ -42,8 +42,8 @@ pub struct Compile {
     pub target_named: bool,
 }
 
-/// Why a command runs locally.
-pub type Local = String;
+pub use crate::reason::Local;
+use crate::reason::LocalKind;
 
 /// Preprocessor options followed by a separate value (`-I dir`) or glued (`-Idir`).
 const PREPROCESSOR_WITH_VALUE: &[&str] =
@@ -92,19 +92,23 @@ pub fn classify(args: &[String]) -> Result<Compile, Local> {
     let mut i = 0;
     while i < args.len() {
         let arg = args[i].as_str();
-        let next = || args.get(i + 1).cloned().ok_or_else(|| format!("{arg} needs a value"));
+        let next = || {
+            args.get(i + 1).cloned().ok_or_else(|| Local::new(LocalKind::MissingValue, format!("{arg} needs a value")))
+        };
         match arg {
             "-c" => compile_only = true,
             "-o" => {
                 output = Some(next()?);
                 i += 1;
             }
-            "-E" | "-S" | "-M" | "-MM" => return Err(format!("{arg} is not a compile to an object file")),
-            "-" => return Err("the source comes from stdin".into()),
+            "-E" | "-S" | "-M" | "-MM" => {
+                return Err(Local::new(LocalKind::NotACompile, format!("{arg} is not a compile to an object file")))
+            }
+            "-" => return Err(Local::new(LocalKind::SourceFromStdin, "the source comes from stdin")),
             "-x" => {
                 if !sources.is_empty() {
                     // It would apply to files after it only; keep it simple.
-                    return Err("-x after the source file".into());
+                    return Err(Local::new(LocalKind::NotCOrCxx, "-x after the source file"));
                 }
                 let value = next()?;
                 preprocess.extend(["-x".to_owned(), value.clone()]);
@@ -131,37 +135,42 @@ pub fn classify(args: &[String]) -> Result<Compile, Local> {
                 compile.push(arg.to_owned());
             }
             _ if arg.starts_with("-Wp,") || arg.starts_with("-Wl,") || arg.starts_with("-Wa,") => {
-                return Err(format!("{arg} passes options to another tool"));
+                return Err(Local::new(LocalKind::OtherToolOption, format!("{arg} passes options to another tool")));
             }
             _ if SIDE_FILE_PREFIXES.iter().any(|p| arg.starts_with(p)) => {
-                return Err(format!("{arg} reads or writes files besides the source and the object"));
+                let detail = format!("{arg} reads or writes files besides the source and the object");
+                return Err(Local::new(LocalKind::SideFiles, detail));
             }
             _ if arg.starts_with("-march=native") || arg.starts_with("-mtune=native") || arg == "-mcpu=native" => {
-                return Err(format!("{arg} depends on this host's CPU"));
+                return Err(Local::new(LocalKind::HostCpu, format!("{arg} depends on this host's CPU")));
             }
             _ if COMPILE_PREFIXES.iter().any(|p| arg.starts_with(p)) => {
                 // Both phases see these: macros like __OPTIMIZE__ follow -O.
                 preprocess.push(arg.to_owned());
                 compile.push(arg.to_owned());
             }
-            _ if arg.starts_with('-') => return Err(format!("{arg} is not an option casbuild cc sends remotely")),
+            _ if arg.starts_with('-') => {
+                let detail = format!("{arg} is not an option casbuild cc sends remotely");
+                return Err(Local::new(LocalKind::UnknownOption, detail));
+            }
             _ => sources.push(arg.to_owned()),
         }
         i += 1;
     }
     if !compile_only {
-        return Err("no -c: this links or does something other than compile".into());
+        return Err(Local::new(LocalKind::NotACompile, "no -c: this links or does something other than compile"));
     }
     let source = match sources.as_slice() {
         [one] => one.clone(),
-        [] => return Err("no source file".into()),
-        _ => return Err(format!("{} source files in one command", sources.len())),
+        [] => return Err(Local::new(LocalKind::NotOneSource, "no source file")),
+        _ => return Err(Local::new(LocalKind::NotOneSource, format!("{} source files in one command", sources.len()))),
     };
     let language = match language_flag.as_deref() {
         Some("c") => Language::C,
         Some("c++") => Language::Cxx,
-        Some(other) => return Err(format!("-x {other} is not C or C++")),
-        None => language_of(&source).ok_or_else(|| format!("{source} is not a C or C++ source"))?,
+        Some(other) => return Err(Local::new(LocalKind::NotCOrCxx, format!("-x {other} is not C or C++"))),
+        None => language_of(&source)
+            .ok_or_else(|| Local::new(LocalKind::NotCOrCxx, format!("{source} is not a C or C++ source")))?,
     };
     let output = output.unwrap_or_else(|| {
         let base = std::path::Path::new(&source).file_stem().map(|s| s.to_string_lossy().into_owned());
@@ -203,25 +212,28 @@ mod tests {
     }
 
     #[test]
-    fn everything_else_stays_local_with_a_reason() {
-        for (line, why) in [
-            ("x.o y.o -o app", "no -c"),
-            ("-E x.c", "-E is not a compile"),
-            ("-M x.c", "-M is not a compile"),
-            ("-c a.c b.c", "2 source files"),
-            ("-c -", "stdin"),
-            ("-c x.c --frobnicate", "--frobnicate is not an option"),
-            ("-c x.s", "not a C or C++ source"),
-            ("-c x.c -march=native", "this host's CPU"),
-            ("-c x.c -ffile-prefix-map=/a=/b", "files besides"),
-            ("-c x.c -gsplit-dwarf", "files besides"),
-            ("-c x.c -fprofile-use=x.gcda", "files besides"),
-            ("-c x.c --coverage", "files besides"),
-            ("-c x.c -x c++", "-x after the source"),
-            ("-c x.c -o", "-o needs a value"),
+    fn everything_else_stays_local_with_a_kind_and_a_reason() {
+        use LocalKind::*;
+        for (line, kind, why) in [
+            ("x.o y.o -o app", NotACompile, "no -c"),
+            ("-E x.c", NotACompile, "-E is not a compile"),
+            ("-M x.c", NotACompile, "-M is not a compile"),
+            ("-c a.c b.c", NotOneSource, "2 source files"),
+            ("-c -", SourceFromStdin, "stdin"),
+            ("-c x.c --frobnicate", UnknownOption, "--frobnicate is not an option"),
+            ("-c x.s", NotCOrCxx, "not a C or C++ source"),
+            ("-c x.c -march=native", HostCpu, "this host's CPU"),
+            ("-c x.c -Wl,-z,now", OtherToolOption, "-Wl,-z,now passes options"),
+            ("-c x.c -ffile-prefix-map=/a=/b", SideFiles, "files besides"),
+            ("-c x.c -gsplit-dwarf", SideFiles, "files besides"),
+            ("-c x.c -fprofile-use=x.gcda", SideFiles, "files besides"),
+            ("-c x.c --coverage", SideFiles, "files besides"),
+            ("-c x.c -x c++", NotCOrCxx, "-x after the source"),
+            ("-c x.c -o", MissingValue, "-o needs a value"),
         ] {
             let e = classify(&args(line)).unwrap_err();
-            assert!(e.contains(why), "{line}: {e}");
+            assert_eq!(e.kind, kind, "{line}: {e}");
+            assert!(e.detail.contains(why), "{line}: {e}");
         }
     }
 }
