@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use casbuild_cas::digest::Digest;
 use casbuild_cas::storage::Storage;
 use casbuild_cas::tree::{child_digest, missing_in_tree, MissingError};
@@ -97,6 +98,9 @@ pub struct ActionRequest {
     pub priority: i32,
     /// Told the host's name when a host starts running the action.
     pub started: Started,
+    /// The Action and Command as stored, read while checking the inputs
+    /// (empty when not read), so that the host need not fetch them again.
+    pub encoded: Option<(Bytes, Bytes)>,
 }
 
 /// The executor's signal that a host took the action: the operation moves
@@ -383,11 +387,11 @@ impl Scheduler {
 
     async fn run(&self, job: &Arc<Job>) -> ExecuteResponse {
         let (instance, action) = (&job.key.0, &job.key.1);
-        let platform = match self.missing_inputs(instance, action).await {
-            Ok((missing, _)) if !missing.is_empty() => {
-                return ExecuteResponse { status: Some(precondition_missing(&missing)), ..Default::default() };
+        let (platform, encoded) = match self.missing_inputs(instance, action).await {
+            Ok(checked) if !checked.missing.is_empty() => {
+                return ExecuteResponse { status: Some(precondition_missing(&checked.missing)), ..Default::default() };
             }
-            Ok((_, platform)) => platform,
+            Ok(checked) => (checked.platform, checked.encoded),
             Err(response) => return response,
         };
         let _slot = self.slots.acquire(job.priority).await;
@@ -407,8 +411,14 @@ impl Scheduler {
                 true
             });
         });
-        let request =
-            ActionRequest { instance: instance.clone(), action: *action, platform, priority: job.priority, started };
+        let request = ActionRequest {
+            instance: instance.clone(),
+            action: *action,
+            platform,
+            priority: job.priority,
+            started,
+            encoded,
+        };
         match self.executor.execute(request).await {
             Ok(executed) => {
                 // A worker's result is checked like a client's before anyone sees it.
@@ -461,13 +471,9 @@ impl Scheduler {
     }
 
     /// The Action, Command, Directories and files of `action` that the CAS
-    /// lacks, and the platform the Action asks for. A malformed action comes
-    /// back as a finished error response.
-    async fn missing_inputs(
-        &self,
-        instance: &str,
-        action: &Digest,
-    ) -> Result<(Vec<Digest>, Vec<(String, String)>), ExecuteResponse> {
+    /// lacks, the platform the Action asks for, and the encoded Action and
+    /// Command. A malformed action comes back as a finished error response.
+    async fn missing_inputs(&self, instance: &str, action: &Digest) -> Result<Checked, ExecuteResponse> {
         let cas = self.storage.cas(instance);
         let function = action.function;
         let invalid = |m: String| error_response(Code::InvalidArgument, m);
@@ -481,9 +487,11 @@ impl Scheduler {
                 }
             }
         };
-        let Some(bytes) = read(*action).await? else { return Ok((vec![*action], Vec::new())) };
-        let action_proto =
-            Action::decode(bytes).map_err(|e| invalid(format!("Action {action} does not decode: {e}")))?;
+        let Some(action_bytes) = read(*action).await? else {
+            return Ok(Checked { missing: vec![*action], platform: Vec::new(), encoded: None });
+        };
+        let action_proto = Action::decode(action_bytes.clone())
+            .map_err(|e| invalid(format!("Action {action} does not decode: {e}")))?;
         let command =
             child_digest(function, "command_digest", action_proto.command_digest.as_ref()).map_err(invalid)?;
         let root =
@@ -494,9 +502,12 @@ impl Scheduler {
             .flat_map(|p| p.properties.iter().map(|q| (q.name.clone(), q.value.clone())))
             .collect();
         let mut missing = Vec::new();
+        let mut encoded = None;
         match read(command).await? {
             Some(bytes) => {
-                Command::decode(bytes).map_err(|e| invalid(format!("Command {command} does not decode: {e}")))?;
+                Command::decode(bytes.clone())
+                    .map_err(|e| invalid(format!("Command {command} does not decode: {e}")))?;
+                encoded = Some((action_bytes, bytes));
             }
             None => missing.push(command),
         }
@@ -505,8 +516,16 @@ impl Scheduler {
             Err(MissingError::Tree(e)) => return Err(invalid(e.to_string())),
             Err(MissingError::Store(e)) => return Err(error_response(Code::Internal, e.to_string())),
         }
-        Ok((missing, platform))
+        Ok(Checked { missing, platform, encoded })
     }
+}
+
+/// What checking an action's inputs found.
+struct Checked {
+    missing: Vec<Digest>,
+    platform: Vec<(String, String)>,
+    /// The encoded Action and Command.
+    encoded: Option<(Bytes, Bytes)>,
 }
 
 #[cfg(test)]

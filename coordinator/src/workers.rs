@@ -20,6 +20,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_proto::reapi::ActionResult;
 use casbuild_proto::worker::complete_request::Outcome;
@@ -63,10 +64,16 @@ struct Pending {
     instance: String,
     action: Digest,
     platform: Vec<(String, String)>,
+    /// The encoded Action and Command, sent with the lease when small.
+    encoded: Option<(Bytes, Bytes)>,
     attempts: u32,
     started: Started,
     done: oneshot::Sender<ActionOutcome>,
 }
+
+/// The most bytes of Action and Command a lease carries (a lease stream
+/// message must stay far below the 4 MiB a client decodes by default).
+const MAX_ENCODED_IN_LEASE: usize = 256 << 10;
 
 /// Leases a newly registered worker may hold at once.
 pub const INITIAL_CAPACITY: u32 = 4;
@@ -157,7 +164,7 @@ impl WorkerPool {
             };
             let pending = pool.queue.remove(index).expect("index is in range");
             let lease_id = uuid::Uuid::new_v4().to_string();
-            let lease = Lease {
+            let mut lease = Lease {
                 lease_id: lease_id.clone(),
                 instance_name: pending.instance.clone(),
                 digest_function: pending.action.function.to_proto() as i32,
@@ -168,7 +175,14 @@ impl WorkerPool {
                 deadline_unix_ms: (SystemTime::now() + lease_time)
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as i64),
+                ..Default::default()
             };
+            if let Some((action, command)) =
+                pending.encoded.as_ref().filter(|(a, c)| a.len() + c.len() <= MAX_ENCODED_IN_LEASE)
+            {
+                lease.action = action.to_vec();
+                lease.command = command.to_vec();
+            }
             let worker = pool.workers.get_mut(&worker_id).expect("chosen from the map");
             let update = LeaseUpdate { update: Some(Update::Lease(lease)) };
             let sent = worker.leases.as_ref().is_some_and(|tx| tx.try_send(Ok(update)).is_ok());
@@ -281,6 +295,7 @@ impl ActionExecutor for WorkerPool {
                 instance: request.instance,
                 action: request.action,
                 platform: request.platform,
+                encoded: request.encoded,
                 attempts: 0,
                 started: request.started,
                 done,
@@ -490,6 +505,7 @@ mod tests {
             platform: vec![],
             priority: 0,
             started: Started::ignored(),
+            encoded: None,
         }
     }
 
@@ -607,6 +623,35 @@ mod tests {
         };
         service.complete(worker_request(failed)).await.unwrap();
         assert_eq!(drain_leases(&mut stream).len(), 1);
+        for task in waiting {
+            task.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_carries_the_action_and_command_unless_they_are_large() {
+        let pool = WorkerPool::new(PoolConfig { heartbeat_interval: Duration::from_secs(60), ..Default::default() });
+        let service = WorkersService::new(pool.clone());
+        let mut stream = join(&service, "w", 2).await;
+        let small = (Bytes::from_static(b"an action"), Bytes::from_static(b"a command"));
+        let large = (Bytes::from_static(b"an action"), Bytes::from(vec![b'c'; MAX_ENCODED_IN_LEASE]));
+        let waiting: Vec<_> = [small.clone(), large]
+            .into_iter()
+            .enumerate()
+            .map(|(i, encoded)| {
+                let pool = pool.clone();
+                let request = ActionRequest { encoded: Some(encoded), ..action(i as u32) };
+                tokio::spawn(async move { pool.execute(request).await })
+            })
+            .collect();
+        let mut carried = Vec::new();
+        for _ in 0..2 {
+            let Some(Update::Lease(lease)) = stream.next().await.unwrap().unwrap().update else { panic!("a lease") };
+            carried.push((lease.action, lease.command));
+        }
+        carried.sort();
+        assert_eq!(carried[0], (vec![], vec![]), "over the bound: the worker fetches them");
+        assert_eq!(carried[1], (small.0.to_vec(), small.1.to_vec()));
         for task in waiting {
             task.abort();
         }

@@ -239,6 +239,21 @@ impl Runner {
         &self.config.worker_name
     }
 
+    /// Decodes `known` if it is the blob `digest` names, else fetches it.
+    async fn decode_or_fetch<M: Message + Default>(
+        &self,
+        store: &dyn BlobStore,
+        digest: &Digest,
+        known: Option<Bytes>,
+        what: &str,
+    ) -> Result<M, ExecError> {
+        if let Some(bytes) = known.filter(|b| digest.function.digest_of(b) == *digest) {
+            return M::decode(bytes)
+                .map_err(|e| ExecError::Invalid(format!("the {what} {digest} does not decode: {e}")));
+        }
+        self.fetch(store, digest, what).await
+    }
+
     /// Fetches a proto the action needs; absent → MissingBlobs.
     async fn fetch<M: Message + Default>(
         &self,
@@ -256,15 +271,28 @@ impl Runner {
 
     /// Runs the action stored under `action_digest` in `instance`.
     pub async fn execute_in(&self, instance: &str, action_digest: &Digest) -> Result<Execution, ExecError> {
+        self.execute_known(instance, action_digest, None).await
+    }
+
+    /// [`Runner::execute_in`] with the encoded Action and Command when the
+    /// caller has them (the scheduler read them to check the inputs): each
+    /// is used if it matches its digest, and fetched otherwise.
+    pub async fn execute_known(
+        &self,
+        instance: &str,
+        action_digest: &Digest,
+        known: Option<(Bytes, Bytes)>,
+    ) -> Result<Execution, ExecError> {
         let worker_start = SystemTime::now();
         let function = action_digest.function;
         let store = self.cas.instance(instance);
-        let action: Action = self.fetch(&*store, action_digest, "Action").await?;
+        let (known_action, known_command) = known.unzip();
+        let action: Action = self.decode_or_fetch(&*store, action_digest, known_action, "Action").await?;
         let command_digest = child_digest(function, "command_digest", action.command_digest.as_ref())
             .map_err(|e| ExecError::Invalid(format!("Action: {e}")))?;
         let input_root = child_digest(function, "input_root_digest", action.input_root_digest.as_ref())
             .map_err(|e| ExecError::Invalid(format!("Action: {e}")))?;
-        let command: Command = self.fetch(&*store, &command_digest, "Command").await?;
+        let command: Command = self.decode_or_fetch(&*store, &command_digest, known_command, "Command").await?;
         let writable = output_parents(&command).map_err(ExecError::Invalid)?;
         if !input_root.is_empty_blob()
             && !store.find_missing(&[input_root]).await.map_err(infra("FindMissing"))?.is_empty()

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::store::RemoteChannel;
 use casbuild_proto::worker::complete_request::Outcome;
@@ -198,6 +199,12 @@ async fn heartbeat_loop(mut client: Client, register: RegisterRequest, interval:
 }
 
 /// Runs one lease and reports it.
+/// The Action and Command the lease carries, if it carries them.
+fn encoded(lease: &Lease) -> Option<(Bytes, Bytes)> {
+    (!lease.action.is_empty() && !lease.command.is_empty())
+        .then(|| (Bytes::copy_from_slice(&lease.action), Bytes::copy_from_slice(&lease.command)))
+}
+
 async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str, lease: Lease) {
     let action = lease.action_digest.as_ref().and_then(|d| {
         let function = DigestFunction::resolve(lease.digest_function, &d.hash).ok()?;
@@ -214,7 +221,7 @@ async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str,
     };
     request.outcome = Some(match action {
         None => error(Code::InvalidArgument, "the lease has no valid action digest".into(), vec![]),
-        Some(action) => match runner.execute_in(&lease.instance_name, &action).await {
+        Some(action) => match runner.execute_known(&lease.instance_name, &action, encoded(&lease)).await {
             Ok(execution) => {
                 request.message = execution.message;
                 request.timed_out = execution.report.timed_out;

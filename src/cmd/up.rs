@@ -54,7 +54,7 @@ impl ActionExecutor for LocalWorker {
     async fn execute(&self, request: ActionRequest) -> Result<Executed, ExecutorError> {
         let runner = self.runner.get().ok_or_else(|| ExecutorError::Unavailable("the worker is starting".into()))?;
         request.started.on(runner.worker_name());
-        match runner.execute_in(&request.instance, &request.action).await {
+        match runner.execute_known(&request.instance, &request.action, request.encoded).await {
             Ok(execution) => Ok(Executed {
                 result: execution.result,
                 message: execution.message,
