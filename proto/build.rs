@@ -5,7 +5,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=worker.proto");
     println!("cargo:rerun-if-changed=graph.proto");
     println!("cargo:rerun-if-changed=cc.proto");
+    println!("cargo:rerun-if-changed=reapi.proto");
     let descriptors = protox::compile(["worker.proto", "graph.proto", "cc.proto"], ["."])?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // REAPI's messages are the bazel-remote-apis crate's (reapi.proto only names them).
+    tonic_prost_build::configure()
+        .extern_path(".build.bazel.remote.execution.v2", "::bazel_remote_apis::build::bazel::remote::execution::v2")
+        .compile_fds(descriptors)?;
     Ok(())
 }

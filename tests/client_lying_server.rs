@@ -109,10 +109,7 @@ impl Graphs for LyingGraphs {
         let output = Output {
             path: "gen".into(),
             kind: output::Kind::Directory as i32,
-            digest: Some(casbuild_proto::graph::Digest {
-                hash: self.tree.hash_hex(),
-                size_bytes: self.tree.size_bytes as i64,
-            }),
+            digest: Some(self.tree.to_proto()),
             ..Default::default()
         };
         let event = |sequence, event| Ok(GraphEvent { graph_id: "g".into(), sequence, event: Some(event) });

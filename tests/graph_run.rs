@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use casbuild_proto::graph::graphs_client::GraphsClient;
-use casbuild_proto::graph::{Digest as WireDigest, Job, SourceFile, SubmitGraphRequest};
+use casbuild_proto::graph::{Job, SourceFile, SubmitGraphRequest};
 use common::{casbuild, needs_root, start_worker, Coordinator};
 use demo::write_c_program;
 
@@ -289,7 +289,7 @@ async fn the_server_refuses_invalid_graphs_and_missing_sources() {
         ..Default::default()
     };
     let digest = common::sha256(b"int x;\n");
-    let wire = WireDigest { hash: digest.hash_hex(), size_bytes: digest.size_bytes as i64 };
+    let wire = digest.to_proto();
 
     // A cycle, a source the request does not carry, an escaping output.
     let request = SubmitGraphRequest {

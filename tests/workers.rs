@@ -318,7 +318,7 @@ async fn a_second_process_cannot_take_over_a_live_workers_id_or_leases() {
     let forged = CompleteRequest {
         worker_id: "w1".into(),
         lease_id: "1".into(),
-        outcome: Some(Outcome::ActionResult(Vec::new())),
+        outcome: Some(Outcome::ActionResult(Default::default())),
         session,
         ..Default::default()
     };
@@ -341,7 +341,6 @@ async fn a_rogue_worker_gets_a_few_leases_and_cannot_poison_the_cache() {
     use casbuild_proto::worker::lease_update::Update;
     use casbuild_proto::worker::{complete_request::Outcome, CompleteRequest};
     use casbuild_proto::worker::{HeartbeatRequest, LeasesRequest, RegisterRequest};
-    use prost::Message;
     let dir = tempfile::tempdir().unwrap();
     let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN]);
     let mut rogue = workers_client_with_token(&server).await;
@@ -404,7 +403,7 @@ async fn a_rogue_worker_gets_a_few_leases_and_cannot_poison_the_cache() {
     let complete = CompleteRequest {
         worker_id: "greedy".into(),
         lease_id: lease.lease_id.clone(),
-        outcome: Some(Outcome::ActionResult(poisoned.encode_to_vec())),
+        outcome: Some(Outcome::ActionResult(poisoned)),
         session: "a-rogue-workers-session".into(),
         ..Default::default()
     };

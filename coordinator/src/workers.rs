@@ -22,16 +22,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use casbuild_cas::digest::{Digest, DigestFunction};
-use casbuild_proto::reapi::ActionResult;
 use casbuild_proto::worker::complete_request::Outcome;
 use casbuild_proto::worker::lease_update::Update;
 use casbuild_proto::worker::workers_server::Workers;
 use casbuild_proto::worker::{
-    BlobDigest, CompleteRequest, CompleteResponse, HeartbeatRequest, HeartbeatResponse, Lease, LeaseUpdate,
-    LeasesRequest, LeaveRequest, LeaveResponse, RegisterRequest, RegisterResponse,
+    CompleteRequest, CompleteResponse, HeartbeatRequest, HeartbeatResponse, Lease, LeaseUpdate, LeasesRequest,
+    LeaveRequest, LeaveResponse, RegisterRequest, RegisterResponse,
 };
 use futures::Stream;
-use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Request, Response, Status};
 
@@ -168,10 +166,7 @@ impl WorkerPool {
                 lease_id: lease_id.clone(),
                 instance_name: pending.instance.clone(),
                 digest_function: pending.action.function.to_proto() as i32,
-                action_digest: Some(BlobDigest {
-                    hash: pending.action.hash_hex(),
-                    size_bytes: pending.action.size_bytes as i64,
-                }),
+                action_digest: Some(pending.action.to_proto()),
                 deadline_unix_ms: (SystemTime::now() + lease_time)
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as i64),
@@ -355,8 +350,8 @@ fn session_worker<'a>(pool: &'a mut Pool, id: &str, session: &str) -> Result<&'a
     }
 }
 
-fn missing_digests(function: DigestFunction, missing: &[BlobDigest]) -> Vec<Digest> {
-    missing.iter().filter_map(|d| Digest::from_hex(function, &d.hash, d.size_bytes).ok()).collect()
+fn missing_digests(function: DigestFunction, missing: &[casbuild_proto::reapi::Digest]) -> Vec<Digest> {
+    missing.iter().filter_map(|d| Digest::from_proto(function, d).ok()).collect()
 }
 
 #[tonic::async_trait]
@@ -472,14 +467,12 @@ impl Workers for WorkersService {
         }
         let function = pending.action.function;
         let outcome = match request.outcome {
-            Some(Outcome::ActionResult(bytes)) => ActionResult::decode(bytes.as_slice())
-                .map(|result| Executed {
-                    result,
-                    message: request.message,
-                    timed_out: request.timed_out,
-                    do_not_cache: request.do_not_cache,
-                })
-                .map_err(|e| ExecutorError::Unavailable(format!("the worker sent a bad ActionResult: {e}"))),
+            Some(Outcome::ActionResult(result)) => Ok(Executed {
+                result,
+                message: request.message,
+                timed_out: request.timed_out,
+                do_not_cache: request.do_not_cache,
+            }),
             Some(Outcome::Error(error)) => Err(match Code::from(error.code) {
                 Code::FailedPrecondition => ExecutorError::MissingBlobs(missing_digests(function, &error.missing)),
                 Code::InvalidArgument => ExecutorError::Invalid(error.message),
@@ -496,6 +489,7 @@ impl Workers for WorkersService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use casbuild_proto::reapi::ActionResult;
     use futures::{FutureExt, StreamExt};
 
     fn action(i: u32) -> ActionRequest {
@@ -605,7 +599,7 @@ mod tests {
             worker_id: "big".into(),
             session: session("big"),
             lease_id: first[0].clone(),
-            outcome: Some(Outcome::ActionResult(ActionResult::default().encode_to_vec())),
+            outcome: Some(Outcome::ActionResult(ActionResult::default())),
             ..Default::default()
         };
         service.complete(worker_request(done)).await.unwrap();
@@ -673,7 +667,7 @@ mod tests {
         let complete = |worker: &str, lease_id: &str| CompleteRequest {
             worker_id: worker.into(),
             lease_id: lease_id.into(),
-            outcome: Some(Outcome::ActionResult(ActionResult { exit_code: 3, ..Default::default() }.encode_to_vec())),
+            outcome: Some(Outcome::ActionResult(ActionResult { exit_code: 3, ..Default::default() })),
             session: session(worker),
             ..Default::default()
         };

@@ -17,10 +17,9 @@ use casbuild_proto::worker::complete_request::Outcome;
 use casbuild_proto::worker::lease_update::Update;
 use casbuild_proto::worker::workers_client::WorkersClient;
 use casbuild_proto::worker::{
-    BlobDigest, CompleteRequest, HeartbeatRequest, Lease, LeaseError, LeaseUpdate, LeasesRequest, LeaveRequest,
-    PlatformProperty, RegisterRequest,
+    CompleteRequest, HeartbeatRequest, Lease, LeaseError, LeaseUpdate, LeasesRequest, LeaveRequest, PlatformProperty,
+    RegisterRequest,
 };
-use prost::Message;
 use tokio::task::AbortHandle;
 use tonic::Code;
 
@@ -210,7 +209,7 @@ async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str,
         let function = DigestFunction::resolve(lease.digest_function, &d.hash).ok()?;
         Digest::from_hex(function, &d.hash, d.size_bytes).ok()
     });
-    let error = |code: Code, message: String, missing: Vec<BlobDigest>| {
+    let error = |code: Code, message: String, missing: Vec<casbuild_proto::reapi::Digest>| {
         Outcome::Error(LeaseError { code: code as i32, message, missing })
     };
     let mut request = CompleteRequest {
@@ -226,13 +225,10 @@ async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str,
                 request.message = execution.message;
                 request.timed_out = execution.report.timed_out;
                 request.do_not_cache = execution.do_not_cache;
-                Outcome::ActionResult(execution.result.encode_to_vec())
+                Outcome::ActionResult(execution.result)
             }
             Err(ExecError::MissingBlobs(missing)) => {
-                let digests = missing
-                    .iter()
-                    .map(|d| BlobDigest { hash: d.hash_hex(), size_bytes: d.size_bytes as i64 })
-                    .collect();
+                let digests = missing.iter().map(Digest::to_proto).collect();
                 error(Code::FailedPrecondition, "inputs are missing from the CAS".into(), digests)
             }
             Err(ExecError::Invalid(message)) => error(Code::InvalidArgument, message, vec![]),

@@ -1,6 +1,7 @@
 //! Wire types for casbuild: the Remote Execution API v2 and its companions
 //! (ByteStream, longrunning, google.rpc, Remote Asset), re-exported from the
-//! `bazel-remote-apis` crate, plus casbuild's own worker protocol.
+//! `bazel-remote-apis` crate, plus casbuild's own protocols (worker, graph,
+//! compiler wrapper), which embed REAPI's messages (ADR 0005).
 //!
 //! Every other crate reaches protobuf types through here, so the REAPI
 //! version in use is decided in one place.
@@ -35,6 +36,8 @@ pub mod graph {
 /// casbuild's coordinator ↔ worker protocol (`proto/worker.proto`).
 pub mod worker {
     #![allow(missing_docs)]
+    // A finished lease's outcome holds a whole ActionResult; it is sent once.
+    #![allow(clippy::large_enum_variant)]
     tonic::include_proto!("casbuild.worker.v1");
 }
 

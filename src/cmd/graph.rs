@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::local_tree::hash_file;
 use casbuild_cas::store::{upload_missing, BlobStore, RemoteStore};
-use casbuild_coordinator::graph::{normal, parse_input, wire, Graph, Input};
+use casbuild_coordinator::graph::{normal, parse_input, Graph, Input};
 use casbuild_proto::graph::graph_event::Event;
 use casbuild_proto::graph::graphs_client::GraphsClient;
 use casbuild_proto::graph::output::Kind;
@@ -206,7 +206,7 @@ async fn upload_sources(
     eprintln!("casbuild: {} source files, {uploaded} uploaded", hashed.len());
     Ok(hashed
         .into_iter()
-        .map(|(path, _, digest, is_executable)| SourceFile { path, digest: Some(wire(&digest)), is_executable })
+        .map(|(path, _, digest, is_executable)| SourceFile { path, digest: Some(digest.to_proto()), is_executable })
         .collect())
 }
 
@@ -309,7 +309,7 @@ impl Progress {
                 self.finished += 1;
                 self.failed += 1;
                 self.line(&format!("{} FAILED {}: {}", counter(self), failed.job_id, failed.reason));
-                if let Some(stderr) = failed.stderr_digest.as_ref().and_then(|d| from_wire(function, d)) {
+                if let Some(stderr) = failed.stderr_digest.as_ref().and_then(|d| Digest::from_proto(function, d).ok()) {
                     if !stderr.is_empty_blob() {
                         match remote.read_all(&stderr).await {
                             Ok(bytes) => self.line(String::from_utf8_lossy(&bytes).trim_end()),
@@ -345,10 +345,6 @@ impl Progress {
     }
 }
 
-fn from_wire(function: DigestFunction, digest: &proto::Digest) -> Option<Digest> {
-    Digest::from_hex(function, &digest.hash, digest.size_bytes).ok()
-}
-
 /// Downloads the wanted outputs that were produced into `out`.
 async fn download(
     remote: &RemoteStore,
@@ -364,7 +360,7 @@ async fn download(
             continue;
         };
         let dest = output_destination(out, path)?;
-        let digest = output.digest.as_ref().and_then(|d| from_wire(function, d));
+        let digest = output.digest.as_ref().and_then(|d| Digest::from_proto(function, d).ok());
         match (Kind::try_from(output.kind), digest) {
             (Ok(Kind::File), Some(digest)) => download_file(remote, &digest, &dest, output.is_executable).await?,
             (Ok(Kind::Directory), Some(digest)) => download_tree(remote, &digest, &dest).await?,

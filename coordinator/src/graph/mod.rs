@@ -10,7 +10,7 @@ use serde::Deserialize;
 mod run;
 mod service;
 
-pub use run::{wire, GraphRun, GraphSpec};
+pub use run::{GraphRun, GraphSpec};
 pub use service::GraphsService;
 
 /// A whole build graph.

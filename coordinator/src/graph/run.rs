@@ -255,7 +255,7 @@ async fn run_job(
         Ok(action) => action,
         Err(reason) => return fail(reason),
     };
-    run.emit(Event::Queued(proto::JobQueued { job_id: job.id.clone(), action_digest: Some(wire(&action)) }));
+    run.emit(Event::Queued(proto::JobQueued { job_id: job.id.clone(), action_digest: Some(action.to_proto()) }));
     match cached_result(storage, &spec.instance, &action).await {
         Ok(Lookup::Hit(result)) => {
             return with_directories(spec, storage, outcome(spec, job, &action, *result, true, String::new())).await
@@ -348,11 +348,11 @@ fn outcome(
         job_id: job.id.clone(),
         cached,
         exit_code: 0,
-        stdout_digest: parse(&result.stdout_digest).as_ref().map(wire),
-        stderr_digest: parse(&result.stderr_digest).as_ref().map(wire),
+        stdout_digest: parse(&result.stdout_digest).as_ref().map(Digest::to_proto),
+        stderr_digest: parse(&result.stderr_digest).as_ref().map(Digest::to_proto),
         outputs: listed,
         worker: result.execution_metadata.as_ref().map(|m| m.worker.clone()).unwrap_or_default(),
-        action_digest: Some(wire(action)),
+        action_digest: Some(action.to_proto()),
     };
     Outcome::Succeeded { outputs: produced, event }
 }
@@ -360,7 +360,7 @@ fn outcome(
 /// A JobFailed for a command that ran, carrying its exit code and logs.
 fn ran_failure(spec: &GraphSpec, job: &Job, result: &ActionResult) -> proto::JobFailed {
     let parse = |d: &Option<casbuild_proto::reapi::Digest>| {
-        d.as_ref().and_then(|d| Digest::from_proto(spec.function, d).ok()).as_ref().map(wire)
+        d.as_ref().and_then(|d| Digest::from_proto(spec.function, d).ok()).as_ref().map(Digest::to_proto)
     };
     proto::JobFailed {
         job_id: job.id.clone(),
@@ -377,15 +377,10 @@ fn output(path: &str, kind: Kind, digest: Option<Digest>, is_executable: bool, t
     proto::Output {
         path: path.to_owned(),
         kind: kind as i32,
-        digest: digest.as_ref().map(wire),
+        digest: digest.as_ref().map(Digest::to_proto),
         is_executable,
         symlink_target: target.to_owned(),
     }
-}
-
-/// A digest on the graph protocol's wire.
-pub fn wire(digest: &Digest) -> proto::Digest {
-    proto::Digest { hash: digest.hash_hex(), size_bytes: digest.size_bytes as i64 }
 }
 
 /// Writes the job's Directories, Command and Action into the CAS (what it
