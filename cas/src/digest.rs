@@ -271,6 +271,16 @@ pub enum DigestError {
     Malformed(String),
 }
 
+/// How messages list a set of digests: the first ten, and how many more
+/// (`a/1, b/2, ... and 15 more`).
+pub fn some_digests(digests: &[Digest]) -> String {
+    let listed: Vec<String> = digests.iter().take(10).map(|d| d.to_string()).collect();
+    match digests.len() - listed.len() {
+        0 => listed.join(", "),
+        more => format!("{} and {more} more", listed.join(", ")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,7 @@ pub mod action_cache;
 pub mod asset_store;
 pub mod digest;
 pub mod entry_files;
+pub mod error;
 pub mod input_root;
 pub mod local_tree;
 pub mod namespace;

@@ -32,6 +32,6 @@ pub mod status;
 pub mod workers;
 
 pub use bytestream::SESSION_IDLE;
-pub use scheduler::{ActionExecutor, ActionRequest, Executed, ExecutorError, Scheduler, Started};
+pub use scheduler::{ActionError, ActionExecutor, ActionRequest, Executed, Scheduler, Started};
 pub use server::{serve, serve_with_execution, ExecutionConfig, ServerConfig};
 pub use workers::{PoolConfig, WorkerPool};

@@ -71,19 +71,7 @@ pub struct Executed {
     pub do_not_cache: bool,
 }
 
-/// Why an executor could not run an action.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum ExecutorError {
-    /// Blobs the action needs are not in the CAS.
-    #[error("missing blobs")]
-    MissingBlobs(Vec<Digest>),
-    /// The action is malformed.
-    #[error("{0}")]
-    Invalid(String),
-    /// The executor or its host failed.
-    #[error("{0}")]
-    Unavailable(String),
-}
+pub use casbuild_cas::error::ActionError;
 
 /// One action to run, as the scheduler hands it to an executor.
 #[derive(Clone, Debug)]
@@ -137,7 +125,7 @@ impl std::fmt::Debug for Started {
 #[tonic::async_trait]
 pub trait ActionExecutor: Send + Sync + 'static {
     /// Runs `request.action` on a host with the requested platform.
-    async fn execute(&self, request: ActionRequest) -> Result<Executed, ExecutorError>;
+    async fn execute(&self, request: ActionRequest) -> Result<Executed, ActionError>;
 }
 
 struct Job {
@@ -462,11 +450,11 @@ impl Scheduler {
                     ..Default::default()
                 }
             }
-            Err(ExecutorError::MissingBlobs(missing)) => {
+            Err(ActionError::MissingBlobs(missing)) => {
                 ExecuteResponse { status: Some(precondition_missing(&missing)), ..Default::default() }
             }
-            Err(ExecutorError::Invalid(message)) => error_response(Code::InvalidArgument, message),
-            Err(ExecutorError::Unavailable(message)) => error_response(Code::Unavailable, message),
+            Err(ActionError::Invalid(message)) => error_response(Code::InvalidArgument, message),
+            Err(ActionError::Unavailable(message)) => error_response(Code::Unavailable, message),
         }
     }
 
@@ -541,7 +529,7 @@ mod tests {
 
     #[tonic::async_trait]
     impl ActionExecutor for Unreachable {
-        async fn execute(&self, _request: ActionRequest) -> Result<Executed, ExecutorError> {
+        async fn execute(&self, _request: ActionRequest) -> Result<Executed, ActionError> {
             unreachable!("an action without its Action blob was run")
         }
     }
@@ -593,7 +581,7 @@ mod tests {
 
     #[tonic::async_trait]
     impl ActionExecutor for Counting {
-        async fn execute(&self, _request: ActionRequest) -> Result<Executed, ExecutorError> {
+        async fn execute(&self, _request: ActionRequest) -> Result<Executed, ActionError> {
             self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.release.notified().await;
             let result = ActionResult { exit_code: 7, ..Default::default() };

@@ -76,15 +76,7 @@ pub fn check_instance(name: &str) -> Result<(), Status> {
 /// instead of one unbounded response.
 pub const MAX_VIOLATIONS: usize = 5000;
 
-/// How messages list a set of digests: the first ten, and how many more
-/// (`a/1, b/2, ... and 15 more`).
-pub fn some_digests(digests: &[Digest]) -> String {
-    let listed: Vec<String> = digests.iter().take(10).map(|d| d.to_string()).collect();
-    match digests.len() - listed.len() {
-        0 => listed.join(", "),
-        more => format!("{} and {more} more", listed.join(", ")),
-    }
-}
+pub use casbuild_cas::digest::some_digests;
 
 /// FAILED_PRECONDITION listing `missing` blobs as REAPI clients expect: one
 /// MISSING violation per blob (at most [`MAX_VIOLATIONS`]), subject

@@ -33,7 +33,7 @@ use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Request, Response, Status};
 
-use crate::scheduler::{ActionExecutor, ActionRequest, Executed, ExecutorError, Started};
+use crate::scheduler::{ActionError, ActionExecutor, ActionRequest, Executed, Started};
 
 /// How often workers heartbeat, and how long leases last without one.
 #[derive(Clone, Debug)]
@@ -52,7 +52,7 @@ impl Default for PoolConfig {
     }
 }
 
-type ActionOutcome = Result<Executed, ExecutorError>;
+type ActionOutcome = Result<Executed, ActionError>;
 
 /// An action waiting for, or running on, a worker.
 struct Pending {
@@ -216,7 +216,7 @@ impl WorkerPool {
                         "action {} was lost with {} workers in a row; giving up",
                         pending.action, pending.attempts
                     );
-                    let _ = pending.done.send(Err(ExecutorError::Unavailable(message)));
+                    let _ = pending.done.send(Err(ActionError::Unavailable(message)));
                 } else {
                     Self::enqueue(&mut pool.queue, pending, true);
                 }
@@ -268,7 +268,7 @@ impl WorkerPool {
 
 #[tonic::async_trait]
 impl ActionExecutor for WorkerPool {
-    async fn execute(&self, request: ActionRequest) -> Result<Executed, ExecutorError> {
+    async fn execute(&self, request: ActionRequest) -> Result<Executed, ActionError> {
         let (done, outcome) = oneshot::channel();
         let ticket = {
             let mut pool = self.lock();
@@ -277,7 +277,7 @@ impl ActionExecutor for WorkerPool {
             let offered = pool.workers.values().any(|w| request.platform.iter().all(|p| w.platform.contains(p)));
             if !pool.workers.is_empty() && !offered {
                 let wanted: Vec<String> = request.platform.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                return Err(ExecutorError::Unavailable(format!(
+                return Err(ActionError::Unavailable(format!(
                     "no worker offers the platform this action needs: {}",
                     wanted.join(", ")
                 )));
@@ -303,7 +303,7 @@ impl ActionExecutor for WorkerPool {
         let mut guard = Withdraw { pool: self, ticket, armed: true };
         let result = outcome
             .await
-            .unwrap_or_else(|_| Err(ExecutorError::Unavailable("the coordinator dropped the action".into())));
+            .unwrap_or_else(|_| Err(ActionError::Unavailable("the coordinator dropped the action".into())));
         guard.armed = false;
         result
     }
@@ -473,12 +473,12 @@ impl Workers for WorkersService {
                 timed_out: request.timed_out,
                 do_not_cache: request.do_not_cache,
             }),
-            Some(Outcome::Error(error)) => Err(match Code::from(error.code) {
-                Code::FailedPrecondition => ExecutorError::MissingBlobs(missing_digests(function, &error.missing)),
-                Code::InvalidArgument => ExecutorError::Invalid(error.message),
-                _ => ExecutorError::Unavailable(error.message),
-            }),
-            None => Err(ExecutorError::Unavailable("the worker reported no outcome".into())),
+            Some(Outcome::Error(error)) => Err(ActionError::from_code(
+                Code::from(error.code),
+                error.message,
+                missing_digests(function, &error.missing),
+            )),
+            None => Err(ActionError::Unavailable("the worker reported no outcome".into())),
         };
         let _ = pending.done.send(outcome);
         WorkerPool::dispatch(&mut pool, self.pool.lease_time());
@@ -725,7 +725,7 @@ mod tests {
         assert!(matches!(second.next().await, Some(Ok(LeaseUpdate { update: Some(Update::Lease(_)) }))));
         let outcome = tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();
         match outcome {
-            Err(ExecutorError::Unavailable(message)) => assert!(message.contains("giving up"), "{message}"),
+            Err(ActionError::Unavailable(message)) => assert!(message.contains("giving up"), "{message}"),
             other => panic!("expected UNAVAILABLE, got {other:?}"),
         }
         assert_eq!(pool.worker_count(), 0);
@@ -740,7 +740,7 @@ mod tests {
         wanted.platform = vec![("casbuild-compiler".into(), "abc".into())];
         let outcome = tokio::time::timeout(Duration::from_secs(5), pool.execute(wanted)).await.expect("at once");
         match outcome {
-            Err(ExecutorError::Unavailable(message)) => {
+            Err(ActionError::Unavailable(message)) => {
                 assert!(message.contains("no worker offers") && message.contains("casbuild-compiler=abc"), "{message}")
             }
             other => panic!("expected UNAVAILABLE, got {other:?}"),

@@ -83,19 +83,7 @@ impl RunnerConfig {
     }
 }
 
-/// Why an action could not be run.
-#[derive(Debug, thiserror::Error)]
-pub enum ExecError {
-    /// Blobs the action needs are not in the CAS (REAPI: FAILED_PRECONDITION).
-    #[error("missing from the CAS: {}", .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))]
-    MissingBlobs(Vec<Digest>),
-    /// The Action or Command is malformed (REAPI: INVALID_ARGUMENT).
-    #[error("invalid action: {0}")]
-    Invalid(String),
-    /// Something on this host or the network failed (REAPI: INTERNAL/UNAVAILABLE).
-    #[error("{0}")]
-    Infrastructure(String),
-}
+pub use casbuild_cas::error::ActionError;
 
 /// The outcome of an action that ran.
 #[derive(Debug)]
@@ -145,8 +133,8 @@ impl UidPool {
     }
 
     /// Waits until an id is free and takes it.
-    async fn take(&self) -> Result<Uid<'_>, ExecError> {
-        let permit = self.available.acquire().await.map_err(|e| ExecError::Infrastructure(e.to_string()))?;
+    async fn take(&self) -> Result<Uid<'_>, ActionError> {
+        let permit = self.available.acquire().await.map_err(|e| ActionError::Unavailable(e.to_string()))?;
         let uid = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop().expect("a permit means a free id");
         Ok(Uid { pool: self, uid, _permit: permit })
     }
@@ -191,17 +179,17 @@ struct Run<'a> {
     observer: (PathBuf, &'a str),
 }
 
-fn infra(what: &str) -> impl FnOnce(StoreError) -> ExecError + '_ {
-    move |e| ExecError::Infrastructure(format!("{what}: {e}"))
+fn infra(what: &str) -> impl FnOnce(StoreError) -> ActionError + '_ {
+    move |e| ActionError::Unavailable(format!("{what}: {e}"))
 }
 
 impl Runner {
     /// A runner; removes scratch directories a killed worker left behind.
-    pub fn new(config: RunnerConfig, mount: Arc<CasMount>, cas: Arc<dyn CasInstances>) -> Result<Self, ExecError> {
-        crate::scratch::prepare_root(&config.scratch_root).map_err(ExecError::Infrastructure)?;
+    pub fn new(config: RunnerConfig, mount: Arc<CasMount>, cas: Arc<dyn CasInstances>) -> Result<Self, ActionError> {
+        crate::scratch::prepare_root(&config.scratch_root).map_err(ActionError::Unavailable)?;
         let (first, last) = config.uids;
         if first == 0 || last < first {
-            return Err(ExecError::Infrastructure(format!(
+            return Err(ActionError::Unavailable(format!(
                 "sandbox user ids {first}-{last}: give a non-empty range that does not include root"
             )));
         }
@@ -215,17 +203,17 @@ impl Runner {
 
     /// The action's timeout: its own, or the default; past the maximum it
     /// is refused (REAPI: a server must reject a longer timeout than it allows).
-    fn timeout_of(&self, action: &Action) -> Result<Duration, ExecError> {
+    fn timeout_of(&self, action: &Action) -> Result<Duration, ActionError> {
         let Some(t) = &action.timeout else { return Ok(self.config.default_timeout) };
         if t.seconds < 0 || t.nanos < 0 {
-            return Err(ExecError::Invalid(format!("the action's timeout {}s {}ns is negative", t.seconds, t.nanos)));
+            return Err(ActionError::Invalid(format!("the action's timeout {}s {}ns is negative", t.seconds, t.nanos)));
         }
         let asked = Duration::new(t.seconds as u64, t.nanos.min(999_999_999) as u32);
         if asked.is_zero() {
             return Ok(self.config.default_timeout);
         }
         if asked > self.config.max_timeout {
-            return Err(ExecError::Invalid(format!(
+            return Err(ActionError::Invalid(format!(
                 "the action's timeout of {} s is over this worker's maximum of {} s (casbuild worker --max-timeout)",
                 asked.as_secs(),
                 self.config.max_timeout.as_secs()
@@ -246,10 +234,10 @@ impl Runner {
         digest: &Digest,
         known: Option<Bytes>,
         what: &str,
-    ) -> Result<M, ExecError> {
+    ) -> Result<M, ActionError> {
         if let Some(bytes) = known.filter(|b| digest.function.digest_of(b) == *digest) {
             return M::decode(bytes)
-                .map_err(|e| ExecError::Invalid(format!("the {what} {digest} does not decode: {e}")));
+                .map_err(|e| ActionError::Invalid(format!("the {what} {digest} does not decode: {e}")));
         }
         self.fetch(store, digest, what).await
     }
@@ -260,17 +248,17 @@ impl Runner {
         store: &dyn BlobStore,
         digest: &Digest,
         what: &str,
-    ) -> Result<M, ExecError> {
+    ) -> Result<M, ActionError> {
         let bytes = match store.read_all(digest).await {
             Ok(bytes) => bytes,
-            Err(e) if e.is_not_found() => return Err(ExecError::MissingBlobs(vec![*digest])),
+            Err(e) if e.is_not_found() => return Err(ActionError::MissingBlobs(vec![*digest])),
             Err(e) => return Err(infra(&format!("fetching the {what}"))(e)),
         };
-        M::decode(bytes.as_ref()).map_err(|e| ExecError::Invalid(format!("the {what} {digest} does not decode: {e}")))
+        M::decode(bytes.as_ref()).map_err(|e| ActionError::Invalid(format!("the {what} {digest} does not decode: {e}")))
     }
 
     /// Runs the action stored under `action_digest` in `instance`.
-    pub async fn execute_in(&self, instance: &str, action_digest: &Digest) -> Result<Execution, ExecError> {
+    pub async fn execute_in(&self, instance: &str, action_digest: &Digest) -> Result<Execution, ActionError> {
         self.execute_known(instance, action_digest, None).await
     }
 
@@ -282,22 +270,22 @@ impl Runner {
         instance: &str,
         action_digest: &Digest,
         known: Option<(Bytes, Bytes)>,
-    ) -> Result<Execution, ExecError> {
+    ) -> Result<Execution, ActionError> {
         let worker_start = SystemTime::now();
         let function = action_digest.function;
         let store = self.cas.instance(instance);
         let (known_action, known_command) = known.unzip();
         let action: Action = self.decode_or_fetch(&*store, action_digest, known_action, "Action").await?;
         let command_digest = child_digest(function, "command_digest", action.command_digest.as_ref())
-            .map_err(|e| ExecError::Invalid(format!("Action: {e}")))?;
+            .map_err(|e| ActionError::Invalid(format!("Action: {e}")))?;
         let input_root = child_digest(function, "input_root_digest", action.input_root_digest.as_ref())
-            .map_err(|e| ExecError::Invalid(format!("Action: {e}")))?;
+            .map_err(|e| ActionError::Invalid(format!("Action: {e}")))?;
         let command: Command = self.decode_or_fetch(&*store, &command_digest, known_command, "Command").await?;
-        let writable = output_parents(&command).map_err(ExecError::Invalid)?;
+        let writable = output_parents(&command).map_err(ActionError::Invalid)?;
         if !input_root.is_empty_blob()
             && !store.find_missing(&[input_root]).await.map_err(infra("FindMissing"))?.is_empty()
         {
-            return Err(ExecError::MissingBlobs(vec![input_root]));
+            return Err(ActionError::MissingBlobs(vec![input_root]));
         }
 
         let name = format!("{}-{}", &action_digest.hash_hex()[..16], self.next.fetch_add(1, Ordering::Relaxed));
@@ -308,7 +296,7 @@ impl Runner {
         // when this future is dropped (the operation was cancelled).
         let _lease = Lease { mount: &self.mount, names: [&name, &observer_name], scratch: &scratch };
         let registered = |name: &str, root: Digest| {
-            self.mount.register_in(name, Some(instance), root).map_err(|e| ExecError::Infrastructure(e.to_string()))
+            self.mount.register_in(name, Some(instance), root).map_err(|e| ActionError::Unavailable(e.to_string()))
         };
         let input = registered(&name, input_root)?;
         let observer = registered(&observer_name, function.empty())?;
@@ -334,7 +322,7 @@ impl Runner {
         Ok(execution)
     }
 
-    async fn run_registered(&self, run: Run<'_>) -> Result<Execution, ExecError> {
+    async fn run_registered(&self, run: Run<'_>) -> Result<Execution, ActionError> {
         let Run { store, action, command, function, input, input_root, scratch, writable, name, observer } = run;
         let mut spec = SandboxSpec::new(input, scratch, command.arguments.clone());
         spec.work_dir = PathBuf::from(DEFAULT_WORK_DIR);
@@ -347,12 +335,12 @@ impl Runner {
         spec.seccomp_deny = self.config.seccomp_deny.clone();
         spec.root_lower = Some(observer.0);
         spec.timeout_ms = Some(self.timeout_of(action)?.as_millis() as u64);
-        spec.validate().map_err(ExecError::Invalid)?;
+        spec.validate().map_err(ActionError::Invalid)?;
         let uid = self.uids.take().await?;
         spec.uid = uid.uid;
 
         let exec_start = SystemTime::now();
-        let report = self.sandbox.run(&spec).await.map_err(|e| ExecError::Infrastructure(e.to_string()))?;
+        let report = self.sandbox.run(&spec).await.map_err(|e| ActionError::Unavailable(e.to_string()))?;
         let exec_done = SystemTime::now();
         let access = self.mount.access_report(name).unwrap_or_default();
         let observed = self.mount.access_report(observer.1).unwrap_or_default();
@@ -380,8 +368,8 @@ impl Runner {
             move || collect(&upper, &cwd, &command, function)
         })
         .await
-        .map_err(|e| ExecError::Infrastructure(e.to_string()))?
-        .map_err(ExecError::Invalid)?;
+        .map_err(|e| ActionError::Unavailable(e.to_string()))?
+        .map_err(ActionError::Invalid)?;
         let mut result = collected.result;
         let mut files = collected.files;
         for (path, field) in [
@@ -391,8 +379,8 @@ impl Runner {
             let p = path.clone();
             let digest = tokio::task::spawn_blocking(move || hash_file(&p, function))
                 .await
-                .map_err(|e| ExecError::Infrastructure(e.to_string()))?
-                .map_err(|e| ExecError::Infrastructure(format!("hashing {}: {e}", path.display())))?;
+                .map_err(|e| ActionError::Unavailable(e.to_string()))?
+                .map_err(|e| ActionError::Unavailable(format!("hashing {}: {e}", path.display())))?;
             *field = Some(digest.to_proto());
             if !digest.is_empty_blob() {
                 files.insert(digest, path);

@@ -23,7 +23,7 @@ use casbuild_proto::worker::{
 use tokio::task::AbortHandle;
 use tonic::Code;
 
-use crate::runner::{ExecError, Runner};
+use crate::runner::{ActionError, Runner};
 
 type Client = WorkersClient<RemoteChannel>;
 
@@ -209,8 +209,12 @@ async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str,
         let function = DigestFunction::resolve(lease.digest_function, &d.hash).ok()?;
         Digest::from_hex(function, &d.hash, d.size_bytes).ok()
     });
-    let error = |code: Code, message: String, missing: Vec<casbuild_proto::reapi::Digest>| {
-        Outcome::Error(LeaseError { code: code as i32, message, missing })
+    let error = |e: ActionError| {
+        let missing = match &e {
+            ActionError::MissingBlobs(missing) => missing.iter().map(Digest::to_proto).collect(),
+            _ => Vec::new(),
+        };
+        Outcome::Error(LeaseError { code: e.code() as i32, message: e.message(), missing })
     };
     let mut request = CompleteRequest {
         worker_id: id.to_owned(),
@@ -219,7 +223,7 @@ async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str,
         ..Default::default()
     };
     request.outcome = Some(match action {
-        None => error(Code::InvalidArgument, "the lease has no valid action digest".into(), vec![]),
+        None => error(ActionError::Invalid("the lease has no valid action digest".into())),
         Some(action) => match runner.execute_known(&lease.instance_name, &action, encoded(&lease)).await {
             Ok(execution) => {
                 request.message = execution.message;
@@ -227,12 +231,7 @@ async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str,
                 request.do_not_cache = execution.do_not_cache;
                 Outcome::ActionResult(execution.result)
             }
-            Err(ExecError::MissingBlobs(missing)) => {
-                let digests = missing.iter().map(Digest::to_proto).collect();
-                error(Code::FailedPrecondition, "inputs are missing from the CAS".into(), digests)
-            }
-            Err(ExecError::Invalid(message)) => error(Code::InvalidArgument, message, vec![]),
-            Err(ExecError::Infrastructure(message)) => error(Code::Unavailable, message, vec![]),
+            Err(e) => error(e),
         },
     });
     if let Err(status) = client.complete(request).await {

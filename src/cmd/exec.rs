@@ -11,7 +11,7 @@ use casbuild_cas::action::ActionSpec;
 use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::store::{BlobStore, RemoteStore};
 use casbuild_exec::cgroup::Cgroups;
-use casbuild_exec::runner::{unread_inputs, ExecError, Execution, Runner, RunnerConfig};
+use casbuild_exec::runner::{unread_inputs, ActionError, Execution, Runner, RunnerConfig};
 use casbuild_mount::MountOptions;
 use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
 use casbuild_proto::reapi::UpdateActionResultRequest;
@@ -105,7 +105,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let execution = match outcome {
         Ok(execution) => execution,
-        Err(ExecError::MissingBlobs(digests)) => bail!(
+        Err(ActionError::MissingBlobs(digests)) => bail!(
             "the CAS lacks blobs this action needs: {}",
             digests.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
         ),

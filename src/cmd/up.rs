@@ -10,9 +10,9 @@ use anyhow::Context;
 use casbuild_cas::storage::{Storage, StorageConfig};
 use casbuild_cas::store::CasInstances;
 use casbuild_coordinator::{
-    ActionExecutor, ActionRequest, Executed, ExecutionConfig, ExecutorError, Scheduler, ServerConfig,
+    ActionError, ActionExecutor, ActionRequest, Executed, ExecutionConfig, Scheduler, ServerConfig,
 };
-use casbuild_exec::runner::{ExecError, Runner, RunnerConfig};
+use casbuild_exec::runner::{Runner, RunnerConfig};
 
 use crate::cmd::coordinator::shutdown_signal;
 use crate::cmd::mount::mount_cas;
@@ -51,20 +51,16 @@ struct LocalWorker {
 
 #[tonic::async_trait]
 impl ActionExecutor for LocalWorker {
-    async fn execute(&self, request: ActionRequest) -> Result<Executed, ExecutorError> {
-        let runner = self.runner.get().ok_or_else(|| ExecutorError::Unavailable("the worker is starting".into()))?;
+    async fn execute(&self, request: ActionRequest) -> Result<Executed, ActionError> {
+        let runner = self.runner.get().ok_or_else(|| ActionError::Unavailable("the worker is starting".into()))?;
         request.started.on(runner.worker_name());
-        match runner.execute_known(&request.instance, &request.action, request.encoded).await {
-            Ok(execution) => Ok(Executed {
-                result: execution.result,
-                message: execution.message,
-                timed_out: execution.report.timed_out,
-                do_not_cache: execution.do_not_cache,
-            }),
-            Err(ExecError::MissingBlobs(missing)) => Err(ExecutorError::MissingBlobs(missing)),
-            Err(ExecError::Invalid(message)) => Err(ExecutorError::Invalid(message)),
-            Err(ExecError::Infrastructure(message)) => Err(ExecutorError::Unavailable(message)),
-        }
+        let execution = runner.execute_known(&request.instance, &request.action, request.encoded).await?;
+        Ok(Executed {
+            result: execution.result,
+            message: execution.message,
+            timed_out: execution.report.timed_out,
+            do_not_cache: execution.do_not_cache,
+        })
     }
 }
 
