@@ -699,6 +699,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_a_workers_own_session_can_end_it_and_its_leases_are_requeued() {
+        let pool = WorkerPool::new(PoolConfig { heartbeat_interval: Duration::from_secs(60), ..Default::default() });
+        let service = WorkersService::new(pool.clone());
+        let mut leaving = join(&service, "leaving", 1).await;
+        let waiting = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.execute(action(1)).await }
+        });
+        assert_eq!(drain_leases_after(&mut leaving).await, 1);
+        let leave = |session: &str| LeaveRequest { worker_id: "leaving".into(), session: session.into() };
+        let err = service.leave(worker_request(leave("an-attackers-session"))).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "nobody else ends a worker's session");
+        assert!(pool.lock().workers.contains_key("leaving"));
+
+        service.leave(worker_request(leave(&session("leaving")))).await.unwrap();
+        assert!(!pool.lock().workers.contains_key("leaving"), "gone at once, not after the lease timeout");
+        // Its lease went back to the queue, and the next worker gets it.
+        let mut next = join(&service, "next", 1).await;
+        assert_eq!(drain_leases_after(&mut next).await, 1);
+        // The id is free for a new process straight away.
+        let restarted = RegisterRequest {
+            worker_id: "leaving".into(),
+            slots: 1,
+            session: "a-new-process-session".into(),
+            ..Default::default()
+        };
+        service.register(worker_request(restarted)).await.unwrap();
+        waiting.abort();
+    }
+
+    /// Waits briefly for dispatch, then counts the leases on `stream`.
+    async fn drain_leases_after(stream: &mut LeaseStream) -> usize {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drain_leases(stream).len()
+    }
+
+    #[tokio::test]
     async fn an_action_lost_with_too_many_workers_fails_unavailable() {
         let config =
             PoolConfig { heartbeat_interval: Duration::from_millis(20), missed_heartbeats: 1, max_attempts: 1 };
