@@ -332,24 +332,38 @@ pub async fn materialize(
     Ok(())
 }
 
-/// Where an output the server named `path` goes under `out`: the path must
-/// be relative and normalized, the directories on the way are created (never
-/// through a symlink, whatever an earlier download left there), and what is
-/// at the path already is removed (a link itself, not what it points to).
-pub fn output_destination(out: &Path, path: &str) -> anyhow::Result<PathBuf> {
-    check_output_path(path).map_err(|e| anyhow::anyhow!("the server returned a bad output: {e}"))?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let root = Beneath::open(out)?;
-    if let Some((parent, _)) = split_last(path)? {
-        root.create_dirs(&parent).with_context(|| format!("placing output {path:?} under {}", out.display()))?;
+/// The directory a client writes a result's outputs into, opened once.
+pub struct OutputRoot {
+    dir: PathBuf,
+    root: Beneath,
+}
+
+impl OutputRoot {
+    /// Opens `out`, creating it if needed.
+    pub fn open(out: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        Ok(OutputRoot { dir: out.to_path_buf(), root: Beneath::open(out)? })
     }
-    let dest = out.join(path);
-    match std::fs::symlink_metadata(&dest) {
-        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&dest)?,
-        Ok(_) => std::fs::remove_file(&dest)?,
-        Err(_) => {}
+
+    /// Where an output the server named `path` goes: the path must be
+    /// relative and normalized, the directories on the way are created
+    /// (never through a symlink, whatever an earlier download left there),
+    /// and what is at the path already is removed (a link itself, not what
+    /// it points to).
+    pub fn place(&self, path: &str) -> anyhow::Result<PathBuf> {
+        check_output_path(path).map_err(|e| anyhow::anyhow!("the server returned a bad output: {e}"))?;
+        if let Some((parent, _)) = split_last(path)? {
+            let placing = || format!("placing output {path:?} under {}", self.dir.display());
+            self.root.create_dirs(&parent).with_context(placing)?;
+        }
+        let dest = self.dir.join(path);
+        match std::fs::symlink_metadata(&dest) {
+            Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&dest)?,
+            Ok(_) => std::fs::remove_file(&dest)?,
+            Err(_) => {}
+        }
+        Ok(dest)
     }
-    Ok(dest)
 }
 
 #[cfg(test)]
@@ -413,19 +427,19 @@ mod tests {
         let victim = dir.path().join("victim");
         std::fs::create_dir_all(&victim).unwrap();
         std::fs::write(victim.join("keep"), "mine").unwrap();
+        let root = OutputRoot::open(&out).unwrap();
         for bad in ["../escape", "/etc/passwd", "a/../../b", ""] {
-            assert!(output_destination(&out, bad).is_err(), "{bad:?}");
+            assert!(root.place(bad).is_err(), "{bad:?}");
         }
         // An earlier download left a link; a later output goes "through" it.
-        std::fs::create_dir_all(&out).unwrap();
         std::os::unix::fs::symlink(&victim, out.join("lib")).unwrap();
-        let err = output_destination(&out, "lib/keep").unwrap_err();
+        let err = root.place("lib/keep").unwrap_err();
         assert!(format!("{err:#}").contains("symbolic link"), "{err:#}");
         assert_eq!(std::fs::read_to_string(victim.join("keep")).unwrap(), "mine");
         // Replacing the link itself removes the link, not its target.
-        let dest = output_destination(&out, "lib").unwrap();
+        let dest = root.place("lib").unwrap();
         assert!(!dest.exists() && victim.join("keep").exists());
-        assert_eq!(output_destination(&out, "gen/deep/x.o").unwrap(), out.join("gen/deep/x.o"));
+        assert_eq!(root.place("gen/deep/x.o").unwrap(), out.join("gen/deep/x.o"));
         assert!(out.join("gen/deep").is_dir());
     }
 }

@@ -16,7 +16,7 @@ use casbuild_mount::MountOptions;
 use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
 use casbuild_proto::reapi::UpdateActionResultRequest;
 
-use crate::cmd::cas::{download_file, download_tree, file_paths, output_destination, upload, Remote};
+use crate::cmd::cas::{download_file, download_tree, file_paths, upload, OutputRoot, Remote};
 use crate::cmd::mount::{mount_cas, open_cache, retrying};
 use crate::config::{default_data_dir, parse_size};
 
@@ -221,19 +221,20 @@ async fn replay_and_download(
             }
         }
     }
+    let root = OutputRoot::open(out)?;
     for file in &result.output_files {
         let digest = proto(&file.digest)?.context("an output file without a digest")?;
-        let dest = output_destination(out, &file.path)?;
+        let dest = root.place(&file.path)?;
         download_file(remote, &digest, &dest, file.is_executable).await?;
     }
     for dir in &result.output_directories {
         let digest = proto(&dir.tree_digest)?.context("an output directory without a tree")?;
-        let dest = output_destination(out, &dir.path)?;
+        let dest = root.place(&dir.path)?;
         download_tree(remote, &digest, &dest).await?;
     }
     // Links last: nothing is written through a link the result made.
     for link in &result.output_symlinks {
-        let dest = output_destination(out, &link.path)?;
+        let dest = root.place(&link.path)?;
         std::os::unix::fs::symlink(&link.target, &dest).with_context(|| format!("symlink {}", dest.display()))?;
     }
     Ok(())

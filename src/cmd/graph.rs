@@ -18,7 +18,7 @@ use casbuild_proto::graph::output::Kind;
 use casbuild_proto::graph::{self as proto, GraphEvent, SourceFile, SubmitGraphRequest, WatchGraphRequest};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cmd::cas::{download_file, download_tree, output_destination, Remote};
+use crate::cmd::cas::{download_file, download_tree, OutputRoot, Remote};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -354,12 +354,13 @@ async fn download(
     out: &Path,
 ) -> anyhow::Result<()> {
     let mut missing = Vec::new();
+    let root = OutputRoot::open(out)?;
     for path in wanted {
         let Some(output) = produced.get(path) else {
             missing.push(path.as_str());
             continue;
         };
-        let dest = output_destination(out, path)?;
+        let dest = root.place(path)?;
         let digest = output.digest.as_ref().and_then(|d| Digest::from_proto(function, d).ok());
         match (Kind::try_from(output.kind), digest) {
             (Ok(Kind::File), Some(digest)) => download_file(remote, &digest, &dest, output.is_executable).await?,
