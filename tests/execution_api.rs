@@ -12,8 +12,8 @@ use casbuild_proto::longrunning::{CancelOperationRequest, GetOperationRequest};
 use casbuild_proto::reapi::execution_client::ExecutionClient;
 use casbuild_proto::reapi::WaitExecutionRequest;
 use common::execute::{
-    execute, execute_request, operations, output_digest, response_of, shell_action, shell_action_with, upload,
-    upload_in, F,
+    execute, execute_request, operations, output_digest, response_of, shell_action, shell_action_over,
+    shell_action_with, upload, upload_in, F,
 };
 use common::{needs_root, processes_with, Coordinator};
 use prost::Message;
@@ -207,8 +207,7 @@ async fn up_keeps_each_blob_once_on_disk() {
     if !needs_root("up_keeps_each_blob_once_on_disk", true) {
         return;
     }
-    use casbuild_proto::reapi::command::EnvironmentVariable;
-    use casbuild_proto::reapi::{Action, Command, Directory, FileNode};
+    use casbuild_proto::reapi::{Directory, FileNode};
     let dir = tempfile::tempdir().unwrap();
     let server = Coordinator::start_up(dir.path());
     // 16 files of 256 KiB: each far above what the mount keeps in memory.
@@ -222,22 +221,8 @@ async fn up_keeps_each_blob_once_on_disk() {
         root.files.push(FileNode { name, digest: Some(digest.to_proto()), ..Default::default() });
         upload(&server, vec![(digest, data)]).await;
     }
-    let command = Command {
-        arguments: vec!["sh".into(), "-c".into(), "cat f* | wc -c > out".into()],
-        environment_variables: vec![EnvironmentVariable { name: "PATH".into(), value: "/usr/bin:/bin".into() }],
-        output_paths: vec!["out".into()],
-        ..Default::default()
-    };
-    let (command_digest, command_bytes) = common::execute::blob(&command);
-    let (root_digest, root_bytes) = common::execute::blob(&root);
-    let action = Action {
-        command_digest: Some(command_digest.to_proto()),
-        input_root_digest: Some(root_digest.to_proto()),
-        ..Default::default()
-    };
-    let (action_digest, action_bytes) = common::execute::blob(&action);
-    upload(&server, vec![(command_digest, command_bytes), (root_digest, root_bytes), (action_digest, action_bytes)])
-        .await;
+    let (action_digest, blobs) = shell_action_over("cat f* | wc -c > out", &root, false);
+    upload(&server, blobs).await;
 
     let mut client = ExecutionClient::new(server.channel().await);
     let response = execute(&mut client, execute_request(&action_digest, true)).await;

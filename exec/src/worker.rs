@@ -198,13 +198,14 @@ async fn heartbeat_loop(mut client: Client, register: RegisterRequest, interval:
 }
 
 /// Runs one lease and reports it.
-/// The Action and Command the lease carries, if it carries them.
-fn encoded(lease: &Lease) -> Option<(Bytes, Bytes)> {
-    (!lease.action.is_empty() && !lease.command.is_empty())
-        .then(|| (Bytes::copy_from_slice(&lease.action), Bytes::copy_from_slice(&lease.command)))
+/// The Action and Command the lease carries, if it carries them (taken out
+/// of it, not copied).
+fn encoded(lease: &mut Lease) -> Option<(Bytes, Bytes)> {
+    let (action, command) = (std::mem::take(&mut lease.action), std::mem::take(&mut lease.command));
+    (!action.is_empty() && !command.is_empty()).then(|| (Bytes::from(action), Bytes::from(command)))
 }
 
-async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str, lease: Lease) {
+async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str, mut lease: Lease) {
     let action = lease.action_digest.as_ref().and_then(|d| {
         let function = DigestFunction::resolve(lease.digest_function, &d.hash).ok()?;
         Digest::from_hex(function, &d.hash, d.size_bytes).ok()
@@ -222,9 +223,10 @@ async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str,
         session: session.to_owned(),
         ..Default::default()
     };
+    let known = encoded(&mut lease);
     request.outcome = Some(match action {
         None => error(ActionError::Invalid("the lease has no valid action digest".into())),
-        Some(action) => match runner.execute_known(&lease.instance_name, &action, encoded(&lease)).await {
+        Some(action) => match runner.execute_known(&lease.instance_name, &action, known).await {
             Ok(execution) => {
                 request.message = execution.message;
                 request.timed_out = execution.report.timed_out;

@@ -28,6 +28,12 @@ pub fn shell_action(script: &str) -> (Digest, Vec<(Digest, Bytes)>) {
 
 /// [`shell_action`], optionally marked `do_not_cache`.
 pub fn shell_action_with(script: &str, do_not_cache: bool) -> (Digest, Vec<(Digest, Bytes)>) {
+    shell_action_over(script, &Directory::default(), do_not_cache)
+}
+
+/// [`shell_action_with`] over the input root `root` (whose own blobs the
+/// caller uploads).
+pub fn shell_action_over(script: &str, root: &Directory, do_not_cache: bool) -> (Digest, Vec<(Digest, Bytes)>) {
     let command = Command {
         arguments: vec!["sh".into(), "-c".into(), script.into()],
         environment_variables: vec![EnvironmentVariable { name: "PATH".into(), value: "/usr/bin:/bin".into() }],
@@ -35,7 +41,7 @@ pub fn shell_action_with(script: &str, do_not_cache: bool) -> (Digest, Vec<(Dige
         ..Default::default()
     };
     let (command_digest, command_bytes) = blob(&command);
-    let (root_digest, root_bytes) = blob(&Directory::default());
+    let (root_digest, root_bytes) = blob(root);
     let action = Action {
         command_digest: Some(command_digest.to_proto()),
         input_root_digest: Some(root_digest.to_proto()),

@@ -30,11 +30,6 @@ impl TieredStore {
         TieredStore { fast, slow, admit_max, promotions: Flights::default(), copies: Arc::default() }
     }
 
-    /// The slow tier.
-    pub fn slow(&self) -> &Arc<dyn BlobStore> {
-        &self.slow
-    }
-
     /// Makes `digest` present in the fast tier, streaming it from the slow one
     /// unless it is there already. Concurrent calls for one blob share one
     /// copy, which completes even if its callers give up.
