@@ -16,12 +16,12 @@ use bytes::Bytes;
 use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::store::{BlobStore, ConnectOptions, RemoteStore, RemoteStoreOptions};
 use casbuild_coordinator::existence::Bloom;
-use casbuild_coordinator::scheduler::response_of;
 use casbuild_proto::cc::existence_filter_client::ExistenceFilterClient;
 use casbuild_proto::cc::get_filter_response::Filter;
 use casbuild_proto::cc::{
     daemon_reply, daemon_request, Compile, Compiled, DaemonReply, DaemonRequest, GetFilterRequest, NeededBlobs, Stats,
 };
+use casbuild_proto::operation::execute_response;
 use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
 use casbuild_proto::reapi::execution_client::ExecutionClient;
 use casbuild_proto::reapi::{ActionResult, ExecuteRequest, ExecuteResponse, GetActionResultRequest};
@@ -396,7 +396,7 @@ impl Daemon {
             if !operation.done {
                 continue;
             }
-            return response_of(&operation).map_err(anyhow::Error::msg);
+            return execute_response(&operation).map_err(anyhow::Error::msg);
         }
         anyhow::bail!("the Execute stream ended early")
     }

@@ -1,5 +1,6 @@
 //! The Execution service (Execute, WaitExecution) and the longrunning
 //! Operations service (GetOperation, CancelOperation) over the [`Scheduler`].
+//! The only place a job's [`JobState`] becomes a `google.longrunning.Operation`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -7,19 +8,23 @@ use std::sync::Arc;
 use casbuild_cas::storage::Storage;
 use casbuild_proto::longrunning::operations_server::Operations;
 use casbuild_proto::longrunning::{
-    CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest, ListOperationsResponse,
-    Operation, WaitOperationRequest,
+    operation, CancelOperationRequest, DeleteOperationRequest, GetOperationRequest, ListOperationsRequest,
+    ListOperationsResponse, Operation, WaitOperationRequest,
 };
+use casbuild_proto::operation::pack;
 use casbuild_proto::protobuf::Empty;
 use casbuild_proto::reapi::execution_server::Execution;
-use casbuild_proto::reapi::{ExecuteRequest, ExecuteResponse, WaitExecutionRequest};
+use casbuild_proto::reapi::execution_stage::Value as WireStage;
+use casbuild_proto::reapi::{
+    ExecuteOperationMetadata, ExecuteRequest, ExecuteResponse, ExecutedActionMetadata, WaitExecutionRequest,
+};
 use futures::Stream;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::action_cache::{cached_result, Lookup};
 use crate::auth::{admit, principal, Permission, Principal};
-use crate::scheduler::{finished, Scheduler};
+use crate::scheduler::{JobState, Scheduler, Stage};
 use crate::status::{request_digest, rpc_ok, store_status};
 
 type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
@@ -39,7 +44,7 @@ impl ExecutionService {
 
     /// The updates of operation `name`, for a caller who may execute on its
     /// instance (others learn nothing, not even that it exists).
-    fn operation(&self, principal: &Principal, name: &str) -> Result<watch::Receiver<Operation>, Status> {
+    fn operation(&self, principal: &Principal, name: &str) -> Result<watch::Receiver<JobState>, Status> {
         match self.scheduler.watch(name) {
             Some((instance, receiver)) if principal.may(Permission::Execute, &instance) => Ok(receiver),
             _ => Err(Status::not_found(format!("no operation {name:?}"))),
@@ -47,13 +52,46 @@ impl ExecutionService {
     }
 }
 
+/// A job's state as REAPI's Operation named `name`: ExecuteOperationMetadata
+/// (stage, action, and the worker once one runs it) and, when done, the
+/// ExecuteResponse.
+fn to_operation(name: &str, state: &JobState) -> Operation {
+    let (stage, partial) = match &state.stage {
+        Stage::Queued => (WireStage::Queued, None),
+        Stage::Executing { worker, since } => {
+            let partial = ExecutedActionMetadata {
+                worker: worker.clone(),
+                queued_timestamp: casbuild_proto::timestamp(state.queued),
+                worker_start_timestamp: casbuild_proto::timestamp(*since),
+                ..Default::default()
+            };
+            (WireStage::Executing, Some(partial))
+        }
+        Stage::Completed(_) => (WireStage::Completed, None),
+    };
+    let metadata = ExecuteOperationMetadata {
+        stage: stage as i32,
+        action_digest: Some(state.action.to_proto()),
+        digest_function: state.action.function.to_proto() as i32,
+        partial_execution_metadata: partial,
+        ..Default::default()
+    };
+    Operation {
+        name: name.to_owned(),
+        metadata: Some(pack("ExecuteOperationMetadata", &metadata)),
+        done: state.is_done(),
+        result: state
+            .response()
+            .map(|response| operation::Result::Response(pack("ExecuteResponse", response.as_ref()))),
+    }
+}
+
 /// Every change of an operation, ending with the one that is done, under
 /// the name the requester knows it by.
-fn updates(mut receiver: watch::Receiver<Operation>, name: String) -> OperationStream {
+fn updates(mut receiver: watch::Receiver<JobState>, name: String) -> OperationStream {
     Box::pin(async_stream(move |tx| async move {
         loop {
-            let mut operation = receiver.borrow_and_update().clone();
-            operation.name = name.clone();
+            let operation = to_operation(&name, &receiver.borrow_and_update());
             let done = operation.done;
             if tx.send(Ok(operation)).await.is_err() || done {
                 return;
@@ -95,7 +133,7 @@ impl Execution for ExecutionService {
                     status: Some(rpc_ok()),
                     ..Default::default()
                 };
-                let operation = finished(&name, &action, response);
+                let operation = to_operation(&name, &JobState::completed(action, response));
                 return Ok(Response::new(Box::pin(futures::stream::iter([Ok(operation)]))));
             }
         }
@@ -128,8 +166,7 @@ impl Operations for ExecutionService {
         let principal = principal(&request)?;
         let name = request.into_inner().name;
         let receiver = self.operation(&principal, &name)?;
-        let mut operation = receiver.borrow().clone();
-        operation.name = name;
+        let operation = to_operation(&name, &receiver.borrow());
         Ok(Response::new(operation))
     }
 

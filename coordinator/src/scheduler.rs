@@ -1,6 +1,7 @@
 //! The scheduler: turns Execute requests into jobs, runs each distinct
 //! action once however many clients ask for it, and publishes every job's
-//! progress as a stream of `Operation` snapshots.
+//! progress as a stream of [`JobState`]s (the Execution service turns them
+//! into `google.longrunning.Operation`s at the wire).
 //!
 //! A job: look up the action cache (unless told to skip it), check that every
 //! input blob is in the CAS (else FAILED_PRECONDITION with the missing
@@ -10,7 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use casbuild_cas::digest::Digest;
@@ -18,12 +19,7 @@ use casbuild_cas::storage::Storage;
 use casbuild_cas::tree::{child_digest, missing_in_tree, MissingError};
 
 use crate::action_cache::Unusable;
-use casbuild_proto::longrunning::{operation, Operation};
-use casbuild_proto::protobuf::Any;
-use casbuild_proto::reapi::execution_stage::Value as Stage;
-use casbuild_proto::reapi::{
-    Action, ActionResult, Command, ExecuteOperationMetadata, ExecuteResponse, ExecutedActionMetadata,
-};
+use casbuild_proto::reapi::{Action, ActionResult, Command, ExecuteResponse};
 use prost::Message;
 use tokio::sync::watch;
 use tonic::Code;
@@ -128,11 +124,58 @@ pub trait ActionExecutor: Send + Sync + 'static {
     async fn execute(&self, request: ActionRequest) -> Result<Executed, ActionError>;
 }
 
+/// Where a job is in its life.
+#[derive(Clone, Debug)]
+pub enum Stage {
+    /// Waiting for its inputs to be checked or for a free slot.
+    Queued,
+    /// A host runs it.
+    Executing {
+        /// The host's (worker's) name.
+        worker: String,
+        /// When the host took it.
+        since: SystemTime,
+    },
+    /// Finished, with a result or an error status.
+    Completed(Arc<ExecuteResponse>),
+}
+
+/// A job as the scheduler publishes it to the requesters waiting for it.
+#[derive(Clone, Debug)]
+pub struct JobState {
+    /// The action the job runs.
+    pub action: Digest,
+    /// When the job was created.
+    pub queued: SystemTime,
+    /// Its stage.
+    pub stage: Stage,
+}
+
+impl JobState {
+    /// A job that finished as soon as it was asked for (a cache hit, an error).
+    pub fn completed(action: Digest, response: ExecuteResponse) -> Self {
+        JobState { action, queued: SystemTime::now(), stage: Stage::Completed(Arc::new(response)) }
+    }
+
+    /// The final response, once the job has finished.
+    pub fn response(&self) -> Option<&Arc<ExecuteResponse>> {
+        match &self.stage {
+            Stage::Completed(response) => Some(response),
+            _ => None,
+        }
+    }
+
+    /// Whether the job has finished.
+    pub fn is_done(&self) -> bool {
+        self.response().is_some()
+    }
+}
+
 struct Job {
     name: String,
     key: (String, Digest),
     priority: i32,
-    state: watch::Sender<Operation>,
+    state: watch::Sender<JobState>,
     task: Mutex<Option<tokio::task::AbortHandle>>,
     /// The operation names of the requesters waiting for this job: each
     /// Execute of the same action joins the job under a name of its own.
@@ -145,9 +188,9 @@ struct Jobs {
     /// Every requester's operation name, to its job.
     by_name: HashMap<String, Arc<Job>>,
     /// Requesters that cancelled a job others still wait for: their
-    /// operation, done with CANCELLED, kept as long as finished ones are.
+    /// state, done with CANCELLED, kept as long as finished ones are.
     /// Each with the job's instance.
-    detached: HashMap<String, (String, Operation)>,
+    detached: HashMap<String, (String, JobState)>,
     /// Finished jobs (and detached requesters) in the order they finished.
     retained: VecDeque<Retained>,
     retained_bytes: usize,
@@ -179,9 +222,8 @@ impl Jobs {
 pub struct Submitted {
     /// The operation name this requester knows the job by.
     pub name: String,
-    /// Every change of the operation (named after the job's first requester;
-    /// rename with [`Submitted::name`] before showing it).
-    pub updates: watch::Receiver<Operation>,
+    /// Every change of the job's state.
+    pub updates: watch::Receiver<JobState>,
 }
 
 /// Schedules Execute requests onto an executor with a fixed number of slots.
@@ -191,55 +233,6 @@ pub struct Scheduler {
     /// Admits jobs to the executor by priority.
     slots: Arc<PriorityGate>,
     jobs: Mutex<Jobs>,
-}
-
-fn any<M: Message>(type_name: &str, message: &M) -> Any {
-    Any { type_url: format!("type.googleapis.com/{type_name}"), value: message.encode_to_vec() }
-}
-
-fn metadata(stage: Stage, action: &Digest) -> Any {
-    metadata_with(stage, action, None)
-}
-
-fn metadata_with(stage: Stage, action: &Digest, partial: Option<ExecutedActionMetadata>) -> Any {
-    let metadata = ExecuteOperationMetadata {
-        stage: stage as i32,
-        action_digest: Some(action.to_proto()),
-        digest_function: action.function.to_proto() as i32,
-        partial_execution_metadata: partial,
-        ..Default::default()
-    };
-    any("build.bazel.remote.execution.v2.ExecuteOperationMetadata", &metadata)
-}
-
-/// The stage of an operation, and the worker running it once one does.
-pub fn stage_of(operation: &Operation) -> Option<(Stage, String)> {
-    let any = operation.metadata.as_ref()?;
-    let metadata = ExecuteOperationMetadata::decode(any.value.as_slice()).ok()?;
-    let stage = Stage::try_from(metadata.stage).ok()?;
-    Some((stage, metadata.partial_execution_metadata.map(|m| m.worker).unwrap_or_default()))
-}
-
-/// A finished operation carrying `response`.
-pub fn finished(name: &str, action: &Digest, response: ExecuteResponse) -> Operation {
-    Operation {
-        name: name.to_owned(),
-        metadata: Some(metadata(Stage::Completed, action)),
-        done: true,
-        result: Some(operation::Result::Response(any("build.bazel.remote.execution.v2.ExecuteResponse", &response))),
-    }
-}
-
-/// The ExecuteResponse a finished operation carries (what [`finished`] puts
-/// in), for in-process watchers and Execute clients alike.
-pub fn response_of(operation: &Operation) -> Result<ExecuteResponse, String> {
-    match &operation.result {
-        Some(operation::Result::Response(any)) => {
-            ExecuteResponse::decode(any.value.as_slice()).map_err(|e| format!("a bad ExecuteResponse: {e}"))
-        }
-        Some(operation::Result::Error(status)) => Err(format!("the operation failed: {}", status.message)),
-        None => Err("the operation finished without a result".into()),
-    }
 }
 
 fn error_response(code: Code, message: String) -> ExecuteResponse {
@@ -271,8 +264,7 @@ impl Scheduler {
             jobs.by_name.insert(name.clone(), job.clone());
             return Submitted { name, updates: job.state.subscribe() };
         }
-        let queued =
-            Operation { name: name.clone(), metadata: Some(metadata(Stage::Queued, &action)), ..Default::default() };
+        let queued = JobState { action, queued: SystemTime::now(), stage: Stage::Queued };
         let (state, receiver) = watch::channel(queued);
         let holders = Mutex::new([name.clone()].into_iter().collect());
         let job =
@@ -291,11 +283,11 @@ impl Scheduler {
     }
 
     /// The instance of an operation and its updates, if it is known.
-    pub fn watch(&self, name: &str) -> Option<(String, watch::Receiver<Operation>)> {
+    pub fn watch(&self, name: &str) -> Option<(String, watch::Receiver<JobState>)> {
         let jobs = self.lock();
-        if let Some((instance, operation)) = jobs.detached.get(name) {
+        if let Some((instance, state)) = jobs.detached.get(name) {
             // Done for this requester: a channel holding its final state.
-            return Some((instance.clone(), watch::channel(operation.clone()).1));
+            return Some((instance.clone(), watch::channel(state.clone()).1));
         }
         jobs.by_name.get(name).map(|job| (job.key.0.clone(), job.state.subscribe()))
     }
@@ -311,7 +303,7 @@ impl Scheduler {
             return true;
         }
         let Some(job) = jobs.by_name.get(name).cloned() else { return false };
-        if job.state.borrow().done {
+        if job.state.borrow().is_done() {
             return true;
         }
         let others = {
@@ -322,9 +314,9 @@ impl Scheduler {
         if others {
             let response =
                 error_response(Code::Cancelled, "the operation was cancelled (others still wait for it)".into());
-            let operation = finished(name, &job.key.1, response);
-            let bytes = operation.encoded_len();
-            jobs.detached.insert(name.to_owned(), (job.key.0.clone(), operation));
+            let bytes = response.encoded_len();
+            let state = JobState { stage: Stage::Completed(Arc::new(response)), ..job.state.borrow().clone() };
+            jobs.detached.insert(name.to_owned(), (job.key.0.clone(), state));
             jobs.by_name.remove(name);
             drop(jobs);
             self.retain(vec![name.to_owned()], bytes);
@@ -353,23 +345,27 @@ impl Scheduler {
         jobs.prune(Instant::now());
     }
 
-    fn finish(self: &Arc<Self>, job: &Arc<Job>, response: ExecuteResponse) {
+    fn finish(self: &Arc<Self>, job: &Arc<Job>, mut response: ExecuteResponse) {
         {
             let mut jobs = self.lock();
             if jobs.running.get(&job.key).is_some_and(|j| Arc::ptr_eq(j, job)) {
                 jobs.running.remove(&job.key);
             }
         }
-        job.state.send_if_modified(|op| {
-            if op.done {
+        let bytes = response.encoded_len();
+        job.state.send_if_modified(|state| {
+            if state.is_done() {
                 return false;
             }
-            *op = finished(&job.name, &job.key.1, response);
+            if let Some(metadata) = response.result.as_mut().and_then(|r| r.execution_metadata.as_mut()) {
+                metadata.queued_timestamp =
+                    metadata.queued_timestamp.take().or(casbuild_proto::timestamp(state.queued));
+            }
+            state.stage = Stage::Completed(Arc::new(std::mem::take(&mut response)));
             true
         });
         let mut names: Vec<String> = job.holders.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
         names.push(job.name.clone());
-        let bytes = job.state.borrow().encoded_len();
         self.retain(names, bytes);
     }
 
@@ -385,17 +381,11 @@ impl Scheduler {
         let _slot = self.slots.acquire(job.priority).await;
         let state = job.clone();
         let started = Started::new(move |worker| {
-            let partial = ExecutedActionMetadata {
-                worker: worker.to_owned(),
-                worker_start_timestamp: casbuild_proto::timestamp(std::time::SystemTime::now()),
-                ..Default::default()
-            };
-            let stage = metadata_with(Stage::Executing, &state.key.1, Some(partial));
-            state.state.send_if_modified(|op| {
-                if op.done {
+            state.state.send_if_modified(|state| {
+                if state.is_done() {
                     return false;
                 }
-                op.metadata = Some(stage);
+                state.stage = Stage::Executing { worker: worker.to_owned(), since: SystemTime::now() };
                 true
             });
         });
@@ -537,7 +527,7 @@ mod tests {
     async fn finish_one(scheduler: &Arc<Scheduler>, n: u32) -> String {
         let action = DigestFunction::Blake3.digest_of(format!("action {n}").as_bytes());
         let mut submitted = scheduler.submit("", action, 0);
-        while !submitted.updates.borrow_and_update().done {
+        while !submitted.updates.borrow_and_update().is_done() {
             submitted.updates.changed().await.unwrap();
         }
         submitted.name
@@ -581,10 +571,12 @@ mod tests {
 
     #[tonic::async_trait]
     impl ActionExecutor for Counting {
-        async fn execute(&self, _request: ActionRequest) -> Result<Executed, ActionError> {
+        async fn execute(&self, request: ActionRequest) -> Result<Executed, ActionError> {
+            request.started.on("host-1");
             self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.release.notified().await;
-            let result = ActionResult { exit_code: 7, ..Default::default() };
+            let result =
+                ActionResult { exit_code: 7, execution_metadata: Some(Default::default()), ..Default::default() };
             Ok(Executed { result, message: String::new(), timed_out: false, do_not_cache: true })
         }
     }
@@ -615,13 +607,20 @@ mod tests {
         while executor.runs.load(std::sync::atomic::Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
+        for requester in &submitted {
+            let stage = requester.updates.borrow().stage.clone();
+            assert!(matches!(&stage, Stage::Executing { worker, .. } if worker == "host-1"), "{stage:?}");
+        }
         executor.release.notify_one();
         for mut requester in submitted {
-            while !requester.updates.borrow_and_update().done {
+            while !requester.updates.borrow_and_update().is_done() {
                 requester.updates.changed().await.unwrap();
             }
-            let response = response_of(&requester.updates.borrow());
-            assert_eq!(response.unwrap().result.unwrap().exit_code, 7);
+            let state = requester.updates.borrow().clone();
+            let result = state.response().unwrap().result.clone().unwrap();
+            assert_eq!(result.exit_code, 7);
+            let queued = result.execution_metadata.unwrap().queued_timestamp.expect("the queue time is filled in");
+            assert_eq!(Some(queued), casbuild_proto::timestamp(state.queued));
         }
         assert_eq!(executor.runs.load(std::sync::atomic::Ordering::SeqCst), 1, "ten requests, one run");
 
@@ -631,7 +630,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         executor.release.notify_one();
-        while !again.updates.borrow_and_update().done {
+        while !again.updates.borrow_and_update().is_done() {
             again.updates.changed().await.unwrap();
         }
         assert_eq!(executor.runs.load(std::sync::atomic::Ordering::SeqCst), 2);

@@ -41,6 +41,8 @@ pub mod worker {
     tonic::include_proto!("casbuild.worker.v1");
 }
 
+pub mod operation;
+
 /// `at` as a protobuf Timestamp; None before the Unix epoch.
 pub fn timestamp(at: std::time::SystemTime) -> Option<protobuf::Timestamp> {
     let since = at.duration_since(std::time::SystemTime::UNIX_EPOCH).ok()?;

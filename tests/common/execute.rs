@@ -104,9 +104,10 @@ pub async fn execute(client: &mut ExecutionClient<Channel>, request: ExecuteRequ
     response_of(operations(stream).await.last().expect("an Execute stream ends with an operation"))
 }
 
+/// The ExecuteResponse a finished Operation carries, decoded as a client does.
 pub fn response_of(op: &Operation) -> ExecuteResponse {
     assert!(op.done, "the last operation is done");
-    casbuild_coordinator::scheduler::response_of(op).unwrap_or_else(|e| panic!("no ExecuteResponse: {e}"))
+    casbuild_proto::operation::execute_response(op).unwrap_or_else(|e| panic!("no ExecuteResponse: {e}"))
 }
 
 pub fn output_digest(response: &ExecuteResponse) -> String {

@@ -14,7 +14,6 @@ use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::storage::Storage;
 use casbuild_proto::graph::graph_event::Event;
 use casbuild_proto::graph::{self as proto, output::Kind, GraphEvent};
-use casbuild_proto::reapi::execution_stage::Value as Stage;
 use casbuild_proto::reapi::{ActionResult, Tree};
 use futures::stream::{self, FuturesUnordered, Stream, StreamExt};
 use prost::Message;
@@ -23,7 +22,7 @@ use tonic::Code;
 
 use super::{normal, parse_input, Graph, Input, Job};
 use crate::action_cache::{cached_result, Lookup};
-use crate::scheduler::{response_of, stage_of, Scheduler};
+use crate::scheduler::{Scheduler, Stage};
 use casbuild_cas::input_root::{Entry, InputRoot};
 
 /// A checked graph and what it runs against.
@@ -265,24 +264,19 @@ async fn run_job(
     }
     let mut updates = scheduler.submit(&spec.instance, action, 0).updates;
     let mut announced = false;
-    let operation = loop {
-        let operation = updates.borrow_and_update().clone();
-        if operation.done {
-            break operation;
-        }
-        if let Some((Stage::Executing, worker)) = stage_of(&operation) {
-            if !announced && !worker.is_empty() {
+    let response = loop {
+        let stage = updates.borrow_and_update().stage.clone();
+        match stage {
+            Stage::Completed(response) => break Arc::unwrap_or_clone(response),
+            Stage::Executing { worker, .. } if !announced && !worker.is_empty() => {
                 announced = true;
                 run.emit(Event::Started(proto::JobStarted { job_id: job.id.clone(), worker }));
             }
+            Stage::Queued | Stage::Executing { .. } => {}
         }
         if updates.changed().await.is_err() {
             return fail("the scheduler dropped the job".into());
         }
-    };
-    let response = match response_of(&operation) {
-        Ok(response) => response,
-        Err(why) => return fail(format!("could not run: {why}")),
     };
     let status = response.status.clone().unwrap_or_default();
     match (Code::from_i32(status.code), response.result) {
