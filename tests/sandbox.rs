@@ -124,13 +124,13 @@ fn bad_commands_get_a_clear_error() {
     assert!(report.error.as_deref().unwrap_or("").contains("permission denied"), "{report:?}");
 
     let mut spec = case.spec(&[]);
-    assert!(matches!(case.try_run(&spec), Err(SandboxError::Invalid(m)) if m.contains("no arguments")));
+    assert!(matches!(case.try_run(&spec), Err(SandboxError::Invalid(m)) if m.0.contains("no arguments")));
     spec = case.spec(&["true"]);
     spec.cwd = "../..".into();
-    assert!(matches!(case.try_run(&spec), Err(SandboxError::Invalid(m)) if m.contains("working directory")));
+    assert!(matches!(case.try_run(&spec), Err(SandboxError::Invalid(m)) if m.0.contains("working directory")));
     spec = case.spec(&["true"]);
     spec.writable_dirs = vec!["/etc".into()];
-    assert!(matches!(case.try_run(&spec), Err(SandboxError::Invalid(m)) if m.contains("output directory")));
+    assert!(matches!(case.try_run(&spec), Err(SandboxError::Invalid(m)) if m.0.contains("output directory")));
     assert!(no_mounts_under(case.dir.path()));
 }
 

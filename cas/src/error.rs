@@ -5,6 +5,38 @@
 
 use crate::digest::Digest;
 
+/// Input that breaks a rule — a name, a path, a tree, a field — from a
+/// client, a worker or a command: a mistake or an attack, never retried
+/// (gRPC INVALID_ARGUMENT). Every check of hostile input returns it; callers
+/// add where they found it with [`Invalid::context`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+impl Invalid {
+    /// The same problem, said to be in `what` (`what: problem`).
+    pub fn context(self, what: impl std::fmt::Display) -> Self {
+        Invalid(format!("{what}: {}", self.0))
+    }
+
+    /// The gRPC code a client is told.
+    pub fn code(&self) -> tonic::Code {
+        tonic::Code::InvalidArgument
+    }
+}
+
+impl From<Invalid> for ActionError {
+    fn from(e: Invalid) -> Self {
+        ActionError::Invalid(e.0)
+    }
+}
+
+impl From<Invalid> for tonic::Status {
+    fn from(e: Invalid) -> Self {
+        tonic::Status::new(e.code(), e.0)
+    }
+}
+
 /// Why an action could not be run.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ActionError {
@@ -68,5 +100,15 @@ mod tests {
             assert_eq!(back, error);
         }
         assert_eq!(ActionError::from_code(tonic::Code::Internal, "x".into(), vec![]).code(), tonic::Code::Unavailable);
+    }
+
+    #[test]
+    fn invalid_input_carries_where_it_was_found_to_every_caller() {
+        let e = Invalid("'..' would leave the input root".into()).context("output path \"../x\"");
+        assert_eq!(e.0, "output path \"../x\": '..' would leave the input root");
+        let status = tonic::Status::from(e.clone());
+        assert_eq!((status.code(), status.message()), (tonic::Code::InvalidArgument, e.0.as_str()));
+        assert_eq!(ActionError::from(e.clone()), ActionError::Invalid(e.0.clone()));
+        assert_eq!(ActionError::from(e).code(), tonic::Code::InvalidArgument);
     }
 }

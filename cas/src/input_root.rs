@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::digest::{Digest, DigestFunction};
+use crate::error::Invalid;
 use bytes::Bytes;
 use casbuild_proto::reapi::{Directory, DirectoryNode, FileNode, SymlinkNode};
 use prost::Message;
@@ -43,13 +44,13 @@ impl InputRoot {
     /// Places `entry` at `path` (relative, already checked not to escape).
     /// The same entry twice is fine; anything else at a taken path is an error
     /// naming the path.
-    pub fn insert(&mut self, path: &str, entry: Entry) -> Result<(), String> {
+    pub fn insert(&mut self, path: &str, entry: Entry) -> Result<(), Invalid> {
         let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
         if parts.len() > MAX_DEPTH {
-            return Err(format!("input path {path:?} is nested deeper than {MAX_DEPTH} directories"));
+            return Err(Invalid(format!("input path {path:?} is nested deeper than {MAX_DEPTH} directories")));
         }
         let Some((name, parents)) = parts.split_last() else {
-            return Err(format!("input path {path:?} names the root"));
+            return Err(Invalid(format!("input path {path:?} names the root")));
         };
         let mut dir = &mut self.root;
         for (depth, part) in parents.iter().enumerate() {
@@ -58,7 +59,9 @@ impl InputRoot {
                 Node::Dir(children) => children,
                 Node::Leaf(_) => {
                     let at = parents[..=depth].join("/");
-                    return Err(format!("input {path:?} needs {at:?} to be a directory, but another input is there"));
+                    return Err(Invalid(format!(
+                        "input {path:?} needs {at:?} to be a directory, but another input is there"
+                    )));
                 }
             };
         }
@@ -68,7 +71,7 @@ impl InputRoot {
                 Ok(())
             }
             Some(Node::Leaf(existing)) if *existing == entry => Ok(()),
-            Some(_) => Err(format!("two inputs put different contents at {path:?}")),
+            Some(_) => Err(Invalid(format!("two inputs put different contents at {path:?}"))),
         }
     }
 
@@ -142,8 +145,8 @@ mod tests {
         let mut root = InputRoot::default();
         root.insert("gen/out.h", file("1")).unwrap();
         let e = root.insert("gen/out.h", file("2")).unwrap_err();
-        assert!(e.contains("different contents at \"gen/out.h\""), "{e}");
+        assert!(e.0.contains("different contents at \"gen/out.h\""), "{e}");
         let e = root.insert("gen/out.h/x", file("3")).unwrap_err();
-        assert!(e.contains("needs \"gen/out.h\" to be a directory"), "{e}");
+        assert!(e.0.contains("needs \"gen/out.h\" to be a directory"), "{e}");
     }
 }

@@ -14,6 +14,7 @@
 use std::fmt;
 
 use crate::digest::{Digest, DigestError, DigestFunction};
+use crate::error::Invalid;
 
 /// Segments that cannot be part of an instance name.
 const RESERVED: [&str; 7] =
@@ -26,22 +27,22 @@ pub const MAX_INSTANCE_NAME: usize = 255;
 /// `/`-separated segments, each non-empty, made of `A-Z a-z 0-9 . _ -`, not
 /// `.` or `..`, and not a word REAPI reserves in resource names. Each
 /// instance gets state of its own on a server, so names are not free-form.
-pub fn check_instance_name(name: &str) -> Result<(), String> {
+pub fn check_instance_name(name: &str) -> Result<(), Invalid> {
     if name.is_empty() {
         return Ok(());
     }
     if name.len() > MAX_INSTANCE_NAME {
-        return Err(format!("instance name of {} bytes is over the limit of {MAX_INSTANCE_NAME}", name.len()));
+        return Err(Invalid(format!("instance name of {} bytes is over the limit of {MAX_INSTANCE_NAME}", name.len())));
     }
     for segment in name.split('/') {
         let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
         if segment.is_empty() || segment == "." || segment == ".." || !segment.chars().all(allowed) {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "instance name {name:?}: segment {segment:?} must be non-empty, not . or .., and use only A-Z a-z 0-9 . _ -"
-            ));
+            )));
         }
         if RESERVED.contains(&segment) {
-            return Err(format!("instance name {name:?}: {segment:?} is reserved"));
+            return Err(Invalid(format!("instance name {name:?}: {segment:?} is reserved")));
         }
     }
     Ok(())
@@ -98,7 +99,7 @@ impl ResourceName {
         if segments[..start].iter().any(|s| s.is_empty()) {
             return Err(malformed(name, "the instance name has an empty segment"));
         }
-        check_instance_name(&instance).map_err(|e| malformed(name, &e))?;
+        check_instance_name(&instance).map_err(|e| malformed(name, &e.0))?;
         let mut rest = &segments[start..];
         let mut upload_id = None;
         if rest[0] == "uploads" {

@@ -8,6 +8,7 @@ use casbuild_proto::reapi::Directory;
 use prost::Message;
 
 use crate::digest::{Digest, DigestFunction};
+use crate::error::Invalid;
 
 /// Why a Directory blob cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -23,12 +24,12 @@ pub struct TreeError {
 pub fn decode_directory(digest: &Digest, bytes: &[u8]) -> Result<Directory, TreeError> {
     let error = |problem: String| TreeError { digest: digest.to_string(), problem };
     let directory = Directory::decode(bytes).map_err(|e| error(format!("is not a Directory proto: {e}")))?;
-    validate_directory(&directory, digest.function).map_err(error)?;
+    validate_directory(&directory, digest.function).map_err(|e| error(e.0))?;
     Ok(directory)
 }
 
 /// Checks entry names, their order and uniqueness, and child digests.
-pub fn validate_directory(directory: &Directory, function: DigestFunction) -> Result<(), String> {
+pub fn validate_directory(directory: &Directory, function: DigestFunction) -> Result<(), Invalid> {
     let files = directory.files.iter().map(|f| f.name.as_str());
     let dirs = directory.directories.iter().map(|d| d.name.as_str());
     let links = directory.symlinks.iter().map(|s| s.name.as_str());
@@ -40,10 +41,10 @@ pub fn validate_directory(directory: &Directory, function: DigestFunction) -> Re
         }
         for pair in names.windows(2) {
             if pair[0] == pair[1] {
-                return Err(format!("duplicate name {:?} in {kind}", pair[0]));
+                return Err(Invalid(format!("duplicate name {:?} in {kind}", pair[0])));
             }
             if pair[0] > pair[1] {
-                return Err(format!("{kind} are not sorted: {:?} comes before {:?}", pair[0], pair[1]));
+                return Err(Invalid(format!("{kind} are not sorted: {:?} comes before {:?}", pair[0], pair[1])));
             }
         }
     }
@@ -56,7 +57,7 @@ pub fn validate_directory(directory: &Directory, function: DigestFunction) -> Re
         .collect();
     all.sort_unstable();
     if let Some(pair) = all.windows(2).find(|p| p[0] == p[1]) {
-        return Err(format!("name {:?} is used by two entries", pair[0]));
+        return Err(Invalid(format!("name {:?} is used by two entries", pair[0])));
     }
     for file in &directory.files {
         child_digest(function, &file.name, file.digest.as_ref())?;
@@ -66,7 +67,7 @@ pub fn validate_directory(directory: &Directory, function: DigestFunction) -> Re
     }
     for link in &directory.symlinks {
         if link.target.is_empty() {
-            return Err(format!("symlink {:?} has an empty target", link.name));
+            return Err(Invalid(format!("symlink {:?} has an empty target", link.name)));
         }
     }
     Ok(())
@@ -77,20 +78,20 @@ pub fn child_digest(
     function: DigestFunction,
     name: &str,
     digest: Option<&casbuild_proto::reapi::Digest>,
-) -> Result<Digest, String> {
-    let digest = digest.ok_or_else(|| format!("entry {name:?} has no digest"))?;
-    Digest::from_proto(function, digest).map_err(|e| format!("entry {name:?}: {e}"))
+) -> Result<Digest, Invalid> {
+    let digest = digest.ok_or_else(|| Invalid(format!("entry {name:?} has no digest")))?;
+    Digest::from_proto(function, digest).map_err(|e| Invalid(format!("entry {name:?}: {e}")))
 }
 
-fn check_name(name: &str) -> Result<(), String> {
+fn check_name(name: &str) -> Result<(), Invalid> {
     if name.is_empty() {
-        return Err("an entry has an empty name".into());
+        return Err(Invalid("an entry has an empty name".into()));
     }
     if name == "." || name == ".." {
-        return Err(format!("entry name {name:?} is not allowed"));
+        return Err(Invalid(format!("entry name {name:?} is not allowed")));
     }
     if name.contains('/') || name.contains('\0') {
-        return Err(format!("entry name {name:?} contains '/' or NUL"));
+        return Err(Invalid(format!("entry name {name:?} contains '/' or NUL")));
     }
     Ok(())
 }
@@ -99,15 +100,15 @@ fn check_name(name: &str) -> Result<(), String> {
 /// more valid names joined by `/`, relative, normalized (no `.`, `..` or
 /// empty components), so that it names a place inside the output root and
 /// nothing else.
-pub fn check_output_path(path: &str) -> Result<(), String> {
+pub fn check_output_path(path: &str) -> Result<(), Invalid> {
     if path.is_empty() {
-        return Err("an output path is empty".into());
+        return Err(Invalid("an output path is empty".into()));
     }
     if path.starts_with('/') {
-        return Err(format!("output path {path:?} is absolute"));
+        return Err(Invalid(format!("output path {path:?} is absolute")));
     }
     for component in path.split('/') {
-        check_name(component).map_err(|e| format!("output path {path:?}: {e}"))?;
+        check_name(component).map_err(|e| e.context(format!("output path {path:?}")))?;
     }
     Ok(())
 }
@@ -168,7 +169,7 @@ mod tests {
         ];
         for (dir, want) in cases {
             let err = validate_directory(&dir, DigestFunction::Sha256).unwrap_err();
-            assert!(err.contains(want), "{err} should mention {want}");
+            assert!(err.0.contains(want), "{err} should mention {want}");
         }
     }
 
@@ -260,13 +261,13 @@ pub async fn missing_in_tree(cas: &dyn crate::store::BlobStore, root: &Digest) -
         for file in &directory.files {
             files.push(
                 child_digest(function, &file.name, file.digest.as_ref())
-                    .map_err(|problem| MissingError::Tree(TreeError { digest: digest.to_string(), problem }))?,
+                    .map_err(|e| MissingError::Tree(TreeError { digest: digest.to_string(), problem: e.0 }))?,
             );
         }
         for sub in &directory.directories {
             pending.push(
                 child_digest(function, &sub.name, sub.digest.as_ref())
-                    .map_err(|problem| MissingError::Tree(TreeError { digest: digest.to_string(), problem }))?,
+                    .map_err(|e| MissingError::Tree(TreeError { digest: digest.to_string(), problem: e.0 }))?,
             );
         }
     }

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::error::Invalid;
 use casbuild_cas::storage::Storage;
 use casbuild_cas::store::{BlobStore, StoreError};
 use casbuild_cas::tree::{check_output_path, child_digest, validate_directory};
@@ -34,9 +35,11 @@ impl ActionCacheService {
 pub(crate) enum Unusable {
     /// A path or Tree is malformed (a path outside the output root, a Tree
     /// entry named `..`, a digest that does not parse).
-    Invalid(String),
+    Invalid(Invalid),
     /// It references blobs the CAS does not have.
     Missing(Vec<Digest>),
+    /// The CAS could not say which blobs it has.
+    Store(StoreError),
 }
 
 /// Every blob digest `result` references: output files, stdout/stderr,
@@ -47,7 +50,7 @@ async fn referenced_blobs(
     cas: &dyn BlobStore,
     function: DigestFunction,
     result: &ActionResult,
-) -> Result<Vec<Digest>, String> {
+) -> Result<Vec<Digest>, Invalid> {
     check_paths(result)?;
     let mut digests = Vec::new();
     for file in &result.output_files {
@@ -62,12 +65,15 @@ async fn referenced_blobs(
         let tree_digest = child_digest(function, &dir.path, dir.tree_digest.as_ref())?;
         digests.push(tree_digest);
         let Ok(bytes) = cas.read_all(&tree_digest).await else { continue };
-        let tree =
-            Tree::decode(bytes).map_err(|e| format!("output directory {:?}: Tree does not decode: {e}", dir.path))?;
-        let root =
-            tree.root.as_ref().ok_or_else(|| format!("output directory {:?}: its Tree has no root", dir.path))?;
+        let tree = Tree::decode(bytes)
+            .map_err(|e| Invalid(format!("output directory {:?}: Tree does not decode: {e}", dir.path)))?;
+        let root = tree
+            .root
+            .as_ref()
+            .ok_or_else(|| Invalid(format!("output directory {:?}: its Tree has no root", dir.path)))?;
         for directory in std::iter::once(root).chain(tree.children.iter()) {
-            validate_directory(directory, function).map_err(|e| format!("output directory {:?}: {e}", dir.path))?;
+            validate_directory(directory, function)
+                .map_err(|e| e.context(format!("output directory {:?}", dir.path)))?;
             for file in &directory.files {
                 digests.push(child_digest(function, &file.name, file.digest.as_ref())?);
             }
@@ -79,7 +85,7 @@ async fn referenced_blobs(
 /// Every output path of `result` is relative, normalized and used once.
 // The legacy symlink lists are still filled by REAPI < 2.1 clients.
 #[allow(deprecated)]
-fn check_paths(result: &ActionResult) -> Result<(), String> {
+fn check_paths(result: &ActionResult) -> Result<(), Invalid> {
     fn link(l: &casbuild_proto::reapi::OutputSymlink) -> (&String, Option<&str>) {
         (&l.path, Some(l.target.as_str()))
     }
@@ -99,7 +105,7 @@ fn check_paths(result: &ActionResult) -> Result<(), String> {
         // per-kind lists: a repeat is fine only as the very same link.
         match seen.insert(path.as_str(), target) {
             Some(previous) if previous.is_none() || previous != target => {
-                return Err(format!("output path {path:?} appears twice"));
+                return Err(Invalid(format!("output path {path:?} appears twice")));
             }
             _ => {}
         }
@@ -116,7 +122,7 @@ pub(crate) async fn check_result(
     result: &ActionResult,
 ) -> Result<(), Unusable> {
     let referenced = referenced_blobs(cas, function, result).await.map_err(Unusable::Invalid)?;
-    let missing = cas.find_missing(&referenced).await.map_err(|e| Unusable::Invalid(e.to_string()))?;
+    let missing = cas.find_missing(&referenced).await.map_err(Unusable::Store)?;
     if missing.is_empty() {
         Ok(())
     } else {
@@ -179,9 +185,8 @@ impl ActionCache for ActionCacheService {
         let cas = self.storage.cas(&request.instance_name);
         match check_result(cas.as_ref(), action.function, &result).await {
             Ok(()) => {}
-            Err(Unusable::Invalid(problem)) => {
-                return Err(Status::invalid_argument(format!("action_result: {problem}")))
-            }
+            Err(Unusable::Invalid(problem)) => return Err(problem.context("action_result").into()),
+            Err(Unusable::Store(e)) => return Err(store_status(e)),
             Err(Unusable::Missing(missing)) => {
                 let mut status = precondition_missing(&missing);
                 status.message = format!("action_result references blobs the CAS lacks: {}", status.message);

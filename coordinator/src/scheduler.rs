@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use casbuild_cas::digest::Digest;
+use casbuild_cas::error::Invalid;
 use casbuild_cas::storage::Storage;
 use casbuild_cas::tree::{child_digest, missing_in_tree, MissingError};
 
@@ -408,6 +409,9 @@ impl Scheduler {
                         tracing::warn!("{message}");
                         return error_response(Code::Internal, message);
                     }
+                    Err(Unusable::Store(e)) => {
+                        return error_response(Code::Unavailable, format!("checking the result of {action}: {e}"));
+                    }
                     Err(Unusable::Missing(missing)) => {
                         let message = format!(
                             "the worker's result for {action} references {} blob(s) it did not upload: {}",
@@ -455,6 +459,7 @@ impl Scheduler {
         let cas = self.storage.cas(instance);
         let function = action.function;
         let invalid = |m: String| error_response(Code::InvalidArgument, m);
+        let invalid_in = |e: Invalid| error_response(e.code(), e.context("Action").0);
         let read = |digest: Digest| {
             let cas = cas.clone();
             async move {
@@ -471,9 +476,9 @@ impl Scheduler {
         let action_proto = Action::decode(action_bytes.clone())
             .map_err(|e| invalid(format!("Action {action} does not decode: {e}")))?;
         let command =
-            child_digest(function, "command_digest", action_proto.command_digest.as_ref()).map_err(invalid)?;
+            child_digest(function, "command_digest", action_proto.command_digest.as_ref()).map_err(invalid_in)?;
         let root =
-            child_digest(function, "input_root_digest", action_proto.input_root_digest.as_ref()).map_err(invalid)?;
+            child_digest(function, "input_root_digest", action_proto.input_root_digest.as_ref()).map_err(invalid_in)?;
         let platform: Vec<(String, String)> = action_proto
             .platform
             .iter()

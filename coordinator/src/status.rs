@@ -68,7 +68,7 @@ pub struct Violation {
 /// INVALID_ARGUMENT unless `name` is an acceptable instance name
 /// ([`casbuild_cas::resource::check_instance_name`]).
 pub fn check_instance(name: &str) -> Result<(), Status> {
-    casbuild_cas::resource::check_instance_name(name).map_err(Status::invalid_argument)
+    Ok(casbuild_cas::resource::check_instance_name(name)?)
 }
 
 /// Most MISSING violations one status lists: a client uploads those and

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_cas::error::Invalid;
 use casbuild_cas::local_tree::{hash_reader, LocalTree};
 use casbuild_proto::reapi::{ActionResult, Command, Directory, OutputDirectory, OutputFile, OutputSymlink, Tree};
 use prost::Message;
@@ -40,24 +41,24 @@ fn declared(command: &Command) -> Vec<(String, Declared)> {
 /// Checks the declared outputs: relative, inside the tree, no duplicates,
 /// none inside another. Returns the directories (relative to the working
 /// tree's root) to create before the command runs: the outputs' parents.
-pub fn output_parents(command: &Command) -> Result<Vec<String>, String> {
+pub fn output_parents(command: &Command) -> Result<Vec<String>, Invalid> {
     let cwd = &command.working_directory;
-    relative_inside(cwd).map_err(|e| format!("working directory {cwd:?}: {e}"))?;
+    relative_inside(cwd).map_err(|e| e.context(format!("working directory {cwd:?}")))?;
     let outputs = declared(command);
     let mut seen = BTreeSet::new();
     for (path, _) in &outputs {
         if path.is_empty() {
-            return Err("an output path is empty".into());
+            return Err(Invalid("an output path is empty".into()));
         }
-        relative_inside(path).map_err(|e| format!("output path {path:?}: {e}"))?;
+        relative_inside(path).map_err(|e| e.context(format!("output path {path:?}")))?;
         let normal = normalize(path);
         if !seen.insert(normal.clone()) {
-            return Err(format!("output path {path:?} is declared twice"));
+            return Err(Invalid(format!("output path {path:?} is declared twice")));
         }
     }
     for a in &seen {
         if let Some(b) = seen.iter().find(|b| b.starts_with(&format!("{a}/"))) {
-            return Err(format!("output paths collide: {b:?} is inside {a:?}"));
+            return Err(Invalid(format!("output paths collide: {b:?} is inside {a:?}")));
         }
     }
     let parents = seen
@@ -210,10 +211,10 @@ mod tests {
 
     #[test]
     fn escaping_duplicate_and_colliding_outputs_are_refused() {
-        assert!(output_parents(&command(&["../x"])).unwrap_err().contains("output path"));
-        assert!(output_parents(&command(&["/abs"])).unwrap_err().contains("output path"));
-        assert!(output_parents(&command(&["a", "./a"])).unwrap_err().contains("twice"));
-        assert!(output_parents(&command(&["a", "a/b"])).unwrap_err().contains("collide"));
+        assert!(output_parents(&command(&["../x"])).unwrap_err().0.contains("output path"));
+        assert!(output_parents(&command(&["/abs"])).unwrap_err().0.contains("output path"));
+        assert!(output_parents(&command(&["a", "./a"])).unwrap_err().0.contains("twice"));
+        assert!(output_parents(&command(&["a", "a/b"])).unwrap_err().0.contains("collide"));
         assert!(output_parents(&command(&["ab", "a/b"])).is_ok());
     }
 

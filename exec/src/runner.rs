@@ -277,11 +277,11 @@ impl Runner {
         let (known_action, known_command) = known.unzip();
         let action: Action = self.decode_or_fetch(&*store, action_digest, known_action, "Action").await?;
         let command_digest = child_digest(function, "command_digest", action.command_digest.as_ref())
-            .map_err(|e| ActionError::Invalid(format!("Action: {e}")))?;
+            .map_err(|e| e.context("Action"))?;
         let input_root = child_digest(function, "input_root_digest", action.input_root_digest.as_ref())
-            .map_err(|e| ActionError::Invalid(format!("Action: {e}")))?;
+            .map_err(|e| e.context("Action"))?;
         let command: Command = self.decode_or_fetch(&*store, &command_digest, known_command, "Command").await?;
-        let writable = output_parents(&command).map_err(ActionError::Invalid)?;
+        let writable = output_parents(&command)?;
         if !input_root.is_empty_blob()
             && !store.find_missing(&[input_root]).await.map_err(infra("FindMissing"))?.is_empty()
         {
@@ -335,7 +335,7 @@ impl Runner {
         spec.seccomp_deny = self.config.seccomp_deny.clone();
         spec.root_lower = Some(observer.0);
         spec.timeout_ms = Some(self.timeout_of(action)?.as_millis() as u64);
-        spec.validate().map_err(ActionError::Invalid)?;
+        spec.validate()?;
         let uid = self.uids.take().await?;
         spec.uid = uid.uid;
 

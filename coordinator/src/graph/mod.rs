@@ -143,8 +143,8 @@ pub fn normal(path: &str) -> String {
 
 impl Graph {
     /// Parses a graph; a JSON error names the line and column.
-    pub fn from_json(text: &str) -> Result<Graph, String> {
-        serde_json::from_str(text).map_err(|e| format!("not a valid graph: {e}"))
+    pub fn from_json(text: &str) -> Result<Graph, casbuild_cas::error::Invalid> {
+        serde_json::from_str(text).map_err(|e| casbuild_cas::error::Invalid(format!("not a valid graph: {e}")))
     }
 
     /// Every problem that makes the graph unrunnable; sources are looked up
@@ -405,6 +405,7 @@ mod tests {
         assert!(p.contains("timeout_secs 99999999999 is over the limit"), "{p}");
         assert!(Graph::from_json(r#"{"jobs": [{"id": "a", "argv": ["x"], "outptus": []}]}"#)
             .unwrap_err()
+            .0
             .contains("outptus"));
     }
 }

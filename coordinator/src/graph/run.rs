@@ -233,7 +233,7 @@ fn input_root(
             }
         };
         let entry = entry.ok_or_else(|| format!("input {input:?} is not available"))?;
-        root.insert(path, entry.clone())?;
+        root.insert(path, entry.clone()).map_err(|e| e.0)?;
     }
     Ok(root)
 }

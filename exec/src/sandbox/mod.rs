@@ -40,7 +40,7 @@ const HELPER_GRACE: Duration = Duration::from_secs(30);
 pub enum SandboxError {
     /// The spec asks for something not allowed (bad path, empty argv, ...).
     #[error("invalid command: {0}")]
-    Invalid(String),
+    Invalid(#[from] casbuild_cas::error::Invalid),
     /// The helper failed; the message says how.
     #[error("sandbox: {0}")]
     Helper(String),
@@ -163,7 +163,7 @@ impl Sandbox {
     /// directory and its writes under [`Sandbox::upper_path`]; the caller
     /// removes the scratch directory. Dropping the future kills the run.
     pub async fn run(&self, spec: &SandboxSpec) -> Result<RunReport, SandboxError> {
-        spec.validate().map_err(SandboxError::Invalid)?;
+        spec.validate()?;
         let layout = ScratchLayout::new(&spec.scratch);
         tokio::fs::create_dir_all(&spec.scratch)
             .await

@@ -3,6 +3,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use casbuild_cas::error::Invalid;
 use serde::{Deserialize, Serialize};
 
 /// Host paths made visible, read-only, in every sandbox unless configured
@@ -151,27 +152,29 @@ impl SandboxSpec {
     }
 
     /// Checks what the command asks for before anything is set up.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.argv.is_empty() || self.argv[0].is_empty() {
-            return Err("the command has no arguments (argv[0] names the program)".into());
+            return Err(Invalid("the command has no arguments (argv[0] names the program)".into()));
         }
         if self.argv.iter().chain(self.env.iter().flat_map(|(k, v)| [k, v])).any(|s| s.contains('\0')) {
-            return Err("arguments and environment may not contain NUL bytes".into());
+            return Err(Invalid("arguments and environment may not contain NUL bytes".into()));
         }
         if let Some((k, _)) = self.env.iter().find(|(k, _)| k.is_empty() || k.contains('=')) {
-            return Err(format!("invalid environment variable name {k:?}"));
+            return Err(Invalid(format!("invalid environment variable name {k:?}")));
         }
-        relative_inside(&self.cwd).map_err(|e| format!("working directory {:?}: {e}", self.cwd))?;
+        relative_inside(&self.cwd).map_err(|e| e.context(format!("working directory {:?}", self.cwd)))?;
         for dir in &self.writable_dirs {
-            relative_inside(dir).map_err(|e| format!("output directory {dir:?}: {e}"))?;
+            relative_inside(dir).map_err(|e| e.context(format!("output directory {dir:?}")))?;
         }
         if !self.work_dir.is_absolute() || self.work_dir == Path::new("/") {
-            return Err(format!("work_dir {} must be an absolute path below /", self.work_dir.display()));
+            return Err(Invalid(format!("work_dir {} must be an absolute path below /", self.work_dir.display())));
         }
         for path in [&self.input_root, &self.scratch].into_iter().chain(&self.root_lower) {
             let text = path.to_string_lossy();
             if !path.is_absolute() || text.contains([',', ':', '\\']) {
-                return Err(format!("{text} must be absolute and free of ',', ':' and '\\' (overlayfs options)"));
+                return Err(Invalid(format!(
+                    "{text} must be absolute and free of ',', ':' and '\\' (overlayfs options)"
+                )));
             }
         }
         Ok(())
@@ -187,12 +190,14 @@ fn top_name(path: &Path) -> Option<String> {
 }
 
 /// Checks that `path` is relative and stays inside the tree it is relative to.
-pub fn relative_inside(path: &str) -> Result<(), String> {
+pub fn relative_inside(path: &str) -> Result<(), Invalid> {
     for component in Path::new(path).components() {
         match component {
             Component::Normal(_) | Component::CurDir => {}
-            Component::ParentDir => return Err("'..' would leave the input root".into()),
-            Component::RootDir | Component::Prefix(_) => return Err("must be relative to the input root".into()),
+            Component::ParentDir => return Err(Invalid("'..' would leave the input root".into())),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(Invalid("must be relative to the input root".into()))
+            }
         }
     }
     Ok(())
@@ -297,13 +302,13 @@ mod tests {
             SandboxSpec::new("/in".into(), "/scratch".into(), argv.iter().map(|s| s.to_string()).collect())
         };
         assert!(spec(&["true"]).validate().is_ok());
-        assert!(spec(&[]).validate().unwrap_err().contains("no arguments"));
+        assert!(spec(&[]).validate().unwrap_err().0.contains("no arguments"));
         let mut s = spec(&["true"]);
         s.cwd = "../up".into();
-        assert!(s.validate().unwrap_err().contains("working directory"));
+        assert!(s.validate().unwrap_err().0.contains("working directory"));
         let mut s = spec(&["true"]);
         s.writable_dirs = vec!["/abs".into()];
-        assert!(s.validate().unwrap_err().contains("output directory"));
+        assert!(s.validate().unwrap_err().0.contains("output directory"));
         let mut s = spec(&["true"]);
         s.env = vec![("A=B".into(), "x".into())];
         assert!(s.validate().is_err());

@@ -68,7 +68,7 @@ fn measure(root: &Path, units: usize, rounds: usize, slots: Option<usize>) -> an
         // The host baseline: the same commands, one after another, in a fresh tree.
         let host = root.join(format!("host-{round}"));
         let expected = write_c_program(&host, units)?;
-        let graph = Graph::from_json(&std::fs::read_to_string(host.join("graph.json"))?).map_err(anyhow::Error::msg)?;
+        let graph = Graph::from_json(&std::fs::read_to_string(host.join("graph.json"))?)?;
         let start = Instant::now();
         let status = Command::new("sh").arg("-c").arg(serial_script(&graph)).current_dir(&host).status()?;
         serial.push(start.elapsed());
