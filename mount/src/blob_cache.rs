@@ -264,3 +264,96 @@ fn fetch_error(digest: &Digest, e: StoreError) -> FetchError {
         other => FetchError::Failed(format!("fetching {digest}: {other}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use async_trait::async_trait;
+    use casbuild_cas::digest::DigestFunction;
+    use casbuild_cas::store::{BlobStream, BlobWriter};
+
+    use super::*;
+
+    /// A CAS whose reads are counted and take a while, so that concurrent
+    /// openers of one blob overlap.
+    struct SlowCas {
+        inner: SharedStore,
+        reads: AtomicU64,
+    }
+
+    #[async_trait]
+    impl BlobStore for SlowCas {
+        async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
+            self.inner.find_missing(digests).await
+        }
+
+        async fn read(&self, digest: &Digest, offset: u64, limit: Option<u64>) -> Result<BlobStream, StoreError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.inner.read(digest, offset, limit).await
+        }
+
+        async fn begin_write(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>, StoreError> {
+            self.inner.begin_write(digest).await
+        }
+    }
+
+    /// Every instance is the one slow store.
+    struct OneInstance(Arc<SlowCas>);
+
+    impl CasInstances for OneInstance {
+        fn instance(&self, _instance: &str) -> SharedStore {
+            self.0.clone()
+        }
+    }
+
+    fn contents(cached: &CachedBlob) -> Vec<u8> {
+        match (&cached.data, &cached.file) {
+            (Some(data), _) => data.to_vec(),
+            (None, Some(file)) => {
+                let mut file: &File = file;
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut file, &mut bytes).unwrap();
+                bytes
+            }
+            (None, None) => Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_opens_of_a_blob_fetch_it_once_and_later_opens_stay_local() {
+        let function = DigestFunction::Sha256;
+        let remote = Arc::new(SlowCas { inner: Arc::new(MemoryStore::new(64 << 20)), reads: AtomicU64::new(0) });
+        let small = Bytes::from(vec![7u8; 1000]);
+        let large = Bytes::from((0..(3u32 << 20)).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        let (small_digest, large_digest) = (function.digest_of(&small), function.digest_of(&large));
+        remote.inner.write(&small_digest, small.clone()).await.unwrap();
+        remote.inner.write(&large_digest, large.clone()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let local = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        let cache = BlobCache::new(local, Arc::new(OneInstance(remote.clone())), "", Duration::from_secs(30));
+
+        for (digest, bytes) in [(small_digest, &small), (large_digest, &large)] {
+            let opens = futures::future::join_all((0..16).map(|_| cache.open(&digest))).await;
+            for open in &opens {
+                assert_eq!(&contents(open.as_ref().unwrap()), bytes);
+            }
+        }
+        assert_eq!(remote.reads.load(Ordering::SeqCst), 2, "sixteen opens of each of two blobs, two fetches");
+        assert_eq!(cache.remote_reads(), 2);
+
+        // Both are local now: the large one on disk, the small one in memory.
+        for digest in [small_digest, large_digest] {
+            cache.open(&digest).await.unwrap();
+        }
+        assert_eq!(remote.reads.load(Ordering::SeqCst), 2);
+        assert!(cache.local().find_missing(&[large_digest]).await.unwrap().is_empty());
+
+        // A blob the CAS lacks is NotFound for every waiter, and nothing is cached.
+        let absent = function.digest_of(b"absent");
+        let opens = futures::future::join_all((0..4).map(|_| cache.open(&absent))).await;
+        assert!(opens.iter().all(|o| matches!(o, Err(FetchError::NotFound(_)))));
+        assert_eq!(cache.local().find_missing(&[absent]).await.unwrap(), vec![absent]);
+    }
+}
