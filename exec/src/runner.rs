@@ -342,6 +342,11 @@ impl Runner {
         let exec_start = SystemTime::now();
         let report = self.sandbox.run(&spec).await.map_err(|e| ActionError::Unavailable(e.to_string()))?;
         let exec_done = SystemTime::now();
+        // Inputs read while they streamed in were not verified yet: no result
+        // is built on bytes that turn out not to match their digest.
+        self.mount.verify_streamed(name).await.map_err(|e| {
+            ActionError::Unavailable(format!("an input the command read failed verification afterwards: {e}"))
+        })?;
         let access = self.mount.access_report(name).unwrap_or_default();
         let observed = self.mount.access_report(observer.1).unwrap_or_default();
         if let Some(error) = &report.error {

@@ -6,7 +6,9 @@
 //! Paths are relative to the input root, `/`-separated; the root itself is "".
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use crate::download::Download;
 
 /// Misses kept per log. Other kinds name paths that exist in the tree, so
 /// the tree bounds them; a command can make up names without end.
@@ -40,9 +42,18 @@ impl AccessReport {
 }
 
 /// One input root's log, appended to by the FUSE threads.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct AccessLog {
     report: Mutex<AccessReport>,
+    /// Files opened while they were still streaming in: their bytes were
+    /// served before the blob was verified.
+    streamed: Mutex<Vec<Arc<Download>>>,
+}
+
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLog").field("report", &self.report).finish_non_exhaustive()
+    }
 }
 
 /// What happened to a path.
@@ -77,6 +88,24 @@ impl AccessLog {
         set.insert(path.to_owned());
     }
 
+    /// Notes a file opened while `download` streams it in.
+    pub(crate) fn streamed(&self, download: Arc<Download>) {
+        let mut streamed = self.streamed.lock().unwrap_or_else(|e| e.into_inner());
+        if !streamed.iter().any(|d| Arc::ptr_eq(d, &download)) {
+            streamed.push(download);
+        }
+    }
+
+    /// Waits until every file opened while streaming in is verified; the
+    /// first failure says which blob did not match (or could not be had).
+    pub async fn verify_streamed(&self) -> Result<(), String> {
+        let streamed = self.streamed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for download in streamed {
+            download.finished().await?;
+        }
+        Ok(())
+    }
+
     /// A copy of what has been logged so far.
     pub fn report(&self) -> AccessReport {
         self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -85,6 +114,7 @@ impl AccessLog {
     /// Forgets everything logged so far.
     pub fn clear(&self) {
         *self.report.lock().unwrap_or_else(|e| e.into_inner()) = AccessReport::default();
+        self.streamed.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 

@@ -7,6 +7,9 @@
 //! - Small blobs: read whole (BatchReadBlobs from a remote CAS) into a memory
 //!   tier and written to the disk cache behind the reader's back.
 //! - Directory protos: read into memory only; the mount keeps them decoded.
+//! - Blobs of [`STREAM_MIN`] bytes and more are not waited for whole: a
+//!   [`Download`] streams them into their cache file while readers read the
+//!   ranges that have arrived (and ranged reads serve reads far ahead).
 //!
 //! Single-flight ([`Flights`]) joins concurrent requests for one blob, and a
 //! fetch completes and fills the cache even if the request that started it
@@ -14,9 +17,10 @@
 //! the coordinator's own storage under `casbuild up`, where the disk tier is
 //! the coordinator's and nothing is copied.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +30,8 @@ use casbuild_cas::store::{
     BlobStore, CasInstances, DiskStore, Flights, IdleTimeout, MemoryStore, PinGuard, SharedStore, StoreError,
     TieredStore,
 };
+
+use crate::download::Download;
 
 /// Blobs up to this size are fetched whole with BatchReadBlobs, served from
 /// memory and written to the disk cache behind the reader's back; larger
@@ -42,6 +48,10 @@ const MAX_BATCH_READ: u64 = 1 << 20;
 /// allocated or streamed.
 const MAX_IN_MEMORY: u64 = 64 << 20;
 
+/// Blobs this large or larger are streamed into the cache while readers use
+/// them, instead of being fetched whole before the open returns.
+pub const STREAM_MIN: u64 = 8 << 20;
+
 /// Default memory budget for small blobs.
 const MEMORY_BUDGET: u64 = 256 << 20;
 
@@ -56,23 +66,31 @@ pub enum FetchError {
     Failed(String),
 }
 
-/// An open local copy of a blob: a cache file (pinned while this lives) or,
-/// for small blobs, the bytes in memory. Neither for the empty blob.
+/// An open local copy of a blob: a cache file (pinned while this lives),
+/// for small blobs the bytes in memory, or for a large cold blob the download
+/// that is streaming it in. None of them for the empty blob.
+#[derive(Default)]
 pub struct CachedBlob {
-    /// The blob's cache file.
+    /// The blob's (verified) cache file.
     pub file: Option<File>,
     /// The blob's bytes, for small blobs served from memory.
     pub data: Option<Bytes>,
+    /// The blob's fetch in progress: read through it.
+    pub download: Option<Arc<Download>>,
     _pin: Option<PinGuard>,
 }
 
 impl CachedBlob {
     fn file(file: File, pin: PinGuard) -> Self {
-        CachedBlob { file: Some(file), data: None, _pin: Some(pin) }
+        CachedBlob { file: Some(file), _pin: Some(pin), ..Default::default() }
     }
 
     fn bytes(data: Bytes) -> Self {
-        CachedBlob { file: None, data: Some(data), _pin: None }
+        CachedBlob { data: Some(data), ..Default::default() }
+    }
+
+    fn streaming(download: Arc<Download>, pin: PinGuard) -> Self {
+        CachedBlob { download: Some(download), _pin: Some(pin), ..Default::default() }
     }
 }
 
@@ -98,6 +116,9 @@ pub struct BlobCache {
     files: TieredStore,
     reads: Flights<(Digest, Use), Bytes>,
     memory_reads: Arc<AtomicU64>,
+    /// Large blobs streaming in, until each is verified (or has failed).
+    downloads: Arc<Mutex<HashMap<Digest, Arc<Download>>>>,
+    downloads_started: AtomicU64,
     idle_timeout: Duration,
 }
 
@@ -128,6 +149,8 @@ impl BlobCache {
             files,
             reads: Flights::default(),
             memory_reads: Arc::default(),
+            downloads: Arc::default(),
+            downloads_started: AtomicU64::new(0),
             idle_timeout,
         }
     }
@@ -146,7 +169,7 @@ impl BlobCache {
     /// How many blob reads went to the CAS (each fetch counts once, however
     /// many callers waited for it).
     pub fn remote_reads(&self) -> u64 {
-        self.files.copies() + self.memory_reads.load(Ordering::Relaxed)
+        self.files.copies() + self.memory_reads.load(Ordering::Relaxed) + self.downloads_started.load(Ordering::Relaxed)
     }
 
     /// The local store, for sizes and inspection.
@@ -177,7 +200,7 @@ impl BlobCache {
     /// stays pinned in the local cache (never evicted) while the result lives.
     pub async fn open(&self, digest: &Digest) -> Result<CachedBlob, FetchError> {
         if digest.is_empty_blob() {
-            return Ok(CachedBlob { file: None, data: None, _pin: None });
+            return Ok(CachedBlob::default());
         }
         let small = digest.size_bytes <= SMALL_BLOB;
         if small {
@@ -192,6 +215,9 @@ impl BlobCache {
         }
         if small {
             return self.read_into_memory(digest, Use::File).await.map(CachedBlob::bytes);
+        }
+        if digest.size_bytes >= STREAM_MIN {
+            return Ok(CachedBlob::streaming(self.download(digest).await?, pin));
         }
         self.files.promote(digest).await.map_err(|e| fetch_error(digest, e))?;
         match self.open_local(digest)? {
@@ -209,6 +235,26 @@ impl BlobCache {
             return Ok(Bytes::new());
         }
         self.read_into_memory(digest, Use::Directory).await
+    }
+
+    /// The download of `digest` in progress, or a new one.
+    async fn download(&self, digest: &Digest) -> Result<Arc<Download>, FetchError> {
+        let lock = || self.downloads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(download) = lock().get(digest) {
+            return Ok(download.clone());
+        }
+        let (writer, file) = self.local.begin_followed_write(digest).await.map_err(|e| fetch_error(digest, e))?;
+        let mut downloads = lock();
+        if let Some(download) = downloads.get(digest) {
+            return Ok(download.clone()); // another opener won; our writer removes its temp file
+        }
+        let (running, key) = (self.downloads.clone(), *digest);
+        let download = Download::start(*digest, writer, file, self.source.clone(), move |_| {
+            running.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        });
+        downloads.insert(*digest, download.clone());
+        self.downloads_started.fetch_add(1, Ordering::Relaxed);
+        Ok(download)
     }
 
     fn open_local(&self, digest: &Digest) -> Result<Option<File>, FetchError> {

@@ -51,12 +51,18 @@ pub(crate) struct MountState {
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
     /// One backing file per inode while any handle of it is open.
     backing: Mutex<HashMap<u64, Weak<BackingId>>>,
+    /// Handles open without passthrough, by inode: the kernel refuses a
+    /// passthrough open of an inode that has any (EIO), so while there are,
+    /// new opens of it are served from userspace too.
+    userspace_opens: Mutex<HashMap<u64, usize>>,
     next_fh: AtomicU64,
     pub passthrough_opens: AtomicU64,
 }
 
 struct OpenFile {
     blob: CachedBlob,
+    /// The inode, when this handle is open without passthrough.
+    userspace: Option<u64>,
     /// Keeps the kernel's backing file registered while this handle is open.
     _backing: Option<Arc<BackingId>>,
     /// Where reads are logged, for files inside an input root.
@@ -76,6 +82,7 @@ impl MountState {
             passthrough: AtomicBool::new(false),
             handles: Mutex::new(HashMap::new()),
             backing: Mutex::new(HashMap::new()),
+            userspace_opens: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             passthrough_opens: AtomicU64::new(0),
         }
@@ -251,13 +258,26 @@ impl CasFs {
             Ok(blob) => blob,
             Err(e) => return reply.error(fetch_errno("opening a file", e)),
         };
-        let backing = match (&blob.file, self.state.passthrough.load(Ordering::Relaxed)) {
-            (Some(fd), true) => self.backing_for(node.ino, fd, &reply),
+        let passthrough = self.state.passthrough.load(Ordering::Relaxed);
+        let mut userspace_opens = self.state.userspace_opens.lock().unwrap_or_else(|e| e.into_inner());
+        let backing = match &blob.file {
+            Some(fd) if passthrough && !userspace_opens.contains_key(&node.ino) => {
+                self.backing_for(node.ino, fd, &reply)
+            }
             _ => None,
         };
+        let userspace = (passthrough && backing.is_none()).then_some(node.ino);
+        if let Some(ino) = userspace {
+            *userspace_opens.entry(ino).or_insert(0) += 1;
+        }
+        drop(userspace_opens);
         let fh = self.state.next_fh.fetch_add(1, Ordering::Relaxed);
+        let streaming = blob.download.is_some();
+        if let (Some(scope), Some(download)) = (&node.scope, &blob.download) {
+            scope.log.streamed(download.clone());
+        }
         let scope = node.scope.as_ref().map(|s| (s.log.clone(), s.path.clone()));
-        let open = OpenFile { blob, _backing: backing.clone(), scope, logged_read: AtomicBool::new(false) };
+        let open = OpenFile { blob, userspace, _backing: backing.clone(), scope, logged_read: AtomicBool::new(false) };
         self.state.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, Arc::new(open));
         match backing {
             Some(id) => {
@@ -266,6 +286,9 @@ impl CasFs {
                 // (EIO): the backing file's own page cache serves instead.
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
             }
+            // A blob still streaming in is not verified yet: its pages must
+            // not outlive this open if the verdict is a mismatch.
+            None if streaming => reply.opened(FileHandle(fh), FopenFlags::empty()),
             // Content never changes: keep cached pages across opens.
             None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
         }
@@ -375,6 +398,15 @@ impl fuser::Filesystem for CasFs {
             let end = start.saturating_add(size as usize).min(data.len());
             return reply.data(&data[start..end]);
         }
+        if let Some(download) = &open.blob.download {
+            return match self.state.runtime.block_on(download.read(offset, size)) {
+                Ok(data) => reply.data(&data),
+                Err(why) => {
+                    tracing::warn!("reading a file: {why}");
+                    reply.error(Errno::EIO)
+                }
+            };
+        }
         let Some(file) = open.blob.file.as_ref() else { return reply.data(&[]) };
         let mut buf = vec![0; size as usize];
         let mut filled = 0;
@@ -400,6 +432,15 @@ impl fuser::Filesystem for CasFs {
         reply: fuser::ReplyEmpty,
     ) {
         let closed = self.state.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh.0);
+        if let Some(ino) = closed.as_ref().and_then(|open| open.userspace) {
+            let mut opens = self.state.userspace_opens.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(count) = opens.get_mut(&ino) {
+                *count -= 1;
+                if *count == 0 {
+                    opens.remove(&ino);
+                }
+            }
+        }
         drop(closed); // unpins the blob and, with the last handle, the backing file
         reply.ok()
     }

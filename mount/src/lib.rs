@@ -18,6 +18,7 @@
 
 mod access_log;
 mod blob_cache;
+mod download;
 mod filesystem;
 mod inodes;
 
@@ -167,6 +168,16 @@ impl CasMount {
     /// What has been accessed in `inputs/{name}` so far.
     pub fn access_report(&self, name: &str) -> Result<AccessReport, MountError> {
         self.state.inodes.input(name).map(|log| log.report()).ok_or_else(|| MountError::NotRegistered(name.to_owned()))
+    }
+
+    /// Waits until every file of `inputs/{name}` that was opened while it
+    /// streamed in has been verified: bytes served before the verdict must
+    /// not end up in a result if the blob turns out not to match. The error
+    /// names the blob.
+    pub async fn verify_streamed(&self, name: &str) -> Result<(), String> {
+        let log =
+            self.state.inodes.input(name).ok_or_else(|| MountError::NotRegistered(name.to_owned()).to_string())?;
+        log.verify_streamed().await
     }
 
     /// Clears the access log of `inputs/{name}`.

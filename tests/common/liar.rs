@@ -26,17 +26,21 @@ use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Blobs by hash; `lies` holds the hashes served with one byte flipped.
+/// ByteStream reads honour `read_offset`/`read_limit` and send 64 KiB
+/// chunks, each after `pace` (a slow link, so that reads meet a stream in
+/// progress).
 #[derive(Clone, Default)]
 pub struct Liar {
     pub blobs: Arc<HashMap<String, Bytes>>,
     pub lies: Arc<Vec<String>>,
+    pub pace: std::time::Duration,
 }
 
 impl Liar {
     /// A server of exactly these blobs (by their BLAKE3 digests), none altered.
     pub fn honest(blobs: &[Bytes]) -> Liar {
         let map = blobs.iter().map(|b| (DigestFunction::Blake3.digest_of(b).hash_hex(), b.clone())).collect();
-        Liar { blobs: Arc::new(map), lies: Arc::default() }
+        Liar { blobs: Arc::new(map), ..Default::default() }
     }
 
     /// Serves the CAS and ByteStream, plus whatever `more` adds, on a
@@ -148,12 +152,24 @@ impl ByteStream for Liar {
 
     async fn read(&self, request: Request<ReadRequest>) -> Result<Response<Self::ReadStream>, Status> {
         // blobs/{hash}/{size} or blobs/blake3/{hash}/{size}: the hash is the second-to-last part.
-        let name = request.into_inner().resource_name;
+        let request = request.into_inner();
+        let name = request.resource_name;
         let hash = name.rsplit('/').nth(1).unwrap_or_default().to_owned();
         let data = self.serve(&hash).ok_or_else(|| Status::not_found(name))?;
-        let chunks: Vec<Result<ReadResponse, Status>> =
-            data.chunks(64 << 10).map(|c| Ok(ReadResponse { data: c.to_vec() })).collect();
-        Ok(Response::new(futures::stream::iter(chunks).boxed()))
+        let start = (request.read_offset.max(0) as usize).min(data.len());
+        let end = match request.read_limit {
+            0 => data.len(),
+            limit => start.saturating_add(limit.max(0) as usize).min(data.len()),
+        };
+        let chunks: Vec<Vec<u8>> = data[start..end].chunks(64 << 10).map(<[u8]>::to_vec).collect();
+        let pace = self.pace;
+        let stream = futures::stream::iter(chunks).then(move |data| async move {
+            if !pace.is_zero() {
+                tokio::time::sleep(pace).await;
+            }
+            Ok(ReadResponse { data })
+        });
+        Ok(Response::new(stream.boxed()))
     }
 
     async fn write(&self, _: Request<Streaming<WriteRequest>>) -> Result<Response<WriteResponse>, Status> {

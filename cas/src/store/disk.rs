@@ -288,6 +288,45 @@ impl DiskStore {
         Ok(())
     }
 
+    /// Starts writing `digest` and opens a second handle on the file being
+    /// written, for a reader that follows the write (the mount serves a cold
+    /// file while it streams in). Every `write` of the returned writer is in
+    /// the file when it returns, so the bytes below `written()` can be read
+    /// through the handle. None of them is verified until `commit`, which
+    /// fails and removes the file if the whole blob does not match; the
+    /// handle stays readable after the commit moves the file into place.
+    pub async fn begin_followed_write(&self, digest: &Digest) -> Result<(Box<dyn BlobWriter>, File), StoreError> {
+        let (writer, reader) = self.writer(digest, true).await?;
+        let reader = reader.expect("a followed write opens a reader");
+        Ok((Box::new(writer), reader))
+    }
+
+    /// A writer into a new temp file, and a reader of that file if `follow`.
+    async fn writer(&self, digest: &Digest, follow: bool) -> Result<(DiskWriter, Option<File>), StoreError> {
+        self.check_budget(digest)?;
+        let tmp = self.new_temp_path();
+        let path = tmp.clone();
+        let (file, reader) = blocking(move || {
+            let file = File::create(&path).map_err(|e| StoreError::io(format!("create {}", path.display()), e))?;
+            let reader = match follow {
+                true => Some(File::open(&path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?),
+                false => None,
+            };
+            Ok((file, reader))
+        })
+        .await?;
+        let writer = DiskWriter {
+            store: self.clone(),
+            digest: *digest,
+            tmp,
+            state: Some((file, Verifier::new(*digest))),
+            pending: BytesMut::new(),
+            gather: !follow,
+            written: 0,
+        };
+        Ok((writer, reader))
+    }
+
     fn new_temp_path(&self) -> PathBuf {
         self.shared.root.join("tmp").join(uuid::Uuid::new_v4().to_string())
     }
@@ -433,20 +472,7 @@ impl BlobStore for DiskStore {
     }
 
     async fn begin_write(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>, StoreError> {
-        self.check_budget(digest)?;
-        let tmp = self.new_temp_path();
-        let path = tmp.clone();
-        let file =
-            blocking(move || File::create(&path).map_err(|e| StoreError::io(format!("create {}", path.display()), e)))
-                .await?;
-        Ok(Box::new(DiskWriter {
-            store: self.clone(),
-            digest: *digest,
-            tmp,
-            state: Some((file, Verifier::new(*digest))),
-            pending: BytesMut::new(),
-            written: 0,
-        }))
+        Ok(Box::new(self.writer(digest, false).await?.0))
     }
 
     /// One blocking task for the whole blob: verify, write, rename.
@@ -478,6 +504,8 @@ struct DiskWriter {
     state: Option<(File, Verifier)>,
     /// Small chunks gathered into one disk write.
     pending: BytesMut,
+    /// Whether small chunks are gathered (not when a reader follows the write).
+    gather: bool,
     written: u64,
 }
 
@@ -517,7 +545,7 @@ impl BlobWriter for DiskWriter {
             )));
         }
         self.written = total;
-        if self.pending.is_empty() && chunk.len() >= CHUNK_SIZE / 2 {
+        if !self.gather || (self.pending.is_empty() && chunk.len() >= CHUNK_SIZE / 2) {
             // Large chunks go to disk as they are, without gathering.
             return self.flush_chunk(chunk).await;
         }
