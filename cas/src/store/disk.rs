@@ -12,10 +12,11 @@
 //! half a blob, a blob that counts as present survives a power loss, and a
 //! crash leaves at most garbage in `tmp/` (cleared at the next open).
 //!
-//! Every read through [`BlobStore`] verifies the blob's hash. The one
-//! unverified way out, [`DiskStore::open_trusted`] (the FUSE mount hands the
-//! file to the kernel), trusts only what this process wrote or has already
-//! checked: a blob found on disk at open (written before a restart, perhaps
+//! Every read of a whole blob through [`BlobStore`] verifies its hash. The
+//! unverified ways out — [`DiskStore::open_trusted`] (the FUSE mount hands the
+//! file to the kernel) and ranged reads of large blobs (a part cannot be
+//! checked against the digest of the whole without reading all of it) —
+//! trust only what this process wrote or has already checked: a blob found on disk at open (written before a restart, perhaps
 //! torn or decayed since) is hashed on its first trusted open, and a file
 //! that does not match is deleted and reported absent, so the caller fetches
 //! it again.
@@ -345,14 +346,22 @@ impl DiskStore {
     /// Sends a blob's file in chunks; stops early when the reader goes away.
     /// Chunks are read into fresh vectors (no zeroing) that later convert to
     /// protobuf bytes fields without a copy.
-    fn send_chunks(file: File, digest: Digest, tx: mpsc::Sender<Result<Bytes, StoreError>>) {
+    fn send_chunks(file: File, digest: Digest, start: u64, end: u64, tx: mpsc::Sender<Result<Bytes, StoreError>>) {
+        use std::io::Seek;
+        let mut file = file;
+        if let Err(e) = file.seek(std::io::SeekFrom::Start(start)) {
+            let _ = tx.blocking_send(Err(StoreError::io(format!("seek in blob {digest:?}"), e)));
+            return;
+        }
         let mut file = file.take(u64::MAX);
+        let mut left = end - start;
         loop {
             let mut buf = Vec::with_capacity(CHUNK_SIZE);
-            file.set_limit(CHUNK_SIZE as u64);
+            file.set_limit(left.min(CHUNK_SIZE as u64));
             match file.read_to_end(&mut buf) {
                 Ok(0) => return,
-                Ok(_) => {
+                Ok(n) => {
+                    left -= n as u64;
                     if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
                         return;
                     }
@@ -464,9 +473,17 @@ impl BlobStore for DiskStore {
             return Ok(chunked(data, start, end));
         }
         let opener = store.clone();
+        if start > 0 || end < digest.size_bytes {
+            // A part: from a file verified when written or hashed once since.
+            let file = blocking(move || opener.open_trusted(&digest)).await?;
+            let file = file.ok_or_else(|| StoreError::not_found(&digest))?;
+            let (tx, rx) = mpsc::channel(4);
+            tokio::task::spawn_blocking(move || DiskStore::send_chunks(file, digest, start, end, tx));
+            return Ok(ReceiverStream::new(rx).boxed());
+        }
         let file = blocking(move || opener.open_blob(&digest)).await?.ok_or_else(|| StoreError::not_found(&digest))?;
         let (tx, rx) = mpsc::channel(4);
-        tokio::task::spawn_blocking(move || DiskStore::send_chunks(file, digest, tx));
+        tokio::task::spawn_blocking(move || DiskStore::send_chunks(file, digest, start, end, tx));
         let whole = verified(ReceiverStream::new(rx).boxed(), digest, move || store.corrupt(&digest));
         Ok(byte_range(whole, start, end))
     }
@@ -749,6 +766,35 @@ mod tests {
         assert!(store.open_trusted(&b).unwrap().is_none(), "the corrupt blob is reported absent");
         assert!(!store.path_of(&b).exists());
         assert_eq!(store.find_missing(&[a, b]).await.unwrap(), vec![b]);
+    }
+
+    #[tokio::test]
+    async fn ranged_reads_of_large_blobs_read_only_their_range_and_trust_only_checked_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = WHOLE_READ_MAX as usize + (3 << 20);
+        let (a, da) = blob(10, size);
+        let (b, db) = blob(11, size);
+        {
+            let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+            store.write(&a, da.clone()).await.unwrap();
+            store.write(&b, db.clone()).await.unwrap();
+            for (start, len) in [(0, 10), (size as u64 - 7, 7), (5 << 20, (1 << 20) + 3)] {
+                let stream = store.read(&a, start, Some(len)).await.unwrap();
+                let got: Vec<u8> = stream.map(|c| c.unwrap().to_vec()).collect::<Vec<_>>().await.concat();
+                assert_eq!(got, &da[start as usize..(start + len) as usize], "{len} bytes at {start}");
+            }
+            // Decay behind the store's back.
+            let mut bytes = std::fs::read(store.path_of(&b)).unwrap();
+            bytes[size - 1] ^= 1;
+            std::fs::write(store.path_of(&b), bytes).unwrap();
+        }
+        // After a restart a part is served only from a file hashed first.
+        let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        let refused = store.read(&b, 0, Some(10)).await.err().expect("the decayed blob is refused");
+        assert!(refused.is_not_found(), "{refused}");
+        let got: Vec<u8> =
+            store.read(&a, 3, Some(4)).await.unwrap().map(|c| c.unwrap().to_vec()).collect::<Vec<_>>().await.concat();
+        assert_eq!(got, &da[3..7]);
     }
 
     #[tokio::test]
