@@ -38,10 +38,7 @@ pub struct CasArgs {
 }
 
 pub async fn bench_cas(args: CasArgs) -> anyhow::Result<()> {
-    let scratch = match &args.dir {
-        Some(dir) => tempfile::tempdir_in(dir)?,
-        None => tempfile::tempdir()?,
-    };
+    let scratch = super::scratch_dir(args.dir.as_deref())?;
     let server = LocalServer::start(&scratch.path().join("store")).await?;
     let remote = server.remote.clone();
     let function = args.digest_function;

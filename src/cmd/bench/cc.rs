@@ -93,10 +93,7 @@ fn make(dir: &Path, jobs: u32, cc: &str, env: &[(&str, &str)], target: &str) -> 
 }
 
 pub async fn bench_cc(args: CcArgs) -> anyhow::Result<()> {
-    let scratch = match &args.dir {
-        Some(dir) => tempfile::tempdir_in(dir)?,
-        None => tempfile::tempdir()?,
-    };
+    let scratch = super::scratch_dir(args.dir.as_deref())?;
     let projects = vec![
         Project {
             name: "zstd",

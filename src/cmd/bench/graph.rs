@@ -48,10 +48,7 @@ fn graph_run(url: &str, instance: &str, dir: &Path) -> anyhow::Result<Duration> 
 }
 
 pub async fn bench_graph(args: GraphArgs) -> anyhow::Result<()> {
-    let scratch = match &args.dir {
-        Some(dir) => tempfile::tempdir_in(dir)?,
-        None => tempfile::tempdir()?,
-    };
+    let scratch = super::scratch_dir(args.dir.as_deref())?;
     let root = scratch.path().to_path_buf();
     let (units, rounds, slots) = (args.units.max(1), args.rounds.max(1), args.slots);
     tokio::task::spawn_blocking(move || measure(&root, units, rounds, slots)).await?

@@ -4,6 +4,7 @@
 mod cas;
 mod cc;
 mod demo;
+mod exec;
 mod graph;
 mod mount;
 mod pki;
@@ -35,6 +36,10 @@ pub enum Command {
     /// The zstd and Lua builds through `casbuild cc` (cold, warm) against
     /// local make, and one cache hit against a plain `gcc -c`.
     Cc(cc::CcArgs),
+    /// No-op actions from an independent REAPI client through `casbuild up`
+    /// (run, and as cache hits) against fork/exec, and where one action's
+    /// time goes.
+    Exec(exec::ExecArgs),
 }
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
@@ -44,7 +49,16 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Sandbox(args) => sandbox::bench_sandbox(args).await,
         Command::Graph(args) => graph::bench_graph(args).await,
         Command::Cc(args) => cc::bench_cc(args).await,
+        Command::Exec(args) => exec::bench_exec(args).await,
     }
+}
+
+/// A scratch directory for a bench, inside `dir` if given, removed when dropped.
+fn scratch_dir(dir: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
+    Ok(match dir {
+        Some(dir) => tempfile::tempdir_in(dir)?,
+        None => tempfile::tempdir()?,
+    })
 }
 
 fn median(mut samples: Vec<Duration>) -> Duration {

@@ -93,10 +93,7 @@ impl Fresh {
 }
 
 pub async fn bench_mount(args: MountArgs) -> anyhow::Result<()> {
-    let scratch = match &args.dir {
-        Some(dir) => tempfile::tempdir_in(dir)?,
-        None => tempfile::tempdir()?,
-    };
+    let scratch = super::scratch_dir(args.dir.as_deref())?;
     let mut setup = prepare(&args, scratch.path()).await?;
     let runs = args.runs.max(1);
     let mut rows = Vec::new();

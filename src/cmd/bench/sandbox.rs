@@ -45,10 +45,7 @@ fn bwrap(input: &Path) -> Command {
 }
 
 pub async fn bench_sandbox(args: SandboxArgs) -> anyhow::Result<()> {
-    let scratch = match &args.dir {
-        Some(dir) => tempfile::tempdir_in(dir)?,
-        None => tempfile::tempdir()?,
-    };
+    let scratch = super::scratch_dir(args.dir.as_deref())?;
     let input = scratch.path().join("input");
     std::fs::create_dir_all(&input)?;
     let helper = std::env::current_exe()?;
