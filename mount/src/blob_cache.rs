@@ -119,6 +119,8 @@ pub struct BlobCache {
     /// Large blobs streaming in, until each is verified (or has failed).
     downloads: Arc<Mutex<HashMap<Digest, Arc<Download>>>>,
     downloads_started: AtomicU64,
+    /// Blobs this large or larger are streamed (see [`STREAM_MIN`]).
+    stream_min: Arc<AtomicU64>,
     idle_timeout: Duration,
 }
 
@@ -151,6 +153,7 @@ impl BlobCache {
             memory_reads: Arc::default(),
             downloads: Arc::default(),
             downloads_started: AtomicU64::new(0),
+            stream_min: Arc::new(AtomicU64::new(STREAM_MIN)),
             idle_timeout,
         }
     }
@@ -158,7 +161,21 @@ impl BlobCache {
     /// A cache of the same CAS's `instance`, sharing this cache's disk and
     /// memory budgets (blobs are kept per instance).
     pub fn for_instance(&self, instance: &str) -> BlobCache {
-        BlobCache::with_memory(self.local.clone(), self.memory.clone(), self.cas.clone(), instance, self.idle_timeout)
+        let mut cache = BlobCache::with_memory(
+            self.local.clone(),
+            self.memory.clone(),
+            self.cas.clone(),
+            instance,
+            self.idle_timeout,
+        );
+        cache.stream_min = self.stream_min.clone();
+        cache
+    }
+
+    /// Streams cold blobs of `bytes` or more (and this cache's other
+    /// instances'); larger than any blob fetches every blob whole first.
+    pub fn set_stream_min(&self, bytes: u64) {
+        self.stream_min.store(bytes.max(SMALL_BLOB + 1), Ordering::Relaxed);
     }
 
     /// The REAPI instance this cache fetches from.
@@ -216,7 +233,7 @@ impl BlobCache {
         if small {
             return self.read_into_memory(digest, Use::File).await.map(CachedBlob::bytes);
         }
-        if digest.size_bytes >= STREAM_MIN {
+        if digest.size_bytes >= self.stream_min.load(Ordering::Relaxed) {
             return Ok(CachedBlob::streaming(self.download(digest).await?, pin));
         }
         self.files.promote(digest).await.map_err(|e| fetch_error(digest, e))?;

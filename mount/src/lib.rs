@@ -48,11 +48,14 @@ pub struct MountOptions {
     /// group): every entry is owned by root and that group, with no
     /// permissions for others. `None`: everyone may read it.
     pub readers: Option<u32>,
+    /// Cold files of this many bytes or more are read while they stream in;
+    /// smaller ones are fetched whole before their open returns.
+    pub stream_min: u64,
 }
 
 impl Default for MountOptions {
     fn default() -> Self {
-        MountOptions { threads: 16, passthrough: true, readers: None }
+        MountOptions { threads: 16, passthrough: true, readers: None, stream_min: blob_cache::STREAM_MIN }
     }
 }
 
@@ -110,6 +113,7 @@ impl CasMount {
         options: &MountOptions,
     ) -> Result<CasMount, MountError> {
         let mount_error = |source| MountError::Mount { path: mountpoint.to_path_buf(), source };
+        cache.set_stream_min(options.stream_min);
         let mountpoint = std::path::absolute(mountpoint).map_err(mount_error)?;
         detach_stale_mounts(&mountpoint).map_err(mount_error)?;
         std::fs::create_dir_all(&mountpoint).map_err(mount_error)?;

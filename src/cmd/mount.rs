@@ -92,7 +92,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .with_context(|| format!("connecting to {}", args.remote))?;
     let cache_dir = args.cache_dir.unwrap_or_else(|| default_data_dir().join("mount-cache"));
     let _claims = crate::claims::claim("mount", &[("mount", &args.mountpoint), ("cache", &cache_dir)])?;
-    let options = MountOptions { threads: args.threads, passthrough: !args.no_passthrough, readers: None };
+    let options = MountOptions { threads: args.threads, passthrough: !args.no_passthrough, ..Default::default() };
     let local = open_cache(&cache_dir, args.cache_size).await?;
     let mount = mount_cas(&args.mountpoint, local, retrying(remote), &args.instance, timeout, options).await?;
     let shutdown = shutdown_signal()?;
