@@ -490,8 +490,8 @@ async fn sequential(setup: &mut Setup, runs: usize, size: u64) -> anyhow::Result
             "  run {}: mount cold {:.2} GB/s (fetched whole first {:.2} GB/s) first re-read {:.2} GB/s warm {:.2} GB/s; \
              local disk cold {:.2} GB/s warm {:.2} GB/s",
             run + 1,
-            gb_per_s(size, whole[run]),
             gb_per_s(size, cold[run]),
+            gb_per_s(size, whole[run]),
             gb_per_s(size, reread[run]),
             gb_per_s(size, warm[run]),
             gb_per_s(size, local_cold[run]),
