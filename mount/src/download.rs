@@ -126,10 +126,15 @@ impl Download {
                 Progress::Arrived(_) => {}
             }
             if progress.changed().await.is_err() {
-                // The task always says how it ended before it stops.
-                if let Progress::Failed(why) = &*progress.borrow() {
-                    return Err(why.clone());
-                }
+                // The task says how it ended before it stops; if it was
+                // dropped instead (the runtime shutting down), nothing more
+                // will arrive.
+                return match &*progress.borrow() {
+                    Progress::Failed(why) => Err(why.clone()),
+                    Progress::Verified => self.read_file(offset, end),
+                    Progress::Arrived(arrived) if *arrived >= end => self.read_file(offset, end),
+                    Progress::Arrived(_) => Err(format!("the fetch of {} stopped", self.digest)),
+                };
             }
         }
     }
