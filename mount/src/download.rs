@@ -229,3 +229,120 @@ async fn stream_into(
     }
     writer.commit().await
 }
+
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+    use casbuild_cas::digest::DigestFunction;
+    use casbuild_cas::store::{BlobStore, BlobStream, DiskStore, MemoryStore};
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+
+    use super::*;
+
+    /// A CAS whose whole-blob read sends exactly the chunks the test feeds;
+    /// ranged reads come from memory at once.
+    struct Fed {
+        blobs: MemoryStore,
+        chunks: Mutex<Option<mpsc::UnboundedReceiver<Result<Bytes, StoreError>>>>,
+    }
+
+    #[async_trait]
+    impl BlobStore for Fed {
+        async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, StoreError> {
+            self.blobs.find_missing(digests).await
+        }
+
+        async fn read(&self, digest: &Digest, offset: u64, limit: Option<u64>) -> Result<BlobStream, StoreError> {
+            if offset == 0 && limit.is_none() {
+                let rx = self.chunks.lock().unwrap().take().expect("one whole read");
+                return Ok(UnboundedReceiverStream::new(rx).boxed());
+            }
+            self.blobs.read(digest, offset, limit).await
+        }
+
+        async fn begin_write(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>, StoreError> {
+            self.blobs.begin_write(digest).await
+        }
+    }
+
+    async fn fixture(
+        data: &Bytes,
+    ) -> (tempfile::TempDir, DiskStore, Digest, Arc<Fed>, mpsc::UnboundedSender<Result<Bytes, StoreError>>) {
+        let digest = DigestFunction::Blake3.digest_of(data);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let fed = Arc::new(Fed { blobs: MemoryStore::new(1 << 30), chunks: Mutex::new(Some(rx)) });
+        fed.blobs.write(&digest, data.clone()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let local = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        (dir, local, digest, fed, tx)
+    }
+
+    fn data(len: usize) -> Bytes {
+        (0..len).map(|i| (i % 253) as u8).collect::<Vec<u8>>().into()
+    }
+
+    #[tokio::test]
+    async fn reads_wait_for_their_range_far_ones_are_ranged_and_the_blob_is_cached_once_verified() {
+        let blob = data(20 << 20);
+        let (_dir, local, digest, fed, tx) = fixture(&blob).await;
+        let (writer, file) = local.begin_followed_write(&digest).await.unwrap();
+        let download = Download::start(digest, writer, file, fed, |_| {});
+
+        let first = tokio::spawn({
+            let download = download.clone();
+            async move { download.read(0, 4096).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!first.is_finished(), "nothing has arrived yet");
+        tx.send(Ok(blob.slice(..1 << 20))).unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), blob.slice(..4096));
+
+        // 15 MiB is far ahead of the stream: a ranged read, at once.
+        let far = download.read(15 << 20, 100_000).await.unwrap();
+        assert_eq!(far, blob.slice(15 << 20..(15 << 20) + 100_000));
+        assert_eq!(download.ranged_reads(), 1);
+        assert!(local.find_missing(&[digest]).await.unwrap() == vec![digest], "not cached before it is whole");
+
+        for start in (1 << 20..blob.len()).step_by(1 << 20) {
+            tx.send(Ok(blob.slice(start..blob.len().min(start + (1 << 20))))).unwrap();
+        }
+        drop(tx);
+        download.finished().await.unwrap();
+        assert_eq!(download.read(blob.len() as u64 - 1, 10).await.unwrap(), blob.slice(blob.len() - 1..));
+        assert!(local.find_missing(&[digest]).await.unwrap().is_empty(), "cached once verified");
+    }
+
+    #[tokio::test]
+    async fn a_blob_that_does_not_match_fails_every_later_read_and_is_not_cached() {
+        let blob = data(10 << 20);
+        let (_dir, local, digest, fed, tx) = fixture(&blob).await;
+        let (writer, file) = local.begin_followed_write(&digest).await.unwrap();
+        let download = Download::start(digest, writer, file, fed, |_| {});
+        let mut lie = blob.to_vec();
+        lie[5] ^= 1;
+        tx.send(Ok(Bytes::from(lie))).unwrap();
+        drop(tx);
+        assert!(download.finished().await.is_err());
+        assert!(download.read(0, 10).await.is_err(), "no read after the verdict");
+        assert_eq!(local.find_missing(&[digest]).await.unwrap(), vec![digest]);
+    }
+
+    #[test]
+    fn a_reader_of_a_fetch_whose_task_was_dropped_gets_an_error() {
+        let blob = data(10 << 20);
+        let main = tokio::runtime::Runtime::new().unwrap();
+        let (_dir, local, digest, fed, tx) = main.block_on(fixture(&blob));
+        let other = tokio::runtime::Runtime::new().unwrap();
+        let download = other.block_on(async {
+            let (writer, file) = local.begin_followed_write(&digest).await.unwrap();
+            Download::start(digest, writer, file, fed, |_| {})
+        });
+        drop(other); // drops the fetch task mid-stream
+        drop(tx);
+        let read = main.block_on(async { tokio::time::timeout(Duration::from_secs(10), download.read(0, 10)).await });
+        assert!(read.expect("the read returns").is_err());
+    }
+}
