@@ -16,10 +16,10 @@
 //! unverified ways out — [`DiskStore::open_trusted`] (the FUSE mount hands the
 //! file to the kernel) and ranged reads of large blobs (a part cannot be
 //! checked against the digest of the whole without reading all of it) —
-//! trust only what this process wrote or has already checked: a blob found on disk at open (written before a restart, perhaps
-//! torn or decayed since) is hashed on its first trusted open, and a file
-//! that does not match is deleted and reported absent, so the caller fetches
-//! it again.
+//! trust only what this process wrote or has already checked: a blob found
+//! on disk at open (written before a restart, perhaps torn or decayed since)
+//! is hashed on its first trusted open, and a file that does not match is
+//! deleted and reported absent, so the caller fetches it again.
 //!
 //! An in-memory index (an LRU of sizes) answers `find_missing` without touching
 //! the disk and decides eviction once the byte budget is exceeded. It is rebuilt
@@ -41,7 +41,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::digest::{Digest, DigestFunction};
 use crate::namespace::{instance_dir, Namespaces};
-use crate::store::verify::{byte_range, verified};
+use crate::store::verify::verified;
 use crate::store::{chunked, read_range, BlobStore, BlobStream, BlobWriter, StoreError, Verifier, CHUNK_SIZE};
 
 /// Blobs up to this size are read and verified whole before being returned;
@@ -297,35 +297,32 @@ impl DiskStore {
     /// fails and removes the file if the whole blob does not match; the
     /// handle stays readable after the commit moves the file into place.
     pub async fn begin_followed_write(&self, digest: &Digest) -> Result<(Box<dyn BlobWriter>, File), StoreError> {
-        let (writer, reader) = self.writer(digest, true).await?;
-        let reader = reader.expect("a followed write opens a reader");
+        let writer = self.writer(digest, false).await?;
+        let path = writer.tmp.clone();
+        let reader =
+            blocking(move || File::open(&path).map_err(|e| StoreError::io(format!("open {}", path.display()), e)))
+                .await?;
         Ok((Box::new(writer), reader))
     }
 
-    /// A writer into a new temp file, and a reader of that file if `follow`.
-    async fn writer(&self, digest: &Digest, follow: bool) -> Result<(DiskWriter, Option<File>), StoreError> {
+    /// A writer into a new temp file; `gather` lets it collect small chunks
+    /// into larger disk writes.
+    async fn writer(&self, digest: &Digest, gather: bool) -> Result<DiskWriter, StoreError> {
         self.check_budget(digest)?;
         let tmp = self.new_temp_path();
         let path = tmp.clone();
-        let (file, reader) = blocking(move || {
-            let file = File::create(&path).map_err(|e| StoreError::io(format!("create {}", path.display()), e))?;
-            let reader = match follow {
-                true => Some(File::open(&path).map_err(|e| StoreError::io(format!("open {}", path.display()), e))?),
-                false => None,
-            };
-            Ok((file, reader))
-        })
-        .await?;
-        let writer = DiskWriter {
+        let file =
+            blocking(move || File::create(&path).map_err(|e| StoreError::io(format!("create {}", path.display()), e)))
+                .await?;
+        Ok(DiskWriter {
             store: self.clone(),
             digest: *digest,
             tmp,
             state: Some((file, Verifier::new(*digest))),
             pending: BytesMut::new(),
-            gather: !follow,
+            gather,
             written: 0,
-        };
-        Ok((writer, reader))
+        })
     }
 
     fn new_temp_path(&self) -> PathBuf {
@@ -472,24 +469,24 @@ impl BlobStore for DiskStore {
             let data = blocking(move || store.read_whole(&digest)).await?;
             return Ok(chunked(data, start, end));
         }
+        // A part is served from a file verified when written or hashed once
+        // since; the whole blob is hashed as it is read.
+        let whole = start == 0 && end == digest.size_bytes;
         let opener = store.clone();
-        if start > 0 || end < digest.size_bytes {
-            // A part: from a file verified when written or hashed once since.
-            let file = blocking(move || opener.open_trusted(&digest)).await?;
-            let file = file.ok_or_else(|| StoreError::not_found(&digest))?;
-            let (tx, rx) = mpsc::channel(4);
-            tokio::task::spawn_blocking(move || DiskStore::send_chunks(file, digest, start, end, tx));
-            return Ok(ReceiverStream::new(rx).boxed());
-        }
-        let file = blocking(move || opener.open_blob(&digest)).await?.ok_or_else(|| StoreError::not_found(&digest))?;
+        let file = blocking(move || if whole { opener.open_blob(&digest) } else { opener.open_trusted(&digest) })
+            .await?
+            .ok_or_else(|| StoreError::not_found(&digest))?;
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || DiskStore::send_chunks(file, digest, start, end, tx));
-        let whole = verified(ReceiverStream::new(rx).boxed(), digest, move || store.corrupt(&digest));
-        Ok(byte_range(whole, start, end))
+        let stream = ReceiverStream::new(rx).boxed();
+        if !whole {
+            return Ok(stream);
+        }
+        Ok(verified(stream, digest, move || store.corrupt(&digest)))
     }
 
     async fn begin_write(&self, digest: &Digest) -> Result<Box<dyn BlobWriter>, StoreError> {
-        Ok(Box::new(self.writer(digest, false).await?.0))
+        Ok(Box::new(self.writer(digest, true).await?))
     }
 
     /// One blocking task for the whole blob: verify, write, rename.

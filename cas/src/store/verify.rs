@@ -111,19 +111,3 @@ where
     })
     .boxed()
 }
-
-/// Cuts a stream of a whole blob down to the bytes `[start, end)`.
-pub fn byte_range(stream: BlobStream, start: u64, end: u64) -> BlobStream {
-    let mut pos = 0u64;
-    stream
-        .filter_map(move |chunk| {
-            let out = chunk.map(|chunk| {
-                let (from, to) = (pos, pos + chunk.len() as u64);
-                pos = to;
-                let (lo, hi) = (from.max(start), to.min(end));
-                (lo < hi).then(|| chunk.slice((lo - from) as usize..(hi - from) as usize))
-            });
-            futures::future::ready(out.transpose())
-        })
-        .boxed()
-}
