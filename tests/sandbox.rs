@@ -231,3 +231,47 @@ fn outputs_keep_their_kinds_and_bits() {
     assert_eq!(std::fs::read(upper.join("dir/sub/f")).unwrap(), b"y");
     assert_eq!(std::fs::read_link(upper.join("link")).unwrap(), Path::new("file"));
 }
+
+/// Runs under way together never share a network namespace, and a run
+/// never meets what an earlier one left there: an abstract Unix socket
+/// (named within the network namespace, reachable although loopback is
+/// down) bound by one run is out of reach of every other.
+#[test]
+fn runs_never_meet_in_a_network_namespace() {
+    let Some(case) = Case::new("runs_never_meet_in_a_network_namespace") else { return };
+    let sandbox = Sandbox::new(env!("CARGO_BIN_EXE_casbuild"));
+    let bind = "s=socket.socket(socket.AF_UNIX)\ns.bind('\\0casbuild-ns-test')\ns.listen()\n";
+    let probe = "for _ in range(30):\n    c=socket.socket(socket.AF_UNIX)\n    try:\n        \
+                 c.connect('\\0casbuild-ns-test')\n        print('reached')\n        break\n    \
+                 except OSError:\n        time.sleep(0.05)\nelse:\n    print('alone')\n";
+    let python = |name: &str, script: String| {
+        let mut spec = case.spec(&["python3", "-c", &format!("import os,socket,time\n{script}")]);
+        spec.scratch = case.dir.path().join(name);
+        spec
+    };
+    let run = |spec: &SandboxSpec| {
+        let report = case.runtime.block_on(sandbox.run(spec)).expect("the sandbox runs");
+        assert!(report.success(), "{report:?}: {}", std::fs::read_to_string(Sandbox::stderr_path(spec)).unwrap());
+        std::fs::read_to_string(Sandbox::stdout_path(spec)).unwrap()
+    };
+
+    // The probe can tell: within one run it reaches its own socket.
+    assert_eq!(run(&python("itself", format!("{bind}{probe}"))), "reached\n");
+
+    // Two runs at once: one listens for 2 s while the other probes.
+    let listener = python("listener", format!("{bind}time.sleep(2)\n"));
+    let prober = python("prober", probe.to_owned());
+    let (listened, probed) =
+        case.runtime.block_on(async { tokio::join!(sandbox.run(&listener), sandbox.run(&prober)) });
+    assert!(listened.unwrap().success());
+    assert!(probed.unwrap().success());
+    assert_eq!(std::fs::read_to_string(Sandbox::stdout_path(&prober)).unwrap(), "alone\n");
+
+    // A run leaves a listening daemon behind; the runs after it (which get
+    // its namespace again) find nothing.
+    let daemon = format!("if os.fork() == 0:\n    {}time.sleep(30)\ntime.sleep(0.3)\n", bind.replace('\n', "\n    "));
+    run(&python("daemon", daemon));
+    for i in 0..3 {
+        assert_eq!(run(&python(&format!("after-{i}"), probe.to_owned())), "alone\n");
+    }
+}

@@ -1,11 +1,13 @@
-//! The sandbox helper: a short-lived process (`casbuild __sandbox-helper
-//! SPEC`) that builds the namespaces and runs one command. It is a separate,
-//! single-threaded process so that forking and namespace changes never meet
-//! the worker's threads.
+//! The sandbox helper: the zygote (`casbuild __sandbox-helper --zygote`), a
+//! small single-threaded process that starts each run's pid 1, and that pid 1
+//! (init), which builds the run's file system, runs the command and writes
+//! the report. Forking and namespace changes happen here, never among the
+//! worker's threads.
 //!
 //! ```text
-//! helper (host pid namespace)  unshare(PID), fork, wait with the timeout, write report.json
-//!  └─ init, pid 1            unshare(mount, net, ipc, uts); mounts; pivot_root; fork; reap all
+//! zygote (host pid namespace)  per spec: unshare(PID), fork, answer the pid; reap; lend a network namespace
+//!  └─ init, pid 1            cgroups; unshare(mount, ipc, uts), enter the lent network namespace; mounts;
+//!      │                     pivot_root; fork; wait (timeout, connect watch, reaping); kill all; report.json
 //!      └─ command, pid 2     limits, drop to uid/gid, no_new_privs, execve
 //! ```
 //!
@@ -13,134 +15,222 @@
 //! the mount namespace goes with its last process: nothing outlives the run,
 //! on the host nothing is ever mounted.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsString};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sched::{unshare, CloneFlags};
+use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::{kill, SigHandler, SigSet, SigmaskHow, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 
 use crate::beneath::Beneath;
 use crate::seccomp::Filters;
 
-use super::netwatch::{ConnectWatch, Denied};
+use super::netwatch::ConnectWatch;
 use super::spec::{RunReport, SandboxSpec, ScratchLayout};
 
 /// Devices a sandbox gets, bound from the host.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
+/// Spare network namespaces the zygote keeps at most.
+const SPARE_NETS: usize = 64;
+
 /// Entry point of the helper. `casbuild __sandbox-helper --zygote` reads
-/// specs (JSON) from stdin, one per line, forks a process per spec that runs
-/// it and writes its report into its scratch directory, and answers each line with that
-/// process's pid (the caller waits on it with a pidfd). Forking from this
-/// small, single-threaded process is what keeps sandbox start-up cheap.
+/// specs (JSON) from stdin, one per line, starts each run's pid 1, which
+/// writes its report into its scratch directory, and answers each line with
+/// that process's pid (the caller waits on it with a pidfd). Forking from
+/// this small, single-threaded process is what keeps sandbox start-up cheap.
 /// `casbuild __sandbox-helper SPEC` runs one spec in the foreground.
 pub fn helper_main(args: &[OsString]) -> std::process::ExitCode {
-    match args.first().and_then(|a| a.to_str()) {
-        None => {
-            eprintln!("sandbox helper: give --zygote or a spec path");
+    let done = match args.first().and_then(|a| a.to_str()) {
+        None => Err("give --zygote or a spec path".to_owned()),
+        Some("--zygote") => zygote(),
+        Some(_) => run_spec_file(Path::new(&args[0])),
+    };
+    match done {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sandbox helper: {e}");
             std::process::ExitCode::FAILURE
         }
-        Some("--zygote") => zygote(),
-        Some(_) => match run_spec_file(Path::new(&args[0])) {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("sandbox helper: {e}");
-                std::process::ExitCode::FAILURE
+    }
+}
+
+/// Empty network namespaces (a loopback that is down, nothing else), each
+/// lent to one run at a time. Creating a network namespace and tearing it
+/// down are the most expensive steps of a sandbox; a namespace is empty
+/// again once its run's init has been reaped (every process of the run is
+/// dead by then, with its sockets), and an unprivileged command cannot
+/// configure one, so the next run gets it as it was made. Runs that are
+/// under way at the same time never share one.
+#[derive(Default)]
+struct NetPool {
+    spare: Vec<OwnedFd>,
+    lent: HashMap<Pid, OwnedFd>,
+}
+
+impl NetPool {
+    /// A namespace for the next run: a spare one, or a new one.
+    fn take(&mut self) -> Result<OwnedFd, String> {
+        if let Some(net) = self.spare.pop() {
+            return Ok(net);
+        }
+        let own = File::open("/proc/self/ns/net").map_err(|e| format!("opening the network namespace: {e}"))?;
+        unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare(CLONE_NEWNET): {e}"))?;
+        let made = File::open("/proc/self/ns/net");
+        setns(own.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| format!("returning to the network namespace: {e}"))?;
+        Ok(made.map_err(|e| format!("opening the new network namespace: {e}"))?.into())
+    }
+
+    /// Init `pid` was reaped: its namespace is free again.
+    fn returned(&mut self, pid: Pid) {
+        if let Some(net) = self.lent.remove(&pid) {
+            if self.spare.len() < SPARE_NETS {
+                self.spare.push(net);
             }
-        },
+        }
     }
 }
 
 /// The zygote loop; ends when stdin closes (its owner is gone).
-fn zygote() -> std::process::ExitCode {
+fn zygote() -> Result<(), String> {
     use std::io::BufRead;
+    // Each run's init is forked into a new pid namespace; this puts the
+    // zygote's next children back into its own.
+    let own_pids = File::open("/proc/self/ns/pid").map_err(|e| format!("opening the pid namespace: {e}"))?;
+    let mut nets = NetPool::default();
     let mut stdout = std::io::stdout().lock();
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
-        // Parsed here, before the fork, so that the filters for its deny
-        // list are compiled once for all runs rather than in each.
-        let spec = serde_json::from_str::<SandboxSpec>(&line).map_err(|e| format!("reading the spec: {e}"));
-        if let Ok(spec) = &spec {
-            // An error comes back to the run that needs the filters.
-            let _ = filters_for(&spec.seccomp_deny);
-        }
         // Runs that ended are reaped only now, when the owner has had the
         // chance to open a pidfd on them: their pids cannot be reused before.
-        while let Ok(status) = waitpid(None::<Pid>, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            if status == WaitStatus::StillAlive {
-                break;
+        while let Ok(status) = waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            match status.pid() {
+                Some(pid) => nets.returned(pid),
+                None => break,
             }
         }
-        // SAFETY: the zygote is single-threaded, so the child may run arbitrary code.
-        let answer = match unsafe { fork() } {
-            Ok(ForkResult::Child) => {
-                // The zygote's pipes are not this run's business.
-                if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
-                    let _ = nix::unistd::dup2_stdin(&null);
-                    let _ = nix::unistd::dup2_stdout(&null);
-                }
-                let code = match spec.and_then(|spec| run_parsed(&spec)) {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        eprintln!("sandbox helper: {e}");
-                        1
+        let started =
+            serde_json::from_str::<SandboxSpec>(&line).map_err(|e| format!("reading the spec: {e}")).and_then(|spec| {
+                // Compiled here, before the fork, once for all runs with this deny list.
+                filters_for(&spec.seccomp_deny)?;
+                let net = nets.take()?;
+                match start_init(&spec, Some(&net), &own_pids, &mut nets)? {
+                    Some(pid) => {
+                        nets.lent.insert(pid, net);
+                        Ok(pid)
                     }
-                };
-                std::process::exit(code)
-            }
-            Ok(ForkResult::Parent { child }) => child.as_raw().to_string(),
-            Err(e) => format!("error fork: {e}"),
+                    None => Err("could not start the run".into()),
+                }
+            });
+        let answer = match started {
+            Ok(pid) => pid.as_raw().to_string(),
+            Err(e) => format!("error {e}"),
         };
         if writeln!(stdout, "{answer}").and_then(|()| stdout.flush()).is_err() {
             break;
         }
     }
-    std::process::ExitCode::SUCCESS
+    Ok(())
 }
 
-/// Reads a spec from a file and runs it (the one-shot mode, for debugging).
+/// Forks the run's init as pid 1 of a new pid namespace and returns its
+/// pid. In the child this never returns: init runs `spec` and exits.
+/// `nets` are the zygote's namespaces, closed in the child.
+fn start_init(
+    spec: &SandboxSpec,
+    net: Option<&OwnedFd>,
+    own_pids: &File,
+    nets: &mut NetPool,
+) -> Result<Option<Pid>, String> {
+    unshare(CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
+    // SAFETY: the zygote is single-threaded (it starts no threads), so the
+    // child may run arbitrary code after the fork.
+    let forked = unsafe { fork() };
+    if let Ok(ForkResult::Child) = forked {
+        // The zygote's pipes and namespaces are not this run's business.
+        drop(std::mem::take(nets));
+        if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2_stdin(&null);
+            let _ = nix::unistd::dup2_stdout(&null);
+        }
+        init(spec, net)
+    }
+    if let Err(e) = setns(own_pids.as_fd(), CloneFlags::CLONE_NEWPID) {
+        // Its next child would join this run's namespace: stop instead (the
+        // owner starts a new zygote).
+        eprintln!("sandbox helper: returning to the pid namespace: {e}");
+        std::process::exit(1);
+    }
+    match forked.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Parent { child } => Ok(Some(child)),
+        ForkResult::Child => Ok(None),
+    }
+}
+
+/// Reads a spec from a file and runs it in the foreground (for debugging),
+/// in a network namespace of its own.
 fn run_spec_file(spec_path: &Path) -> Result<(), String> {
     let bytes = std::fs::read(spec_path).map_err(|e| format!("reading {}: {e}", spec_path.display()))?;
-    run_spec(&bytes, &spec_path.display().to_string())
+    let spec: SandboxSpec =
+        serde_json::from_slice(&bytes).map_err(|e| format!("reading {}: {e}", spec_path.display()))?;
+    let own_pids = File::open("/proc/self/ns/pid").map_err(|e| format!("opening the pid namespace: {e}"))?;
+    let pid = start_init(&spec, None, &own_pids, &mut NetPool::default())?.ok_or("could not start the run")?;
+    match waitpid(pid, None) {
+        Ok(WaitStatus::Exited(_, 0)) => Ok(()),
+        other => Err(format!("the run's init ended with {other:?}")),
+    }
 }
 
-/// Runs a spec (JSON) and writes its report into its scratch directory.
-fn run_spec(json: &[u8], what: &str) -> Result<(), String> {
-    let spec: SandboxSpec = serde_json::from_slice(json).map_err(|e| format!("reading {what}: {e}"))?;
-    run_parsed(&spec)
-}
-
-/// Runs a spec and writes its report into its scratch directory.
-fn run_parsed(spec: &SandboxSpec) -> Result<(), String> {
-    let layout = ScratchLayout::new(&spec.scratch);
-    let report = run(spec, &layout);
-    serde_json::to_vec(&report)
-        .map_err(std::io::Error::other)
-        .and_then(|b| std::fs::write(&layout.report, b))
-        .map_err(|e| format!("writing {}: {e}", layout.report.display()))
-}
-
-fn run(spec: &SandboxSpec, layout: &ScratchLayout) -> RunReport {
+/// Pid 1 of the sandbox: writes the report of running `spec` into its
+/// scratch directory and exits, taking the namespaces with it.
+fn init(spec: &SandboxSpec, net: Option<&OwnedFd>) -> ! {
     let start = Instant::now();
-    let mut report = match run_namespaced(spec, layout) {
-        Ok(report) => report,
-        Err(e) => RunReport { error: Some(e), ..Default::default() },
+    let layout = ScratchLayout::new(&spec.scratch);
+    // Opened now: after pivot_root the host's paths are gone.
+    let code = match File::create(&layout.report) {
+        Ok(mut out) => {
+            let mut report = match run_in_namespaces(spec, &layout, net, start) {
+                Ok(report) => report,
+                Err(e) => RunReport { error: Some(e), ..Default::default() },
+            };
+            report.wall_micros = start.elapsed().as_micros() as u64;
+            match serde_json::to_vec(&report).map_err(std::io::Error::other).and_then(|b| out.write_all(&b)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("sandbox helper: writing {}: {e}", layout.report.display());
+                    1
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("sandbox helper: creating {}: {e}", layout.report.display());
+            1
+        }
     };
-    report.wall_micros = start.elapsed().as_micros() as u64;
-    report
+    std::process::exit(code)
 }
 
-fn run_namespaced(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<RunReport, String> {
+/// Builds the sandbox, runs the command to its end (or its timeout) and
+/// kills whatever it left running: its outputs are final once this returns.
+/// The timeout counts from `start`.
+fn run_in_namespaces(
+    spec: &SandboxSpec,
+    layout: &ScratchLayout,
+    net: Option<&OwnedFd>,
+    start: Instant,
+) -> Result<RunReport, String> {
+    let deadline = spec.timeout_ms.map(|ms| start + std::time::Duration::from_millis(ms));
     let stdout = File::create(&layout.stdout).map_err(|e| format!("creating {}: {e}", layout.stdout.display()))?;
     let stderr = File::create(&layout.stderr).map_err(|e| format!("creating {}: {e}", layout.stderr.display()))?;
     // Everything the run starts is in the action's cgroups from here on
@@ -148,96 +238,17 @@ fn run_namespaced(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<RunRepor
     for procs in &spec.cgroup_procs {
         std::fs::write(procs, "0").map_err(|e| format!("joining the cgroup {}: {e}", procs.display()))?;
     }
-    let (status_read, status_write) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    unshare(CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
-    // SAFETY: this process is single-threaded (the helper starts no threads),
-    // so the child may run arbitrary code after the fork.
-    let child = match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
-        ForkResult::Child => {
-            drop(status_read);
-            init(spec, layout, File::from(status_write), stdout.as_fd(), stderr.as_fd())
-        }
-        ForkResult::Parent { child } => child,
-    };
-    drop(status_write);
-    let status_read = File::from(status_read);
-    let timed_out = wait_with_timeout(child, &status_read, spec.timeout_ms)?;
-    let mut status = String::new();
-    (&status_read).read_to_string(&mut status).map_err(|e| format!("reading the init status: {e}"))?;
-    // Init is not waited for: once it has reported, everything else in the
-    // sandbox is dead, and the kernel tears its namespaces down on its own.
-    let mut report = RunReport { timed_out, ..Default::default() };
-    let mut lines: Vec<&str> = status.lines().collect();
-    let last = lines.pop().unwrap_or_default();
-    report.blocked = lines.iter().filter_map(|l| l.strip_prefix("blocked ")).map(str::to_owned).collect();
-    match last.trim_end().split_once(' ') {
-        Some(("exit", code)) => report.exit_code = code.parse().ok(),
-        Some(("signal", sig)) => report.signal = sig.parse().ok(),
-        Some(("error", message)) => report.error = Some(message.to_owned()),
-        _ if timed_out => {}
-        _ => report.error = Some(format!("the sandbox's init ended without a status ({status:?})")),
+    build_root(spec, layout, net)?;
+    let ended = run_command(spec, stdout.as_fd(), stderr.as_fd(), deadline)?;
+    let mut report = RunReport { timed_out: ended.timed_out, blocked: ended.blocked, ..Default::default() };
+    match (ended.exec_error, ended.status) {
+        (Some(error), _) => report.error = Some(error),
+        (None, None) => {}
+        (None, Some(WaitStatus::Exited(_, code))) => report.exit_code = Some(code),
+        (None, Some(WaitStatus::Signaled(_, signal, _))) => report.signal = Some(signal as i32),
+        (None, Some(other)) => report.error = Some(format!("unexpected wait status {other:?}")),
     }
     Ok(report)
-}
-
-/// Waits until init reports (its status pipe becomes readable); past the
-/// timeout, kills it, and with it the namespace. Returns whether the timeout
-/// struck. `init` is an unreaped child, so its pid cannot have been reused.
-fn wait_with_timeout(init: Pid, status: &File, timeout_ms: Option<u64>) -> Result<bool, String> {
-    let deadline = timeout_ms.map(|ms| Instant::now() + std::time::Duration::from_millis(ms));
-    loop {
-        let wait = match deadline {
-            None => nix::poll::PollTimeout::NONE,
-            Some(deadline) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                nix::poll::PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
-                    .unwrap_or(nix::poll::PollTimeout::MAX)
-            }
-        };
-        let mut fds = [nix::poll::PollFd::new(status.as_fd(), nix::poll::PollFlags::POLLIN)];
-        match nix::poll::poll(&mut fds, wait) {
-            Ok(0) if deadline.is_some_and(|d| Instant::now() >= d) => {
-                let _ = kill(init, Signal::SIGKILL);
-                return Ok(true);
-            }
-            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-            Ok(_) => return Ok(false),
-            Err(e) => return Err(format!("poll: {e}")),
-        }
-    }
-}
-
-/// Pid 1 of the sandbox: builds its file system, runs the command, reaps
-/// everything, reports on `status`, and exits — taking the namespace with it.
-fn init(
-    spec: &SandboxSpec,
-    layout: &ScratchLayout,
-    mut status: File,
-    stdout: std::os::fd::BorrowedFd<'_>,
-    stderr: std::os::fd::BorrowedFd<'_>,
-) -> ! {
-    let mut denied = Denied::default();
-    let line = match build_root(spec, layout).and_then(|()| run_command(spec, stdout, stderr, &mut denied)) {
-        Ok(WaitStatus::Exited(_, code)) => format!("exit {code}"),
-        Ok(WaitStatus::Signaled(_, signal, _)) => format!("signal {}", signal as i32),
-        Ok(other) => format!("error unexpected wait status {other:?}"),
-        Err(e) => format!("error {e}"),
-    };
-    // Whatever the command left running dies now, before the report: its
-    // outputs are final once the status is read.
-    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
-    while let Ok(reaped) = waitpid(None::<Pid>, None) {
-        if matches!(reaped, WaitStatus::StillAlive) {
-            break;
-        }
-    }
-    // What the sandbox refused, one `blocked` line each, before the status.
-    for access in denied.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-        let _ = writeln!(status, "blocked {access}");
-    }
-    let _ = writeln!(status, "{line}");
-    std::process::exit(0)
 }
 
 fn sys(what: impl FnOnce() -> String) -> impl FnOnce(nix::errno::Errno) -> String {
@@ -254,11 +265,17 @@ fn under(root: &Path, inside: &Path) -> PathBuf {
 }
 
 /// Mounts the sandbox's file system under the scratch root and pivots into it.
-fn build_root(spec: &SandboxSpec, layout: &ScratchLayout) -> Result<(), String> {
+/// Without a lent network namespace, the run makes its own.
+fn build_root(spec: &SandboxSpec, layout: &ScratchLayout, net: Option<&OwnedFd>) -> Result<(), String> {
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys(|| "prctl(PDEATHSIG)".into()))?;
-    let flags =
-        CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
-    unshare(flags).map_err(sys(|| "unshare(mount, net, ipc, uts)".into()))?;
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+    if net.is_none() {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    unshare(flags).map_err(sys(|| "unshare(mount, ipc, uts)".into()))?;
+    if let Some(net) = net {
+        setns(net.as_fd(), CloneFlags::CLONE_NEWNET).map_err(sys(|| "entering the network namespace".into()))?;
+    }
     nix::unistd::sethostname("casbuild").map_err(sys(|| "sethostname".into()))?;
     let none: Option<&str> = None;
     mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(sys(|| "making / private".into()))?;
@@ -496,14 +513,26 @@ fn build_dev(dev: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Forks the command, reaps every process until the command has ended, and
-/// returns its wait status; a failure to start it comes back as an error.
+/// How the command ended.
+struct Ended {
+    /// Its wait status; `None` when the deadline came first.
+    status: Option<WaitStatus>,
+    timed_out: bool,
+    /// Why it could not be started, when it could not.
+    exec_error: Option<String>,
+    /// What the sandbox refused, for the report.
+    blocked: Vec<String>,
+}
+
+/// Forks the command, waits for its end or the deadline while answering
+/// the connect watch and reaping every process that ends, then kills and
+/// reaps whatever is left.
 fn run_command(
     spec: &SandboxSpec,
     stdout: std::os::fd::BorrowedFd<'_>,
     stderr: std::os::fd::BorrowedFd<'_>,
-    denied: &mut Denied,
-) -> Result<WaitStatus, String> {
+    deadline: Option<Instant>,
+) -> Result<Ended, String> {
     // Everything the child needs is prepared here, before the fork.
     let cwd = spec.work_dir.join(&spec.cwd);
     let program = resolve_program(spec)?;
@@ -515,6 +544,13 @@ fn run_command(
     // Installed here, in pid 1, so that the listener is ours and the
     // command inherits the filter.
     let watch = ConnectWatch::install()?;
+    // Ended children are announced on a signalfd; SIGCHLD is blocked from
+    // before the fork so that none is missed (the command unblocks it).
+    let mut chld = SigSet::empty();
+    chld.add(Signal::SIGCHLD);
+    chld.thread_block().map_err(sys(|| "blocking SIGCHLD".into()))?;
+    let signals = SignalFd::with_flags(&chld, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(sys(|| "signalfd".into()))?;
     let (error_read, error_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys(|| "pipe".into()))?;
     // SAFETY: init is single-threaded, so the child may run arbitrary code.
     match unsafe { fork() }.map_err(sys(|| "fork".into()))? {
@@ -527,22 +563,68 @@ fn run_command(
         }
         ForkResult::Parent { child } => {
             drop(error_write);
-            // Init has forked its last child: from here it may run a thread.
-            *denied = watch.serve();
-            let status = loop {
-                match waitpid(None::<Pid>, None) {
-                    Ok(status) if status.pid() == Some(child) => break status,
-                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-                    Err(e) => return Err(format!("waiting for the command: {e}")),
+            let mut blocked = Vec::new();
+            let waited = wait_for(child, deadline, &signals, &watch, &mut blocked);
+            // Whatever the command left running dies now, before the
+            // report: its outputs are final once the report is read.
+            let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+            while let Ok(reaped) = waitpid(None::<Pid>, None) {
+                if matches!(reaped, WaitStatus::StillAlive) {
+                    break;
                 }
-            };
+            }
+            let status = waited?;
             let mut error = String::new();
             let _ = File::from(error_read).read_to_string(&mut error);
-            if error.is_empty() {
-                Ok(status)
-            } else {
-                Err(error)
+            let exec_error = (!error.is_empty()).then_some(error);
+            Ok(Ended { timed_out: status.is_none(), status, exec_error, blocked })
+        }
+    }
+}
+
+/// Reaps every process that ends (pid 1 inherits orphans) and answers the
+/// connect watch until `command` has ended (its status) or the deadline
+/// has passed (`None`).
+fn wait_for(
+    command: Pid,
+    deadline: Option<Instant>,
+    signals: &SignalFd,
+    watch: &ConnectWatch,
+    blocked: &mut Vec<String>,
+) -> Result<Option<WaitStatus>, String> {
+    use nix::errno::Errno;
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    loop {
+        loop {
+            match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                Ok(status) if status.pid() == Some(command) => return Ok(Some(status)),
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(format!("waiting for the command: {e}")),
             }
+        }
+        let wait = match deadline {
+            None => PollTimeout::NONE,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(None);
+                }
+                let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut fds = [PollFd::new(signals.as_fd(), PollFlags::POLLIN), PollFd::new(watch.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, wait) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        let ready = |fd: &PollFd| fd.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        if ready(&fds[1]) {
+            watch.answer_one(blocked);
+        }
+        if ready(&fds[0]) {
+            while let Ok(Some(_)) = signals.read_signal() {}
         }
     }
 }

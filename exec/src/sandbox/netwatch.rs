@@ -11,9 +11,8 @@
 
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
 
 /// At most this many denied connections are recorded (the first ones).
 const MOST: usize = 20;
@@ -30,9 +29,6 @@ const AUDIT_ARCH: u32 = 0xC000_00F3;
 pub struct ConnectWatch {
     listener: OwnedFd,
 }
-
-/// What was denied, filled in by the watching thread.
-pub type Denied = Arc<Mutex<Vec<String>>>;
 
 fn instruction(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     libc::sock_filter { code: code as u16, jt, jf, k }
@@ -72,25 +68,9 @@ impl ConnectWatch {
         Ok(ConnectWatch { listener: unsafe { OwnedFd::from_raw_fd(fd as i32) } })
     }
 
-    /// Answers notifications until the process exits, on a thread of its
-    /// own; denied connections are pushed onto the returned list.
-    pub fn serve(self) -> Denied {
-        let denied: Denied = Arc::default();
-        let list = denied.clone();
-        let spawned = std::thread::Builder::new().name("connect-watch".into()).spawn(move || loop {
-            if !self.answer_one(&list) {
-                return;
-            }
-        });
-        if let Err(e) = spawned {
-            eprintln!("sandbox: watching connections: {e}");
-        }
-        denied
-    }
-
-    /// Receives and answers one notification; false when the listener is
-    /// gone (nothing left to watch).
-    fn answer_one(&self, denied: &Denied) -> bool {
+    /// Receives and answers one notification (call it when the listener is
+    /// readable); a denied connection is added to `denied`.
+    pub fn answer_one(&self, denied: &mut Vec<String>) {
         // SAFETY: seccomp_notif is plain data; all-zero is the valid initial
         // value the kernel requires for RECV.
         let mut notification: libc::seccomp_notif = unsafe { std::mem::zeroed() };
@@ -99,9 +79,8 @@ impl ConnectWatch {
             libc::ioctl(self.listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV, &mut notification as *mut _)
         };
         if received < 0 {
-            let e = std::io::Error::last_os_error();
             // EINTR, or ENOENT when the caller died before we looked.
-            return matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ENOENT));
+            return;
         }
         let args = notification.data.args;
         let address = read_sockaddr(notification.pid, args[1], args[2]);
@@ -115,10 +94,9 @@ impl ConnectWatch {
         match address {
             Some(addr) if valid && !addr.ip().is_loopback() => {
                 response.error = -libc::ENETUNREACH;
-                let mut list = denied.lock().unwrap_or_else(|e| e.into_inner());
                 let line = format!("network: connect {addr} denied");
-                if list.len() < MOST && !list.contains(&line) {
-                    list.push(line);
+                if denied.len() < MOST && !denied.contains(&line) {
+                    denied.push(line);
                 }
             }
             _ => response.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
@@ -126,7 +104,12 @@ impl ConnectWatch {
         // SAFETY: SEND reads the response we pass. A caller that died in
         // the meantime makes it fail with ENOENT, which is fine.
         unsafe { libc::ioctl(self.listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &mut response as *mut _) };
-        true
+    }
+}
+
+impl AsFd for ConnectWatch {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
     }
 }
 
