@@ -93,7 +93,8 @@ fn a_compile_action_builds_its_output_from_declared_inputs() {
 fn the_command_sees_only_its_sandbox() {
     let Some(case) = Case::new("the_command_sees_only_its_sandbox") else { return };
     case.write("data.txt", "declared\n");
-    let mut spec = case.spec(&["sh", "-c", "echo pid=$$; id -u; id -g; hostname; env | sort; pwd; cat data.txt; ls /"]);
+    let script = "echo pid=$$; id -u; id -g; hostname; id -un; id -gn; env | sort; pwd; cat data.txt; ls /";
+    let mut spec = case.spec(&["sh", "-c", script]);
     spec.env.push(("ONLY_THIS".into(), "1".into()));
     spec.uid = 61001;
     spec.gid = 61001;
@@ -103,6 +104,7 @@ fn the_command_sees_only_its_sandbox() {
     assert_eq!(lines[0], "pid=2", "the command is the first child of the sandbox's init");
     assert_eq!(lines[1..3], ["61001", "61001"]);
     assert_eq!(lines[3], "casbuild");
+    assert_eq!(lines[4..6], ["casbuild", "casbuild"], "the user and group have names in /etc/passwd and /etc/group");
     // `env` shows exactly the declared variables (sh adds PWD and SHLVL of its own).
     let env: Vec<&str> = lines.iter().copied().filter(|l| l.contains('=') && !l.starts_with("pid=")).collect();
     assert!(env.contains(&"ONLY_THIS=1") && env.contains(&"PATH=/usr/bin:/bin"), "{env:?}");

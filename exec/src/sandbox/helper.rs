@@ -15,7 +15,7 @@
 //! the mount namespace goes with its last process: nothing outlives the run,
 //! on the host nothing is ever mounted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsString};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -36,6 +36,7 @@ use nix::unistd::{fork, ForkResult, Gid, Pid, Uid};
 use crate::beneath::Beneath;
 use crate::seccomp::Filters;
 
+use super::host_paths::{with_sandbox_name, HostPath, HostPaths};
 use super::netwatch::ConnectWatch;
 use super::spec::{RunReport, SandboxSpec, ScratchLayout};
 
@@ -109,6 +110,7 @@ fn zygote() -> Result<(), String> {
     // zygote's next children back into its own.
     let own_pids = File::open("/proc/self/ns/pid").map_err(|e| format!("opening the pid namespace: {e}"))?;
     let mut nets = NetPool::default();
+    let mut host = HostPaths::default();
     let mut stdout = std::io::stdout().lock();
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
@@ -124,8 +126,10 @@ fn zygote() -> Result<(), String> {
             serde_json::from_str::<SandboxSpec>(&line).map_err(|e| format!("reading the spec: {e}")).and_then(|spec| {
                 // Compiled here, before the fork, once for all runs with this deny list.
                 filters_for(&spec.seccomp_deny)?;
+                let host_paths = host.look(&spec.toolchain);
                 let net = nets.take()?;
-                match start_init(&spec, Some(&net), &own_pids, &mut nets)? {
+                let run = Run { spec: &spec, net: Some(&net), host_paths: &host_paths };
+                match start_init(&run, &own_pids, &mut nets)? {
                     Some(pid) => {
                         nets.lent.insert(pid, net);
                         Ok(pid)
@@ -147,12 +151,7 @@ fn zygote() -> Result<(), String> {
 /// Forks the run's init as pid 1 of a new pid namespace and returns its
 /// pid. In the child this never returns: init runs `spec` and exits.
 /// `nets` are the zygote's namespaces, closed in the child.
-fn start_init(
-    spec: &SandboxSpec,
-    net: Option<&OwnedFd>,
-    own_pids: &File,
-    nets: &mut NetPool,
-) -> Result<Option<Pid>, String> {
+fn start_init(run: &Run<'_>, own_pids: &File, nets: &mut NetPool) -> Result<Option<Pid>, String> {
     unshare(CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
     // SAFETY: the zygote is single-threaded (it starts no threads), so the
     // child may run arbitrary code after the fork.
@@ -164,7 +163,7 @@ fn start_init(
             let _ = nix::unistd::dup2_stdin(&null);
             let _ = nix::unistd::dup2_stdout(&null);
         }
-        init(spec, net)
+        init(run)
     }
     if let Err(e) = setns(own_pids.as_fd(), CloneFlags::CLONE_NEWPID) {
         // Its next child would join this run's namespace: stop instead (the
@@ -185,22 +184,34 @@ fn run_spec_file(spec_path: &Path) -> Result<(), String> {
     let spec: SandboxSpec =
         serde_json::from_slice(&bytes).map_err(|e| format!("reading {}: {e}", spec_path.display()))?;
     let own_pids = File::open("/proc/self/ns/pid").map_err(|e| format!("opening the pid namespace: {e}"))?;
-    let pid = start_init(&spec, None, &own_pids, &mut NetPool::default())?.ok_or("could not start the run")?;
+    let host_paths = HostPaths::default().look(&spec.toolchain);
+    let run = Run { spec: &spec, net: None, host_paths: &host_paths };
+    let pid = start_init(&run, &own_pids, &mut NetPool::default())?.ok_or("could not start the run")?;
     match waitpid(pid, None) {
         Ok(WaitStatus::Exited(_, 0)) => Ok(()),
         other => Err(format!("the run's init ended with {other:?}")),
     }
 }
 
-/// Pid 1 of the sandbox: writes the report of running `spec` into its
+/// One run as the zygote hands it to its init.
+struct Run<'a> {
+    spec: &'a SandboxSpec,
+    /// The lent network namespace; without one the run makes its own.
+    net: Option<&'a OwnedFd>,
+    /// What the spec's toolchain paths are on the host.
+    host_paths: &'a [(PathBuf, HostPath)],
+}
+
+/// Pid 1 of the sandbox: writes the report of running its spec into its
 /// scratch directory and exits, taking the namespaces with it.
-fn init(spec: &SandboxSpec, net: Option<&OwnedFd>) -> ! {
+fn init(run: &Run<'_>) -> ! {
     let start = Instant::now();
+    let spec = run.spec;
     let layout = ScratchLayout::new(&spec.scratch);
     // Opened now: after pivot_root the host's paths are gone.
     let code = match File::create(&layout.report) {
         Ok(mut out) => {
-            let mut report = match run_in_namespaces(spec, &layout, net, start) {
+            let mut report = match run_in_namespaces(run, &layout, start) {
                 Ok(report) => report,
                 Err(e) => RunReport { error: Some(e), ..Default::default() },
             };
@@ -224,12 +235,8 @@ fn init(spec: &SandboxSpec, net: Option<&OwnedFd>) -> ! {
 /// Builds the sandbox, runs the command to its end (or its timeout) and
 /// kills whatever it left running: its outputs are final once this returns.
 /// The timeout counts from `start`.
-fn run_in_namespaces(
-    spec: &SandboxSpec,
-    layout: &ScratchLayout,
-    net: Option<&OwnedFd>,
-    start: Instant,
-) -> Result<RunReport, String> {
+fn run_in_namespaces(run: &Run<'_>, layout: &ScratchLayout, start: Instant) -> Result<RunReport, String> {
+    let spec = run.spec;
     let deadline = spec.timeout_ms.map(|ms| start + std::time::Duration::from_millis(ms));
     let stdout = File::create(&layout.stdout).map_err(|e| format!("creating {}: {e}", layout.stdout.display()))?;
     let stderr = File::create(&layout.stderr).map_err(|e| format!("creating {}: {e}", layout.stderr.display()))?;
@@ -238,7 +245,7 @@ fn run_in_namespaces(
     for procs in &spec.cgroup_procs {
         std::fs::write(procs, "0").map_err(|e| format!("joining the cgroup {}: {e}", procs.display()))?;
     }
-    build_root(spec, layout, net)?;
+    build_root(run, layout)?;
     let ended = run_command(spec, stdout.as_fd(), stderr.as_fd(), deadline)?;
     let mut report = RunReport { timed_out: ended.timed_out, blocked: ended.blocked, ..Default::default() };
     match (ended.exec_error, ended.status) {
@@ -265,8 +272,8 @@ fn under(root: &Path, inside: &Path) -> PathBuf {
 }
 
 /// Mounts the sandbox's file system under the scratch root and pivots into it.
-/// Without a lent network namespace, the run makes its own.
-fn build_root(spec: &SandboxSpec, layout: &ScratchLayout, net: Option<&OwnedFd>) -> Result<(), String> {
+fn build_root(run: &Run<'_>, layout: &ScratchLayout) -> Result<(), String> {
+    let (spec, net) = (run.spec, run.net);
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys(|| "prctl(PDEATHSIG)".into()))?;
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
     if net.is_none() {
@@ -299,7 +306,7 @@ fn build_root(spec: &SandboxSpec, layout: &ScratchLayout, net: Option<&OwnedFd>)
         // (directories opaque), so that its lookups stay there: only the
         // command's own lookups of what the root lacks reach the observer (a
         // FUSE round trip each).
-        for (name, link) in own_top_entries(spec) {
+        for (name, link) in own_top_entries(spec, run.host_paths) {
             let path = upper.join(&name);
             match &link {
                 Some(target) => std::os::unix::fs::symlink(target, &path),
@@ -341,18 +348,10 @@ fn build_root(spec: &SandboxSpec, layout: &ScratchLayout, net: Option<&OwnedFd>)
         made.chown_chmod(spec.uid, spec.gid, 0o755).map_err(io(|| format!("handing {dir:?} to the command")))?;
     }
 
-    for host in &spec.toolchain {
-        let target = under(root, host);
-        if host.starts_with("/etc") && !host.is_dir() {
-            // Small configuration files: copying them onto the root tmpfs
-            // (root-owned, so read-only to the command) is cheaper than a
-            // bind mount and a read-only remount each. Directories are bound.
-            copy_file(host, &target)?;
-        } else {
-            bind_read_only(host, &target)?;
-        }
+    let mut made = HashSet::new();
+    for (host, what) in run.host_paths {
+        set_up_host_path(host, what, &under(root, host), spec, &mut made)?;
     }
-    name_the_sandbox_user(root, spec)?;
 
     let proc_dir = root.join("proc");
     std::fs::create_dir_all(&proc_dir).map_err(io(|| "creating /proc".into()))?;
@@ -388,24 +387,20 @@ fn build_root(spec: &SandboxSpec, layout: &ScratchLayout, net: Option<&OwnedFd>)
 /// each of its own names, but a link for a toolchain name that is a link on
 /// the host (merged-usr `/bin -> usr/bin`), and nothing for a toolchain name
 /// the host lacks.
-fn own_top_entries(spec: &SandboxSpec) -> Vec<(String, Option<PathBuf>)> {
+fn own_top_entries(spec: &SandboxSpec, host_paths: &[(PathBuf, HostPath)]) -> Vec<(String, Option<PathBuf>)> {
     let made = spec.made_top_dirs();
     let mut entries = Vec::new();
     for name in spec.own_top_names() {
-        if made.contains(&name) {
-            entries.push((name, None));
-            continue;
-        }
         let host = Path::new("/").join(&name);
-        match std::fs::symlink_metadata(&host) {
-            Ok(m) if m.is_dir() => entries.push((name, None)),
-            Ok(m) if m.file_type().is_symlink() && spec.toolchain.contains(&host) => {
-                if let Ok(target) = std::fs::read_link(&host) {
-                    entries.push((name, Some(target)));
-                }
-            }
-            _ => {}
-        }
+        let entry = match host_paths.iter().find(|(path, _)| *path == host) {
+            _ if made.contains(&name) => Some(None),
+            Some((_, HostPath::Bind { dir: true })) => Some(None),
+            Some((_, HostPath::Link(target))) => Some(Some(target.clone())),
+            Some(_) => None,
+            // The top of a deeper toolchain path (`/opt` of `/opt/cc`).
+            None => std::fs::symlink_metadata(&host).is_ok_and(|m| m.is_dir()).then_some(None),
+        };
+        entries.extend(entry.map(|link| (name, link)));
     }
     entries
 }
@@ -423,72 +418,73 @@ fn make_opaque(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Gives the command's user and group a name in the sandbox's copies of
-/// /etc/passwd and /etc/group (tools that look their user up fail without
-/// one), when those files were copied in and do not name them already.
-fn name_the_sandbox_user(root: &Path, spec: &SandboxSpec) -> Result<(), String> {
-    use std::io::Write as _;
-    let (uid, gid) = (spec.uid, spec.gid);
-    let entries = [
-        ("etc/passwd", uid, format!("casbuild:x:{uid}:{gid}:casbuild action:/tmp:/usr/sbin/nologin\n")),
-        ("etc/group", gid, format!("casbuild:x:{gid}:\n")),
-    ];
-    for (file, id, line) in entries {
-        let path = root.join(file);
-        let Ok(text) = std::fs::read_to_string(&path) else { continue };
-        // Both files keep the id in their third field.
-        let named = text.lines().any(|l| l.split(':').nth(2) == Some(id.to_string().as_str()));
-        if !named {
-            let mut out = File::options().append(true).open(&path).map_err(io(|| format!("opening /{file}")))?;
-            let line = if text.ends_with('\n') || text.is_empty() { line } else { format!("\n{line}") };
-            out.write_all(line.as_bytes()).map_err(io(|| format!("writing /{file}")))?;
+/// Makes `dir` and its parents, at most once per set-up.
+fn make_dir(dir: &Path, made: &mut HashSet<PathBuf>) -> Result<(), String> {
+    if made.insert(dir.to_path_buf()) {
+        std::fs::create_dir_all(dir).map_err(io(|| format!("creating {}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// Puts the host path `host` at `target` as the zygote found it: bound
+/// read-only, made again as a link (unless the root overlay's set-up made
+/// it already), or copied (root-owned on the root tmpfs, so read-only to
+/// the command; `/etc/passwd` and `/etc/group` name the command's user).
+fn set_up_host_path(
+    host: &Path,
+    what: &HostPath,
+    target: &Path,
+    spec: &SandboxSpec,
+    made: &mut HashSet<PathBuf>,
+) -> Result<(), String> {
+    if *what == HostPath::Missing {
+        return Ok(());
+    }
+    if let Some(parent) = target.parent() {
+        make_dir(parent, made)?;
+    }
+    match what {
+        HostPath::Missing => Ok(()),
+        HostPath::Link(to) => match std::os::unix::fs::symlink(to, target) {
+            Err(e)
+                if !(e.kind() == std::io::ErrorKind::AlreadyExists
+                    && std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_symlink())) =>
+            {
+                Err(format!("symlink {}: {e}", target.display()))
+            }
+            _ => Ok(()),
+        },
+        HostPath::Copy { bytes, mode } => {
+            let (uid, gid) = (spec.uid, spec.gid);
+            let contents = match host.to_str() {
+                Some("/etc/passwd") => {
+                    let line = format!("casbuild:x:{uid}:{gid}:casbuild action:/tmp:/usr/sbin/nologin\n");
+                    std::borrow::Cow::Owned(with_sandbox_name(bytes, uid, &line))
+                }
+                Some("/etc/group") => {
+                    std::borrow::Cow::Owned(with_sandbox_name(bytes, gid, &format!("casbuild:x:{gid}:\n")))
+                }
+                _ => std::borrow::Cow::Borrowed(&bytes[..]),
+            };
+            let mut file = File::create_new(target).map_err(io(|| format!("creating {}", target.display())))?;
+            file.write_all(&contents).map_err(io(|| format!("copying {}", host.display())))?;
+            file.set_permissions(std::fs::Permissions::from_mode(*mode))
+                .map_err(io(|| format!("chmod {}", target.display())))
+        }
+        HostPath::Bind { dir } => {
+            if *dir {
+                make_dir(target, made)?;
+            } else {
+                File::create(target).map_err(io(|| format!("creating {}", target.display())))?;
+            }
+            let none: Option<&str> = None;
+            mount(Some(host), target, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)
+                .map_err(sys(|| format!("binding {}", host.display())))?;
+            let read_only =
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+            mount(none, target, none, read_only, none).map_err(sys(|| format!("making {} read-only", host.display())))
         }
     }
-    Ok(())
-}
-
-/// Makes `target`'s parent and, when `host` is a link, the same link at
-/// `target` (unless the root overlay's set-up made it already). Returns what
-/// is left to do: `host`'s metadata when it is not a link, `None` when it is
-/// or this host does not have it.
-fn link_or_prepare(host: &Path, target: &Path) -> Result<Option<std::fs::Metadata>, String> {
-    let Ok(meta) = std::fs::symlink_metadata(host) else { return Ok(None) };
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(io(|| format!("creating {}", parent.display())))?;
-    }
-    if !meta.file_type().is_symlink() {
-        return Ok(Some(meta));
-    }
-    if !std::fs::symlink_metadata(target).is_ok_and(|m| m.file_type().is_symlink()) {
-        let link = std::fs::read_link(host).map_err(io(|| format!("reading link {}", host.display())))?;
-        std::os::unix::fs::symlink(link, target).map_err(io(|| format!("symlink {}", target.display())))?;
-    }
-    Ok(None)
-}
-
-/// Copies a host file or symlink to `target`; skips paths this host does not have.
-fn copy_file(host: &Path, target: &Path) -> Result<(), String> {
-    if link_or_prepare(host, target)?.is_some() {
-        std::fs::copy(host, target).map_err(io(|| format!("copying {}", host.display())))?;
-    }
-    Ok(())
-}
-
-/// Binds a host path read-only at `target`; recreates symlinks (merged /usr
-/// makes `/bin` one); skips paths this host does not have.
-fn bind_read_only(host: &Path, target: &Path) -> Result<(), String> {
-    let Some(meta) = link_or_prepare(host, target)? else { return Ok(()) };
-    if meta.is_dir() {
-        std::fs::create_dir_all(target).map_err(io(|| format!("creating {}", target.display())))?;
-    } else {
-        File::create(target).map_err(io(|| format!("creating {}", target.display())))?;
-    }
-    let none: Option<&str> = None;
-    mount(Some(host), target, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)
-        .map_err(sys(|| format!("binding {}", host.display())))?;
-    let read_only =
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    mount(none, target, none, read_only, none).map_err(sys(|| format!("making {} read-only", host.display())))
 }
 
 /// A minimal /dev: a few devices bound from the host and fd links (/dev/shm is the caller's).
