@@ -128,7 +128,7 @@ fn zygote() -> Result<(), String> {
                 filters_for(&spec.seccomp_deny)?;
                 let host_paths = host.look(&spec.toolchain);
                 let net = nets.take()?;
-                let run = Run { spec: &spec, net: Some(&net), host_paths: &host_paths };
+                let run = Run { spec: &spec, net: Some(&net), host_paths: &host_paths, announce: true };
                 match start_init(&run, &own_pids, &mut nets)? {
                     Some(pid) => {
                         nets.lent.insert(pid, net);
@@ -157,13 +157,15 @@ fn start_init(run: &Run<'_>, own_pids: &File, nets: &mut NetPool) -> Result<Opti
     // child may run arbitrary code after the fork.
     let forked = unsafe { fork() };
     if let Ok(ForkResult::Child) = forked {
-        // The zygote's pipes and namespaces are not this run's business.
+        // The zygote's pipes and namespaces are not this run's business,
+        // but for one line on its output at the end (close-on-exec).
         drop(std::mem::take(nets));
+        let done = run.announce.then(|| std::io::stdout().as_fd().try_clone_to_owned().ok()).flatten();
         if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
             let _ = nix::unistd::dup2_stdin(&null);
             let _ = nix::unistd::dup2_stdout(&null);
         }
-        init(run)
+        init(run, done.map(File::from))
     }
     if let Err(e) = setns(own_pids.as_fd(), CloneFlags::CLONE_NEWPID) {
         // Its next child would join this run's namespace: stop instead (the
@@ -185,7 +187,7 @@ fn run_spec_file(spec_path: &Path) -> Result<(), String> {
         serde_json::from_slice(&bytes).map_err(|e| format!("reading {}: {e}", spec_path.display()))?;
     let own_pids = File::open("/proc/self/ns/pid").map_err(|e| format!("opening the pid namespace: {e}"))?;
     let host_paths = HostPaths::default().look(&spec.toolchain);
-    let run = Run { spec: &spec, net: None, host_paths: &host_paths };
+    let run = Run { spec: &spec, net: None, host_paths: &host_paths, announce: false };
     let pid = start_init(&run, &own_pids, &mut NetPool::default())?.ok_or("could not start the run")?;
     match waitpid(pid, None) {
         Ok(WaitStatus::Exited(_, 0)) => Ok(()),
@@ -200,11 +202,14 @@ struct Run<'a> {
     net: Option<&'a OwnedFd>,
     /// What the spec's toolchain paths are on the host.
     host_paths: &'a [(PathBuf, HostPath)],
+    /// Whether init says `done N` on the zygote's output after its report.
+    announce: bool,
 }
 
 /// Pid 1 of the sandbox: writes the report of running its spec into its
-/// scratch directory and exits, taking the namespaces with it.
-fn init(run: &Run<'_>) -> ! {
+/// scratch directory, says `done N` on `done`, and exits, taking the
+/// namespaces with it.
+fn init(run: &Run<'_>, done: Option<File>) -> ! {
     let start = Instant::now();
     let spec = run.spec;
     let layout = ScratchLayout::new(&spec.scratch);
@@ -229,6 +234,10 @@ fn init(run: &Run<'_>) -> ! {
             1
         }
     };
+    if let Some(mut done) = done {
+        // One short write: lines of runs ending together do not mix.
+        let _ = done.write_all(format!("done {}\n", spec.run_id).as_bytes());
+    }
     std::process::exit(code)
 }
 

@@ -16,9 +16,11 @@ mod host_paths;
 mod netwatch;
 mod spec;
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
@@ -55,7 +57,12 @@ pub struct Sandbox {
     zygote: tokio::sync::Mutex<Option<Zygote>>,
     /// Where each run gets its own cgroup, when runs have one.
     cgroups: Option<Cgroups>,
+    /// Runs waiting for their init's `done` line, by run id.
+    waiting: Waiting,
+    next_run: std::sync::atomic::AtomicU64,
 }
+
+type Waiting = Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>>;
 
 /// Scratch space left at most this free at the end of a run counts as full.
 const FULL_SLACK: u64 = 1 << 20;
@@ -64,12 +71,14 @@ const FULL_SLACK: u64 = 1 << 20;
 struct Zygote {
     _child: tokio::process::Child,
     stdin: tokio::process::ChildStdin,
-    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    /// The zygote's answers to requests, in order (its output without the
+    /// runs' `done` lines, which go to their waiters).
+    answers: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
-/// A run in progress: its process, watched through a pidfd. Dropped before
-/// the run ended (the caller gave up), it kills the run, and with it the
-/// sandbox (whose pid 1 dies with its parent).
+/// A run in progress: its init (pid 1 of the sandbox), watched through a
+/// pidfd. Dropped before the run ended (the caller gave up), it kills init,
+/// and with it everything in the sandbox.
 struct Running {
     pidfd: AsyncFd<OwnedFd>,
     finished: bool,
@@ -105,7 +114,13 @@ impl Sandbox {
     /// A sandbox runner whose helper is `helper` (a `casbuild` binary; the
     /// worker passes its own executable).
     pub fn new(helper: impl Into<PathBuf>) -> Self {
-        Sandbox { helper: helper.into(), zygote: tokio::sync::Mutex::new(None), cgroups: None }
+        Sandbox {
+            helper: helper.into(),
+            zygote: tokio::sync::Mutex::new(None),
+            cgroups: None,
+            waiting: Waiting::default(),
+            next_run: Default::default(),
+        }
     }
 
     /// Gives every run a cgroup of its own under `cgroups`, with the memory
@@ -125,8 +140,24 @@ impl Sandbox {
             .spawn()
             .map_err(|e| helper_error(&format!("starting {}", self.helper.display()), &e))?;
         let stdin = child.stdin.take().expect("piped");
-        let stdout = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
-        Ok(Zygote { _child: child, stdin, stdout })
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+        let (answer, answers) = tokio::sync::mpsc::unbounded_channel();
+        let waiting = self.waiting.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                match line.strip_prefix("done ").and_then(|id| id.parse::<u64>().ok()) {
+                    Some(id) => {
+                        let waiter = waiting.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                        if let Some(waiter) = waiter {
+                            let _ = waiter.send(());
+                        }
+                    }
+                    None if answer.send(line).is_err() => break,
+                    None => {}
+                }
+            }
+        });
+        Ok(Zygote { _child: child, stdin, answers })
     }
 
     /// Asks the zygote to start the run `spec_json` describes.
@@ -142,7 +173,7 @@ impl Sandbox {
             let answer = async {
                 z.stdin.write_all(line.as_bytes()).await?;
                 z.stdin.flush().await?;
-                z.stdout.next_line().await
+                Ok::<_, std::io::Error>(z.answers.recv().await)
             };
             match answer.await {
                 Ok(Some(answer)) => {
@@ -184,6 +215,7 @@ impl Sandbox {
         };
         let mut spec = spec.clone();
         spec.cgroup_procs = group.as_ref().map(|g| g.procs_files()).unwrap_or_default();
+        spec.run_id = self.next_run.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut report = self.run_in_helper(&spec, &layout).await;
         if let (Ok(report), Some(group)) = (&mut report, &group) {
             let usage = group.usage();
@@ -205,10 +237,19 @@ impl Sandbox {
     async fn run_in_helper(&self, spec: &SandboxSpec, layout: &ScratchLayout) -> Result<RunReport, SandboxError> {
         // One line of JSON (strings escape newlines) straight to the zygote.
         let json = serde_json::to_string(spec).map_err(|e| helper_error("encoding the spec", &e))?;
+        let (done, reported) = tokio::sync::oneshot::channel();
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.run_id, done);
+        let _unlisted = Unlist(&self.waiting, spec.run_id);
         let mut running = self.start(&json).await?;
+        // The report is complete when init says so, before the kernel has
+        // torn its namespaces down; if init dies without saying so, its exit.
         let ended = async {
-            let mut ready = running.pidfd.readable().await.map_err(|e| helper_error("waiting for the run", &e))?;
-            ready.retain_ready();
+            tokio::select! {
+                _ = reported => {}
+                ready = running.pidfd.readable() => {
+                    ready.map_err(|e| helper_error("waiting for the run", &e))?.retain_ready();
+                }
+            }
             Ok::<(), SandboxError>(())
         };
         match spec.timeout_ms {
@@ -237,6 +278,16 @@ impl Sandbox {
     /// in its working tree, at its path there.
     pub fn upper_path(spec: &SandboxSpec) -> PathBuf {
         ScratchLayout::new(&spec.scratch).upper
+    }
+}
+
+/// Takes a run's entry out of the waiting list when the run is over,
+/// however it ended.
+struct Unlist<'a>(&'a Waiting, u64);
+
+impl Drop for Unlist<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
     }
 }
 

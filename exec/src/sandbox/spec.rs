@@ -99,6 +99,11 @@ pub struct SandboxSpec {
     /// joins before anything else (filled in by [`super::Sandbox::run`]).
     #[serde(default)]
     pub cgroup_procs: Vec<PathBuf>,
+    /// Set by [`super::Sandbox::run`]: the number the run's init announces
+    /// (`done N` on the zygote's output) once its report is written, so
+    /// that the caller need not wait for the namespaces' tear-down.
+    #[serde(default)]
+    pub run_id: u64,
     /// System calls denied (EPERM) on top of the default seccomp filter
     /// ([`crate::seccomp`]), by name.
     #[serde(default)]
@@ -129,6 +134,7 @@ impl SandboxSpec {
             limits: Limits::default(),
             timeout_ms: None,
             cgroup_procs: Vec::new(),
+            run_id: 0,
             seccomp_deny: Vec::new(),
             root_lower: None,
         }
