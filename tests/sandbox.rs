@@ -189,6 +189,17 @@ fn daemons_die_with_the_action_and_timeouts_kill_everything() {
 }
 
 #[test]
+fn the_cpu_time_of_every_process_of_the_action_is_reported() {
+    let Some(case) = Case::new("the_cpu_time_of_every_process_of_the_action_is_reported") else { return };
+    // Two busy shells, one of them orphaned (its parent exits first).
+    let busy = "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done";
+    let (report, _, stderr) = case.sh(&format!("sh -c '({busy}) & exit 0'; {busy}; wait"));
+    assert!(report.success(), "{report:?}: {stderr}");
+    let cpu = report.cpu_micros.expect("cpu time is reported");
+    assert!(cpu >= 40_000, "two busy loops took CPU time: {report:?}");
+}
+
+#[test]
 fn a_fork_bomb_and_a_flood_of_output_are_contained() {
     let Some(case) = Case::new("a_fork_bomb_and_a_flood_of_output_are_contained") else { return };
     let mut spec = case.spec(&["sh", "-c", "bomb() { bomb | bomb & }; bomb; sleep 2"]);

@@ -1,11 +1,13 @@
 //! A control group per action: a hard memory limit and a process limit that
-//! hold for everything the action starts, whatever user it runs as, plus
-//! CPU accounting; read back after the run to say which limit struck.
+//! hold for everything the action starts, whatever user it runs as; read
+//! back after the run to say which limit struck. (CPU time needs no group:
+//! the sandbox's init reaps every process of the action and reads it from
+//! its own resource usage.)
 //!
 //! Both hierarchies are supported. cgroup v2 (one tree at /sys/fs/cgroup):
 //! groups live under `/sys/fs/cgroup/casbuild/`, with the memory and pids
 //! controllers enabled for it. cgroup v1 (one tree per controller): groups
-//! live under `casbuild/` of the memory, pids and (if mounted) cpuacct trees.
+//! live under `casbuild/` of the memory and pids trees.
 //! Each action's group is named after the worker's pid and the run, so
 //! several workers on one host never meet; groups left by a worker that died
 //! are removed by the next one.
@@ -29,8 +31,6 @@ pub struct GroupUsage {
     pub oom_kills: u64,
     /// Forks refused because the process limit was reached.
     pub fork_refusals: u64,
-    /// CPU time of all its processes, in µs (when accounted).
-    pub cpu_micros: Option<u64>,
     /// The most memory it used (when the kernel reports it).
     pub memory_peak: Option<u64>,
 }
@@ -40,7 +40,7 @@ enum Layout {
     /// cgroup v2: casbuild's parent group.
     V2 { parent: PathBuf },
     /// cgroup v1: casbuild's parent group in each controller's tree.
-    V1 { memory: PathBuf, pids: PathBuf, cpuacct: Option<PathBuf> },
+    V1 { memory: PathBuf, pids: PathBuf },
 }
 
 /// casbuild's place in the host's cgroup hierarchy.
@@ -110,11 +110,10 @@ impl Cgroups {
                     base.display()
                 ));
             };
-            let cpuacct = tree("cpuacct");
-            for dir in [Some(&memory), Some(&pids), cpuacct.as_ref()].into_iter().flatten() {
+            for dir in [&memory, &pids] {
                 create(dir)?;
             }
-            Layout::V1 { memory, pids, cpuacct }
+            Layout::V1 { memory, pids }
         };
         let cgroups = Cgroups { layout };
         cgroups.remove_stale();
@@ -129,9 +128,7 @@ impl Cgroups {
     fn parents(&self) -> Vec<&Path> {
         match &self.layout {
             Layout::V2 { parent } => vec![parent],
-            Layout::V1 { memory, pids, cpuacct } => {
-                [Some(memory), Some(pids), cpuacct.as_ref()].into_iter().flatten().map(PathBuf::as_path).collect()
-            }
+            Layout::V1 { memory, pids } => vec![memory, pids],
         }
     }
 
@@ -169,8 +166,8 @@ impl Cgroups {
                 }
                 write(&dir.join("pids.max"), &processes)?;
             }
-            Layout::V1 { memory: mem, pids, cpuacct } => {
-                for parent in [Some(mem), Some(pids), cpuacct.as_ref()].into_iter().flatten() {
+            Layout::V1 { memory: mem, pids } => {
+                for parent in [mem, pids] {
                     create(&parent.join(&group.name))?;
                 }
                 let dir = mem.join(&group.name);
@@ -189,9 +186,7 @@ impl ActionGroup {
     fn dirs(&self) -> Vec<PathBuf> {
         match &self.layout {
             Layout::V2 { parent } => vec![parent.join(&self.name)],
-            Layout::V1 { memory, pids, cpuacct } => {
-                [Some(memory), Some(pids), cpuacct.as_ref()].into_iter().flatten().map(|p| p.join(&self.name)).collect()
-            }
+            Layout::V1 { memory, pids } => vec![memory.join(&self.name), pids.join(&self.name)],
         }
     }
 
@@ -216,19 +211,14 @@ impl ActionGroup {
                 GroupUsage {
                     oom_kills: keyed(&dir.join("memory.events"), "oom_kill").unwrap_or(0),
                     fork_refusals: keyed(&dir.join("pids.events"), "max").unwrap_or(0),
-                    cpu_micros: keyed(&dir.join("cpu.stat"), "usage_usec"),
                     memory_peak: number(&dir.join("memory.peak")),
                 }
             }
-            Layout::V1 { memory, pids, cpuacct } => {
+            Layout::V1 { memory, pids } => {
                 let mem = memory.join(&self.name);
                 GroupUsage {
                     oom_kills: keyed(&mem.join("memory.oom_control"), "oom_kill").unwrap_or(0),
                     fork_refusals: keyed(&pids.join(&self.name).join("pids.events"), "max").unwrap_or(0),
-                    cpu_micros: cpuacct
-                        .as_ref()
-                        .and_then(|c| number(&c.join(&self.name).join("cpuacct.usage")))
-                        .map(|ns| ns / 1000),
                     memory_peak: number(&mem.join("memory.max_usage_in_bytes")),
                 }
             }

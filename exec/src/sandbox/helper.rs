@@ -257,6 +257,12 @@ fn run_in_namespaces(run: &Run<'_>, layout: &ScratchLayout, start: Instant) -> R
     build_root(run, layout)?;
     let ended = run_command(spec, stdout.as_fd(), stderr.as_fd(), deadline)?;
     let mut report = RunReport { timed_out: ended.timed_out, blocked: ended.blocked, ..Default::default() };
+    // Init has reaped every process of the run (orphans come to pid 1), so
+    // its children's usage is the action's CPU time.
+    if let Ok(usage) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
+        let micros = |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64;
+        report.cpu_micros = Some(micros(usage.user_time()) + micros(usage.system_time()));
+    }
     match (ended.exec_error, ended.status) {
         (Some(error), _) => report.error = Some(error),
         (None, None) => {}

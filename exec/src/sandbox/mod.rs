@@ -84,6 +84,15 @@ struct Running {
     finished: bool,
 }
 
+impl Running {
+    /// Waits until the run's init has exited.
+    async fn exited(&self) {
+        if let Ok(mut ready) = self.pidfd.readable().await {
+            ready.retain_ready();
+        }
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         if !self.finished {
@@ -216,25 +225,39 @@ impl Sandbox {
         let mut spec = spec.clone();
         spec.cgroup_procs = group.as_ref().map(|g| g.procs_files()).unwrap_or_default();
         spec.run_id = self.next_run.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut report = self.run_in_helper(&spec, &layout).await;
+        let (mut report, running) = match self.run_in_helper(&spec, &layout).await {
+            Ok((report, running)) => (Ok(report), Some(running)),
+            Err(e) => (Err(e), None),
+        };
         if let (Ok(report), Some(group)) = (&mut report, &group) {
             let usage = group.usage();
             report.memory_exceeded = usage.oom_kills > 0;
             report.processes_exhausted = usage.fork_refusals > 0;
-            report.cpu_micros = usage.cpu_micros;
         }
         if let (Ok(report), true) = (&mut report, limits.max_scratch_bytes > 0) {
             report.scratch_full = nix::sys::statvfs::statvfs(&layout.space)
                 .is_ok_and(|s| s.blocks_available().saturating_mul(s.fragment_size()) <= FULL_SLACK);
         }
         if let Some(group) = group {
-            // Removing it may wait briefly for the kernel to finish the exits.
-            tokio::task::spawn_blocking(move || drop(group));
+            // Init reports before its own exit (the namespaces' tear-down):
+            // the group is removed once it is empty.
+            tokio::spawn(async move {
+                if let Some(running) = running {
+                    let _ = tokio::time::timeout(HELPER_GRACE, running.exited()).await;
+                }
+                let _ = tokio::task::spawn_blocking(move || drop(group)).await;
+            });
         }
         report
     }
 
-    async fn run_in_helper(&self, spec: &SandboxSpec, layout: &ScratchLayout) -> Result<RunReport, SandboxError> {
+    /// Runs `spec` through the zygote; returns the report and the run's init,
+    /// which may still be exiting.
+    async fn run_in_helper(
+        &self,
+        spec: &SandboxSpec,
+        layout: &ScratchLayout,
+    ) -> Result<(RunReport, Running), SandboxError> {
         // One line of JSON (strings escape newlines) straight to the zygote.
         let json = serde_json::to_string(spec).map_err(|e| helper_error("encoding the spec", &e))?;
         let (done, reported) = tokio::sync::oneshot::channel();
@@ -261,7 +284,8 @@ impl Sandbox {
         running.finished = true;
         let report = std::fs::read(&layout.report)
             .map_err(|e| helper_error("reading the report (the helper failed; see its stderr)", &e))?;
-        serde_json::from_slice(&report).map_err(|e| helper_error("decoding the report", &e))
+        let report = serde_json::from_slice(&report).map_err(|e| helper_error("decoding the report", &e))?;
+        Ok((report, running))
     }
 
     /// Where a run's stdout is.

@@ -233,7 +233,7 @@ pub struct RunReport {
     /// was full when it ended.
     #[serde(default)]
     pub scratch_full: bool,
-    /// CPU time of everything the action ran, in µs, when accounted.
+    /// CPU time of everything the action ran, in µs.
     #[serde(default)]
     pub cpu_micros: Option<u64>,
     /// Accesses the sandbox refused, for the report
