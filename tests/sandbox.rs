@@ -288,3 +288,26 @@ fn runs_never_meet_in_a_network_namespace() {
         assert_eq!(run(&python(&format!("after-{i}"), probe.to_owned())), "alone\n");
     }
 }
+
+/// The seccomp filter as the kernel applies it to the command: denied calls
+/// fail with EPERM, unavailable ones with ENOSYS (so libraries fall back),
+/// the x32 ABI is unavailable, everything else works.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_seccomp_filter_answers_the_command_as_listed() {
+    let Some(case) = Case::new("the_seccomp_filter_answers_the_command_as_listed") else { return };
+    let script = "import ctypes\n\
+                  libc = ctypes.CDLL(None, use_errno=True)\n\
+                  for name, nr in [('mount', 165), ('bpf', 321), ('clone3', 435), ('getpid', 39), ('x32 getpid', 0x40000027)]:\n    \
+                  ctypes.set_errno(0)\n    \
+                  r = libc.syscall(nr, 0, 0, 0, 0, 0)\n    \
+                  print(name, r if r >= 0 else 'errno %d' % ctypes.get_errno())\n";
+    let (report, stdout, stderr) = case.run(&case.spec(&["python3", "-c", script]));
+    assert!(report.success(), "{report:?}: {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], format!("mount errno {}", libc::EPERM));
+    assert_eq!(lines[1], format!("bpf errno {}", libc::EPERM));
+    assert_eq!(lines[2], format!("clone3 errno {}", libc::ENOSYS));
+    assert_eq!(lines[3], "getpid 2", "the command is pid 2 of its sandbox");
+    assert_eq!(lines[4], format!("x32 getpid errno {}", libc::ENOSYS));
+}

@@ -14,16 +14,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
+use crate::seccomp::AUDIT_ARCH;
+
 /// At most this many denied connections are recorded (the first ones).
 const MOST: usize = 20;
-
-/// `AUDIT_ARCH_*` of the machine the sandbox runs on.
-#[cfg(target_arch = "x86_64")]
-const AUDIT_ARCH: u32 = 0xC000_003E;
-#[cfg(target_arch = "aarch64")]
-const AUDIT_ARCH: u32 = 0xC000_00B7;
-#[cfg(target_arch = "riscv64")]
-const AUDIT_ARCH: u32 = 0xC000_00F3;
 
 /// The listener of a seccomp filter that reports every `connect`.
 pub struct ConnectWatch {
