@@ -234,7 +234,10 @@ impl BlobCache {
             return self.read_into_memory(digest, Use::File).await.map(CachedBlob::bytes);
         }
         if digest.size_bytes >= self.stream_min.load(Ordering::Relaxed) {
-            return Ok(CachedBlob::streaming(self.download(digest).await?, pin));
+            return Ok(match self.download(digest).await? {
+                Streamed::Running(download) => CachedBlob::streaming(download, pin),
+                Streamed::Cached(file) => CachedBlob::file(file, pin),
+            });
         }
         self.files.promote(digest).await.map_err(|e| fetch_error(digest, e))?;
         match self.open_local(digest)? {
@@ -254,16 +257,23 @@ impl BlobCache {
         self.read_into_memory(digest, Use::Directory).await
     }
 
-    /// The download of `digest` in progress, or a new one.
-    async fn download(&self, digest: &Digest) -> Result<Arc<Download>, FetchError> {
+    /// The download of `digest` in progress, or a new one, or the cached
+    /// file when a download finished since the caller looked.
+    async fn download(&self, digest: &Digest) -> Result<Streamed, FetchError> {
         let lock = || self.downloads.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(download) = lock().get(digest) {
-            return Ok(download.clone());
+            return Ok(Streamed::Running(download.clone()));
         }
         let (writer, file) = self.local.begin_followed_write(digest).await.map_err(|e| fetch_error(digest, e))?;
         let mut downloads = lock();
+        // Either way our writer removes its temp file.
         if let Some(download) = downloads.get(digest) {
-            return Ok(download.clone()); // another opener won; our writer removes its temp file
+            return Ok(Streamed::Running(download.clone())); // another opener won
+        }
+        // A download leaves the map only once its blob is committed, so
+        // under the lock, no entry and no file means no copy anywhere.
+        if let Some(cached) = self.open_local(digest)? {
+            return Ok(Streamed::Cached(cached));
         }
         let (running, key) = (self.downloads.clone(), *digest);
         let download = Download::start(*digest, writer, file, self.source.clone(), move |_| {
@@ -271,7 +281,7 @@ impl BlobCache {
         });
         downloads.insert(*digest, download.clone());
         self.downloads_started.fetch_add(1, Ordering::Relaxed);
-        Ok(download)
+        Ok(Streamed::Running(download))
     }
 
     fn open_local(&self, digest: &Digest) -> Result<Option<File>, FetchError> {
@@ -305,6 +315,12 @@ impl BlobCache {
 
 /// A blob read whole into memory: one BatchReadBlobs call when small enough,
 /// else streamed (verified as it arrives by the store that reads it).
+/// A large blob for an opener: being streamed, or already in the cache.
+enum Streamed {
+    Running(Arc<Download>),
+    Cached(File),
+}
+
 async fn read_whole(source: &SharedStore, digest: &Digest) -> Result<Bytes, StoreError> {
     if digest.size_bytes > MAX_IN_MEMORY {
         return Err(StoreError::InvalidArgument(format!(
@@ -418,5 +434,33 @@ mod tests {
         let opens = futures::future::join_all((0..4).map(|_| cache.open(&absent))).await;
         assert!(opens.iter().all(|o| matches!(o, Err(FetchError::NotFound(_)))));
         assert_eq!(cache.local().find_missing(&[absent]).await.unwrap(), vec![absent]);
+    }
+
+    /// An opener that found no cached copy while a download was finishing
+    /// gets the committed file instead of starting a second download.
+    #[tokio::test]
+    async fn a_download_that_finished_meanwhile_is_not_started_again() {
+        let function = DigestFunction::Sha256;
+        let remote = Arc::new(SlowCas { inner: Arc::new(MemoryStore::new(64 << 20)), reads: AtomicU64::new(0) });
+        let large = Bytes::from((0..(3u32 << 20)).map(|i| (i % 241) as u8).collect::<Vec<u8>>());
+        let digest = function.digest_of(&large);
+        remote.inner.write(&digest, large.clone()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let local = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        let cache = BlobCache::new(local, Arc::new(OneInstance(remote.clone())), "", Duration::from_secs(30));
+        cache.set_stream_min(1 << 20);
+
+        let first = cache.open(&digest).await.unwrap();
+        first.download.as_ref().expect("streamed").finished().await.unwrap();
+        drop(first);
+        // What an opener does after its own look at the cache came too early.
+        let Streamed::Cached(file) = cache.download(&digest).await.unwrap() else {
+            panic!("a second download of a committed blob")
+        };
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut bytes).unwrap();
+        assert_eq!(bytes, large);
+        assert_eq!(remote.reads.load(Ordering::SeqCst), 1, "one fetch");
+        assert_eq!(cache.remote_reads(), 1);
     }
 }
