@@ -12,11 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::store::BlobStore;
-use casbuild_cas::store::{DiskStore, RemoteStore, RemoteStoreOptions};
-use casbuild_mount::{BlobCache, CasMount, MountOptions};
-use casbuild_proto::reapi::{Directory, FileNode};
 use common::liar::Liar;
-use prost::Message;
 
 const F: DigestFunction = DigestFunction::Blake3;
 
@@ -28,23 +24,12 @@ fn blobs_that_do_not_match_their_digest_are_never_served_or_kept() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (small, large, honest) = (common::bytes(1, 10_000), common::bytes(2, 300_000), common::bytes(3, 5_000));
     let streamed = common::bytes(4, 12 << 20);
-    let file = |name: &str, data: &[u8]| FileNode {
-        name: name.into(),
-        digest: Some(F.digest_of(data).to_proto()),
-        is_executable: false,
-        node_properties: None,
-    };
-    let root = Directory {
-        files: vec![
-            file("honest.txt", &honest),
-            file("large.bin", &large),
-            file("small.bin", &small),
-            file("streamed.bin", &streamed),
-        ],
-        ..Default::default()
-    };
-    let root_bytes = Bytes::from(root.encode_to_vec());
-    let root_digest = F.digest_of(&root_bytes);
+    let (root_bytes, root_digest) = common::liar::directory_of(&[
+        ("honest.txt", &honest),
+        ("large.bin", &large),
+        ("small.bin", &small),
+        ("streamed.bin", &streamed),
+    ]);
     let mut blobs = HashMap::new();
     for data in [&small, &large, &honest, &streamed] {
         blobs.insert(F.digest_of(data).hash_hex(), Bytes::from(data.clone()));
@@ -58,11 +43,7 @@ fn blobs_that_do_not_match_their_digest_are_never_served_or_kept() {
 
     let url = liar.spawn(&runtime, |router| router);
     let dir = tempfile::tempdir().unwrap();
-    let remote = runtime.block_on(RemoteStore::connect(&url, RemoteStoreOptions::default())).unwrap();
-    let local = DiskStore::open(&dir.path().join("cache"), 1 << 30).unwrap();
-    let cache = Arc::new(BlobCache::new(local.clone(), Arc::new(remote), "", Duration::from_secs(5)));
-    let mount =
-        CasMount::mount(&dir.path().join("cas"), cache, runtime.handle().clone(), &MountOptions::default()).unwrap();
+    let (mount, local) = common::liar::mount_of(&runtime, &url, dir.path(), Duration::from_secs(5));
     let input = mount.register("liar", root_digest).unwrap();
 
     assert_eq!(std::fs::read(input.join("honest.txt")).unwrap(), honest, "true blobs are served");

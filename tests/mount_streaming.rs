@@ -8,16 +8,12 @@ mod common;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use casbuild_cas::digest::DigestFunction;
-use casbuild_cas::store::{BlobStore, DiskStore, RemoteStore, RemoteStoreOptions};
-use casbuild_mount::{BlobCache, CasMount, MountOptions};
-use casbuild_proto::reapi::{Directory, FileNode};
+use casbuild_cas::store::BlobStore;
 use common::liar::Liar;
-use prost::Message;
 
 const F: DigestFunction = DigestFunction::Blake3;
 
@@ -29,28 +25,14 @@ fn a_cold_large_file_is_read_anywhere_while_it_streams_in() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let big = Bytes::from(common::bytes(7, 64 << 20));
     let digest = F.digest_of(&big);
-    let root = Directory {
-        files: vec![FileNode {
-            name: "big.bin".into(),
-            digest: Some(digest.to_proto()),
-            is_executable: false,
-            node_properties: None,
-        }],
-        ..Default::default()
-    };
-    let root_bytes = Bytes::from(root.encode_to_vec());
-    let root_digest = F.digest_of(&root_bytes);
+    let (root_bytes, root_digest) = common::liar::directory_of(&[("big.bin", &big)]);
     // 1,024 chunks of 64 KiB, each after 2 ms: the stream takes 2 s or more.
     let mut liar = Liar::honest(&[big.clone(), root_bytes]);
     liar.pace = Duration::from_millis(2);
     let url = liar.spawn(&runtime, |router| router);
 
     let dir = tempfile::tempdir().unwrap();
-    let remote = runtime.block_on(RemoteStore::connect(&url, RemoteStoreOptions::default())).unwrap();
-    let local = DiskStore::open(&dir.path().join("cache"), 1 << 30).unwrap();
-    let cache = Arc::new(BlobCache::new(local.clone(), Arc::new(remote), "", Duration::from_secs(30)));
-    let mount =
-        CasMount::mount(&dir.path().join("cas"), cache, runtime.handle().clone(), &MountOptions::default()).unwrap();
+    let (mount, local) = common::liar::mount_of(&runtime, &url, dir.path(), Duration::from_secs(30));
     let path = mount.register("big", root_digest).unwrap().join("big.bin");
     let file = File::open(&path).unwrap();
 

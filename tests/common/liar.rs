@@ -16,8 +16,8 @@ use casbuild_proto::reapi::content_addressable_storage_server::{
 };
 use casbuild_proto::reapi::{
     batch_read_blobs_response, BatchReadBlobsRequest, BatchReadBlobsResponse, BatchUpdateBlobsRequest,
-    BatchUpdateBlobsResponse, Directory, FindMissingBlobsRequest, FindMissingBlobsResponse, GetChunkMappingRequest,
-    GetChunkMappingResponse, GetTreeRequest, GetTreeResponse, RegisterChunkMappingRequest,
+    BatchUpdateBlobsResponse, Directory, FileNode, FindMissingBlobsRequest, FindMissingBlobsResponse,
+    GetChunkMappingRequest, GetChunkMappingResponse, GetTreeRequest, GetTreeResponse, RegisterChunkMappingRequest,
     RegisterChunkMappingResponse, SpliceBlobRequest, SpliceBlobResponse, SplitBlobRequest, SplitBlobResponse,
 };
 use futures::stream::BoxStream;
@@ -66,6 +66,39 @@ impl Liar {
         }
         Some(data)
     }
+}
+
+/// A Directory of plain files `(name, contents)` in this order, encoded,
+/// and its BLAKE3 digest (the digest function of these servers).
+pub fn directory_of(files: &[(&str, &[u8])]) -> (Bytes, casbuild_cas::digest::Digest) {
+    let files = files
+        .iter()
+        .map(|(name, data)| FileNode {
+            name: (*name).into(),
+            digest: Some(DigestFunction::Blake3.digest_of(data).to_proto()),
+            ..Default::default()
+        })
+        .collect();
+    let bytes = Bytes::from(Directory { files, ..Default::default() }.encode_to_vec());
+    let digest = DigestFunction::Blake3.digest_of(&bytes);
+    (bytes, digest)
+}
+
+/// A /cas mount at `dir/cas` of the server at `url` (its disk cache in
+/// `dir/cache`, returned for checks of what was kept).
+pub fn mount_of(
+    runtime: &tokio::runtime::Runtime,
+    url: &str,
+    dir: &std::path::Path,
+    idle: std::time::Duration,
+) -> (casbuild_mount::CasMount, casbuild_cas::store::DiskStore) {
+    use casbuild_cas::store::{DiskStore, RemoteStore, RemoteStoreOptions};
+    let remote = runtime.block_on(RemoteStore::connect(url, RemoteStoreOptions::default())).unwrap();
+    let local = DiskStore::open(&dir.join("cache"), 1 << 30).unwrap();
+    let cache = Arc::new(casbuild_mount::BlobCache::new(local.clone(), Arc::new(remote), "", idle));
+    let options = casbuild_mount::MountOptions::default();
+    let mount = casbuild_mount::CasMount::mount(&dir.join("cas"), cache, runtime.handle().clone(), &options).unwrap();
+    (mount, local)
 }
 
 #[tonic::async_trait]
