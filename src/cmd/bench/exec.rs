@@ -188,10 +188,13 @@ pub async fn bench_exec(args: ExecArgs) -> anyhow::Result<()> {
     let (mut cold, mut hit, mut fork) = (vec![], vec![], vec![]);
     let mut phases = Phases::default();
     eprintln!("bench: {count} no-op actions per round, {concurrency} in flight, {} rounds", args.rounds.max(1));
+    let mut cpu = Cpu::default();
     for round in 0..args.rounds.max(1) {
         let (digests, blobs) = actions(round, count, function);
         store.write_batch(blobs).await?;
+        let before = Cpu::now(up.pid());
         let (took, hits) = execute_all(&client, &digests, concurrency, &mut phases).await?;
+        cpu.add_since(&before, &Cpu::now(up.pid()));
         ensure!(hits == 0, "{hits} of the new actions were cache hits");
         cold.push(took);
         let (took, hits) = execute_all(&client, &digests, concurrency, &mut Phases::default()).await?;
@@ -240,6 +243,74 @@ pub async fn bench_exec(args: ExecArgs) -> anyhow::Result<()> {
             println!("| {name} | {} |", ms(median(samples)));
         }
     }
+    let runs = (count * args.rounds.max(1)) as f64;
+    let per = |d: Duration| d.as_secs_f64() * 1e3 / runs;
+    let total = cpu.client + cpu.server + cpu.sandboxes;
+    println!(
+        "\nCPU per run action (all rounds): client {:.2} ms, `casbuild up` (coordinator, worker, mount) {:.2} ms, \
+         sandboxes (zygote, init, command) {:.2} ms; {:.2} ms in all, so {} cores run at most {:.0} such actions/s",
+        per(cpu.client),
+        per(cpu.server),
+        per(cpu.sandboxes),
+        per(total),
+        cores(),
+        cores() as f64 * 1e3 / per(total).max(1e-3)
+    );
     drop(up);
     Ok(())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// CPU time (user and system) of the bench process, of `casbuild up`
+/// itself, and of its children (the sandbox zygote, with the runs it reaped).
+#[derive(Default)]
+struct Cpu {
+    client: Duration,
+    server: Duration,
+    sandboxes: Duration,
+}
+
+impl Cpu {
+    fn now(up: u32) -> Cpu {
+        let client = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+            .map(|u| {
+                let t = |v: nix::sys::time::TimeVal| Duration::new(v.tv_sec() as u64, v.tv_usec() as u32 * 1000);
+                t(u.user_time()) + t(u.system_time())
+            })
+            .unwrap_or_default();
+        // Children are listed per thread (the one that spawned them).
+        let threads = std::fs::read_dir(format!("/proc/{up}/task")).into_iter().flatten().flatten();
+        let children: Vec<String> = threads
+            .flat_map(|t| {
+                std::fs::read_to_string(t.path().join("children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let sandboxes = children.iter().map(|pid| ticks(pid, true)).sum();
+        Cpu { client, server: ticks(&up.to_string(), false), sandboxes }
+    }
+
+    fn add_since(&mut self, before: &Cpu, after: &Cpu) {
+        self.client += after.client.saturating_sub(before.client);
+        self.server += after.server.saturating_sub(before.server);
+        self.sandboxes += after.sandboxes.saturating_sub(before.sandboxes);
+    }
+}
+
+/// A process's CPU time from /proc (with that of the children it reaped).
+fn ticks(pid: &str, reaped: bool) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return Duration::ZERO };
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let Some((_, rest)) = stat.rsplit_once(") ") else { return Duration::ZERO };
+    let fields: Vec<u64> = rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+    // utime, stime, cutime, cstime are fields 14-17: indices 11-14 here.
+    let sum: u64 = fields.get(11..if reaped { 15 } else { 13 }).map(|f| f.iter().sum()).unwrap_or(0);
+    // /proc counts in USER_HZ ticks, 100 a second on Linux's architectures.
+    Duration::from_millis(sum * 10)
 }

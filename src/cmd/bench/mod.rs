@@ -182,6 +182,13 @@ impl Up {
     }
 }
 
+impl Up {
+    /// The process id of `casbuild up`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Up {
     fn drop(&mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
