@@ -122,30 +122,32 @@ fn zygote() -> Result<(), String> {
                 None => break,
             }
         }
-        let started =
-            serde_json::from_str::<SandboxSpec>(&line).map_err(|e| format!("reading the spec: {e}")).and_then(|spec| {
-                // Compiled here, before the fork, once for all runs with this deny list.
-                filters_for(&spec.seccomp_deny)?;
-                let host_paths = host.look(&spec.toolchain);
-                let net = nets.take()?;
-                let run = Run { spec: &spec, net: Some(&net), host_paths: &host_paths, announce: true };
-                match start_init(&run, &own_pids, &mut nets)? {
-                    Some(pid) => {
-                        nets.lent.insert(pid, net);
-                        Ok(pid)
-                    }
-                    None => Err("could not start the run".into()),
-                }
-            });
-        let answer = match started {
-            Ok(pid) => pid.as_raw().to_string(),
-            Err(e) => format!("error {e}"),
+        // `RUN_ID PID` or `RUN_ID error WHY`: the owner matches answers to
+        // its requests (the answer to one whose caller gave up is skipped).
+        let answer = match serde_json::from_str::<SandboxSpec>(&line) {
+            Err(e) => format!("error reading the spec: {e}"),
+            Ok(spec) => match start_run(&spec, &own_pids, &mut nets, &mut host) {
+                Ok(pid) => format!("{} {pid}", spec.run_id),
+                Err(e) => format!("{} error {e}", spec.run_id),
+            },
         };
         if writeln!(stdout, "{answer}").and_then(|()| stdout.flush()).is_err() {
             break;
         }
     }
     Ok(())
+}
+
+/// Starts `spec`'s run with a lent network namespace; returns its init's pid.
+fn start_run(spec: &SandboxSpec, own_pids: &File, nets: &mut NetPool, host: &mut HostPaths) -> Result<Pid, String> {
+    // Compiled here, before the fork, once for all runs with this deny list.
+    filters_for(&spec.seccomp_deny)?;
+    let host_paths = host.look(&spec.toolchain);
+    let net = nets.take()?;
+    let run = Run { spec, net: Some(&net), host_paths: &host_paths, announce: true };
+    let pid = start_init(&run, own_pids, nets)?.ok_or("could not start the run")?;
+    nets.lent.insert(pid, net);
+    Ok(pid)
 }
 
 /// Forks the run's init as pid 1 of a new pid namespace and returns its

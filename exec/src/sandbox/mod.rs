@@ -169,8 +169,8 @@ impl Sandbox {
         Ok(Zygote { _child: child, stdin, answers })
     }
 
-    /// Asks the zygote to start the run `spec_json` describes.
-    async fn start(&self, spec_json: &str) -> Result<Running, SandboxError> {
+    /// Asks the zygote to start run `run_id`, which `spec_json` describes.
+    async fn start(&self, spec_json: &str, run_id: u64) -> Result<Running, SandboxError> {
         let mut zygote = self.zygote.lock().await;
         let mut last_error = None;
         for _ in 0..2 {
@@ -182,10 +182,25 @@ impl Sandbox {
             let answer = async {
                 z.stdin.write_all(line.as_bytes()).await?;
                 z.stdin.flush().await?;
-                Ok::<_, std::io::Error>(z.answers.recv().await)
+                // An answer to a request whose caller gave up before it came
+                // is still queued: skip it (that run ends on its own).
+                let prefix = format!("{run_id} ");
+                loop {
+                    match z.answers.recv().await {
+                        Some(answer) if answer.starts_with("error ") => return Ok(Some(answer)),
+                        Some(answer) => match answer.strip_prefix(&prefix) {
+                            Some(ours) => return Ok(Some(ours.to_owned())),
+                            None => continue,
+                        },
+                        None => return Ok::<_, std::io::Error>(None),
+                    }
+                }
             };
             match answer.await {
                 Ok(Some(answer)) => {
+                    if let Some(why) = answer.strip_prefix("error ") {
+                        return Err(SandboxError::Helper(why.to_owned()));
+                    }
                     let pid: i32 =
                         answer.parse().map_err(|_| SandboxError::Helper(format!("the helper said {answer:?}")))?;
                     // The zygote reaps this pid only after our next request, so it is still ours here.
@@ -263,7 +278,7 @@ impl Sandbox {
         let (done, reported) = tokio::sync::oneshot::channel();
         self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.run_id, done);
         let _unlisted = Unlist(&self.waiting, spec.run_id);
-        let mut running = self.start(&json).await?;
+        let mut running = self.start(&json, spec.run_id).await?;
         // The report is complete when init says so, before the kernel has
         // torn its namespaces down; if init dies without saying so, its exit.
         let ended = async {
@@ -339,4 +354,30 @@ fn pidfd_open(pid: i32) -> Result<AsyncFd<OwnedFd>, SandboxError> {
     // is the same descriptor for the AsyncFd's whole life.
     unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         .map_err(|e| helper_error("watching the run", &e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in zygote: answers each request line with the lines given.
+    fn zygote_saying(dir: &std::path::Path, answers: &str) -> Sandbox {
+        use std::os::unix::fs::PermissionsExt;
+        let script = dir.join("zygote");
+        std::fs::write(&script, format!("#!/bin/sh\nread line\nprintf \"{answers}\"\nsleep 5\n")).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Sandbox::new(script)
+    }
+
+    #[tokio::test]
+    async fn answers_to_requests_whose_callers_gave_up_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stale answer (run 7, whose caller is gone) comes before ours.
+        let sandbox = zygote_saying(dir.path(), "7 1\\n0 $$\\n");
+        assert!(sandbox.start("{}", 0).await.is_ok(), "the stale answer was skipped");
+
+        let sandbox = zygote_saying(dir.path(), "7 1\\n3 error no network namespace\\n");
+        let err = sandbox.start("{}", 3).await.err().expect("our answer is an error");
+        assert!(err.to_string().contains("no network namespace"), "{err}");
+    }
 }
