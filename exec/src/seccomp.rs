@@ -76,8 +76,8 @@ pub(crate) const AUDIT_ARCH: u32 = 0xC000_00F3;
 
 /// Offsets in `seccomp_data`: the call's number, its architecture, and the
 /// low half of its first argument (little-endian machines).
-const NR: u32 = 0;
-const ARCH: u32 = 4;
+pub(crate) const NR: u32 = 0;
+pub(crate) const ARCH: u32 = 4;
 #[cfg(target_endian = "little")]
 const ARG0_LOW: u32 = 16;
 
@@ -152,16 +152,36 @@ fn statement(code: u32, k: u32) -> sock_filter {
     sock_filter { code: code as u16, jt: 0, jf: 0, k }
 }
 
-fn jump(op: u32, k: u32, jt: u8, jf: u8) -> sock_filter {
+/// A BPF comparison of the accumulator with `k` (`op`: `BPF_JEQ`, ...).
+pub(crate) fn jump(op: u32, k: u32, jt: u8, jf: u8) -> sock_filter {
     sock_filter { code: (libc::BPF_JMP | op | libc::BPF_K) as u16, jt, jf, k }
 }
 
-fn load(offset: u32) -> sock_filter {
+/// A BPF load of the `seccomp_data` word at `offset`.
+pub(crate) fn load(offset: u32) -> sock_filter {
     statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, offset)
 }
 
-fn answer(action: u32) -> sock_filter {
+/// A BPF return of `action` (`SECCOMP_RET_*`).
+pub(crate) fn answer(action: u32) -> sock_filter {
     statement(libc::BPF_RET | libc::BPF_K, action)
+}
+
+/// Installs `program` on the calling thread with seccomp `flags`; returns
+/// what the kernel returns (a listener's descriptor with
+/// `SECCOMP_FILTER_FLAG_NEW_LISTENER`). Needs `no_new_privs` or root.
+pub(crate) fn install_program(program: &[sock_filter], flags: libc::c_ulong) -> std::io::Result<i64> {
+    let len = u16::try_from(program.len()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let fprog = libc::sock_fprog { len, filter: program.as_ptr() as *mut libc::sock_filter };
+    // SAFETY: seccompiler's `sock_filter` is `repr(C)` with the kernel's
+    // fields in the kernel's order (code, jt, jf, k), as `libc::sock_filter`
+    // is; seccomp(2) copies the program `fprog` points at, and both outlive
+    // the call.
+    let rc = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &fprog) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(rc)
 }
 
 fn errno(code: i32) -> u32 {
@@ -255,7 +275,7 @@ impl Filters {
     /// every child and kept across execve. Needs `no_new_privs` (or root).
     pub fn install(&self) -> Result<(), String> {
         for program in &self.programs {
-            seccompiler::apply_filter(program).map_err(|e| format!("installing the seccomp filter: {e}"))?;
+            install_program(program, 0).map_err(|e| format!("installing the seccomp filter: {e}"))?;
         }
         Ok(())
     }

@@ -145,7 +145,7 @@ fn start_run(spec: &SandboxSpec, own_pids: &File, nets: &mut NetPool, host: &mut
     let host_paths = host.look(&spec.toolchain);
     let net = nets.take()?;
     let run = Run { spec, net: Some(&net), host_paths: &host_paths, announce: true };
-    let pid = start_init(&run, own_pids, nets)?.ok_or("could not start the run")?;
+    let pid = start_init(&run, own_pids, nets)?;
     nets.lent.insert(pid, net);
     Ok(pid)
 }
@@ -153,32 +153,32 @@ fn start_run(spec: &SandboxSpec, own_pids: &File, nets: &mut NetPool, host: &mut
 /// Forks the run's init as pid 1 of a new pid namespace and returns its
 /// pid. In the child this never returns: init runs `spec` and exits.
 /// `nets` are the zygote's namespaces, closed in the child.
-fn start_init(run: &Run<'_>, own_pids: &File, nets: &mut NetPool) -> Result<Option<Pid>, String> {
+fn start_init(run: &Run<'_>, own_pids: &File, nets: &mut NetPool) -> Result<Pid, String> {
     unshare(CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
     // SAFETY: the zygote is single-threaded (it starts no threads), so the
     // child may run arbitrary code after the fork.
-    let forked = unsafe { fork() };
-    if let Ok(ForkResult::Child) = forked {
-        // The zygote's pipes and namespaces are not this run's business,
-        // but for one line on its output at the end (close-on-exec).
-        drop(std::mem::take(nets));
-        let done = run.announce.then(|| std::io::stdout().as_fd().try_clone_to_owned().ok()).flatten();
-        if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
-            let _ = nix::unistd::dup2_stdin(&null);
-            let _ = nix::unistd::dup2_stdout(&null);
+    let started = match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            // The zygote's pipes and namespaces are not this run's business,
+            // but for one line on its output at the end (close-on-exec).
+            drop(std::mem::take(nets));
+            let done = run.announce.then(|| std::io::stdout().as_fd().try_clone_to_owned().ok()).flatten();
+            if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+                let _ = nix::unistd::dup2_stdin(&null);
+                let _ = nix::unistd::dup2_stdout(&null);
+            }
+            init(run, done.map(File::from))
         }
-        init(run, done.map(File::from))
-    }
+        Ok(ForkResult::Parent { child }) => Ok(child),
+        Err(e) => Err(format!("fork: {e}")),
+    };
     if let Err(e) = setns(own_pids.as_fd(), CloneFlags::CLONE_NEWPID) {
         // Its next child would join this run's namespace: stop instead (the
         // owner starts a new zygote).
         eprintln!("sandbox helper: returning to the pid namespace: {e}");
         std::process::exit(1);
     }
-    match forked.map_err(|e| format!("fork: {e}"))? {
-        ForkResult::Parent { child } => Ok(Some(child)),
-        ForkResult::Child => Ok(None),
-    }
+    started
 }
 
 /// Reads a spec from a file and runs it in the foreground (for debugging),
@@ -190,7 +190,7 @@ fn run_spec_file(spec_path: &Path) -> Result<(), String> {
     let own_pids = File::open("/proc/self/ns/pid").map_err(|e| format!("opening the pid namespace: {e}"))?;
     let host_paths = HostPaths::default().look(&spec.toolchain);
     let run = Run { spec: &spec, net: None, host_paths: &host_paths, announce: false };
-    let pid = start_init(&run, &own_pids, &mut NetPool::default())?.ok_or("could not start the run")?;
+    let pid = start_init(&run, &own_pids, &mut NetPool::default())?;
     match waitpid(pid, None) {
         Ok(WaitStatus::Exited(_, 0)) => Ok(()),
         other => Err(format!("the run's init ended with {other:?}")),
@@ -258,7 +258,7 @@ fn run_in_namespaces(run: &Run<'_>, layout: &ScratchLayout, start: Instant) -> R
     }
     build_root(run, layout)?;
     let ended = run_command(spec, stdout.as_fd(), stderr.as_fd(), deadline)?;
-    let mut report = RunReport { timed_out: ended.timed_out, blocked: ended.blocked, ..Default::default() };
+    let mut report = RunReport { timed_out: ended.status.is_none(), blocked: ended.blocked, ..Default::default() };
     // Init has reaped every process of the run (orphans come to pid 1), so
     // its children's usage is the action's CPU time.
     if let Ok(usage) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
@@ -530,7 +530,6 @@ fn build_dev(dev: &Path) -> Result<(), String> {
 struct Ended {
     /// Its wait status; `None` when the deadline came first.
     status: Option<WaitStatus>,
-    timed_out: bool,
     /// Why it could not be started, when it could not.
     exec_error: Option<String>,
     /// What the sandbox refused, for the report.
@@ -590,7 +589,7 @@ fn run_command(
             let mut error = String::new();
             let _ = File::from(error_read).read_to_string(&mut error);
             let exec_error = (!error.is_empty()).then_some(error);
-            Ok(Ended { timed_out: status.is_none(), status, exec_error, blocked })
+            Ok(Ended { status, exec_error, blocked })
         }
     }
 }

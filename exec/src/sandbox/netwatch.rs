@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
-use crate::seccomp::AUDIT_ARCH;
+use crate::seccomp::{answer, install_program, jump, load, ARCH, AUDIT_ARCH, NR};
 
 /// At most this many denied connections are recorded (the first ones).
 const MOST: usize = 20;
@@ -24,40 +24,20 @@ pub struct ConnectWatch {
     listener: OwnedFd,
 }
 
-fn instruction(code: u32, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
-    libc::sock_filter { code: code as u16, jt, jf, k }
-}
-
 impl ConnectWatch {
     /// Installs the filter on the calling process (and so on everything it
     /// forks from now on). Needs root or `no_new_privs`.
     pub fn install() -> Result<Self, String> {
-        let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
-        let jump = libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K;
-        let ret = libc::BPF_RET | libc::BPF_K;
-        // seccomp_data: nr at offset 0, arch at offset 4.
         let program = [
-            instruction(load, 4, 0, 0),
-            instruction(jump, AUDIT_ARCH, 0, 3),
-            instruction(load, 0, 0, 0),
-            instruction(jump, libc::SYS_connect as u32, 0, 1),
-            instruction(ret, libc::SECCOMP_RET_USER_NOTIF, 0, 0),
-            instruction(ret, libc::SECCOMP_RET_ALLOW, 0, 0),
+            load(ARCH),
+            jump(libc::BPF_JEQ, AUDIT_ARCH, 0, 3),
+            load(NR),
+            jump(libc::BPF_JEQ, libc::SYS_connect as u32, 0, 1),
+            answer(libc::SECCOMP_RET_USER_NOTIF),
+            answer(libc::SECCOMP_RET_ALLOW),
         ];
-        let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_ptr() as *mut _ };
-        // SAFETY: seccomp(2) reads `fprog`, which points at `program`; both
-        // outlive the call. On success it returns a new descriptor we own.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_seccomp,
-                libc::SECCOMP_SET_MODE_FILTER,
-                libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
-                &fprog as *const libc::sock_fprog,
-            )
-        };
-        if fd < 0 {
-            return Err(format!("installing the connect watch: {}", std::io::Error::last_os_error()));
-        }
+        let fd = install_program(&program, libc::SECCOMP_FILTER_FLAG_NEW_LISTENER)
+            .map_err(|e| format!("installing the connect watch: {e}"))?;
         // SAFETY: the kernel just returned this descriptor and nothing else owns it.
         Ok(ConnectWatch { listener: unsafe { OwnedFd::from_raw_fd(fd as i32) } })
     }
