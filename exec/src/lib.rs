@@ -4,6 +4,7 @@
 pub mod beneath;
 pub mod cgroup;
 pub mod outputs;
+pub mod profiles;
 pub mod runner;
 pub mod sandbox;
 pub mod scratch;

@@ -13,12 +13,13 @@ use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::local_tree::hash_file;
 use casbuild_cas::store::{upload_missing, BlobStore, CasInstances, StoreError};
 use casbuild_cas::tree::child_digest;
-use casbuild_mount::{AccessReport, CasMount};
+use casbuild_mount::{AccessReport, CasMount, Prefetch, PrefetchLimits};
 use casbuild_proto::reapi::{Action, ActionResult, Command, ExecutedActionMetadata};
 use prost::Message;
 
 use crate::cgroup::Cgroups;
 use crate::outputs::{collect, output_parents};
+use crate::profiles::{AccessProfiles, ProfileKey};
 use crate::sandbox::{Limits, RunReport, Sandbox, SandboxSpec, DEFAULT_TOOLCHAIN, DEFAULT_WORK_DIR};
 
 /// Most undeclared paths listed in one hermeticity report.
@@ -61,6 +62,12 @@ pub struct RunnerConfig {
     /// capped while it is written (`limits.max_file_bytes`); this total is
     /// checked before upload, and past it no outputs are returned.
     pub max_output_bytes: u64,
+    /// Where access profiles are kept: each action's inputs opened by the
+    /// last run of the same command are prefetched at registration.
+    /// `None`: no profiles, no prefetching.
+    pub profiles: Option<PathBuf>,
+    /// Bounds of one action's prefetch.
+    pub prefetch: PrefetchLimits,
 }
 
 impl RunnerConfig {
@@ -79,6 +86,8 @@ impl RunnerConfig {
             limits: Limits { max_memory_bytes: 8 << 30, max_scratch_bytes: 4 << 30, ..Limits::default() },
             worker_name: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
             max_output_bytes: 16 << 30,
+            profiles: None,
+            prefetch: PrefetchLimits::default(),
         }
     }
 }
@@ -110,6 +119,7 @@ pub struct Runner {
     sandbox: Sandbox,
     uids: UidPool,
     next: AtomicU64,
+    profiles: Option<Arc<AccessProfiles>>,
 }
 
 /// Sandbox user ids not in use; an action holds one for its whole run.
@@ -177,6 +187,8 @@ struct Run<'a> {
     /// The empty tree under the sandbox's root (`SandboxSpec::root_lower`)
     /// and its name on the mount.
     observer: (PathBuf, &'a str),
+    /// Inputs being fetched ahead of the command's opens.
+    prefetch: Option<Prefetch>,
 }
 
 fn infra(what: &str) -> impl FnOnce(StoreError) -> ActionError + '_ {
@@ -198,7 +210,11 @@ impl Runner {
             sandbox = sandbox.with_cgroups(cgroups.clone());
         }
         let uids = UidPool::new(first..=last);
-        Ok(Runner { config, mount, cas, sandbox, uids, next: AtomicU64::new(1) })
+        let profiles = match &config.profiles {
+            Some(dir) => Some(Arc::new(AccessProfiles::open(dir).map_err(ActionError::Unavailable)?)),
+            None => None,
+        };
+        Ok(Runner { config, mount, cas, sandbox, uids, next: AtomicU64::new(1), profiles })
     }
 
     /// The action's timeout: its own, or the default; past the maximum it
@@ -300,6 +316,18 @@ impl Runner {
         };
         let input = registered(&name, input_root)?;
         let observer = registered(&observer_name, function.empty())?;
+        // What the last run of this command opened is fetched while the
+        // sandbox starts, until the command ends.
+        let profile = self.profiles.as_ref().map(|profiles| {
+            let platform = action.platform.as_ref().map(Message::encode_to_vec).unwrap_or_default();
+            let key = ProfileKey::new(instance, &command_digest, &platform);
+            // One small local file; cheaper to read here than to hand off.
+            (key, profiles.load(&key))
+        });
+        let prefetch = match &profile {
+            Some((_, Some(paths))) => self.mount.prefetch(&name, paths.clone(), self.config.prefetch).ok(),
+            _ => None,
+        };
         let fetch_done = SystemTime::now();
         let run = Run {
             store: &*store,
@@ -312,8 +340,18 @@ impl Runner {
             writable,
             name: &name,
             observer: (observer, &observer_name),
+            prefetch,
         };
         let mut execution = self.run_registered(run).await?;
+        if let (Some(profiles), Some((key, known))) = (&self.profiles, profile) {
+            let opened = &execution.access.opened;
+            if execution.report.error.is_none() && crate::profiles::changed(known.as_deref(), opened) {
+                // Written before the result goes out, so that the next run
+                // of the command (which may follow at once) finds it.
+                let (profiles, opened) = (profiles.clone(), opened.clone());
+                let _ = tokio::task::spawn_blocking(move || profiles.store(&key, &opened)).await;
+            }
+        }
         let metadata = execution.result.execution_metadata.get_or_insert_with(Default::default);
         metadata.worker_start_timestamp = casbuild_proto::timestamp(worker_start);
         metadata.input_fetch_start_timestamp = casbuild_proto::timestamp(fetch_start);
@@ -323,7 +361,8 @@ impl Runner {
     }
 
     async fn run_registered(&self, run: Run<'_>) -> Result<Execution, ActionError> {
-        let Run { store, action, command, function, input, input_root, scratch, writable, name, observer } = run;
+        let Run { store, action, command, function, input, input_root, scratch, writable, name, observer, prefetch } =
+            run;
         let mut spec = SandboxSpec::new(input, scratch, command.arguments.clone());
         spec.work_dir = PathBuf::from(DEFAULT_WORK_DIR);
         spec.cwd = command.working_directory.clone();
@@ -342,8 +381,9 @@ impl Runner {
         let exec_start = SystemTime::now();
         let report = self.sandbox.run(&spec).await.map_err(|e| ActionError::Unavailable(e.to_string()))?;
         let exec_done = SystemTime::now();
-        // Inputs read while they streamed in were not verified yet: no result
-        // is built on bytes that turn out not to match their digest.
+        drop(prefetch); // what it has not fetched yet is of no use now
+                        // Inputs read while they streamed in were not verified yet: no result
+                        // is built on bytes that turn out not to match their digest.
         self.mount.verify_streamed(name).await.map_err(|e| {
             ActionError::Unavailable(format!("an input the command read failed verification afterwards: {e}"))
         })?;

@@ -313,14 +313,14 @@ impl BlobCache {
     }
 }
 
-/// A blob read whole into memory: one BatchReadBlobs call when small enough,
-/// else streamed (verified as it arrives by the store that reads it).
 /// A large blob for an opener: being streamed, or already in the cache.
 enum Streamed {
     Running(Arc<Download>),
     Cached(File),
 }
 
+/// A blob read whole into memory: one BatchReadBlobs call when small enough,
+/// else streamed (verified as it arrives by the store that reads it).
 async fn read_whole(source: &SharedStore, digest: &Digest) -> Result<Bytes, StoreError> {
     if digest.size_bytes > MAX_IN_MEMORY {
         return Err(StoreError::InvalidArgument(format!(

@@ -21,6 +21,7 @@ mod blob_cache;
 mod download;
 mod filesystem;
 mod inodes;
+mod prefetch;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -31,6 +32,7 @@ use tokio::runtime::Handle;
 
 pub use access_log::{AccessLog, AccessReport, MAX_NOT_FOUND};
 pub use blob_cache::{BlobCache, CachedBlob, FetchError};
+pub use prefetch::{Prefetch, PrefetchLimits, PrefetchStats};
 
 use casbuild_cas::digest::Digest;
 use filesystem::{CasFs, MountState, INPUTS_INO};
@@ -172,6 +174,15 @@ impl CasMount {
     /// What has been accessed in `inputs/{name}` so far.
     pub fn access_report(&self, name: &str) -> Result<AccessReport, MountError> {
         self.state.inodes.input(name).map(|log| log.report()).ok_or_else(|| MountError::NotRegistered(name.to_owned()))
+    }
+
+    /// Starts fetching the files at `paths` (relative to `inputs/{name}`) in
+    /// the background, within `limits`, without logging them as accessed. The
+    /// fetch stops when the returned [`Prefetch`] is dropped.
+    pub fn prefetch(&self, name: &str, paths: Vec<String>, limits: PrefetchLimits) -> Result<Prefetch, MountError> {
+        let root = self.state.inodes.input_ino(name).and_then(|ino| self.state.inodes.get(ino));
+        let root = root.ok_or_else(|| MountError::NotRegistered(name.to_owned()))?;
+        Ok(prefetch::start(self.state.clone(), root, paths, limits))
     }
 
     /// Waits until every file of `inputs/{name}` that was opened while it

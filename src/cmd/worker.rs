@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use casbuild_cas::store::{RemoteStore, RemoteStoreOptions};
 use casbuild_exec::runner::{Runner, RunnerConfig};
 use casbuild_exec::worker::{RegisterError, Session};
+use casbuild_mount::PrefetchLimits;
 use casbuild_proto::worker::PlatformProperty;
 
 use crate::cmd::coordinator::shutdown_signal;
@@ -37,6 +38,13 @@ pub struct Args {
     /// Byte budget of the local blob cache.
     #[arg(long, value_parser = parse_size, default_value = "20GiB")]
     cache_size: u64,
+    /// Most bytes of inputs prefetched for one action: those the last run of the same command opened on this
+    /// worker (its access profile, kept in the cache directory); 0 turns prefetching off.
+    #[arg(long, value_parser = parse_size, default_value = "256MiB")]
+    prefetch_bytes: u64,
+    /// Inputs of one action prefetched at once.
+    #[arg(long, default_value_t = 16)]
+    prefetch_concurrency: usize,
     /// The secret the coordinator asks workers for.
     #[arg(long, env = "CASBUILD_WORKER_TOKEN", hide_env_values = true)]
     worker_token: Option<String>,
@@ -117,6 +125,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mount = Arc::new(mount.await?);
     let mut config = RunnerConfig::new(scratch, std::env::current_exe().context("finding casbuild itself")?);
     config.worker_name = id.clone();
+    if args.prefetch_bytes > 0 {
+        // Beside the blob store's own directories (cas/, tmp/).
+        config.profiles = Some(cache_dir.join("profiles"));
+        config.prefetch =
+            PrefetchLimits { max_bytes: args.prefetch_bytes, concurrency: args.prefetch_concurrency.max(1) };
+    }
     args.sandbox.apply(&mut config, u64::from(slots))?;
     let runner = Arc::new(Runner::new(config, mount.clone(), cas)?);
     let signal = shutdown_signal()?;
