@@ -45,7 +45,7 @@ pub struct Args {
 /// threads (it indexes what is there).
 pub async fn open_cache(cache_dir: &Path, budget: u64) -> anyhow::Result<DiskStore> {
     let dir = cache_dir.to_path_buf();
-    let local = tokio::task::spawn_blocking(move || DiskStore::open(&dir, budget))
+    let local = tokio::task::spawn_blocking(move || DiskStore::open_cache(&dir, budget))
         .await?
         .with_context(|| format!("opening the blob cache in {}", cache_dir.display()))?;
     Ok(local)

@@ -10,7 +10,9 @@
 //! Writes go to `tmp/` and are renamed into place only after the bytes have
 //! been verified and synced to disk (`fdatasync`), so a reader never sees
 //! half a blob, a blob that counts as present survives a power loss, and a
-//! crash leaves at most garbage in `tmp/` (cleared at the next open).
+//! crash leaves at most garbage in `tmp/` (cleared at the next open). A
+//! store opened as a cache ([`DiskStore::open_cache`]) skips the sync: after
+//! a power loss a blob may be torn, and is then found by the hash check below.
 //!
 //! Every read of a whole blob through [`BlobStore`] verifies its hash. The
 //! unverified ways out — [`DiskStore::open_trusted`] (the FUSE mount hands the
@@ -58,6 +60,8 @@ pub struct DiskStore {
 
 struct Shared {
     root: PathBuf,
+    /// Whether a blob is synced to disk before it counts as present.
+    durable: bool,
     index: Mutex<Index>,
 }
 
@@ -80,6 +84,19 @@ impl DiskStore {
     /// bytes, and indexes the blobs already there. This scans the directory, so
     /// call it from a blocking context.
     pub fn open(root: &Path, budget: u64) -> Result<Self, StoreError> {
+        Self::open_as(root, budget, true)
+    }
+
+    /// [`DiskStore::open`] for a cache of blobs whose source of truth is
+    /// elsewhere (a worker's copy of the CAS): nothing is synced, so a write
+    /// costs no `fdatasync`. A crash may then leave blobs torn or empty;
+    /// every blob found at open is hashed on its first use anyway, so such a
+    /// file is found, deleted and fetched again — never served.
+    pub fn open_cache(root: &Path, budget: u64) -> Result<Self, StoreError> {
+        Self::open_as(root, budget, false)
+    }
+
+    fn open_as(root: &Path, budget: u64, durable: bool) -> Result<Self, StoreError> {
         let cas = root.join("cas");
         let tmp = root.join("tmp");
         std::fs::create_dir_all(&cas).map_err(|e| StoreError::io(format!("create {}", cas.display()), e))?;
@@ -105,8 +122,8 @@ impl DiskStore {
             index.bytes += key.1.size_bytes;
         }
         let namespace = index.namespaces.id(&instance_dir(""));
-        let store =
-            DiskStore { shared: Arc::new(Shared { root: root.to_path_buf(), index: Mutex::new(index) }), namespace };
+        let shared = Shared { root: root.to_path_buf(), durable, index: Mutex::new(index) };
+        let store = DiskStore { shared: Arc::new(shared), namespace };
         let mut index = store.lock();
         store.evict_over_budget(&mut index);
         drop(index);
@@ -273,6 +290,15 @@ impl DiskStore {
     /// Moves a verified temp file into place and indexes it. Rename, index and
     /// eviction happen under one lock, so an eviction can never delete a file
     /// that a concurrent commit has just put back.
+    /// Syncs a written file's data, unless this store is a cache.
+    fn sync(&self, file: &File) -> std::io::Result<()> {
+        if self.shared.durable {
+            file.sync_data()
+        } else {
+            Ok(())
+        }
+    }
+
     fn publish(&self, tmp: &Path, digest: &Digest) -> Result<(), StoreError> {
         let mut index = self.lock();
         let key = (self.namespace, *digest);
@@ -499,7 +525,7 @@ impl BlobStore for DiskStore {
         let (store, digest, tmp) = (self.clone(), *digest, self.new_temp_path());
         blocking(move || {
             let result = File::create(&tmp)
-                .and_then(|mut file| file.write_all(&data).and_then(|()| file.sync_data()))
+                .and_then(|mut file| file.write_all(&data).and_then(|()| store.sync(&file)))
                 .map_err(|e| StoreError::io(format!("write {}", tmp.display()), e))
                 .and_then(|()| store.publish(&tmp, &digest));
             let _ = std::fs::remove_file(&tmp);
@@ -587,7 +613,7 @@ impl BlobWriter for DiskWriter {
         let tmp = self.tmp.clone();
         blocking(move || {
             // On disk before it counts as present.
-            file.sync_data().map_err(|e| StoreError::io(format!("sync {}", tmp.display()), e))?;
+            store.sync(&file).map_err(|e| StoreError::io(format!("sync {}", tmp.display()), e))?;
             drop(file);
             store.publish(&tmp, &digest)
         })
@@ -745,24 +771,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, da) = blob(8, 5000);
         let (b, db) = blob(9, 5000);
-        {
-            let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
-            store.write(&a, da.clone()).await.unwrap();
-            store.write(&b, db).await.unwrap();
-            // Written by this process: trusted without hashing.
-            let mut bytes = std::fs::read(store.path_of(&b)).unwrap();
-            bytes[7] ^= 1;
-            std::fs::write(store.path_of(&b), bytes).unwrap();
+        let (c, dc) = blob(12, 5000);
+        // The durable store, and a cache that never syncs: what a crash can
+        // leave in either is found before it is served.
+        for durable in [true, false] {
+            let root = dir.path().join(durable.to_string());
+            let open = |root: &Path, budget| DiskStore::open_as(root, budget, durable);
+            {
+                let store = open(&root, 1 << 30).unwrap();
+                store.write(&a, da.clone()).await.unwrap();
+                store.write(&b, db.clone()).await.unwrap();
+                store.write(&c, dc.clone()).await.unwrap();
+                // Written by this process: trusted without hashing.
+                let mut bytes = std::fs::read(store.path_of(&b)).unwrap();
+                bytes[7] ^= 1;
+                std::fs::write(store.path_of(&b), bytes).unwrap();
+                // An unsynced file after a power loss: its name, no data.
+                std::fs::write(store.path_of(&c), b"").unwrap();
+            }
+            // After the restart all are suspect; `b` decayed (same length), `c` is empty.
+            let store = open(&root, 1 << 30).unwrap();
+            let mut file = store.open_trusted(&a).unwrap().expect("a is intact");
+            let mut read = Vec::new();
+            file.read_to_end(&mut read).unwrap();
+            assert_eq!(read, da, "a verified file is handed out from its start");
+            for bad in [b, c] {
+                assert!(store.open_trusted(&bad).unwrap().is_none(), "a corrupt blob is reported absent");
+                assert!(!store.path_of(&bad).exists());
+            }
+            assert_eq!(store.find_missing(&[a, b, c]).await.unwrap().len(), 2);
         }
-        // After the restart both are suspect; `b` decayed (same length).
-        let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
-        let mut file = store.open_trusted(&a).unwrap().expect("a is intact");
-        let mut read = Vec::new();
-        file.read_to_end(&mut read).unwrap();
-        assert_eq!(read, da, "a verified file is handed out from its start");
-        assert!(store.open_trusted(&b).unwrap().is_none(), "the corrupt blob is reported absent");
-        assert!(!store.path_of(&b).exists());
-        assert_eq!(store.find_missing(&[a, b]).await.unwrap(), vec![b]);
     }
 
     #[tokio::test]

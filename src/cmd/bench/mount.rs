@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::store::RemoteStore;
-use casbuild_mount::{CasMount, MountOptions};
+use casbuild_mount::{CasMount, MountOptions, PrefetchLimits};
 
 use super::{gb_per_s, median, noise, print_table, settle_disk, LocalServer, Row};
 use crate::cmd::mount::{mount_cas, open_cache};
@@ -39,6 +39,9 @@ pub struct MountArgs {
     /// Repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Files fetched at once by the prefetch of the random 1% read.
+    #[arg(long, default_value_t = 16)]
+    prefetch_concurrency: usize,
     /// Scratch directory [default: a temp dir].
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -113,7 +116,8 @@ pub async fn bench_mount(args: MountArgs) -> anyhow::Result<()> {
     }
     if wanted("random") {
         eprintln!("bench: reading 1% of tree A");
-        rows.push(random_percent(&mut setup, runs).await?);
+        let limits = PrefetchLimits { concurrency: args.prefetch_concurrency, ..PrefetchLimits::default() };
+        rows.extend(random_percent(&mut setup, runs, limits).await?);
     }
     if wanted("all") {
         eprintln!("bench: reading all of tree A");
@@ -333,6 +337,7 @@ async fn stage(remote: &RemoteStore, root: &Digest, dest: &Path) -> anyhow::Resu
 /// staging the whole tree and then reading them from local disk.
 async fn lazy_and_eager(setup: &mut Setup, files: Vec<PathBuf>, run: usize) -> anyhow::Result<(Duration, Duration)> {
     let fresh = setup.fresh_mount().await?;
+    settle_disk().await?;
     let root = fresh.mount.register("a", setup.root_a)?;
     let list = files.clone();
     let (lazy, _) = timed(move || Ok(read_files(&root, &list)?)).await?;
@@ -349,30 +354,84 @@ async fn lazy_and_eager(setup: &mut Setup, files: Vec<PathBuf>, run: usize) -> a
     Ok((lazy, eager))
 }
 
-/// Lazily reading a random 1% of tree A, against staging all of it first.
-async fn random_percent(setup: &mut Setup, runs: usize) -> anyhow::Result<Row> {
+/// Reading `files` through a fresh mount that prefetches them from
+/// registration on, as a worker does with the access profile of the
+/// command's last run (whose paths are sorted).
+async fn prefetched(setup: &mut Setup, files: Vec<PathBuf>, limits: PrefetchLimits) -> anyhow::Result<Duration> {
+    let fresh = setup.fresh_mount().await?;
+    settle_disk().await?;
+    let mut profile: Vec<String> = files.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    profile.sort_unstable();
+    let start = Instant::now();
+    let root = fresh.mount.register("a", setup.root_a)?;
+    let prefetch = fresh.mount.prefetch("a", profile, limits)?;
+    timed(move || Ok(read_files(&root, &files)?)).await?;
+    let took = start.elapsed();
+    drop(prefetch);
+    fresh.close().await?;
+    Ok(took)
+}
+
+/// Reading `files` from the local copy of tree A after dropping the kernel's caches.
+async fn local_cold(setup: &Setup, files: Vec<PathBuf>) -> anyhow::Result<Duration> {
+    drop_caches()?;
+    let tree = setup.tree_a.clone();
+    Ok(timed(move || Ok(read_files(&tree, &files)?)).await?.0)
+}
+
+/// Reading a random 1% of tree A: lazily, and prefetched from a profile,
+/// against staging all of it first and against local disk.
+async fn random_percent(setup: &mut Setup, runs: usize, limits: PrefetchLimits) -> anyhow::Result<Vec<Row>> {
     let count = (setup.files_a.len() / 100).max(1);
-    let (mut lazy, mut eager) = (vec![], vec![]);
-    for run in 0..runs {
-        // A different random sample each run (xorshift-driven).
-        let pick = noise(run as u64 + 77, count * 8);
-        let files: Vec<PathBuf> = pick
+    // A different random sample each run (xorshift-driven).
+    let all = setup.files_a.clone();
+    let sample = |run: usize| -> Vec<PathBuf> {
+        noise(run as u64 + 77, count * 8)
             .chunks(8)
-            .map(|c| setup.files_a[u64::from_le_bytes(c.try_into().unwrap()) as usize % setup.files_a.len()].clone())
-            .collect();
-        let (l, e) = lazy_and_eager(setup, files, run).await?;
+            .map(|c| all[u64::from_le_bytes(c.try_into().unwrap()) as usize % all.len()].clone())
+            .collect()
+    };
+    let (mut lazy, mut eager, mut fetched_ahead, mut local) = (vec![], vec![], vec![], vec![]);
+    // The server's copy stays in memory (as a CAS server's hot data is):
+    // the local disk's runs, which drop the kernel's caches, come last.
+    for run in 0..runs {
+        let files = sample(run);
+        let (l, e) = lazy_and_eager(setup, files.clone(), run).await?;
         lazy.push(l);
         eager.push(e);
-        eprintln!("  run {}: lazy {:?}, eager staging {:?}", run + 1, lazy[run], eager[run]);
+        fetched_ahead.push(prefetched(setup, files, limits).await?);
+        eprintln!(
+            "  run {}: lazy {:?}, prefetched {:?}, eager staging {:?}",
+            run + 1,
+            lazy[run],
+            fetched_ahead[run],
+            eager[run]
+        );
     }
-    let (lazy, eager) = (median(lazy), median(eager));
-    Ok(row(
-        format!("read a random 1% of tree A ({count} files), cold"),
-        millis(lazy),
-        "eager staging: download the whole tree, then read",
-        millis(eager),
-        eager.as_secs_f64() / lazy.as_secs_f64(),
-    ))
+    for run in 0..runs {
+        local.push(local_cold(setup, sample(run)).await?);
+        eprintln!("  run {}: local disk cold {:?}", run + 1, local[run]);
+    }
+    let (lazy, eager, prefetched, local) = (median(lazy), median(eager), median(fetched_ahead), median(local));
+    let name = format!("read a random 1% of tree A ({count} files), cold");
+    let local_name = "the same files on local disk, cold (caches dropped)";
+    Ok(vec![
+        row(
+            name.clone(),
+            millis(lazy),
+            "eager staging: download the whole tree, then read",
+            millis(eager),
+            eager.as_secs_f64() / lazy.as_secs_f64(),
+        ),
+        row(name.clone(), millis(lazy), local_name, millis(local), local.as_secs_f64() / lazy.as_secs_f64()),
+        row(
+            format!("{name}, prefetched from an access profile"),
+            millis(prefetched),
+            local_name,
+            millis(local),
+            local.as_secs_f64() / prefetched.as_secs_f64(),
+        ),
+    ])
 }
 
 /// Reading every file of tree A through a fresh mount, against staging it.
