@@ -299,18 +299,27 @@ impl DiskStore {
         }
     }
 
+    /// Moves a verified temp file into place and indexes it. The renaming
+    /// happens outside the index lock, which every lookup takes: a slow
+    /// metadata operation must not stall readers. Two writers of one blob may
+    /// both rename (same bytes; the later file replaces the earlier, whose
+    /// readers keep their handle); it is indexed once.
     fn publish(&self, tmp: &Path, digest: &Digest) -> Result<(), StoreError> {
-        let mut index = self.lock();
         let key = (self.namespace, *digest);
-        if index.blobs.get(&key).is_some() {
-            return Ok(()); // another writer won; the caller removes its temp file
-        }
-        let path = self.blob_path(&index, self.namespace, digest);
+        let path = {
+            let index = self.lock();
+            if index.blobs.peek(&key).is_some() {
+                return Ok(()); // another writer won; the caller removes its temp file
+            }
+            self.blob_path(&index, self.namespace, digest)
+        };
         let dir = path.parent().expect("blob paths have a parent");
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
         std::fs::rename(tmp, &path).map_err(|e| StoreError::io(format!("rename into {}", path.display()), e))?;
-        index.blobs.put(key, ());
-        index.bytes += digest.size_bytes;
+        let mut index = self.lock();
+        if index.blobs.put(key, ()).is_none() {
+            index.bytes += digest.size_bytes;
+        }
         self.evict_over_budget(&mut index);
         Ok(())
     }

@@ -356,8 +356,12 @@ async fn lazy_and_eager(setup: &mut Setup, files: Vec<PathBuf>, run: usize) -> a
 
 /// Reading `files` through a fresh mount that prefetches them from
 /// registration on, as a worker does with the access profile of the
-/// command's last run (whose paths are sorted).
-async fn prefetched(setup: &mut Setup, files: Vec<PathBuf>, limits: PrefetchLimits) -> anyhow::Result<Duration> {
+/// command's last run (whose paths are sorted); then reading them again (warm).
+async fn prefetched(
+    setup: &mut Setup,
+    files: Vec<PathBuf>,
+    limits: PrefetchLimits,
+) -> anyhow::Result<(Duration, Duration)> {
     let fresh = setup.fresh_mount().await?;
     settle_disk().await?;
     let mut profile: Vec<String> = files.iter().map(|p| p.to_string_lossy().into_owned()).collect();
@@ -365,18 +369,29 @@ async fn prefetched(setup: &mut Setup, files: Vec<PathBuf>, limits: PrefetchLimi
     let start = Instant::now();
     let root = fresh.mount.register("a", setup.root_a)?;
     let prefetch = fresh.mount.prefetch("a", profile, limits)?;
-    timed(move || Ok(read_files(&root, &files)?)).await?;
-    let took = start.elapsed();
+    let (cold, warm) = timed(move || {
+        read_files(&root, &files)?;
+        let cold = start.elapsed();
+        let again = Instant::now();
+        read_files(&root, &files)?;
+        Ok((cold, again.elapsed()))
+    })
+    .await?
+    .1;
     drop(prefetch);
     fresh.close().await?;
-    Ok(took)
+    Ok((cold, warm))
 }
 
-/// Reading `files` from the local copy of tree A after dropping the kernel's caches.
-async fn local_cold(setup: &Setup, files: Vec<PathBuf>) -> anyhow::Result<Duration> {
+/// Reading `files` from the local copy of tree A after dropping the kernel's
+/// caches, and again (warm).
+async fn local_cold(setup: &Setup, files: Vec<PathBuf>) -> anyhow::Result<(Duration, Duration)> {
     drop_caches()?;
     let tree = setup.tree_a.clone();
-    Ok(timed(move || Ok(read_files(&tree, &files)?)).await?.0)
+    let (cold, files) = timed(move || Ok(read_files(&tree, &files).map(|_| files)?)).await?;
+    let tree = setup.tree_a.clone();
+    let (warm, _) = timed(move || Ok(read_files(&tree, &files)?)).await?;
+    Ok((cold, warm))
 }
 
 /// Reading a random 1% of tree A: lazily, and prefetched from a profile,
@@ -392,6 +407,7 @@ async fn random_percent(setup: &mut Setup, runs: usize, limits: PrefetchLimits) 
             .collect()
     };
     let (mut lazy, mut eager, mut fetched_ahead, mut local) = (vec![], vec![], vec![], vec![]);
+    let (mut warm, mut local_warm) = (vec![], vec![]);
     // The server's copy stays in memory (as a CAS server's hot data is):
     // the local disk's runs, which drop the kernel's caches, come last.
     for run in 0..runs {
@@ -399,20 +415,26 @@ async fn random_percent(setup: &mut Setup, runs: usize, limits: PrefetchLimits) 
         let (l, e) = lazy_and_eager(setup, files.clone(), run).await?;
         lazy.push(l);
         eager.push(e);
-        fetched_ahead.push(prefetched(setup, files, limits).await?);
+        let (p, w) = prefetched(setup, files, limits).await?;
+        fetched_ahead.push(p);
+        warm.push(w);
         eprintln!(
-            "  run {}: lazy {:?}, prefetched {:?}, eager staging {:?}",
+            "  run {}: lazy {:?}, prefetched {:?}, warm re-read {:?}, eager staging {:?}",
             run + 1,
             lazy[run],
             fetched_ahead[run],
+            warm[run],
             eager[run]
         );
     }
     for run in 0..runs {
-        local.push(local_cold(setup, sample(run)).await?);
-        eprintln!("  run {}: local disk cold {:?}", run + 1, local[run]);
+        let (cold, warm) = local_cold(setup, sample(run)).await?;
+        local.push(cold);
+        local_warm.push(warm);
+        eprintln!("  run {}: local disk cold {:?}, warm {:?}", run + 1, local[run], local_warm[run]);
     }
     let (lazy, eager, prefetched, local) = (median(lazy), median(eager), median(fetched_ahead), median(local));
+    let (warm, local_warm) = (median(warm), median(local_warm));
     let name = format!("read a random 1% of tree A ({count} files), cold");
     let local_name = "the same files on local disk, cold (caches dropped)";
     Ok(vec![
@@ -430,6 +452,13 @@ async fn random_percent(setup: &mut Setup, runs: usize, limits: PrefetchLimits) 
             local_name,
             millis(local),
             local.as_secs_f64() / prefetched.as_secs_f64(),
+        ),
+        row(
+            format!("re-read the same {count} files, warm (open + read + close each)"),
+            millis_fine(warm),
+            "the same files on local disk, warm",
+            millis_fine(local_warm),
+            local_warm.as_secs_f64() / warm.as_secs_f64(),
         ),
     ])
 }
