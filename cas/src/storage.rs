@@ -118,6 +118,12 @@ impl Storage {
     pub fn memory(&self) -> &MemoryStore {
         &self.memory
     }
+
+    /// Whether the disk tier takes writes now (a small file written, synced
+    /// and removed). Blocking.
+    pub fn probe_writable(&self) -> Result<(), StoreError> {
+        self.disk.probe_writable()
+    }
 }
 
 impl CasInstances for Storage {

@@ -159,6 +159,13 @@ pub(crate) async fn cached_result(storage: &Storage, instance: &str, action: &Di
     })
 }
 
+/// Counts an action-cache lookup by what asked (`execute`,
+/// `get_action_result`) and its outcome.
+pub(crate) fn count_lookup(via: &'static str, lookup: &Lookup) {
+    let result = if matches!(lookup, Lookup::Hit(_)) { "hit" } else { "miss" };
+    metrics::counter!("casbuild_action_cache_lookups_total", "via" => via, "result" => result).increment(1);
+}
+
 #[tonic::async_trait]
 impl ActionCache for ActionCacheService {
     async fn get_action_result(
@@ -167,7 +174,9 @@ impl ActionCache for ActionCacheService {
     ) -> Result<Response<ActionResult>, Status> {
         let (_, request) = admit(request, Permission::ReadCache, |r| &r.instance_name)?;
         let action = request_digest(request.digest_function, request.action_digest.as_ref(), "action_digest")?;
-        match cached_result(&self.storage, &request.instance_name, &action).await.map_err(store_status)? {
+        let lookup = cached_result(&self.storage, &request.instance_name, &action).await.map_err(store_status)?;
+        count_lookup("get_action_result", &lookup);
+        match lookup {
             Lookup::Hit(result) => Ok(Response::new(*result)),
             Lookup::Miss(why) => Err(Status::not_found(why)),
         }

@@ -125,6 +125,7 @@ impl Execution for ExecutionService {
         let instance = request.instance_name;
         if !request.skip_cache_lookup {
             let lookup = cached_result(&self.storage, &instance, &action).await.map_err(store_status)?;
+            crate::action_cache::count_lookup("execute", &lookup);
             if let Lookup::Hit(result) = lookup {
                 let name = format!("operations/{}", uuid::Uuid::new_v4());
                 let response = ExecuteResponse {

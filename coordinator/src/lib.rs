@@ -25,6 +25,7 @@ mod execution;
 pub mod existence;
 mod gate;
 pub mod graph;
+pub mod metrics;
 pub mod scheduler;
 mod server;
 mod sri;

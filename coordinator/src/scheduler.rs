@@ -236,6 +236,18 @@ pub struct Scheduler {
     jobs: Mutex<Jobs>,
 }
 
+/// How an action ended, as a metric label: `success` (exit code 0),
+/// `failure` (the command failed), `timeout`, or `error` (it could not run).
+fn outcome(response: &ExecuteResponse) -> &'static str {
+    let code = response.status.as_ref().map_or(0, |s| s.code);
+    match (code, &response.result) {
+        (0, Some(result)) if result.exit_code == 0 => "success",
+        (0, Some(_)) => "failure",
+        (c, _) if c == Code::DeadlineExceeded as i32 => "timeout",
+        _ => "error",
+    }
+}
+
 fn error_response(code: Code, message: String) -> ExecuteResponse {
     ExecuteResponse {
         status: Some(casbuild_proto::rpc::Status { code: code as i32, message, details: vec![] }),
@@ -347,6 +359,7 @@ impl Scheduler {
     }
 
     fn finish(self: &Arc<Self>, job: &Arc<Job>, mut response: ExecuteResponse) {
+        metrics::counter!("casbuild_actions_finished_total", "outcome" => outcome(&response)).increment(1);
         {
             let mut jobs = self.lock();
             if jobs.running.get(&job.key).is_some_and(|j| Arc::ptr_eq(j, job)) {
@@ -379,7 +392,11 @@ impl Scheduler {
             Ok(checked) => (checked.platform, checked.encoded),
             Err(response) => return response,
         };
+        let waiting = Instant::now();
+        metrics::gauge!("casbuild_actions_queued").increment(1.0);
         let _slot = self.slots.acquire(job.priority).await;
+        metrics::gauge!("casbuild_actions_queued").decrement(1.0);
+        metrics::histogram!("casbuild_queue_wait_seconds").record(waiting.elapsed().as_secs_f64());
         let state = job.clone();
         let started = Started::new(move |worker| {
             state.state.send_if_modified(|state| {
@@ -398,7 +415,10 @@ impl Scheduler {
             started,
             encoded,
         };
-        match self.executor.execute(request).await {
+        let executing = Instant::now();
+        let executed = self.executor.execute(request).await;
+        metrics::histogram!("casbuild_action_execution_seconds").record(executing.elapsed().as_secs_f64());
+        match executed {
             Ok(executed) => {
                 // A worker's result is checked like a client's before anyone sees it.
                 let cas = self.storage.cas(instance);

@@ -31,6 +31,7 @@ use crate::cas::CasService;
 use crate::execution::ExecutionService;
 use crate::existence::ExistenceService;
 use crate::graph::GraphsService;
+use crate::metrics::{GrpcMetricsLayer, Health};
 use crate::scheduler::Scheduler;
 use crate::workers::{WorkerPool, WorkersService};
 
@@ -56,6 +57,9 @@ impl Default for ServerConfig {
         }
     }
 }
+
+/// How often the health service probes the storage.
+const HEALTH_PROBE_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Largest gRPC message accepted: a full batch plus its framing, or a
 /// ByteStream chunk of any reasonable size.
@@ -126,6 +130,9 @@ pub async fn serve_with_execution(
         }
         conn
     });
+    // grpc.health.v1: SERVING while the storage takes writes.
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let _watching = Health::new(storage.clone(), reporter).watch(HEALTH_PROBE_PERIOD);
     let mut builder = Server::builder();
     if let Some(tls) = config.tls.clone() {
         builder = builder.tls_config(tls)?;
@@ -134,7 +141,10 @@ pub async fn serve_with_execution(
     builder
         .initial_stream_window_size(16 << 20)
         .initial_connection_window_size(32 << 20)
+        // Outermost, so that calls refused by authentication are counted too.
+        .layer(GrpcMetricsLayer)
         .layer(InterceptorLayer::new(move |request| auth.intercept(request)))
+        .add_service(health)
         .add_service(capabilities)
         .add_service(cas)
         .add_service(bytestream)

@@ -208,6 +208,7 @@ impl WorkerPool {
 
     fn forget_worker(&self, pool: &mut Pool, id: &str) {
         let Some(worker) = pool.workers.remove(id) else { return };
+        metrics::gauge!("casbuild_workers_connected").set(pool.workers.len() as f64);
         for lease in worker.running {
             if let Some((mut pending, _)) = pool.leased.remove(&lease) {
                 pending.attempts += 1;
@@ -401,6 +402,7 @@ impl Workers for WorkersService {
                 leases: None,
             },
         );
+        metrics::gauge!("casbuild_workers_connected").set(pool.workers.len() as f64);
         tracing::info!("worker {} registered with {} slots", request.worker_id, request.slots);
         Ok(Response::new(RegisterResponse {
             heartbeat_interval_ms: self.pool.config.heartbeat_interval.as_millis() as u32,

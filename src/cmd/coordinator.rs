@@ -63,6 +63,10 @@ pub struct Args {
     /// [default: 3000].
     #[arg(long)]
     heartbeat_ms: Option<u64>,
+    /// Serve Prometheus metrics (/metrics), liveness (/healthz) and readiness (/readyz) over HTTP on this
+    /// address (no authentication: keep it on loopback or a management network).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// The `--config` file.
@@ -248,6 +252,7 @@ fn reload_on_hangup(settings: &Settings) -> anyhow::Result<()> {
 
 /// Runs until SIGINT or SIGTERM, then lets calls in flight finish.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let metrics_listen = args.metrics_listen;
     let settings = args.settings()?;
     let _claims = crate::claims::claim("coordinator", &[("storage", &settings.storage.dir)])?;
     let storage_config = settings.storage.clone();
@@ -274,6 +279,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let stopping = Arc::new(tokio::sync::Notify::new());
     let signalled = stopping.clone();
     let storage = Arc::new(storage);
+    crate::cmd::ops::serve_if(metrics_listen, crate::cmd::ops::storage_ready(storage.clone())).await?;
     let workers = WorkerPool::new(settings.pool);
     // Capacity is the workers' to decide; the scheduler only queues.
     let scheduler = Scheduler::new(storage.clone(), workers.clone(), 1 << 20);

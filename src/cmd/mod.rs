@@ -9,6 +9,7 @@ pub mod coordinator;
 pub mod exec;
 pub mod graph;
 pub mod mount;
+pub mod ops;
 pub mod sandbox_args;
 pub mod up;
 pub mod worker;

@@ -38,6 +38,10 @@ pub struct Args {
     /// write the cache and run commands as this machine's sandbox users.
     #[arg(long)]
     insecure: bool,
+    /// Serve Prometheus metrics (/metrics), liveness (/healthz) and readiness (/readyz) over HTTP on this
+    /// address (no authentication: keep it on loopback).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     sandbox: SandboxArgs,
 }
@@ -119,6 +123,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let _ = worker.runner.set(runner);
 
     let shutdown = shutdown_signal()?;
+    crate::cmd::ops::serve_if(args.metrics_listen, crate::cmd::ops::storage_ready(storage.clone())).await?;
     println!("casbuild up listening on {url}");
     println!("store: {}; worker: {slots} slots, /cas at {}", dir.join("store").display(), mountpoint.display());
     println!("build with Bazel: bazel build --remote_executor={url} //...");

@@ -63,6 +63,10 @@ pub struct Args {
     /// identity, the casbuild-compiler property); repeatable.
     #[arg(long = "compiler")]
     compilers: Vec<PathBuf>,
+    /// Serve Prometheus metrics (/metrics), liveness (/healthz) and readiness (/readyz) over HTTP on this
+    /// address (no authentication: keep it on loopback or a management network).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     sandbox: SandboxArgs,
 }
@@ -134,6 +138,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     args.sandbox.apply(&mut config, u64::from(slots))?;
     let runner = Arc::new(Runner::new(config, mount.clone(), cas)?);
     let signal = shutdown_signal()?;
+    // Ready once registered with the coordinator and mounted, which is now.
+    crate::cmd::ops::serve_if(args.metrics_listen, Arc::new(|| Box::pin(async { Ok(()) }))).await?;
     println!("casbuild worker {id} serving {} with {slots} slots, /cas at {}", args.coordinator, args.mount.display());
     session.serve(runner, signal).await;
     tokio::task::spawn_blocking(move || mount.shutdown()).await?.context("unmounting /cas")?;

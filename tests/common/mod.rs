@@ -45,6 +45,8 @@ pub struct Coordinator {
     child: Child,
     pub addr: String,
     pub storage: PathBuf,
+    /// Every line the process printed on stdout so far.
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// Stop with SIGTERM when dropped (`casbuild up` must unmount its /cas).
     graceful: bool,
 }
@@ -76,11 +78,14 @@ impl Coordinator {
             casbuild().args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("starting casbuild");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(addr) = line.strip_prefix(ready) {
                     let _ = tx.send(addr.to_string());
                 }
+                kept.lock().unwrap().push(line);
             }
         });
         let addr = match rx.recv_timeout(Duration::from_secs(30)) {
@@ -90,7 +95,21 @@ impl Coordinator {
                 panic!("casbuild {args:?} did not report its address within 30 s");
             }
         };
-        Coordinator { child, addr, storage: storage.to_path_buf(), graceful }
+        Coordinator { child, addr, storage: storage.to_path_buf(), lines, graceful }
+    }
+
+    /// The rest of the first stdout line starting with `prefix`, waiting up
+    /// to 10 s for it.
+    pub fn printed(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self.lines.lock().unwrap().iter().find_map(|l| l.strip_prefix(prefix).map(str::to_owned));
+            if let Some(rest) = found {
+                return rest;
+            }
+            assert!(Instant::now() < deadline, "casbuild never printed a line starting with {prefix:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The process id, for signals.

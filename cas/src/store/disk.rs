@@ -290,6 +290,17 @@ impl DiskStore {
     /// Moves a verified temp file into place and indexes it. Rename, index and
     /// eviction happen under one lock, so an eviction can never delete a file
     /// that a concurrent commit has just put back.
+    /// Writes, syncs (if durable) and removes a small file where blobs are
+    /// written: whether the store takes writes right now.
+    pub fn probe_writable(&self) -> Result<(), StoreError> {
+        let path = self.new_temp_path();
+        let result = File::create(&path)
+            .and_then(|mut file| file.write_all(b"probe").and_then(|()| self.sync(&file)))
+            .map_err(|e| StoreError::io(format!("write {}", path.display()), e));
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+
     /// Syncs a written file's data, unless this store is a cache.
     fn sync(&self, file: &File) -> std::io::Result<()> {
         if self.shared.durable {

@@ -1,0 +1,115 @@
+//! The operations endpoint of every long-running role (`--metrics-listen`):
+//! Prometheus metrics at `/metrics`, liveness at `/healthz` (the process
+//! answers) and readiness at `/readyz` (the role can do its work now; what
+//! that means is the role's own check).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// A role's readiness check: `Err` says what is not ready.
+pub type Readiness = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// Histogram buckets of durations in seconds (100 µs to 10 min).
+const SECONDS: &[f64] =
+    &[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0];
+
+/// Installs the process's Prometheus recorder (every `metrics` call from
+/// here on is kept) and serves the endpoint on `listen`; returns the bound
+/// address (port 0 picks one).
+pub async fn serve(listen: SocketAddr, ready: Readiness) -> anyhow::Result<SocketAddr> {
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
+        .context("configuring the metrics buckets")?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).context("installing the metrics recorder")?;
+    describe();
+    // Histograms keep their samples until drained; drain them even when
+    // nobody scrapes.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--metrics-listen {listen}"))?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(handle, ready)).await {
+            tracing::warn!("the metrics endpoint stopped: {e}");
+        }
+    });
+    Ok(addr)
+}
+
+/// Readiness of a role that serves `storage`: it takes writes.
+pub fn storage_ready(storage: Arc<casbuild_cas::storage::Storage>) -> Readiness {
+    Arc::new(move || {
+        let storage = storage.clone();
+        Box::pin(async move {
+            match tokio::task::spawn_blocking(move || storage.probe_writable()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("the storage does not take writes: {e}")),
+                Err(e) => Err(format!("probing the storage: {e}")),
+            }
+        })
+    })
+}
+
+/// Serves the endpoint when `listen` is given and says where.
+pub async fn serve_if(listen: Option<SocketAddr>, ready: Readiness) -> anyhow::Result<()> {
+    if let Some(listen) = listen {
+        let addr = serve(listen, ready).await?;
+        println!("metrics on http://{addr}/metrics");
+    }
+    Ok(())
+}
+
+fn router(handle: PrometheusHandle, ready: Readiness) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route("/healthz", get(|| std::future::ready("ok\n")))
+        .route(
+            "/readyz",
+            get(move || {
+                let check = ready();
+                async move {
+                    match check.await {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                    }
+                }
+            }),
+        )
+}
+
+/// Help texts for the metrics casbuild records.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("casbuild_grpc_requests_total", "gRPC calls served, by method and status code");
+    describe_histogram!(
+        "casbuild_grpc_request_duration_seconds",
+        Unit::Seconds,
+        "Time from a gRPC call's arrival to its response headers"
+    );
+    describe_counter!("casbuild_action_cache_lookups_total", "Action-cache lookups, by caller and hit or miss");
+    describe_counter!(
+        "casbuild_actions_finished_total",
+        "Actions executed to the end, by outcome (success, failure, timeout, error)"
+    );
+    describe_histogram!("casbuild_action_execution_seconds", Unit::Seconds, "Time an action spent with its executor");
+    describe_histogram!("casbuild_queue_wait_seconds", Unit::Seconds, "Time an action waited for an execution slot");
+    describe_gauge!("casbuild_actions_queued", "Actions waiting for an execution slot");
+    describe_gauge!("casbuild_workers_connected", "Remote workers registered with this coordinator");
+    describe_gauge!("casbuild_healthy", "1 while the storage takes writes (the gRPC health service says SERVING)");
+}

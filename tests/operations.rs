@@ -1,0 +1,101 @@
+//! Operating casbuild: `casbuild up --metrics-listen` serves Prometheus
+//! metrics that move by exactly what real REAPI traffic did, liveness and
+//! readiness over HTTP, and the gRPC health service. Needs root (`up` runs
+//! actions in its sandbox).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use casbuild_proto::reapi::action_cache_client::ActionCacheClient;
+use casbuild_proto::reapi::execution_client::ExecutionClient;
+use casbuild_proto::reapi::GetActionResultRequest;
+use common::execute::{execute, execute_request, shell_action, upload, F};
+use common::{needs_root, Coordinator};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// `GET path` on `addr` over HTTP/1.1; the status code and the body.
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status line");
+    (status, body.to_owned())
+}
+
+/// The value of the sample of `name` whose labels include every `labels`
+/// pair (0 when there is none: a counter not moved yet).
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| series.split('{').next() == Some(name))
+        .filter(|(series, _)| labels.iter().all(|(k, v)| series.contains(&format!("{k}=\"{v}\""))))
+        .map(|(_, value)| value.parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_readiness_report_real_traffic() {
+    if !needs_root("metrics_health_and_readiness_report_real_traffic", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let up = Coordinator::start_up_with(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = up.printed("metrics on http://");
+    let addr = metrics.strip_suffix("/metrics").expect("the metrics URL").to_owned();
+
+    assert_eq!(get(&addr, "/healthz").0, 200);
+    let (status, body) = get(&addr, "/readyz");
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    let mut health = HealthClient::new(up.channel().await);
+    let check = health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    assert_eq!(check.status(), ServingStatus::Serving);
+
+    // One action that succeeds, run and then answered from the cache; one
+    // that fails; one GetActionResult hit and one miss.
+    let (ok, blobs) = shell_action("echo hi > out");
+    upload(&up, blobs).await;
+    let (fails, blobs) = shell_action("echo no > out; exit 3");
+    upload(&up, blobs).await;
+    let mut execution = ExecutionClient::new(up.channel().await);
+    for (action, skip) in [(ok, true), (ok, false), (fails, false)] {
+        execute(&mut execution, execute_request(&action, skip)).await;
+    }
+    let mut cache = ActionCacheClient::new(up.channel().await);
+    let lookup = |action: casbuild_cas::digest::Digest| GetActionResultRequest {
+        action_digest: Some(action.to_proto()),
+        digest_function: F.to_proto() as i32,
+        ..Default::default()
+    };
+    cache.get_action_result(lookup(ok)).await.expect("a hit");
+    assert_eq!(cache.get_action_result(lookup(fails)).await.unwrap_err().code(), tonic::Code::NotFound);
+
+    let (status, text) = get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    let finished = |outcome| sample(&text, "casbuild_actions_finished_total", &[("outcome", outcome)]);
+    assert_eq!((finished("success"), finished("failure"), finished("error")), (1.0, 1.0, 0.0), "{text}");
+    let lookups =
+        |via, result| sample(&text, "casbuild_action_cache_lookups_total", &[("via", via), ("result", result)]);
+    assert_eq!(lookups("execute", "hit"), 1.0, "the second run of the succeeding action");
+    assert_eq!(lookups("execute", "miss"), 1.0, "the failing action (the first run skipped the lookup)");
+    assert_eq!((lookups("get_action_result", "hit"), lookups("get_action_result", "miss")), (1.0, 1.0));
+    let execute_method = "/build.bazel.remote.execution.v2.Execution/Execute";
+    let calls = |method, code| sample(&text, "casbuild_grpc_requests_total", &[("method", method), ("code", code)]);
+    assert_eq!(calls(execute_method, "Ok"), 3.0);
+    assert_eq!(calls("/build.bazel.remote.execution.v2.ActionCache/GetActionResult", "NotFound"), 1.0);
+    assert_eq!(
+        sample(&text, "casbuild_grpc_request_duration_seconds_count", &[("method", execute_method)]),
+        3.0,
+        "each call is timed"
+    );
+    assert_eq!(sample(&text, "casbuild_action_execution_seconds_count", &[]), 2.0, "two actions ran");
+    assert_eq!(sample(&text, "casbuild_healthy", &[]), 1.0);
+}
