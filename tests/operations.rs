@@ -99,3 +99,37 @@ async fn metrics_health_and_readiness_report_real_traffic() {
     assert_eq!(sample(&text, "casbuild_action_execution_seconds_count", &[]), 2.0, "two actions ran");
     assert_eq!(sample(&text, "casbuild_healthy", &[]), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_sandbox_cannot_run_refuses_to_register_and_says_why() {
+    if !needs_root("a_worker_whose_sandbox_cannot_run_refuses_to_register_and_says_why", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = server.printed("metrics on http://");
+    let addr = metrics.strip_suffix("/metrics").unwrap().to_owned();
+    let workers = || sample(&get(&addr, "/metrics").1, "casbuild_workers_connected", &[]);
+
+    // No program can start in its sandboxes: every action would fail there.
+    let base = dir.path().join("broken");
+    let path = |sub: &str| base.join(sub).to_str().unwrap().to_owned();
+    let output = common::casbuild()
+        .args(["worker", "--coordinator", &server.url(), "--mount", &path("cas"), "--cache-dir", &path("cache")])
+        .args(["--scratch", &path("scratch"), "--seccomp-deny", "execve"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("sandbox self-test") && stderr.contains("does not register"), "{stderr}");
+    assert!(stderr.contains("cannot execute /usr/bin/true: EPERM"), "the message names what failed: {stderr}");
+    assert_eq!(workers(), 0.0, "it never registered");
+
+    // A worker whose sandbox works registers.
+    let _worker = common::start_worker(&server, dir.path(), 1, &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while workers() != 1.0 {
+        assert!(std::time::Instant::now() < deadline, "the working worker never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -120,10 +120,10 @@ impl Health {
                         false
                     }
                 };
+                metrics::gauge!("casbuild_healthy").set(if healthy { 1.0 } else { 0.0 });
                 if last != Some(healthy) {
                     let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
                     self.reporter.set_service_status("", status).await;
-                    metrics::gauge!("casbuild_healthy").set(if healthy { 1.0 } else { 0.0 });
                     last = Some(healthy);
                 }
                 tokio::time::sleep(period).await;

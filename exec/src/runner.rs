@@ -273,6 +273,35 @@ impl Runner {
         M::decode(bytes.as_ref()).map_err(|e| ActionError::Invalid(format!("the {what} {digest} does not decode: {e}")))
     }
 
+    /// Runs `true` in a sandbox over an empty input root, the way every
+    /// action runs: a host whose sandbox cannot run (no namespaces, no
+    /// cgroups, a seccomp list that forbids starting a program, a toolchain
+    /// without `true`) is found before it takes work. `Err` says what failed.
+    pub async fn self_test(&self, instance: &str) -> Result<(), String> {
+        use casbuild_proto::reapi::command::EnvironmentVariable;
+        let function = DigestFunction::Sha256;
+        let command = Command {
+            arguments: vec!["true".into()],
+            environment_variables: vec![EnvironmentVariable { name: "PATH".into(), value: "/usr/bin:/bin".into() }],
+            ..Default::default()
+        };
+        let command_bytes = Bytes::from(command.encode_to_vec());
+        let action = Action {
+            command_digest: Some(function.digest_of(&command_bytes).to_proto()),
+            input_root_digest: Some(function.empty().to_proto()),
+            do_not_cache: true,
+            ..Default::default()
+        };
+        let action_bytes = Bytes::from(action.encode_to_vec());
+        let digest = function.digest_of(&action_bytes);
+        match self.execute_known(instance, &digest, Some((action_bytes, command_bytes))).await {
+            Ok(execution) if execution.result.exit_code == 0 => Ok(()),
+            Ok(execution) if !execution.message.is_empty() => Err(execution.message),
+            Ok(execution) => Err(format!("`true` exited with {}", execution.result.exit_code)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Runs the action stored under `action_digest` in `instance`.
     pub async fn execute_in(&self, instance: &str, action_digest: &Digest) -> Result<Execution, ActionError> {
         self.execute_known(instance, action_digest, None).await

@@ -91,6 +91,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .await?
             .with_context(|| format!("opening storage in {}", storage_config.dir.display()))?,
     );
+    // Before anything records a metric.
+    crate::cmd::ops::serve_if(args.metrics_listen, crate::cmd::ops::storage_ready(storage.clone())).await?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
@@ -120,10 +122,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = RunnerConfig::new(dir.join("scratch"), helper);
     args.sandbox.apply(&mut config, slots as u64)?;
     let runner = Runner::new(config, mount.clone(), cas)?;
+    // The scheduler may hand out actions only once this passes.
+    if let Err(why) = runner.self_test("").await {
+        anyhow::bail!("the sandbox self-test (running `true` the way every action runs) failed: {why}");
+    }
     let _ = worker.runner.set(runner);
 
     let shutdown = shutdown_signal()?;
-    crate::cmd::ops::serve_if(args.metrics_listen, crate::cmd::ops::storage_ready(storage.clone())).await?;
     println!("casbuild up listening on {url}");
     println!("store: {}; worker: {slots} slots, /cas at {}", dir.join("store").display(), mountpoint.display());
     println!("build with Bazel: bazel build --remote_executor={url} //...");

@@ -116,12 +116,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let remote = RemoteStore::connect(&args.coordinator, RemoteStoreOptions { connect, ..Default::default() })
         .await
         .with_context(|| format!("connecting to {}", args.coordinator))?;
-    let session = match Session::register(remote.channel(), id.clone(), platform, slots).await {
-        Ok(session) => session,
-        Err(e @ RegisterError::Refused(_)) => bail!("{e}"),
-        Err(RegisterError::Failed(why)) => bail!("registering with {}: {why}", args.coordinator),
-    };
-
+    // Ready once its sandbox passed the self-test and it registered.
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let registered = ready.clone();
+    let readiness: crate::cmd::ops::Readiness = Arc::new(move || {
+        let ready = registered.load(std::sync::atomic::Ordering::Relaxed);
+        Box::pin(async move {
+            if ready {
+                Ok(())
+            } else {
+                Err("starting: self-test and registration".into())
+            }
+        })
+    });
+    crate::cmd::ops::serve_if(args.metrics_listen, readiness).await?;
     let timeout = Duration::from_secs(60);
     let local = open_cache(&cache_dir, args.cache_size).await?;
     let cas = retrying(remote.clone());
@@ -137,9 +145,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     args.sandbox.apply(&mut config, u64::from(slots))?;
     let runner = Arc::new(Runner::new(config, mount.clone(), cas)?);
+    // A worker whose sandbox cannot run would fail every action it takes.
+    if let Err(why) = runner.self_test("").await {
+        bail!("the sandbox self-test (running `true` the way every action runs) failed, so this worker does not register: {why}");
+    }
+    let session = match Session::register(remote.channel(), id.clone(), platform, slots).await {
+        Ok(session) => session,
+        Err(e @ RegisterError::Refused(_)) => bail!("{e}"),
+        Err(RegisterError::Failed(why)) => bail!("registering with {}: {why}", args.coordinator),
+    };
     let signal = shutdown_signal()?;
-    // Ready once registered with the coordinator and mounted, which is now.
-    crate::cmd::ops::serve_if(args.metrics_listen, Arc::new(|| Box::pin(async { Ok(()) }))).await?;
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     println!("casbuild worker {id} serving {} with {slots} slots, /cas at {}", args.coordinator, args.mount.display());
     session.serve(runner, signal).await;
     tokio::task::spawn_blocking(move || mount.shutdown()).await?.context("unmounting /cas")?;
