@@ -1,7 +1,7 @@
-//! Operating casbuild: `casbuild up --metrics-listen` serves Prometheus
-//! metrics that move by exactly what real REAPI traffic did, liveness and
-//! readiness over HTTP, and the gRPC health service. Needs root (`up` runs
-//! actions in its sandbox).
+//! Operating casbuild: `--metrics-listen` serves Prometheus metrics that
+//! move by exactly what real REAPI traffic did, liveness and readiness over
+//! HTTP; the gRPC health service follows the storage; a worker whose sandbox
+//! cannot run does not register. Needs root (sandboxes, FUSE, bind mounts).
 
 mod common;
 
@@ -55,9 +55,7 @@ async fn metrics_health_and_readiness_report_real_traffic() {
     assert_eq!(get(&addr, "/healthz").0, 200);
     let (status, body) = get(&addr, "/readyz");
     assert_eq!((status, body.as_str()), (200, "ready\n"));
-    let mut health = HealthClient::new(up.channel().await);
-    let check = health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
-    assert_eq!(check.status(), ServingStatus::Serving);
+    assert_eq!(serving_status(&up).await, ServingStatus::Serving);
 
     // One action that succeeds, run and then answered from the cache; one
     // that fails; one GetActionResult hit and one miss.
@@ -132,4 +130,55 @@ async fn a_worker_whose_sandbox_cannot_run_refuses_to_register_and_says_why() {
         assert!(std::time::Instant::now() < deadline, "the working worker never registered");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Detaches a mount when dropped, so a failing test leaves none behind.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+async fn serving_status(server: &Coordinator) -> ServingStatus {
+    let mut health = HealthClient::new(server.channel().await);
+    health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner().status()
+}
+
+async fn until_status(server: &Coordinator, want: ServingStatus) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while serving_status(server).await != want {
+        assert!(std::time::Instant::now() < deadline, "the health service never said {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_not_serving_while_the_storage_takes_no_writes() {
+    use nix::mount::{mount, MsFlags};
+    if !needs_root("health_says_not_serving_while_the_storage_takes_no_writes", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    let server = Coordinator::start(&storage, &["--metrics-listen", "127.0.0.1:0"]);
+    let addr = server.printed("metrics on http://").strip_suffix("/metrics").unwrap().to_owned();
+    until_status(&server, ServingStatus::Serving).await;
+
+    // Where blobs are written turns read-only (a full or failing disk).
+    let tmp = storage.join("tmp");
+    mount(Some(&tmp), &tmp, None::<&str>, MsFlags::MS_BIND, None::<&str>).unwrap();
+    let guard = Unmount(tmp.clone());
+    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    mount(None::<&str>, &tmp, None::<&str>, flags, None::<&str>).unwrap();
+    let (status, body) = get(&addr, "/readyz");
+    assert_eq!(status, 503);
+    assert!(body.contains("does not take writes") && body.contains("Read-only file system"), "{body}");
+    until_status(&server, ServingStatus::NotServing).await;
+    assert_eq!(sample(&get(&addr, "/metrics").1, "casbuild_healthy", &[]), 0.0);
+
+    drop(guard);
+    assert_eq!(get(&addr, "/readyz").0, 200);
+    until_status(&server, ServingStatus::Serving).await;
 }
