@@ -11,8 +11,39 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "casbuild", version, about)]
 struct Cli {
+    /// Log lines on stderr as text, or as one JSON object per line. Which events: CASBUILD_LOG or RUST_LOG
+    /// (e.g. `debug`, `casbuild_coordinator=debug`) [default: info for up, coordinator and worker; warn
+    /// otherwise].
+    #[arg(long, global = true, value_enum, default_value = "text", env = "CASBUILD_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr in `format`, filtered by CASBUILD_LOG, else RUST_LOG, else `default`.
+fn init_logging(format: LogFormat, default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let from_env = ["CASBUILD_LOG", "RUST_LOG"]
+        .into_iter()
+        .find_map(|var| std::env::var(var).ok().filter(|v| !v.trim().is_empty()).map(|v| (var, v)));
+    let filter = match from_env {
+        None => EnvFilter::new(default),
+        Some((var, value)) => EnvFilter::try_new(&value).unwrap_or_else(|e| {
+            eprintln!("casbuild: ignoring {var}={value:?} ({e}); logging at {default}");
+            EnvFilter::new(default)
+        }),
+    };
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -57,14 +88,9 @@ fn main() -> std::process::ExitCode {
         let rest = args[1..].iter().map(|a| a.to_string_lossy().into_owned()).collect();
         return cmd::cc::masquerade(name, rest);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CASBUILD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let serving = matches!(cli.command, Command::Up(_) | Command::Coordinator(_) | Command::Worker(_));
+    init_logging(cli.log_format, if serving { "info" } else { "warn" });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -182,3 +182,44 @@ async fn health_says_not_serving_while_the_storage_takes_no_writes() {
     assert_eq!(get(&addr, "/readyz").0, 200);
     until_status(&server, ServingStatus::Serving).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_parse_and_name_the_action() {
+    if !needs_root("json_logs_parse_and_name_the_action", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let up = Coordinator::start_up_with(dir.path(), &["--log-format", "json"]);
+    let (action, blobs) = shell_action("echo logged > out");
+    upload(&up, blobs).await;
+    let mut execution = ExecutionClient::new(up.channel().await);
+    execute(&mut execution, execute_request(&action, true)).await;
+
+    let hash = action.hash_hex();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (finished, ran) = loop {
+        let lines = up.stderr_lines();
+        let events: Vec<serde_json::Value> = lines
+            .iter()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+            .collect();
+        let event = |message: &str| {
+            events
+                .iter()
+                .find(|e| {
+                    e["fields"]["message"] == message && e["span"]["action"].as_str().is_some_and(|a| a.contains(&hash))
+                })
+                .cloned()
+        };
+        if let (Some(finished), Some(ran)) = (event("finished"), event("ran")) {
+            break (finished, ran);
+        }
+        assert!(std::time::Instant::now() < deadline, "no JSON event names the action {hash}: {lines:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(finished["level"], "INFO");
+    assert_eq!(finished["fields"]["outcome"], "success");
+    assert!(finished["span"]["operation"].as_str().is_some_and(|o| o.starts_with("operations/")), "{finished}");
+    assert_eq!(ran["fields"]["exit_code"], 0);
+    assert!(ran["span"]["worker"].is_string(), "{ran}");
+}

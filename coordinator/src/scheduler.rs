@@ -24,6 +24,7 @@ use casbuild_proto::reapi::{Action, ActionResult, Command, ExecuteResponse};
 use prost::Message;
 use tokio::sync::watch;
 use tonic::Code;
+use tracing::Instrument;
 
 use crate::gate::PriorityGate;
 use crate::status::{precondition_missing, rpc_ok};
@@ -287,10 +288,15 @@ impl Scheduler {
         drop(jobs);
         let scheduler = self.clone();
         let runner = job.clone();
-        let handle = tokio::spawn(async move {
-            let response = scheduler.run(&runner).await;
-            scheduler.finish(&runner, response);
-        });
+        let span = tracing::info_span!("action", action = %action, instance = %instance, operation = %name);
+        let handle = tokio::spawn(
+            async move {
+                tracing::debug!("queued");
+                let response = scheduler.run(&runner).await;
+                scheduler.finish(&runner, response);
+            }
+            .instrument(span),
+        );
         *job.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.abort_handle());
         Submitted { name, updates: receiver }
     }
@@ -359,7 +365,13 @@ impl Scheduler {
     }
 
     fn finish(self: &Arc<Self>, job: &Arc<Job>, mut response: ExecuteResponse) {
-        metrics::counter!("casbuild_actions_finished_total", "outcome" => outcome(&response)).increment(1);
+        let outcome = outcome(&response);
+        metrics::counter!("casbuild_actions_finished_total", "outcome" => outcome).increment(1);
+        let exit_code = response.result.as_ref().map(|r| r.exit_code);
+        match response.status.as_ref().filter(|s| s.code != 0) {
+            None => tracing::info!(outcome, exit_code, "finished"),
+            Some(status) => tracing::info!(outcome, code = status.code, message = %status.message, "finished"),
+        }
         {
             let mut jobs = self.lock();
             if jobs.running.get(&job.key).is_some_and(|j| Arc::ptr_eq(j, job)) {
@@ -415,6 +427,7 @@ impl Scheduler {
             started,
             encoded,
         };
+        tracing::debug!(queued_ms = waiting.elapsed().as_millis() as u64, "executing");
         let executing = Instant::now();
         let executed = self.executor.execute(request).await;
         metrics::histogram!("casbuild_action_execution_seconds").record(executing.elapsed().as_secs_f64());

@@ -316,6 +316,25 @@ impl Runner {
         action_digest: &Digest,
         known: Option<(Bytes, Bytes)>,
     ) -> Result<Execution, ActionError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!("run", action = %action_digest, instance, worker = %self.config.worker_name);
+        let started = std::time::Instant::now();
+        let execution = self.execute_in_span(instance, action_digest, known).instrument(span.clone()).await;
+        let _entered = span.enter();
+        let ms = started.elapsed().as_millis() as u64;
+        match &execution {
+            Ok(done) => tracing::info!(exit_code = done.result.exit_code, ms, "ran"),
+            Err(e) => tracing::info!(error = %e, ms, "could not run"),
+        }
+        execution
+    }
+
+    async fn execute_in_span(
+        &self,
+        instance: &str,
+        action_digest: &Digest,
+        known: Option<(Bytes, Bytes)>,
+    ) -> Result<Execution, ActionError> {
         let worker_start = SystemTime::now();
         let function = action_digest.function;
         let store = self.cas.instance(instance);

@@ -47,6 +47,8 @@ pub struct Coordinator {
     pub storage: PathBuf,
     /// Every line the process printed on stdout so far.
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Every line it printed on stderr so far (also passed on to ours).
+    errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// Stop with SIGTERM when dropped (`casbuild up` must unmount its /cas).
     graceful: bool,
 }
@@ -75,7 +77,16 @@ impl Coordinator {
     /// `ready`; the rest of that line becomes `addr`.
     pub fn spawn(args: &[&str], ready: &'static str, storage: &Path, graceful: bool) -> Coordinator {
         let mut child =
-            casbuild().args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("starting casbuild");
+            casbuild().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("starting casbuild");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept_errors = errors.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                kept_errors.lock().unwrap().push(line);
+            }
+        });
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -95,7 +106,12 @@ impl Coordinator {
                 panic!("casbuild {args:?} did not report its address within 30 s");
             }
         };
-        Coordinator { child, addr, storage: storage.to_path_buf(), lines, graceful }
+        Coordinator { child, addr, storage: storage.to_path_buf(), lines, errors, graceful }
+    }
+
+    /// The stderr lines printed so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.errors.lock().unwrap().clone()
     }
 
     /// The rest of the first stdout line starting with `prefix`, waiting up
