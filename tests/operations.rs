@@ -49,6 +49,7 @@ async fn metrics_health_and_readiness_report_real_traffic() {
     }
     let dir = tempfile::tempdir().unwrap();
     let up = Coordinator::start_up_with(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
+    assert_eq!(up.printed("  build --remote_executor="), up.url(), "a .bazelrc line to paste");
     let metrics = up.printed("metrics on http://");
     let addr = metrics.strip_suffix("/metrics").expect("the metrics URL").to_owned();
 

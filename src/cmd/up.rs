@@ -131,7 +131,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
     println!("casbuild up listening on {url}");
     println!("store: {}; worker: {slots} slots, /cas at {}", dir.join("store").display(), mountpoint.display());
-    println!("build with Bazel: bazel build --remote_executor={url} //...");
+    println!("for Bazel, add to .bazelrc:");
+    println!("  build --remote_executor={url}");
+    println!("  build --remote_timeout=3600");
+    println!("for casbuild cc, graph, cas and mount: export CASBUILD_REMOTE={url}");
     shutdown.await;
     stopping.notify_one();
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;

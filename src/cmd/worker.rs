@@ -21,7 +21,7 @@ use crate::config::{default_data_dir, parse_size, secret};
 #[derive(clap::Args)]
 pub struct Args {
     /// The coordinator, as grpc://HOST:PORT (grpcs:// for TLS).
-    #[arg(long, env = "CASBUILD_COORDINATOR", default_value = "grpc://127.0.0.1:8980")]
+    #[arg(long, env = "CASBUILD_REMOTE", default_value = "grpc://127.0.0.1:8980")]
     coordinator: String,
     /// Where to mount the CAS.
     #[arg(long, default_value = "/cas")]

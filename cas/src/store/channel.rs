@@ -137,11 +137,34 @@ pub async fn connect_channel(
         }
         None => None,
     };
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("cannot connect to {url}: {}", chain(&e))))?;
+    let channel = endpoint.connect().await.map_err(|e| StoreError::Unavailable(connect_failure(url, &chain(&e))))?;
     Ok(RemoteChannel { channel, authorization })
+}
+
+/// What a failed connection to `url` says: what was tried, what went
+/// wrong, and what to check.
+fn connect_failure(url: &str, why: &str) -> String {
+    // tonic repeats layers ("tcp connect error: tcp connect error: ..."); keep each once.
+    let mut parts: Vec<&str> = Vec::new();
+    for part in why.split(": ") {
+        if parts.last() != Some(&part) {
+            parts.push(part);
+        }
+    }
+    let why = parts.join(": ");
+    let hint = if why.contains("Connection refused") {
+        "nothing listens there: is `casbuild up` (or `casbuild coordinator`) running at that address? \
+         Point --remote or CASBUILD_REMOTE at the one that is"
+    } else if why.contains("failed to lookup address") || why.contains("Name or service not known") {
+        "the host name does not resolve: check the address in --remote or CASBUILD_REMOTE"
+    } else if why.contains("timed out") {
+        "no answer: check that the host is up and that no firewall drops the port"
+    } else if why.contains("certificate") || why.contains("tls") || why.contains("TLS") {
+        "the TLS handshake failed: check --tls-ca (the CA that signed the server's certificate) and grpcs:// vs grpc://"
+    } else {
+        "check the address in --remote or CASBUILD_REMOTE"
+    };
+    format!("cannot connect to {url} ({why}); {hint}")
 }
 
 /// An error with its sources, which is where TLS says what went wrong.
@@ -154,4 +177,25 @@ fn chain(error: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connect_failure;
+
+    #[test]
+    fn a_refused_connection_says_what_to_check() {
+        let message = connect_failure(
+            "grpc://127.0.0.1:1",
+            "transport error: tcp connect error: tcp connect error: Connection refused (os error 111)",
+        );
+        assert_eq!(
+            message,
+            "cannot connect to grpc://127.0.0.1:1 (transport error: tcp connect error: Connection refused (os error \
+             111)); nothing listens there: is `casbuild up` (or `casbuild coordinator`) running at that address? \
+             Point --remote or CASBUILD_REMOTE at the one that is"
+        );
+        assert!(connect_failure("grpc://nowhere.invalid:1", "dns error: failed to lookup address information")
+            .contains("does not resolve"));
+    }
 }
