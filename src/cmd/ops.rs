@@ -25,6 +25,19 @@ const SECONDS: &[f64] =
 /// here on is kept) and serves the endpoint on `listen`; returns the bound
 /// address (port 0 picks one).
 pub async fn serve(listen: SocketAddr, ready: Readiness) -> anyhow::Result<SocketAddr> {
+    let handle = install_recorder()?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--metrics-listen {listen}"))?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(handle, ready)).await {
+            tracing::warn!("the metrics endpoint stopped: {e}");
+        }
+    });
+    Ok(addr)
+}
+
+/// Installs the process's Prometheus recorder; the handle renders it.
+pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
         .context("configuring the metrics buckets")?
@@ -41,15 +54,7 @@ pub async fn serve(listen: SocketAddr, ready: Readiness) -> anyhow::Result<Socke
             upkeep.run_upkeep();
         }
     });
-
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--metrics-listen {listen}"))?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(handle, ready)).await {
-            tracing::warn!("the metrics endpoint stopped: {e}");
-        }
-    });
-    Ok(addr)
+    Ok(handle)
 }
 
 /// Readiness of a role that serves `storage`: it takes writes.

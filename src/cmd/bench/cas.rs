@@ -23,6 +23,10 @@ pub struct CasArgs {
     /// Repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Record metrics in this process's server, as `--metrics-listen` makes a coordinator do (to measure
+    /// what recording costs: compare with a run without).
+    #[arg(long)]
+    metrics: bool,
     /// Number of digests / small blobs in the FindMissing and batch workloads.
     #[arg(long, default_value_t = 10_000)]
     count: usize,
@@ -38,6 +42,10 @@ pub struct CasArgs {
 }
 
 pub async fn bench_cas(args: CasArgs) -> anyhow::Result<()> {
+    if args.metrics {
+        // As `--metrics-listen` does: every call from here on is recorded.
+        crate::cmd::ops::install_recorder()?;
+    }
     let scratch = super::scratch_dir(args.dir.as_deref())?;
     let server = LocalServer::start(&scratch.path().join("store")).await?;
     let remote = server.remote.clone();
