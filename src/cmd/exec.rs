@@ -66,7 +66,8 @@ pub struct Args {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let function = args.remote.digest_function;
-    let remote = args.remote.connect().await.with_context(|| format!("connecting to {}", args.remote.remote))?;
+    // Its errors name the address and say what to check.
+    let remote = args.remote.connect().await?;
 
     // What to run: a stored action, or one built from --input and the command.
     let (action_digest, input_dir) = match (&args.action, &args.input) {

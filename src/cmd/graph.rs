@@ -95,7 +95,8 @@ async fn run_graph(args: RunArgs) -> anyhow::Result<()> {
     let (graph, root) = load(&args.graph, args.sources.clone())?;
     let wanted = wanted_outputs(&graph, &args)?;
     let function = args.remote.digest_function;
-    let remote = args.remote.connect().await.with_context(|| format!("connecting to {}", args.remote.remote))?;
+    // Its errors name the address and say what to check.
+    let remote = args.remote.connect().await?;
 
     let sources = upload_sources(&remote, &graph, &root, function).await?;
     let request = SubmitGraphRequest {

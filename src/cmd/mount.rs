@@ -88,8 +88,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             ..Default::default()
         },
     )
-    .await
-    .with_context(|| format!("connecting to {}", args.remote))?;
+    .await?;
     let cache_dir = args.cache_dir.unwrap_or_else(|| default_data_dir().join("mount-cache"));
     let _claims = crate::claims::claim("mount", &[("mount", &args.mountpoint), ("cache", &cache_dir)])?;
     let options = MountOptions { threads: args.threads, passthrough: !args.no_passthrough, ..Default::default() };

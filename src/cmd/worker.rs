@@ -113,9 +113,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => args.auth.options()?,
     };
-    let remote = RemoteStore::connect(&args.coordinator, RemoteStoreOptions { connect, ..Default::default() })
-        .await
-        .with_context(|| format!("connecting to {}", args.coordinator))?;
+    let remote = RemoteStore::connect(&args.coordinator, RemoteStoreOptions { connect, ..Default::default() }).await?;
     // Ready once its sandbox passed the self-test and it registered.
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let registered = ready.clone();
