@@ -287,9 +287,6 @@ impl DiskStore {
         Ok(Bytes::from(data))
     }
 
-    /// Moves a verified temp file into place and indexes it. Rename, index and
-    /// eviction happen under one lock, so an eviction can never delete a file
-    /// that a concurrent commit has just put back.
     /// Writes, syncs (if durable) and removes a small file where blobs are
     /// written: whether the store takes writes right now.
     pub fn probe_writable(&self) -> Result<(), StoreError> {
@@ -314,8 +311,11 @@ impl DiskStore {
     /// happens outside the index lock, which every lookup takes: a slow
     /// metadata operation must not stall readers. Two writers of one blob may
     /// both rename (same bytes; the later file replaces the earlier, whose
-    /// readers keep their handle); it is indexed once.
+    /// readers keep their handle); it is indexed once. The blob is pinned
+    /// meanwhile, so an eviction (of a copy another writer indexed) can never
+    /// delete the file this one has just put in place.
     fn publish(&self, tmp: &Path, digest: &Digest) -> Result<(), StoreError> {
+        let _publishing = self.pin(digest);
         let key = (self.namespace, *digest);
         let path = {
             let index = self.lock();
