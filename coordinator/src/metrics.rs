@@ -96,13 +96,7 @@ impl Health {
 
     /// Probes the storage now; `Err` says what fails.
     pub async fn check(&self) -> Result<(), String> {
-        let storage = self.storage.clone();
-        let probe = tokio::task::spawn_blocking(move || storage.probe_writable());
-        match probe.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("the storage does not take writes: {e}")),
-            Err(e) => Err(format!("probing the storage: {e}")),
-        }
+        probe_storage(self.storage.clone()).await
     }
 
     /// Probes the storage every `period` and reports SERVING or NOT_SERVING
@@ -129,6 +123,16 @@ impl Health {
                 tokio::time::sleep(period).await;
             }
         }))
+    }
+}
+
+/// Whether `storage` takes writes now (off the async threads); `Err` says
+/// what fails. What the health service and `/readyz` both ask.
+pub async fn probe_storage(storage: Arc<Storage>) -> Result<(), String> {
+    match tokio::task::spawn_blocking(move || storage.probe_writable()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("the storage does not take writes: {e}")),
+        Err(e) => Err(format!("probing the storage: {e}")),
     }
 }
 

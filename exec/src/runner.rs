@@ -429,9 +429,10 @@ impl Runner {
         let exec_start = SystemTime::now();
         let report = self.sandbox.run(&spec).await.map_err(|e| ActionError::Unavailable(e.to_string()))?;
         let exec_done = SystemTime::now();
-        drop(prefetch); // what it has not fetched yet is of no use now
-                        // Inputs read while they streamed in were not verified yet: no result
-                        // is built on bytes that turn out not to match their digest.
+        // What the prefetch has not fetched yet is of no use now.
+        drop(prefetch);
+        // Inputs read while they streamed in were not verified yet: no result
+        // is built on bytes that turn out not to match their digest.
         self.mount.verify_streamed(name).await.map_err(|e| {
             ActionError::Unavailable(format!("an input the command read failed verification afterwards: {e}"))
         })?;

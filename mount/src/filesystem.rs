@@ -107,6 +107,24 @@ impl MountState {
     pub fn open_files(&self) -> usize {
         self.handles.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
+
+    /// The entries of the CAS directory `node`, fetching and installing its
+    /// Directory proto on first use (FUSE lookups block on this; a prefetch
+    /// awaits it).
+    pub async fn children(&self, node: &Node, dir: &DirNode) -> Result<Arc<Children>, FetchError> {
+        if let Some(children) = dir.loaded() {
+            return Ok(children);
+        }
+        let cache = node.scope.as_ref().map_or(&self.cache, |s| &s.cache);
+        let directory = fetch_directory(cache, &dir.digest).await?;
+        Ok(self.inodes.install_children(node, &directory))
+    }
+}
+
+/// Fetches and validates a Directory proto; a malformed one is a failed fetch.
+async fn fetch_directory(cache: &BlobCache, digest: &Digest) -> Result<Directory, FetchError> {
+    let bytes = cache.read_directory(digest).await?;
+    decode_directory(digest, &bytes).map_err(|e| FetchError::Failed(e.to_string()))
 }
 
 /// The `fuser::Filesystem` the session runs.
@@ -135,15 +153,8 @@ impl CasFs {
         if let Some(children) = dir.loaded() {
             return Ok(children);
         }
-        let directory =
-            self.directory(self.cache_of(node), dir.digest).map_err(|e| fetch_errno("loading a directory", e))?;
-        Ok(self.state.inodes.install_children(node, &directory))
-    }
-
-    /// Fetches and validates a Directory proto; a malformed one is a failed fetch.
-    fn directory(&self, cache: Arc<BlobCache>, digest: Digest) -> Result<Directory, FetchError> {
-        let bytes = self.state.runtime.block_on(async move { cache.read_directory(&digest).await })?;
-        decode_directory(&digest, &bytes).map_err(|e| FetchError::Failed(e.to_string()))
+        let state = &self.state;
+        state.runtime.block_on(state.children(node, dir)).map_err(|e| fetch_errno("loading a directory", e))
     }
 
     /// Every entry of a directory with its inode, in a stable order.
@@ -181,7 +192,7 @@ impl CasFs {
         if tree {
             // The root Directory proves the tree exists, and its entries are
             // what the next request asks for: keep them.
-            let directory = match self.directory(self.state.cache.clone(), digest) {
+            let directory = match self.state.runtime.block_on(fetch_directory(&self.state.cache, &digest)) {
                 Ok(directory) => directory,
                 Err(FetchError::NotFound(_)) => return Err(Errno::ENOENT),
                 Err(e) => return Err(fetch_errno("looking up a tree", e)),

@@ -18,7 +18,6 @@ use tokio::task::JoinHandle;
 use crate::blob_cache::{BlobCache, FetchError};
 use crate::filesystem::MountState;
 use crate::inodes::{Node, NodeKind};
-use casbuild_cas::tree::decode_directory;
 
 /// How much one prefetch may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,15 +156,8 @@ async fn warm(cache: &BlobCache, digest: &casbuild_cas::digest::Digest) -> Resul
 async fn resolve(state: &MountState, root: &Arc<Node>, path: &str) -> Result<Option<Arc<Node>>, FetchError> {
     let mut node = root.clone();
     for name in path.split('/').filter(|c| !c.is_empty()) {
-        let (NodeKind::Dir(dir), Some(scope)) = (&node.kind, &node.scope) else { return Ok(None) };
-        let children = match dir.loaded() {
-            Some(children) => children,
-            None => {
-                let bytes = scope.cache.read_directory(&dir.digest).await?;
-                let directory = decode_directory(&dir.digest, &bytes).map_err(|e| FetchError::Failed(e.to_string()))?;
-                state.inodes.install_children(&node, &directory)
-            }
-        };
+        let NodeKind::Dir(dir) = &node.kind else { return Ok(None) };
+        let children = state.children(&node, dir).await?;
         let Some(child) = children.get(name).and_then(|ino| state.inodes.get(ino)) else { return Ok(None) };
         node = child;
     }

@@ -59,16 +59,7 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
 
 /// Readiness of a role that serves `storage`: it takes writes.
 pub fn storage_ready(storage: Arc<casbuild_cas::storage::Storage>) -> Readiness {
-    Arc::new(move || {
-        let storage = storage.clone();
-        Box::pin(async move {
-            match tokio::task::spawn_blocking(move || storage.probe_writable()).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("the storage does not take writes: {e}")),
-                Err(e) => Err(format!("probing the storage: {e}")),
-            }
-        })
-    })
+    Arc::new(move || Box::pin(casbuild_coordinator::metrics::probe_storage(storage.clone())))
 }
 
 /// Serves the endpoint when `listen` is given and says where.

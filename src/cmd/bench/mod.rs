@@ -180,9 +180,7 @@ impl Up {
         std::thread::spawn(move || lines.for_each(drop));
         Ok(Up { child, url })
     }
-}
 
-impl Up {
     /// The process id of `casbuild up`.
     pub fn pid(&self) -> u32 {
         self.child.id()
