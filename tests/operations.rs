@@ -50,8 +50,7 @@ async fn metrics_health_and_readiness_report_real_traffic() {
     let dir = tempfile::tempdir().unwrap();
     let up = Coordinator::start_up_with(dir.path(), &["--metrics-listen", "127.0.0.1:0"]);
     assert_eq!(up.printed("  build --remote_executor="), up.url(), "a .bazelrc line to paste");
-    let metrics = up.printed("metrics on http://");
-    let addr = metrics.strip_suffix("/metrics").expect("the metrics URL").to_owned();
+    let addr = up.metrics_addr();
 
     assert_eq!(get(&addr, "/healthz").0, 200);
     let (status, body) = get(&addr, "/readyz");
@@ -106,8 +105,7 @@ async fn a_worker_whose_sandbox_cannot_run_refuses_to_register_and_says_why() {
     }
     let dir = tempfile::tempdir().unwrap();
     let server = Coordinator::start(&dir.path().join("storage"), &["--metrics-listen", "127.0.0.1:0"]);
-    let metrics = server.printed("metrics on http://");
-    let addr = metrics.strip_suffix("/metrics").unwrap().to_owned();
+    let addr = server.metrics_addr();
     let workers = || sample(&get(&addr, "/metrics").1, "casbuild_workers_connected", &[]);
 
     // No program can start in its sandboxes: every action would fail there.
@@ -133,15 +131,6 @@ async fn a_worker_whose_sandbox_cannot_run_refuses_to_register_and_says_why() {
     }
 }
 
-/// Detaches a mount when dropped, so a failing test leaves none behind.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
-
 async fn serving_status(server: &Coordinator) -> ServingStatus {
     let mut health = HealthClient::new(server.channel().await);
     health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner().status()
@@ -164,13 +153,13 @@ async fn health_says_not_serving_while_the_storage_takes_no_writes() {
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("storage");
     let server = Coordinator::start(&storage, &["--metrics-listen", "127.0.0.1:0"]);
-    let addr = server.printed("metrics on http://").strip_suffix("/metrics").unwrap().to_owned();
+    let addr = server.metrics_addr();
     until_status(&server, ServingStatus::Serving).await;
 
     // Where blobs are written turns read-only (a full or failing disk).
     let tmp = storage.join("tmp");
     mount(Some(&tmp), &tmp, None::<&str>, MsFlags::MS_BIND, None::<&str>).unwrap();
-    let guard = Unmount(tmp.clone());
+    let guard = common::Detach(tmp.clone());
     let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
     mount(None::<&str>, &tmp, None::<&str>, flags, None::<&str>).unwrap();
     let (status, body) = get(&addr, "/readyz");

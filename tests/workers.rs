@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use casbuild_proto::reapi::execution_client::ExecutionClient;
 use common::execute::{execute, execute_request, operations, response_of, shell_action, upload};
-use common::{casbuild, needs_root, processes_with, start_worker, Coordinator};
+use common::{casbuild, needs_root, processes_with, start_worker, Coordinator, Detach};
 
 const TOKEN: &str = "s3cret-worker-token";
 
@@ -22,15 +22,6 @@ fn worker(server: &Coordinator, dir: &Path, n: u32) -> Coordinator {
 
 fn worker_with(server: &Coordinator, dir: &Path, n: u32, extra: &[&str]) -> Coordinator {
     start_worker(server, dir, n, &[&["--worker-token", TOKEN], extra].concat())
-}
-
-/// Detaches a mount a killed worker left behind.
-struct Detach(std::path::PathBuf);
-
-impl Drop for Detach {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
 }
 
 /// Waits (at most 30 s) until a process whose command line holds `script` runs.

@@ -109,6 +109,11 @@ impl Coordinator {
         Coordinator { child, addr, storage: storage.to_path_buf(), lines, errors, graceful }
     }
 
+    /// The host:port of the `--metrics-listen` endpoint it printed.
+    pub fn metrics_addr(&self) -> String {
+        self.printed("metrics on http://").strip_suffix("/metrics").expect("the metrics URL").to_owned()
+    }
+
     /// The stderr lines printed so far.
     pub fn stderr_lines(&self) -> Vec<String> {
         self.errors.lock().unwrap().clone()
@@ -290,6 +295,16 @@ pub fn needs_root(test: &str, fuse: bool) -> bool {
 }
 
 /// A tmpfs of `size` mounted at `dir`, unmounted on drop.
+/// Detaches whatever is mounted at the path when dropped, so a failing test
+/// leaves no mount behind (a killed worker's /cas, a test's bind mount).
+pub struct Detach(pub PathBuf);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 pub struct Tmpfs(PathBuf);
 
 impl Tmpfs {
