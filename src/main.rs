@@ -4,8 +4,9 @@
 mod claims;
 mod cmd;
 mod config;
+mod config_file;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// A content-addressed build filesystem and remote executor (REAPI v2).
 #[derive(Parser)]
@@ -88,7 +89,14 @@ fn main() -> std::process::ExitCode {
         let rest = args[1..].iter().map(|a| a.to_string_lossy().into_owned()).collect();
         return cmd::cc::masquerade(name, rest);
     }
-    let cli = Cli::parse();
+    // The serving roles read their config file (flags over file over defaults).
+    let cli = match config_file::matches(Cli::command(), args).and_then(|m| Ok(Cli::from_arg_matches(&m)?)) {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("casbuild: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let serving = matches!(cli.command, Command::Up(_) | Command::Coordinator(_) | Command::Worker(_));
     init_logging(cli.log_format, if serving { "info" } else { "warn" });
     let runtime = match tokio::runtime::Runtime::new() {

@@ -74,7 +74,7 @@ async fn two_workers_share_work_survive_a_crash_and_results_outlive_the_coordina
     }
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("storage");
-    let flags = ["--worker-token", TOKEN, "--heartbeat-ms", "200"];
+    let flags = ["--worker-token", TOKEN, "--heartbeat", "200ms"];
     let server = Coordinator::start(&storage, &flags);
 
     // A worker without the token is turned away.
@@ -147,7 +147,7 @@ async fn queued_actions_run_by_priority_and_cancelling_stops_a_remote_command() 
     use casbuild_proto::longrunning::CancelOperationRequest;
 
     let dir = tempfile::tempdir().unwrap();
-    let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN, "--heartbeat-ms", "200"]);
+    let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN, "--heartbeat", "200ms"]);
     let _detach = Detach(dir.path().join("worker-1/cas"));
     let limits = ["--slots", "1", "--sandbox-uids", "61234", "--sandbox-gid", "61235", "--max-file-size", "1MiB"];
     let _w1 = worker_with(&server, dir.path(), 1, &limits);
@@ -197,7 +197,7 @@ async fn a_worker_told_to_stop_finishes_its_running_actions_first() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN, "--heartbeat-ms", "200"]);
+    let server = Coordinator::start(&dir.path().join("storage"), &["--worker-token", TOKEN, "--heartbeat", "200ms"]);
     let _detach = Detach(dir.path().join("worker-1/cas"));
     let w1 = worker(&server, dir.path(), 1);
     let (action, blobs) = shell_action("sleep 1.5; echo drained > out");
@@ -226,7 +226,7 @@ async fn a_worker_told_to_stop_finishes_its_running_actions_first() {
 fn the_worker_token_can_come_from_the_config_file() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("coordinator.toml");
-    std::fs::write(&config, "worker_token = \"from-the-file\"\nheartbeat_ms = 250\n").unwrap();
+    std::fs::write(&config, "worker_token = \"from-the-file\"\nheartbeat = \"250ms\"\n").unwrap();
     let server = Coordinator::start(&dir.path().join("storage"), &["--config", config.to_str().unwrap()]);
     let attempt = |token: &str| {
         casbuild()

@@ -52,8 +52,8 @@ pub struct DaemonConfig {
     pub socket: Option<PathBuf>,
     /// Local fallback compiles allowed at once [default: the number of CPUs].
     pub local_jobs: Option<usize>,
-    /// Exit after this many seconds without requests.
-    pub idle_secs: u64,
+    /// Exit after this long without requests.
+    pub idle: Duration,
     /// TLS material and credential for the cluster.
     pub connect: ConnectOptions,
 }
@@ -141,7 +141,7 @@ pub async fn run(args: DaemonConfig) -> anyhow::Result<()> {
             }
         }
     });
-    let idle = Duration::from_secs(args.idle_secs.max(1));
+    let idle = args.idle.max(Duration::from_secs(1));
     loop {
         tokio::select! {
             accepted = listener.accept() => {

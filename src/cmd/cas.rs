@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::local_tree::{hash_file, LocalTree};
-use casbuild_cas::store::{upload_missing, BlobStore, RemoteStore, RemoteStoreOptions, CHUNK_SIZE};
+use casbuild_cas::store::{upload_missing, BlobStore, RemoteStore, RemoteStoreOptions, StoreError, CHUNK_SIZE};
 use casbuild_cas::tree::{check_output_path, child_digest, looks_like_directory, validate_directory};
 use casbuild_exec::beneath::{split_last, Beneath};
 use casbuild_proto::reapi::{Directory, Tree};
@@ -123,10 +123,11 @@ pub async fn upload(store: &RemoteStore, path: &Path, function: DigestFunction) 
 
 /// Streams one file into the CAS without holding it in memory.
 async fn upload_file(store: &RemoteStore, digest: &Digest, path: &Path) -> anyhow::Result<()> {
-    store
-        .write_file(digest, path)
-        .await
-        .with_context(|| format!("uploading {} (did it change while being read?)", path.display()))
+    store.write_file(digest, path).await.map_err(|e| {
+        // Only a digest mismatch means the bytes sent were not those hashed.
+        let hint = if matches!(e, StoreError::DigestMismatch(_)) { " (did it change while being read?)" } else { "" };
+        anyhow::Error::new(e).context(format!("uploading {}{hint}", path.display()))
+    })
 }
 
 /// The paths of every file and symlink in the tree rooted at `root`.

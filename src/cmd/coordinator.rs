@@ -11,14 +11,14 @@ use casbuild_coordinator::scheduler::Retention;
 use casbuild_coordinator::{ExecutionConfig, PoolConfig, Scheduler, ServerConfig, WorkerPool};
 use serde::Deserialize;
 
-use crate::config::{default_state_dir, load_toml, parse_size, secret, ConfigSize};
+use crate::config::{default_state_dir, load_toml, parse_duration, parse_size, secret, ConfigDuration, ConfigSize};
 
 /// Flags of `casbuild coordinator`; each may also come from `--config`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// TOML file with any of: listen, storage, max_disk, max_memory, max_batch, worker_token, heartbeat_ms,
-    /// tls_cert, tls_key, tls_client_ca, tls_require_client_cert, a [limits] table and an [auth] table
-    /// (reloaded on SIGHUP). See docs/SECURITY.md.
+    /// TOML file: any flag as a key (`max_disk = "20GiB"`), a [limits] table and an [auth] table (reloaded
+    /// on SIGHUP) [default: $XDG_CONFIG_HOME/casbuild/coordinator.toml, else /etc/casbuild/coordinator.toml].
+    /// Example: docs/config/coordinator.toml.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Address to serve on (port 0 picks a free port, printed at start).
@@ -59,31 +59,19 @@ pub struct Args {
     /// Refuse TLS connections without a client certificate signed by --tls-client-ca.
     #[arg(long)]
     tls_require_client_cert: bool,
-    /// How often workers heartbeat, in milliseconds; three missed heartbeats lose a worker its leases
-    /// [default: 3000].
-    #[arg(long)]
-    heartbeat_ms: Option<u64>,
+    /// How often workers heartbeat, like 3s or 500ms; three missed heartbeats lose a worker its leases.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    heartbeat: std::time::Duration,
     /// Serve Prometheus metrics (/metrics), liveness (/healthz) and readiness (/readyz) over HTTP on this
     /// address (no authentication: keep it on loopback or a management network).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
 }
 
-/// The `--config` file.
+/// The tables of the `--config` file; its other keys are flags
+/// (`crate::config_file`).
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct FileConfig {
-    listen: Option<SocketAddr>,
-    storage: Option<PathBuf>,
-    max_disk: Option<ConfigSize>,
-    max_memory: Option<ConfigSize>,
-    max_batch: Option<ConfigSize>,
-    worker_token: Option<String>,
-    heartbeat_ms: Option<u64>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    tls_client_ca: Option<PathBuf>,
-    tls_require_client_cert: Option<bool>,
     auth: Option<AuthConfig>,
     limits: Option<Limits>,
 }
@@ -98,8 +86,8 @@ struct Limits {
     finished_operations: Option<usize>,
     /// Bytes of final state (results, inline logs) those may hold.
     finished_operations_bytes: Option<ConfigSize>,
-    /// Seconds a finished operation is kept.
-    finished_operations_seconds: Option<u64>,
+    /// How long a finished operation is kept ("15m", or seconds).
+    finished_operations_age: Option<ConfigDuration>,
 }
 
 /// Everything the coordinator needs, after flags, file and defaults are merged.
@@ -123,12 +111,12 @@ impl Args {
             Some(path) => load_toml(path)?,
             None => FileConfig::default(),
         };
-        let dir = self.storage.or(file.storage).unwrap_or_else(default_state_dir);
+        let dir = self.storage.unwrap_or_else(default_state_dir);
         let mut storage = StorageConfig::new(dir);
-        if let Some(n) = self.max_disk.or(file.max_disk.map(ConfigSize::bytes)) {
+        if let Some(n) = self.max_disk {
             storage.max_disk = n;
         }
-        if let Some(n) = self.max_memory.or(file.max_memory.map(ConfigSize::bytes)) {
+        if let Some(n) = self.max_memory {
             storage.max_memory = n;
         }
         let limits = file.limits.unwrap_or_default();
@@ -138,30 +126,28 @@ impl Args {
         }
         let defaults = Retention::default();
         let retention = Retention {
-            time: limits.finished_operations_seconds.map_or(defaults.time, std::time::Duration::from_secs),
+            time: limits.finished_operations_age.map_or(defaults.time, ConfigDuration::get),
             count: limits.finished_operations.unwrap_or(defaults.count),
             bytes: limits.finished_operations_bytes.map_or(defaults.bytes, |n| n.bytes() as usize),
         };
         let mut server = ServerConfig::default();
-        if let Some(n) = self.max_batch.or(file.max_batch.map(ConfigSize::bytes)) {
+        if let Some(n) = self.max_batch {
             server.max_batch_bytes = n;
         }
-        let listen = self.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8980".parse().expect("valid address"));
+        let listen = self.listen.unwrap_or_else(|| "127.0.0.1:8980".parse().expect("valid address"));
         let pool = PoolConfig {
-            heartbeat_interval: std::time::Duration::from_millis(
-                self.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(3000).max(10),
-            ),
+            heartbeat_interval: self.heartbeat.max(std::time::Duration::from_millis(10)),
             ..PoolConfig::default()
         };
-        let worker_token = secret(self.worker_token.or(file.worker_token), self.worker_token_file.as_deref())?;
+        let worker_token = secret(self.worker_token, self.worker_token_file.as_deref())?;
         let auth = Authenticator::new(file.auth.as_ref(), worker_token.as_deref()).map_err(|why| {
             anyhow::anyhow!("[auth] in {}: {why}", self.config.as_deref().unwrap_or(Path::new("")).display())
         })?;
         server.tls = server_tls(ServerTls {
-            cert: self.tls_cert.or(file.tls_cert),
-            key: self.tls_key.or(file.tls_key),
-            client_ca: self.tls_client_ca.or(file.tls_client_ca),
-            require_client_cert: self.tls_require_client_cert || file.tls_require_client_cert.unwrap_or(false),
+            cert: self.tls_cert,
+            key: self.tls_key,
+            client_ca: self.tls_client_ca,
+            require_client_cert: self.tls_require_client_cert,
         })?;
         if !listen.ip().is_loopback() && !self.insecure {
             if auth.anonymous_workers() {
@@ -267,6 +253,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     reload_on_hangup(&settings)?;
     let scheme = if settings.server.tls.is_some() { "grpcs" } else { "grpc" };
     println!("casbuild coordinator listening on {scheme}://{addr}");
+    if let Some(config) = &settings.config {
+        println!("settings from {}", config.display());
+    }
     println!(
         "storage: {} ({} of {} on disk)",
         settings.storage.dir.display(),

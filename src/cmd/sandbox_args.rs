@@ -9,7 +9,7 @@ use casbuild_exec::cgroup::Cgroups;
 use casbuild_exec::runner::RunnerConfig;
 use casbuild_mount::MountOptions;
 
-use crate::config::parse_size;
+use crate::config::{parse_duration, parse_size};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct SandboxArgs {
@@ -67,20 +67,6 @@ fn parse_uids(text: &str) -> Result<(u32, u32), String> {
     Ok((first, last))
 }
 
-/// `90s`, `30m`, `2h` or a plain number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?} is not a duration like 90s, 30m or 2h");
-    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let seconds = match unit {
-        "" | "s" => n,
-        "m" => n.checked_mul(60).ok_or_else(bad)?,
-        "h" => n.checked_mul(3600).ok_or_else(bad)?,
-        _ => return Err(bad()),
-    };
-    Ok(Duration::from_secs(seconds))
-}
-
 impl SandboxArgs {
     /// Applies the flags to `config` for a host running `slots` actions at once.
     pub fn apply(&self, config: &mut RunnerConfig, slots: u64) -> anyhow::Result<()> {
@@ -133,16 +119,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn uid_ranges_and_durations_parse_with_clear_errors() {
+    fn uid_ranges_parse_with_clear_errors() {
         assert_eq!(parse_uids("100-163"), Ok((100, 163)));
         assert_eq!(parse_uids("61234"), Ok((61234, 61234)));
         assert!(parse_uids("0-10").unwrap_err().contains("root"));
         assert!(parse_uids("9-3").is_err());
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
-        assert!(parse_duration("1d").is_err());
-        assert!(parse_duration("").is_err());
     }
 }

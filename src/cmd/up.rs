@@ -21,6 +21,10 @@ use crate::config::{default_data_dir, parse_size};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// TOML file whose keys are any of these flags (`max_disk = "20GiB"`) [default:
+    /// $XDG_CONFIG_HOME/casbuild/up.toml, else /etc/casbuild/up.toml]. Example: docs/config/up.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Address to serve on (port 0 picks a free port, printed at start).
     #[arg(long, default_value = "127.0.0.1:8980")]
     listen: SocketAddr,
@@ -131,6 +135,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
     println!("casbuild up listening on {url}");
     println!("store: {}; worker: {slots} slots, /cas at {}", dir.join("store").display(), mountpoint.display());
+    if let Some(config) = &args.config {
+        println!("settings from {}", config.display());
+    }
     println!("for Bazel, add to .bazelrc:");
     println!("  build --remote_executor={url}");
     println!("  build --remote_timeout=3600");

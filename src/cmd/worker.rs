@@ -20,6 +20,10 @@ use crate::config::{default_data_dir, parse_size, secret};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// TOML file whose keys are any of these flags (`cache_size = "20GiB"`) [default:
+    /// $XDG_CONFIG_HOME/casbuild/worker.toml, else /etc/casbuild/worker.toml]. Example: docs/config/worker.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// The coordinator, as grpc://HOST:PORT (grpcs:// for TLS).
     #[arg(long, env = "CASBUILD_REMOTE", default_value = "grpc://127.0.0.1:8980")]
     coordinator: String,
@@ -155,6 +159,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let signal = shutdown_signal()?;
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     println!("casbuild worker {id} serving {} with {slots} slots, /cas at {}", args.coordinator, args.mount.display());
+    if let Some(config) = &args.config {
+        println!("settings from {}", config.display());
+    }
     session.serve(runner, signal).await;
     tokio::task::spawn_blocking(move || mount.shutdown()).await?.context("unmounting /cas")?;
     // Scratch directories still being deleted in the background.

@@ -5,6 +5,7 @@
 
 pub mod bazel;
 pub mod execute;
+pub mod http;
 pub mod liar;
 
 use std::io::{BufRead, BufReader};
@@ -76,8 +77,13 @@ impl Coordinator {
     /// Starts `casbuild ARGS` and waits for the stdout line starting with
     /// `ready`; the rest of that line becomes `addr`.
     pub fn spawn(args: &[&str], ready: &'static str, storage: &Path, graceful: bool) -> Coordinator {
-        let mut child =
-            casbuild().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("starting casbuild");
+        Coordinator::spawn_with(casbuild().args(args), ready, storage, graceful)
+    }
+
+    /// [`Coordinator::spawn`] of a prepared command (environment, ...).
+    pub fn spawn_with(command: &mut Command, ready: &'static str, storage: &Path, graceful: bool) -> Coordinator {
+        let args: Vec<_> = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("starting casbuild");
         let stderr = child.stderr.take().expect("piped stderr");
         let errors = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let kept_errors = errors.clone();

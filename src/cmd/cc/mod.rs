@@ -105,6 +105,10 @@ fn install_links(dir: &Path) -> anyhow::Result<()> {
 
 #[derive(clap::Args)]
 pub struct DaemonArgs {
+    /// TOML file whose keys are any of these flags (`idle = "10m"`) [default:
+    /// $XDG_CONFIG_HOME/casbuild/daemon.toml, else /etc/casbuild/daemon.toml]. Example: docs/config/daemon.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// The cluster, as grpc://HOST:PORT (grpcs:// for TLS).
     #[arg(long, env = "CASBUILD_REMOTE", default_value = "grpc://127.0.0.1:8980")]
     remote: String,
@@ -117,9 +121,9 @@ pub struct DaemonArgs {
     /// Local fallback compiles allowed at once [default: the number of CPUs].
     #[arg(long)]
     local_jobs: Option<usize>,
-    /// Exit after this many seconds without requests.
-    #[arg(long, default_value_t = 600)]
-    idle_secs: u64,
+    /// Exit after this long without requests, like 10m or 90s.
+    #[arg(long, value_parser = crate::config::parse_duration, default_value = "10m")]
+    idle: std::time::Duration,
     /// TLS and API key; `casbuild cc` passes them on through the environment (CASBUILD_API_KEY, ...).
     #[command(flatten)]
     auth: crate::cmd::client_args::ClientAuth,
@@ -128,6 +132,9 @@ pub struct DaemonArgs {
 /// `casbuild daemon`.
 pub async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let connect = args.auth.options()?;
-    let DaemonArgs { remote, instance, socket, local_jobs, idle_secs, .. } = args;
-    casbuild_cc::daemon::run(DaemonConfig { remote, instance, socket, local_jobs, idle_secs, connect }).await
+    if let Some(config) = &args.config {
+        tracing::info!("settings from {}", config.display());
+    }
+    let DaemonArgs { remote, instance, socket, local_jobs, idle, .. } = args;
+    casbuild_cc::daemon::run(DaemonConfig { remote, instance, socket, local_jobs, idle, connect }).await
 }
