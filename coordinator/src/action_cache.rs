@@ -159,10 +159,22 @@ pub(crate) async fn cached_result(storage: &Storage, instance: &str, action: &Di
     })
 }
 
+/// Action-cache lookups by this process: misses, hits (for the status page;
+/// the metrics carry them by caller).
+static LOOKUPS: [std::sync::atomic::AtomicU64; 2] = [const { std::sync::atomic::AtomicU64::new(0) }; 2];
+
+/// Action-cache lookups so far: (hits, misses).
+pub fn lookup_counts() -> (u64, u64) {
+    let load = |i: usize| LOOKUPS[i].load(std::sync::atomic::Ordering::Relaxed);
+    (load(1), load(0))
+}
+
 /// Counts an action-cache lookup by what asked (`execute`,
 /// `get_action_result`) and its outcome.
 pub(crate) fn count_lookup(via: &'static str, lookup: &Lookup) {
-    let result = if matches!(lookup, Lookup::Hit(_)) { "hit" } else { "miss" };
+    let hit = matches!(lookup, Lookup::Hit(_));
+    LOOKUPS[usize::from(hit)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let result = if hit { "hit" } else { "miss" };
     metrics::counter!("casbuild_action_cache_lookups_total", "via" => via, "result" => result).increment(1);
 }
 

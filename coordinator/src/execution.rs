@@ -27,6 +27,11 @@ use crate::auth::{admit, principal, Permission, Principal};
 use crate::scheduler::{JobState, Scheduler, Stage};
 use crate::status::{request_digest, rpc_ok, store_status};
 
+/// Operations in a ListOperations page unless the caller asks for fewer.
+const DEFAULT_PAGE: usize = 100;
+/// The most operations in one page.
+const MAX_PAGE: usize = 1000;
+
 type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
 
 /// Execution and Operations, sharing one scheduler.
@@ -156,11 +161,43 @@ impl Execution for ExecutionService {
 
 #[tonic::async_trait]
 impl Operations for ExecutionService {
+    /// The operations the caller may see (those on instances where it may
+    /// execute), in name order, a page at a time. `name` is empty (or
+    /// `operations`) for every instance, else the one instance to list;
+    /// the page token is the last name of the previous page.
     async fn list_operations(
         &self,
-        _request: Request<ListOperationsRequest>,
+        request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
-        Err(Status::unimplemented("listing operations is not supported"))
+        let principal = principal(&request)?;
+        let request = request.into_inner();
+        if !request.filter.is_empty() {
+            return Err(Status::invalid_argument(format!("filter {:?}: no filters are supported", request.filter)));
+        }
+        let size = match request.page_size {
+            0 => DEFAULT_PAGE,
+            n if n < 0 => return Err(Status::invalid_argument(format!("page_size {n} is negative"))),
+            n => (n as usize).min(MAX_PAGE),
+        };
+        let after = request.page_token;
+        if !after.is_empty() && !after.starts_with("operations/") {
+            return Err(Status::invalid_argument(format!("page_token {after:?} is not one this server gave")));
+        }
+        let instance = Some(request.name).filter(|n| !n.is_empty() && n != "operations");
+        let mut visible = self
+            .scheduler
+            .operations()
+            .into_iter()
+            .filter(|op| op.name > after)
+            .filter(|op| instance.as_ref().is_none_or(|i| *i == op.instance))
+            .filter(|op| principal.may(Permission::Execute, &op.instance));
+        let operations: Vec<Operation> =
+            visible.by_ref().take(size).map(|op| to_operation(&op.name, &op.state)).collect();
+        let next_page_token = match (visible.next(), operations.last()) {
+            (Some(_), Some(last)) => last.name.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListOperationsResponse { operations, next_page_token, ..Default::default() }))
     }
 
     async fn get_operation(&self, request: Request<GetOperationRequest>) -> Result<Response<Operation>, Status> {

@@ -30,6 +30,7 @@ pub mod scheduler;
 mod server;
 mod sri;
 pub mod status;
+pub mod status_page;
 pub mod workers;
 
 pub use bytestream::SESSION_IDLE;

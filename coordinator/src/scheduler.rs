@@ -220,6 +220,17 @@ impl Jobs {
     }
 }
 
+/// One requester's operation, as listings show it.
+#[derive(Clone, Debug)]
+pub struct OperationEntry {
+    /// The operation's name (`operations/UUID`).
+    pub name: String,
+    /// The instance its action runs on.
+    pub instance: String,
+    /// Its job's state.
+    pub state: JobState,
+}
+
 /// A requester's view of a job: its own operation name and the updates.
 pub struct Submitted {
     /// The operation name this requester knows the job by.
@@ -238,13 +249,15 @@ pub struct Scheduler {
 }
 
 /// How an action ended, as a metric label: `success` (exit code 0),
-/// `failure` (the command failed), `timeout`, or `error` (it could not run).
-fn outcome(response: &ExecuteResponse) -> &'static str {
+/// `failure` (the command failed), `timeout`, `cancelled`, or `error` (it
+/// could not run).
+pub(crate) fn outcome(response: &ExecuteResponse) -> &'static str {
     let code = response.status.as_ref().map_or(0, |s| s.code);
     match (code, &response.result) {
         (0, Some(result)) if result.exit_code == 0 => "success",
         (0, Some(_)) => "failure",
         (c, _) if c == Code::DeadlineExceeded as i32 => "timeout",
+        (c, _) if c == Code::Cancelled as i32 => "cancelled",
         _ => "error",
     }
 }
@@ -347,6 +360,26 @@ impl Scheduler {
         }
         self.finish(&job, error_response(Code::Cancelled, "the operation was cancelled".into()));
         true
+    }
+
+    /// Every operation known now (queued, running, or finished within the
+    /// retention bounds), each requester's name once, in name order.
+    pub fn operations(&self) -> Vec<OperationEntry> {
+        let jobs = self.lock();
+        let joined = jobs.by_name.iter().map(|(name, job)| OperationEntry {
+            name: name.clone(),
+            instance: job.key.0.clone(),
+            state: job.state.borrow().clone(),
+        });
+        let detached = jobs.detached.iter().map(|(name, (instance, state))| OperationEntry {
+            name: name.clone(),
+            instance: instance.clone(),
+            state: state.clone(),
+        });
+        let mut all: Vec<OperationEntry> = joined.chain(detached).collect();
+        drop(jobs);
+        all.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        all
     }
 
     /// Bounds what finished operations are kept (`[limits]` in the config file).

@@ -114,6 +114,25 @@ struct Pool {
     leased: HashMap<String, (Pending, String)>,
 }
 
+/// One worker as a status page shows it.
+#[derive(Clone, Debug)]
+pub struct WorkerView {
+    /// Its id.
+    pub name: String,
+    /// The slots it registered with.
+    pub slots: u32,
+    /// The leases it may hold now (free CPUs and slow start included).
+    pub usable: u32,
+    /// The actions it runs, with their instances.
+    pub running: Vec<(String, Digest)>,
+    /// What it offers.
+    pub platform: Vec<(String, String)>,
+    /// Time since its last heartbeat.
+    pub since_heartbeat: Duration,
+    /// Whether its lease stream is open.
+    pub connected: bool,
+}
+
 /// The remote worker pool; an [`ActionExecutor`] for the scheduler and the
 /// `Workers` gRPC service for workers.
 pub struct WorkerPool {
@@ -264,6 +283,31 @@ impl WorkerPool {
     /// Workers known right now, for tests and status pages.
     pub fn worker_count(&self) -> usize {
         self.lock().workers.len()
+    }
+
+    /// The workers known right now, by name, and the actions waiting for one.
+    pub fn snapshot(&self) -> (Vec<WorkerView>, usize) {
+        let pool = self.lock();
+        let mut workers: Vec<WorkerView> = pool
+            .workers
+            .iter()
+            .map(|(name, worker)| WorkerView {
+                name: name.clone(),
+                slots: worker.slots,
+                usable: worker.effective(),
+                running: worker
+                    .running
+                    .iter()
+                    .filter_map(|lease| pool.leased.get(lease))
+                    .map(|(pending, _)| (pending.instance.clone(), pending.action))
+                    .collect(),
+                platform: worker.platform.clone(),
+                since_heartbeat: worker.last_heartbeat.elapsed(),
+                connected: worker.leases.is_some(),
+            })
+            .collect();
+        workers.sort_by(|a, b| a.name.cmp(&b.name));
+        (workers, pool.queue.len())
     }
 }
 

@@ -38,6 +38,16 @@ fn declared(command: &Command) -> Vec<(String, Declared)> {
     files.chain(command.output_directories.iter().map(|p| (p.clone(), Declared::Directory))).collect()
 }
 
+/// The declared outputs as paths from the input root (the working
+/// directory joined in front).
+pub fn declared_from_root(command: &Command) -> Vec<String> {
+    let cwd = command.working_directory.trim_end_matches('/');
+    declared(command)
+        .into_iter()
+        .map(|(path, _)| if cwd.is_empty() || cwd == "." { path } else { format!("{cwd}/{path}") })
+        .collect()
+}
+
 /// Checks the declared outputs: relative, inside the tree, no duplicates,
 /// none inside another. Returns the directories (relative to the working
 /// tree's root) to create before the command runs: the outputs' parents.

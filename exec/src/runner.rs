@@ -416,6 +416,7 @@ impl Runner {
         spec.cwd = command.working_directory.clone();
         spec.env = command.environment_variables.iter().map(|v| (v.name.clone(), v.value.clone())).collect();
         spec.writable_dirs = writable;
+        let outputs = crate::outputs::declared_from_root(command);
         spec.toolchain = self.config.toolchain.clone();
         spec.gid = self.config.gid;
         spec.limits = self.config.limits.clone();
@@ -448,8 +449,11 @@ impl Runner {
             return Ok(Execution { result, message: error.clone(), access, report, do_not_cache: true, input_root });
         }
 
-        let mut message =
-            if report.success() { String::new() } else { failure_message(&report, &spec, &access, &observed) };
+        let mut message = if report.success() {
+            String::new()
+        } else {
+            failure_message(&report, &spec, &outputs, &access, &observed)
+        };
         if !message.is_empty() {
             // Clients show a failed action's stderr; put the report where it is seen.
             append_report(&Sandbox::stderr_path(&spec), &message).await;
@@ -560,10 +564,13 @@ fn host_lookups(observed: &AccessReport, spec: &SandboxSpec) -> Vec<String> {
 /// in its input root (`access`) or anywhere in the sandbox (`observed`, the
 /// log of the tree under its root; named as absolute paths). Lookups of the
 /// directories the worker created for outputs (the spec's writable
-/// directories, and their parents) are not the command's doing.
+/// directories, and their parents) are not the command's doing, and the
+/// declared `outputs` (paths from the input root) and what lies beneath them
+/// are the command's to create.
 pub fn failure_message(
     report: &RunReport,
     spec: &SandboxSpec,
+    outputs: &[String],
     access: &AccessReport,
     observed: &AccessReport,
 ) -> String {
@@ -596,7 +603,10 @@ pub fn failure_message(
         lines.push(format!("the command exited with status {code}"));
     }
     let created = &spec.writable_dirs;
-    let ours = |path: &str| created.iter().any(|dir| dir == path || dir.starts_with(&format!("{path}/")));
+    let ours = |path: &str| {
+        created.iter().any(|dir| dir == path || dir.starts_with(&format!("{path}/")))
+            || outputs.iter().any(|out| out == path || path.starts_with(&format!("{out}/")))
+    };
     let outside = host_lookups(observed, spec);
     let undeclared: Vec<&String> = access.not_found.iter().filter(|p| !ours(p)).chain(&outside).collect();
     for path in undeclared.iter().take(REPORT_LINES) {
@@ -649,7 +659,7 @@ mod tests {
         let mut spec = SandboxSpec::new("/in".into(), "/scratch".into(), vec!["cc".into()]);
         spec.limits = Limits { max_memory_bytes: 2 << 30, ..Default::default() };
         let none = AccessReport::default();
-        let message = failure_message(&report, &spec, &none, &none);
+        let message = failure_message(&report, &spec, &[], &none, &none);
         assert!(message.starts_with("the action exceeded its 2 GiB memory limit"), "{message}");
         assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
         assert_eq!(human_bytes(1000), "1000 bytes");
@@ -658,13 +668,14 @@ mod tests {
     #[test]
     fn the_report_names_undeclared_paths_but_not_the_workers_own_directories() {
         let mut access = AccessReport::default();
-        for path in ["bazel-out", "bazel-out/bin", "pkg", "src/config.h"] {
+        for path in ["bazel-out", "bazel-out/bin", "pkg", "src/config.h", "bazel-out/bin/pkg/out.o", "gen/x/y"] {
             access.not_found.insert(path.to_owned());
         }
         let report = RunReport { exit_code: Some(1), ..Default::default() };
         let mut spec = SandboxSpec::new("/in".into(), "/scratch".into(), vec!["cc".into()]);
         spec.writable_dirs = vec!["bazel-out/bin/pkg".to_owned()];
-        let message = failure_message(&report, &spec, &access, &AccessReport::default());
+        let outputs = ["bazel-out/bin/pkg/out.o".to_owned(), "gen".to_owned()];
+        let message = failure_message(&report, &spec, &outputs, &access, &AccessReport::default());
         assert_eq!(
             message,
             "the command exited with status 1\n\
@@ -682,7 +693,7 @@ mod tests {
         }
         let report = RunReport { exit_code: Some(1), ..Default::default() };
         let spec = SandboxSpec::new("/in".into(), "/scratch".into(), vec!["cc".into()]);
-        let message = failure_message(&report, &spec, &access, &observed);
+        let message = failure_message(&report, &spec, &[], &access, &observed);
         assert_eq!(
             message,
             "the command exited with status 1\n\

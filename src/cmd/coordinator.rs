@@ -8,6 +8,7 @@ use anyhow::Context;
 use casbuild_cas::storage::{Storage, StorageConfig};
 use casbuild_coordinator::auth::{AuthConfig, Authenticator};
 use casbuild_coordinator::scheduler::Retention;
+use casbuild_coordinator::status_page::{self, StatusPage};
 use casbuild_coordinator::{ExecutionConfig, PoolConfig, Scheduler, ServerConfig, WorkerPool};
 use serde::Deserialize;
 
@@ -268,11 +269,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let stopping = Arc::new(tokio::sync::Notify::new());
     let signalled = stopping.clone();
     let storage = Arc::new(storage);
-    crate::cmd::ops::serve_if(metrics_listen, crate::cmd::ops::storage_ready(storage.clone())).await?;
     let workers = WorkerPool::new(settings.pool);
     // Capacity is the workers' to decide; the scheduler only queues.
     let scheduler = Scheduler::new(storage.clone(), workers.clone(), 1 << 20);
     scheduler.set_retention(settings.retention);
+    let page = StatusPage {
+        storage: storage.clone(),
+        scheduler: scheduler.clone(),
+        workers: Some(workers.clone()),
+        role: "coordinator",
+    };
+    let ready = crate::cmd::ops::storage_ready(storage.clone());
+    crate::cmd::ops::serve_if(metrics_listen, ready, Some(status_page::router(page))).await?;
     let execution = ExecutionConfig { scheduler, workers: Some(workers) };
     let server =
         casbuild_coordinator::serve_with_execution(listener, storage, settings.server, Some(execution), async move {

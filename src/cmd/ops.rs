@@ -24,12 +24,17 @@ const SECONDS: &[f64] =
 /// Installs the process's Prometheus recorder (every `metrics` call from
 /// here on is kept) and serves the endpoint on `listen`; returns the bound
 /// address (port 0 picks one).
-pub async fn serve(listen: SocketAddr, ready: Readiness) -> anyhow::Result<SocketAddr> {
+pub async fn serve(listen: SocketAddr, ready: Readiness, pages: Option<axum::Router>) -> anyhow::Result<SocketAddr> {
     let handle = install_recorder()?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--metrics-listen {listen}"))?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(handle, ready)).await {
+        let router = router(handle, ready);
+        let router = match pages {
+            Some(pages) => router.merge(pages),
+            None => router,
+        };
+        if let Err(e) = axum::serve(listener, router).await {
             tracing::warn!("the metrics endpoint stopped: {e}");
         }
     });
@@ -62,10 +67,11 @@ pub fn storage_ready(storage: Arc<casbuild_cas::storage::Storage>) -> Readiness 
     Arc::new(move || Box::pin(casbuild_coordinator::metrics::probe_storage(storage.clone())))
 }
 
-/// Serves the endpoint when `listen` is given and says where.
-pub async fn serve_if(listen: Option<SocketAddr>, ready: Readiness) -> anyhow::Result<()> {
+/// Serves the endpoint, with the role's own `pages` (the status page), when
+/// `listen` is given and says where.
+pub async fn serve_if(listen: Option<SocketAddr>, ready: Readiness, pages: Option<axum::Router>) -> anyhow::Result<()> {
     if let Some(listen) = listen {
-        let addr = serve(listen, ready).await?;
+        let addr = serve(listen, ready, pages).await?;
         println!("metrics on http://{addr}/metrics");
     }
     Ok(())

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use casbuild_cas::storage::{Storage, StorageConfig};
 use casbuild_cas::store::CasInstances;
+use casbuild_coordinator::status_page::{self, StatusPage};
 use casbuild_coordinator::{
     ActionError, ActionExecutor, ActionRequest, Executed, ExecutionConfig, Scheduler, ServerConfig,
 };
@@ -95,8 +96,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .await?
             .with_context(|| format!("opening storage in {}", storage_config.dir.display()))?,
     );
-    // Before anything records a metric.
-    crate::cmd::ops::serve_if(args.metrics_listen, crate::cmd::ops::storage_ready(storage.clone())).await?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
@@ -104,6 +103,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let slots = args.slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let worker = Arc::new(LocalWorker::default());
     let scheduler = Scheduler::new(storage.clone(), worker.clone(), slots);
+    // Before anything records a metric.
+    let page = StatusPage { storage: storage.clone(), scheduler: scheduler.clone(), workers: None, role: "up" };
+    let ready = crate::cmd::ops::storage_ready(storage.clone());
+    crate::cmd::ops::serve_if(args.metrics_listen, ready, Some(status_page::router(page))).await?;
     let stopping = Arc::new(tokio::sync::Notify::new());
     let stop = stopping.clone();
     let server = tokio::spawn(casbuild_coordinator::serve_with_execution(

@@ -131,7 +131,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         })
     });
-    crate::cmd::ops::serve_if(args.metrics_listen, readiness).await?;
+    crate::cmd::ops::serve_if(args.metrics_listen, readiness, None).await?;
     let timeout = Duration::from_secs(60);
     let local = open_cache(&cache_dir, args.cache_size).await?;
     let cas = retrying(remote.clone());
