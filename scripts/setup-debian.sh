@@ -9,9 +9,10 @@
 #   openssl          the TLS tests make their CA and certificates with it
 #   libnetty-tcnative-jni  lets Debian's Bazel open TLS (grpcs://) channels
 #   chromium         headless, reads the status page the way an operator's browser does
+#   systemd          systemd-analyze, which checks the packaged units
 # Everything else comes from crates.io through cargo.
 set -euo pipefail
-packages=(fuse3 bazel-bootstrap bubblewrap make gcc python3-venv openssl libnetty-tcnative-jni chromium)
+packages=(fuse3 bazel-bootstrap bubblewrap make gcc python3-venv openssl libnetty-tcnative-jni chromium systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
