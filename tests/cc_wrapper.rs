@@ -296,6 +296,28 @@ fn diagnostics_and_exit_codes_match_a_local_compile() {
     let remote = server.url();
     let daemons = dir.path().join("daemons");
     let _daemons = Daemons { dir: daemons.clone(), remote: remote.clone() };
+    // The daemon, started by hand to serve metrics (the wrapper finds it
+    // on the socket of this remote).
+    let daemon = Coordinator::spawn_with(
+        common::casbuild()
+            .args(["daemon", "--remote", &remote, "--metrics-listen", "127.0.0.1:0"])
+            .env("CASBUILD_DAEMON_DIR", &daemons),
+        "metrics on http://",
+        &daemons,
+        false,
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let socket = || {
+        std::fs::read_dir(&daemons)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().extension() == Some("sock".as_ref()))
+    };
+    while !socket() {
+        assert!(std::time::Instant::now() < deadline, "the daemon never made its socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let project = dir.path().join("p");
     std::fs::create_dir_all(project.join("src")).unwrap();
     std::fs::write(project.join("src/warn.c"), "int f(void) {\n    int unused;\n    return 1;\n}\n").unwrap();
@@ -326,6 +348,13 @@ fn diagnostics_and_exit_codes_match_a_local_compile() {
     let stats = control(&remote, &daemons, "--show-stats");
     assert_eq!(stat(&stats, "Executed remotely"), 2, "both ran on the cluster:\n{stats}");
     assert_eq!(stat(&stats, "  of which failed to compile"), 1, "{stats}");
+    // Its metrics count what --show-stats counts.
+    let metrics = common::http::get(&daemon.metrics_addr(), "/metrics").1;
+    let count = |name| common::http::sample(&metrics, name, &[]);
+    assert_eq!(count("casbuild_cc_compile_requests_total"), 2.0, "{metrics}");
+    assert_eq!(count("casbuild_cc_executed_remotely_total"), 2.0);
+    assert_eq!(count("casbuild_cc_remote_compile_errors_total"), 1.0);
+    assert!(count("casbuild_cc_uploaded_bytes_total") > 0.0);
 }
 
 #[test]

@@ -188,3 +188,54 @@ async fn json_logs_parse_and_name_the_action() {
     assert_eq!(ran["fields"]["exit_code"], 0);
     assert!(ran["span"]["worker"].is_string(), "{ran}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_mount_and_sandbox_metrics_move_with_real_actions() {
+    use casbuild_proto::reapi::{Directory, FileNode};
+    use common::execute::{blob, shell_action_over};
+    if !needs_root("store_mount_and_sandbox_metrics_move_with_real_actions", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &["--metrics-listen", "127.0.0.1:0"]);
+    let _mount = common::Detach(dir.path().join("worker-1/cas"));
+    let worker = common::start_worker(&server, dir.path(), 1, &["--metrics-listen", "127.0.0.1:0"]);
+
+    // One action reads a 100,000-byte input through the mount; one reads a
+    // file it did not declare.
+    let data = bytes::Bytes::from(vec![7u8; 100_000]);
+    let input = F.digest_of(&data);
+    let root = Directory {
+        files: vec![FileNode { name: "input".into(), digest: Some(input.to_proto()), ..Default::default() }],
+        ..Default::default()
+    };
+    let (reads, mut blobs) = shell_action_over("wc -c < input > out", &root, false);
+    blobs.push(blob(&root));
+    blobs.push((input, data));
+    upload(&server, blobs).await;
+    let (undeclared, blobs) = shell_action("cat not-an-input > out");
+    upload(&server, blobs).await;
+    let mut execution = ExecutionClient::new(server.channel().await);
+    let read = execute(&mut execution, execute_request(&reads, false)).await;
+    assert_eq!(read.result.unwrap().exit_code, 0);
+    let failed = execute(&mut execution, execute_request(&undeclared, false)).await;
+    assert_ne!(failed.result.unwrap().exit_code, 0);
+
+    let worker_metrics = get(&worker.metrics_addr(), "/metrics").1;
+    let at = |name, labels: &[(&str, &str)]| sample(&worker_metrics, name, labels);
+    let fetched = at("casbuild_mount_fetched_bytes_total", &[]);
+    assert!((100_000.0..101_000.0).contains(&fetched), "the input and two small directories: {fetched}");
+    assert_eq!(at("casbuild_mount_opens_total", &[("from", "cas")]), 1.0, "{worker_metrics}");
+    assert!(at("casbuild_mount_operations_total", &[("op", "lookup")]) > 0.0);
+    assert!(at("casbuild_mount_operations_total", &[("op", "open")]) >= 1.0);
+    assert_eq!(at("casbuild_mount_fetch_errors_total", &[]), 0.0);
+    assert_eq!(at("casbuild_sandbox_setup_seconds_count", &[]), 3.0, "the self-test and two actions");
+    assert_eq!(at("casbuild_hermeticity_violations_total", &[]), 1.0);
+
+    let coordinator_metrics = get(&server.metrics_addr(), "/metrics").1;
+    let stored = sample(&coordinator_metrics, "casbuild_cas_written_bytes_total", &[("tier", "disk")]);
+    assert!(stored >= 100_000.0, "{coordinator_metrics}");
+    let read_back = sample(&coordinator_metrics, "casbuild_cas_read_bytes_total", &[]);
+    assert!(read_back >= 100_000.0, "the worker fetched the input from the coordinator's tiers: {read_back}");
+    assert!(sample(&coordinator_metrics, "casbuild_cas_stored_bytes", &[("tier", "disk")]) >= 100_000.0);
+}

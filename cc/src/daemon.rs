@@ -184,6 +184,7 @@ impl Daemon {
                 daemon_request::Request::LocalSlot(slot) => {
                     let kind = slot.reason.as_ref().map_or(LocalKind::Unspecified, |r| Local::from_proto(r).kind);
                     *lock(&self.stats).local_fallbacks.entry(label(kind).to_owned()).or_default() += 1;
+                    metrics::counter!("casbuild_cc_local_fallbacks_total", "reason" => label(kind)).increment(1);
                     let Ok(_permit) = self.local.clone().acquire_owned().await else { return };
                     if send(&mut stream, &reply(daemon_reply::Reply::Granted(true))).await.is_err() {
                         return;
@@ -205,6 +206,7 @@ impl Daemon {
                 daemon_request::Request::Note(note) => {
                     let kind = note.reason.as_ref().map_or(LocalKind::Unspecified, |r| Local::from_proto(r).kind);
                     *lock(&self.stats).not_sent.entry(label(kind).to_owned()).or_default() += 1;
+                    metrics::counter!("casbuild_cc_not_sent_total", "reason" => label(kind)).increment(1);
                     daemon_reply::Reply::Ok(true)
                 }
                 daemon_request::Request::Shutdown(_) => {
@@ -284,8 +286,10 @@ impl Daemon {
     async fn compile(&self, compile: Compile) -> daemon_reply::Reply {
         if !compile.resent {
             lock(&self.stats).compile_requests += 1;
+            count("casbuild_cc_compile_requests_total", 1);
             if let Some(hit) = lock(&self.l1).entries.get(&compile.action_hash).cloned() {
                 lock(&self.stats).l1_hits += 1;
+                count("casbuild_cc_l1_hits_total", 1);
                 return daemon_reply::Reply::Compiled(Compiled { source: "l1".into(), ..hit });
             }
         }
@@ -319,9 +323,11 @@ impl Daemon {
             // Looked up already, on the first send.
         } else if certainly_new {
             lock(&self.stats).filter_skipped_lookups += 1;
+            count("casbuild_cc_filter_skipped_lookups_total", 1);
         } else if let Some(result) = self.lookup(store, &action).await? {
             if let Ok(compiled) = self.fetch(store, &result, compile, "remote cache").await {
                 lock(&self.stats).remote_hits += 1;
+                count("casbuild_cc_remote_hits_total", 1);
                 return Ok(Remote::Compiled(compiled));
             }
         }
@@ -341,9 +347,12 @@ impl Daemon {
         let mut stats = lock(&self.stats);
         if response.cached_result {
             stats.remote_hits += 1;
+            count("casbuild_cc_remote_hits_total", 1);
         } else {
             stats.executed_remotely += 1;
             stats.remote_compile_errors += u64::from(result.exit_code != 0);
+            count("casbuild_cc_executed_remotely_total", 1);
+            count("casbuild_cc_remote_compile_errors_total", u64::from(result.exit_code != 0));
         }
         Ok(Remote::Compiled(compiled))
     }
@@ -381,6 +390,7 @@ impl Daemon {
         let bytes: u64 = needed.iter().map(|(d, _)| d.size_bytes).sum();
         store.write_batch(needed.into_iter().map(|(d, data)| (d, Bytes::copy_from_slice(data))).collect()).await?;
         lock(&self.stats).bytes_uploaded += bytes;
+        count("casbuild_cc_uploaded_bytes_total", bytes);
         Ok(Vec::new())
     }
 
@@ -477,6 +487,12 @@ enum Remote {
 
 fn reply(reply: daemon_reply::Reply) -> DaemonReply {
     DaemonReply { reply: Some(reply) }
+}
+
+/// One of the events `casbuild cc --show-stats` counts, also as a metric
+/// (`--metrics-listen`); the metrics are not zeroed by `--zero-stats`.
+fn count(name: &'static str, n: u64) {
+    metrics::counter!(name).increment(n);
 }
 
 #[cfg(test)]

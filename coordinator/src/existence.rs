@@ -68,6 +68,13 @@ impl Bloom {
         }
     }
 
+    /// The chance that a key never inserted is reported present: the share
+    /// of bits set, to the power of the number of hashes.
+    pub fn false_positive_rate(&self) -> f64 {
+        let set: u64 = self.bits.iter().map(|b| u64::from(b.count_ones())).sum();
+        (set as f64 / (self.bits.len() as f64 * 8.0)).powi(self.hashes as i32)
+    }
+
     /// False only if `key` was never inserted.
     pub fn may_contain(&self, key: &[u8]) -> bool {
         self.positions(key).all(|bit| self.bits[bit / 8] & (1 << (bit % 8)) != 0)
@@ -192,6 +199,11 @@ impl ExistenceFilter for ExistenceService {
         } else {
             Filter::Full(inner.bloom.to_wire())
         };
+        let kind = if incremental { "incremental" } else { "full" };
+        metrics::counter!("casbuild_existence_filter_requests_total", "kind" => kind).increment(1);
+        // Of the filter just served (filters are per instance; the metric is not).
+        metrics::gauge!("casbuild_existence_filter_bytes").set(inner.bloom.bits.len() as f64);
+        metrics::gauge!("casbuild_existence_filter_false_positive_estimate").set(inner.bloom.false_positive_rate());
         Ok(Response::new(GetFilterResponse { epoch: inner.epoch, generation, filter: Some(filter) }))
     }
 }
@@ -209,6 +221,8 @@ mod tests {
         }
         assert!((0..10_000).all(|i| bloom.may_contain(&key(i))));
         let false_positives = (10_000..20_000).filter(|i| bloom.may_contain(&key(*i))).count();
+        assert!(bloom.false_positive_rate() < 0.001, "the estimate agrees: {}", bloom.false_positive_rate());
+        assert_eq!(Bloom::default().false_positive_rate(), 0.0);
         assert!(false_positives < 10, "{false_positives} false positives in 10,000");
         let back = Bloom::from_wire(bloom.to_wire()).unwrap();
         assert_eq!(back, bloom);

@@ -449,11 +449,14 @@ impl Runner {
             return Ok(Execution { result, message: error.clone(), access, report, do_not_cache: true, input_root });
         }
 
-        let mut message = if report.success() {
-            String::new()
-        } else {
-            failure_message(&report, &spec, &outputs, &access, &observed)
-        };
+        metrics::histogram!("casbuild_sandbox_setup_seconds").record(report.setup_micros as f64 / 1e6);
+        let mut message = String::new();
+        if !report.success() {
+            message = failure_message(&report, &spec, &outputs, &access, &observed);
+            if !undeclared_inputs(&spec, &outputs, &access, &observed).is_empty() {
+                metrics::counter!("casbuild_hermeticity_violations_total").increment(1);
+            }
+        }
         if !message.is_empty() {
             // Clients show a failed action's stderr; put the report where it is seen.
             append_report(&Sandbox::stderr_path(&spec), &message).await;
@@ -602,13 +605,7 @@ pub fn failure_message(
     } else if let Some(code) = report.exit_code {
         lines.push(format!("the command exited with status {code}"));
     }
-    let created = &spec.writable_dirs;
-    let ours = |path: &str| {
-        created.iter().any(|dir| dir == path || dir.starts_with(&format!("{path}/")))
-            || outputs.iter().any(|out| out == path || path.starts_with(&format!("{out}/")))
-    };
-    let outside = host_lookups(observed, spec);
-    let undeclared: Vec<&String> = access.not_found.iter().filter(|p| !ours(p)).chain(&outside).collect();
+    let undeclared = undeclared_inputs(spec, outputs, access, observed);
     for path in undeclared.iter().take(REPORT_LINES) {
         lines.push(format!("undeclared input: {path} (lookup: not found)"));
     }
@@ -620,6 +617,26 @@ pub fn failure_message(
     }
     lines.extend(report.blocked.iter().cloned());
     lines.join("\n")
+}
+
+/// The paths a command looked up and did not find that are neither the
+/// worker's own (the directories it created for outputs, and their parents)
+/// nor the command's to create (declared `outputs`, from the input root, and
+/// what lies beneath them): in its input root (`access`), or elsewhere in
+/// the sandbox (`observed`, named absolute).
+fn undeclared_inputs(
+    spec: &SandboxSpec,
+    outputs: &[String],
+    access: &AccessReport,
+    observed: &AccessReport,
+) -> Vec<String> {
+    let created = &spec.writable_dirs;
+    let ours = |path: &str| {
+        created.iter().any(|dir| dir == path || dir.starts_with(&format!("{path}/")))
+            || outputs.iter().any(|out| out == path || path.starts_with(&format!("{out}/")))
+    };
+    let outside = host_lookups(observed, spec);
+    access.not_found.iter().filter(|p| !ours(p)).cloned().chain(outside).collect()
 }
 
 /// `bytes` for people: `2 GiB`, `512 MiB`, `1000 bytes`.

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -140,7 +140,8 @@ impl BlobCache {
     ) -> Self {
         let local = local.namespace(instance);
         let memory = memory.namespace(instance);
-        let source: SharedStore = Arc::new(IdleTimeout::new(cas.instance(instance), idle_timeout));
+        let timed: SharedStore = Arc::new(IdleTimeout::new(cas.instance(instance), idle_timeout));
+        let source: SharedStore = Arc::new(crate::metrics::Counted(timed));
         let files = TieredStore::new(Arc::new(local.clone()), source.clone(), 0);
         BlobCache {
             cas,
@@ -222,14 +223,26 @@ impl BlobCache {
         let small = digest.size_bytes <= SMALL_BLOB;
         if small {
             if let Ok(data) = self.memory.read_all(digest).await {
+                crate::metrics::opened("memory");
                 return Ok(CachedBlob::bytes(data));
             }
         }
         // Pin first, so that a fetched blob cannot be evicted before we open it.
         let pin = self.local.pin(digest);
         if let Some(file) = self.open_local(digest)? {
+            crate::metrics::opened("disk");
             return Ok(CachedBlob::file(file, pin));
         }
+        crate::metrics::opened("cas");
+        let since = Instant::now();
+        let fetched = self.fetch(digest, pin).await;
+        crate::metrics::waited(since, &fetched);
+        fetched
+    }
+
+    /// Opens `digest`, which is in neither local tier, fetching it.
+    async fn fetch(&self, digest: &Digest, pin: PinGuard) -> Result<CachedBlob, FetchError> {
+        let small = digest.size_bytes <= SMALL_BLOB;
         if small {
             return self.read_into_memory(digest, Use::File).await.map(CachedBlob::bytes);
         }
@@ -254,7 +267,10 @@ impl BlobCache {
         if digest.is_empty_blob() {
             return Ok(Bytes::new());
         }
-        self.read_into_memory(digest, Use::Directory).await
+        let since = Instant::now();
+        let read = self.read_into_memory(digest, Use::Directory).await;
+        crate::metrics::waited(since, &read);
+        read
     }
 
     /// The download of `digest` in progress, or a new one, or the cached

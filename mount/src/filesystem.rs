@@ -343,6 +343,7 @@ impl fuser::Filesystem for CasFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        crate::metrics::operation("lookup");
         let parent = match self.node(parent) {
             Ok(node) => node,
             Err(e) => return reply.error(e),
@@ -360,6 +361,7 @@ impl fuser::Filesystem for CasFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        crate::metrics::operation("getattr");
         match self.node(ino) {
             Ok(node) => reply.attr(&TTL, &self.attr(&node)),
             Err(e) => reply.error(e),
@@ -367,6 +369,7 @@ impl fuser::Filesystem for CasFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        crate::metrics::operation("readlink");
         match self.node(ino) {
             Ok(node) => match &node.kind {
                 NodeKind::Symlink(target) => reply.data(target.as_bytes()),
@@ -377,6 +380,7 @@ impl fuser::Filesystem for CasFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        crate::metrics::operation("open");
         if flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             return reply.error(Errno::EROFS);
         }
@@ -397,6 +401,7 @@ impl fuser::Filesystem for CasFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        crate::metrics::operation("read");
         let open = self.state.handles.lock().unwrap_or_else(|e| e.into_inner()).get(&fh.0).cloned();
         let Some(open) = open else { return reply.error(Errno::EBADF) };
         if let Some((log, path)) = &open.scope {
@@ -442,6 +447,7 @@ impl fuser::Filesystem for CasFs {
         _flush: bool,
         reply: fuser::ReplyEmpty,
     ) {
+        crate::metrics::operation("release");
         let closed = self.state.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh.0);
         if let Some(ino) = closed.as_ref().and_then(|open| open.userspace) {
             let mut opens = self.state.userspace_opens.lock().unwrap_or_else(|e| e.into_inner());
@@ -460,6 +466,7 @@ impl fuser::Filesystem for CasFs {
     // than success) makes the kernel stop sending FLUSH for good: otherwise
     // every close() of a file on the mount waits for a round trip here.
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: fuser::ReplyEmpty) {
+        crate::metrics::operation("flush");
         reply.error(Errno::ENOSYS)
     }
 
@@ -467,10 +474,12 @@ impl fuser::Filesystem for CasFs {
     // kernel stop asking for good: overlayfs probes its lower layers' xattrs
     // at every mount and lookup, and each probe would be a round trip.
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        crate::metrics::operation("getxattr");
         reply.error(Errno::ENOSYS)
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        crate::metrics::operation("listxattr");
         reply.error(Errno::ENOSYS)
     }
 
@@ -490,6 +499,7 @@ impl fuser::Filesystem for CasFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        crate::metrics::operation("opendir");
         match self.node(ino) {
             // CAS directories never change: let the kernel cache their listings
             // (without KEEP_CACHE it drops the cached listing at every open).
@@ -503,6 +513,7 @@ impl fuser::Filesystem for CasFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        crate::metrics::operation("readdir");
         let entries = match self.node(ino).and_then(|node| self.listing(&node)) {
             Ok(entries) => entries,
             Err(e) => return reply.error(e),
@@ -516,6 +527,7 @@ impl fuser::Filesystem for CasFs {
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        crate::metrics::operation("readdirplus");
         let entries = match self.node(ino).and_then(|node| self.listing(&node)) {
             Ok(entries) => entries,
             Err(e) => return reply.error(e),
@@ -530,6 +542,7 @@ impl fuser::Filesystem for CasFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        crate::metrics::operation("statfs");
         let local = self.state.cache.local();
         let (budget, used) = (local.budget(), local.bytes_used());
         let blocks = budget / BLOCK_SIZE as u64;

@@ -21,6 +21,7 @@ mod blob_cache;
 mod download;
 mod filesystem;
 mod inodes;
+mod metrics;
 mod prefetch;
 
 use std::path::{Path, PathBuf};

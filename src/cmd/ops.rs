@@ -107,11 +107,58 @@ fn describe() {
     describe_counter!("casbuild_action_cache_lookups_total", "Action-cache lookups, by caller and hit or miss");
     describe_counter!(
         "casbuild_actions_finished_total",
-        "Actions executed to the end, by outcome (success, failure, timeout, error)"
+        "Actions executed to the end, by outcome (success, failure, timeout, cancelled, error)"
     );
     describe_histogram!("casbuild_action_execution_seconds", Unit::Seconds, "Time an action spent with its executor");
     describe_histogram!("casbuild_queue_wait_seconds", Unit::Seconds, "Time an action waited for an execution slot");
     describe_gauge!("casbuild_actions_queued", "Actions waiting for an execution slot");
     describe_gauge!("casbuild_workers_connected", "Remote workers registered with this coordinator");
     describe_gauge!("casbuild_healthy", "1 while the storage takes writes (the gRPC health service says SERVING)");
+    // Storage tiers (the coordinator's store, a worker's cache).
+    describe_counter!("casbuild_cas_read_bytes_total", Unit::Bytes, "Bytes served from a storage tier, by tier");
+    describe_counter!("casbuild_cas_written_bytes_total", Unit::Bytes, "Bytes of new blobs stored, by tier");
+    describe_counter!("casbuild_cas_evictions_total", "Blobs evicted to stay within the budget, by tier");
+    describe_counter!("casbuild_cas_evicted_bytes_total", Unit::Bytes, "Bytes evicted, by tier");
+    describe_gauge!("casbuild_cas_blobs", "Blobs a tier holds");
+    describe_gauge!("casbuild_cas_stored_bytes", Unit::Bytes, "Bytes a tier holds");
+    describe_gauge!("casbuild_cas_budget_bytes", Unit::Bytes, "A tier's byte budget");
+    // The /cas mount (worker, up).
+    describe_counter!("casbuild_mount_operations_total", "FUSE requests the mount answered, by operation");
+    describe_counter!("casbuild_mount_opens_total", "File opens by where the blob was: memory, disk (cache) or cas");
+    describe_histogram!(
+        "casbuild_mount_fetch_seconds",
+        Unit::Seconds,
+        "Time an open or directory read waited for the CAS"
+    );
+    describe_counter!("casbuild_mount_fetched_bytes_total", Unit::Bytes, "Bytes the mount read from the CAS");
+    describe_counter!("casbuild_mount_fetch_errors_total", "Opens and directory reads whose fetch failed");
+    // The sandbox (worker, up).
+    describe_histogram!(
+        "casbuild_sandbox_setup_seconds",
+        Unit::Seconds,
+        "Sandbox set-up (namespaces, cgroups, mounts) before a command starts"
+    );
+    describe_counter!(
+        "casbuild_hermeticity_violations_total",
+        "Failed actions that looked up paths they did not declare"
+    );
+    // The existence filter (coordinator) and `casbuild cc`'s daemon.
+    describe_counter!("casbuild_existence_filter_requests_total", "Existence filters served, full or incremental");
+    describe_gauge!("casbuild_existence_filter_bytes", Unit::Bytes, "Size of the last existence filter served");
+    describe_gauge!(
+        "casbuild_existence_filter_false_positive_estimate",
+        "Chance the last filter served calls an absent action present"
+    );
+    describe_counter!("casbuild_cc_compile_requests_total", "Compiles the wrapper sent to the daemon");
+    describe_counter!("casbuild_cc_l1_hits_total", "Compiles answered from the daemon's memory");
+    describe_counter!("casbuild_cc_remote_hits_total", "Compiles answered from the cluster's action cache");
+    describe_counter!("casbuild_cc_executed_remotely_total", "Compiles run on the cluster");
+    describe_counter!("casbuild_cc_remote_compile_errors_total", "Compiles the cluster ran that failed");
+    describe_counter!(
+        "casbuild_cc_filter_skipped_lookups_total",
+        "Cache lookups the existence filter made unnecessary"
+    );
+    describe_counter!("casbuild_cc_uploaded_bytes_total", Unit::Bytes, "Bytes of inputs uploaded");
+    describe_counter!("casbuild_cc_local_fallbacks_total", "Compiles run locally instead, by reason");
+    describe_counter!("casbuild_cc_not_sent_total", "Invocations the wrapper ran locally without asking, by reason");
 }

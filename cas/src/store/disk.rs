@@ -43,12 +43,16 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::digest::{Digest, DigestFunction};
 use crate::namespace::{instance_dir, Namespaces};
+use crate::store::tier_metrics::TierMetrics;
 use crate::store::verify::verified;
 use crate::store::{chunked, read_range, BlobStore, BlobStream, BlobWriter, StoreError, Verifier, CHUNK_SIZE};
 
 /// Blobs up to this size are read and verified whole before being returned;
 /// larger ones are streamed, with the final chunk held back until verified.
 const WHOLE_READ_MAX: u64 = 4 << 20;
+
+/// The metrics of disk stores (the coordinator's, a worker's cache).
+const DISK: TierMetrics = TierMetrics("disk");
 
 /// A size-bounded, verified, restart-safe blob store on local disk. Cloning
 /// gives another handle onto the same files.
@@ -126,6 +130,7 @@ impl DiskStore {
         let store = DiskStore { shared: Arc::new(shared), namespace };
         let mut index = store.lock();
         store.evict_over_budget(&mut index);
+        DISK.holds(index.blobs.len(), index.bytes, index.budget);
         drop(index);
         Ok(store)
     }
@@ -191,6 +196,7 @@ impl DiskStore {
                 excess = excess.saturating_sub(key.1.size_bytes);
             }
         }
+        let (count, bytes) = (victims.len() as u64, victims.iter().map(|k| k.1.size_bytes).sum());
         for key in victims {
             index.blobs.pop(&key);
             index.bytes -= key.1.size_bytes;
@@ -199,6 +205,7 @@ impl DiskStore {
                 tracing::warn!("evicting {}: {e}", path.display());
             }
         }
+        DISK.evicted(count, bytes);
     }
 
     /// Keeps `digest` from being evicted until the guard is dropped; pins nest.
@@ -330,8 +337,10 @@ impl DiskStore {
         let mut index = self.lock();
         if index.blobs.put(key, ()).is_none() {
             index.bytes += digest.size_bytes;
+            DISK.stored(digest.size_bytes);
         }
         self.evict_over_budget(&mut index);
+        DISK.holds(index.blobs.len(), index.bytes, index.budget);
         Ok(())
     }
 
@@ -511,6 +520,8 @@ impl BlobStore for DiskStore {
         let (start, end) = read_range(digest, offset, limit)?;
         let digest = *digest;
         let store = self.clone();
+        // Counted when asked for: a reader that stops early still took the file.
+        DISK.read(end - start);
         if digest.size_bytes <= WHOLE_READ_MAX {
             let data = blocking(move || store.read_whole(&digest)).await?;
             return Ok(chunked(data, start, end));

@@ -8,7 +8,11 @@ use lru::LruCache;
 
 use crate::digest::Digest;
 use crate::namespace::{instance_dir, Namespaces};
+use crate::store::tier_metrics::TierMetrics;
 use crate::store::{chunked, read_range, BlobStore, BlobStream, BlobWriter, StoreError, Verifier};
+
+/// The metrics of memory stores.
+const MEMORY: TierMetrics = TierMetrics("memory");
 
 /// Blobs kept in memory, least recently used evicted first once the total
 /// size passes the budget. Cloning gives another handle onto the same blobs.
@@ -69,13 +73,20 @@ impl MemoryStore {
         }
         if core.blobs.put((self.namespace, digest), data).is_none() {
             core.bytes += size;
+            MEMORY.stored(size);
         }
+        let (mut count, mut bytes) = (0, 0);
         while core.bytes > core.budget {
             match core.blobs.pop_lru() {
-                Some((_, evicted)) => core.bytes -= evicted.len() as u64,
+                Some((_, evicted)) => {
+                    core.bytes -= evicted.len() as u64;
+                    (count, bytes) = (count + 1, bytes + evicted.len() as u64);
+                }
                 None => break,
             }
         }
+        MEMORY.evicted(count, bytes);
+        MEMORY.holds(core.blobs.len(), core.bytes, core.budget);
         Ok(())
     }
 }
@@ -94,6 +105,7 @@ impl BlobStore for MemoryStore {
     async fn read(&self, digest: &Digest, offset: u64, limit: Option<u64>) -> Result<BlobStream, StoreError> {
         let data = self.get(digest).ok_or_else(|| StoreError::not_found(digest))?;
         let (start, end) = read_range(digest, offset, limit)?;
+        MEMORY.read(end - start);
         Ok(chunked(data, start, end))
     }
 

@@ -31,6 +31,7 @@ mod idle;
 mod memory;
 mod remote;
 mod retry;
+mod tier_metrics;
 mod tiered;
 mod verify;
 

@@ -257,8 +257,10 @@ fn run_in_namespaces(run: &Run<'_>, layout: &ScratchLayout, start: Instant) -> R
         std::fs::write(procs, "0").map_err(|e| format!("joining the cgroup {}: {e}", procs.display()))?;
     }
     build_root(run, layout)?;
+    let setup_micros = start.elapsed().as_micros() as u64;
     let ended = run_command(spec, stdout.as_fd(), stderr.as_fd(), deadline)?;
-    let mut report = RunReport { timed_out: ended.status.is_none(), blocked: ended.blocked, ..Default::default() };
+    let mut report =
+        RunReport { timed_out: ended.status.is_none(), blocked: ended.blocked, setup_micros, ..Default::default() };
     // Init has reaped every process of the run (orphans come to pid 1), so
     // its children's usage is the action's CPU time.
     if let Ok(usage) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {

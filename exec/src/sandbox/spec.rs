@@ -222,6 +222,10 @@ pub struct RunReport {
     pub error: Option<String>,
     /// Wall time from starting the sandbox to the command's end, in µs.
     pub wall_micros: u64,
+    /// Of that, the sandbox's set-up (namespaces, cgroups, mounts, pivot)
+    /// before the command started, in µs.
+    #[serde(default)]
+    pub setup_micros: u64,
     /// Whether the kernel killed a process of the action for exceeding its
     /// memory limit.
     #[serde(default)]

@@ -2,6 +2,7 @@
 //! wiring. The wrapper and the daemon are the `casbuild-cc` crate.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use casbuild_cc::daemon::DaemonConfig;
@@ -124,6 +125,10 @@ pub struct DaemonArgs {
     /// Exit after this long without requests, like 10m or 90s.
     #[arg(long, value_parser = crate::config::parse_duration, default_value = "10m")]
     idle: std::time::Duration,
+    /// Serve Prometheus metrics (/metrics: the `casbuild cc --show-stats` counters), /healthz and /readyz over
+    /// HTTP on this address.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// TLS and API key; `casbuild cc` passes them on through the environment (CASBUILD_API_KEY, ...).
     #[command(flatten)]
     auth: crate::cmd::client_args::ClientAuth,
@@ -135,6 +140,8 @@ pub async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     if let Some(config) = &args.config {
         tracing::info!("settings from {}", config.display());
     }
+    let ready: crate::cmd::ops::Readiness = Arc::new(|| Box::pin(async { Ok(()) }));
+    crate::cmd::ops::serve_if(args.metrics_listen, ready, None).await?;
     let DaemonArgs { remote, instance, socket, local_jobs, idle, .. } = args;
     casbuild_cc::daemon::run(DaemonConfig { remote, instance, socket, local_jobs, idle, connect }).await
 }
