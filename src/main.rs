@@ -5,6 +5,7 @@ mod claims;
 mod cmd;
 mod config;
 mod config_file;
+mod telemetry;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -17,34 +18,18 @@ struct Cli {
     /// otherwise].
     #[arg(long, global = true, value_enum, default_value = "text", env = "CASBUILD_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Export traces (spans per request, action and run) over OTLP/gRPC to this collector, like
+    /// http://127.0.0.1:4317; a client's W3C traceparent is continued through the coordinator to the worker.
+    #[arg(long, global = true, env = "CASBUILD_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
-enum LogFormat {
+pub enum LogFormat {
     Text,
     Json,
-}
-
-/// Logs to stderr in `format`, filtered by CASBUILD_LOG, else RUST_LOG, else `default`.
-fn init_logging(format: LogFormat, default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let from_env = ["CASBUILD_LOG", "RUST_LOG"]
-        .into_iter()
-        .find_map(|var| std::env::var(var).ok().filter(|v| !v.trim().is_empty()).map(|v| (var, v)));
-    let filter = match from_env {
-        None => EnvFilter::new(default),
-        Some((var, value)) => EnvFilter::try_new(&value).unwrap_or_else(|e| {
-            eprintln!("casbuild: ignoring {var}={value:?} ({e}); logging at {default}");
-            EnvFilter::new(default)
-        }),
-    };
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
-    }
 }
 
 #[derive(Subcommand)]
@@ -97,12 +82,33 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let serving = matches!(cli.command, Command::Up(_) | Command::Coordinator(_) | Command::Worker(_));
-    init_logging(cli.log_format, if serving { "info" } else { "warn" });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("casbuild: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let role = match &cli.command {
+        Command::Up(_) => Some("up"),
+        Command::Coordinator(_) => Some("coordinator"),
+        Command::Worker(_) => Some("worker"),
+        _ => None,
+    };
+    // The exporter's gRPC client needs the runtime.
+    let telemetry = {
+        let _entered = runtime.enter();
+        telemetry::init(
+            cli.log_format,
+            if role.is_some() { "info" } else { "warn" },
+            cli.otlp_endpoint.as_deref(),
+            role,
+        )
+    };
+    let telemetry = match telemetry {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("casbuild: {e:#}");
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -121,6 +127,11 @@ fn main() -> std::process::ExitCode {
             Command::Bench(command) => cmd::bench::run(command).await,
         }
     });
+    // Spans still buffered go out before the process ends.
+    {
+        let _entered = runtime.enter();
+        telemetry.shutdown();
+    }
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -1,5 +1,5 @@
-//! What the server reports to Prometheus about its gRPC calls, and its
-//! health.
+//! What the server reports to Prometheus about its gRPC calls (and the
+//! span each call runs in), and its health.
 //!
 //! Metrics are recorded through the `metrics` facade; the binary installs
 //! the Prometheus recorder and serves it (without a recorder every call here
@@ -17,6 +17,7 @@ use futures::future::BoxFuture;
 use tonic::Code;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
+use tracing::Instrument;
 
 /// Counts every gRPC call by method and status code, and times it to its
 /// response headers (for a streaming call: to the start of its stream).
@@ -53,23 +54,31 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let method = request.uri().path().to_owned();
         let start = Instant::now();
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await;
-            let code = match &response {
-                // Errors travel in the headers (a trailers-only response);
-                // a call that succeeds sends its status in the trailers.
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map_or(Code::Ok, Code::from_i32),
-                Err(_) => Code::Unknown,
-            };
-            record_call(method, code, start.elapsed());
-            response
-        })
+        // One span per call, continuing the client's trace (W3C traceparent).
+        let span = tracing::info_span!("request", method = %method);
+        if let Some(parent) = request.headers().get(casbuild_proto::trace::TRACEPARENT) {
+            casbuild_proto::trace::continue_trace(&span, parent.to_str().unwrap_or_default());
+        }
+        let response = span.in_scope(|| self.inner.call(request));
+        Box::pin(
+            async move {
+                let response = response.await;
+                let code = match &response {
+                    // Errors travel in the headers (a trailers-only response);
+                    // a call that succeeds sends its status in the trailers.
+                    Ok(response) => response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map_or(Code::Ok, Code::from_i32),
+                    Err(_) => Code::Unknown,
+                };
+                record_call(method, code, start.elapsed());
+                response
+            }
+            .instrument(span),
+        )
     }
 }
 

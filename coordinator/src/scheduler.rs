@@ -87,6 +87,9 @@ pub struct ActionRequest {
     /// The Action and Command as stored, read while checking the inputs
     /// (empty when not read), so that the host need not fetch them again.
     pub encoded: Option<(Bytes, Bytes)>,
+    /// The W3C trace context of the action's span (empty without tracing),
+    /// for the host's span of the run.
+    pub traceparent: String,
 }
 
 /// The executor's signal that a host took the action: the operation moves
@@ -280,7 +283,8 @@ impl Scheduler {
     }
 
     /// Starts (or joins) the job for `action`; the caller gets an operation
-    /// name of its own and the job's updates.
+    /// name of its own and the job's updates. A new job's span is a child of
+    /// the caller's (the request's, which continues the client's trace).
     pub fn submit(self: &Arc<Self>, instance: &str, action: Digest, priority: i32) -> Submitted {
         let key = (instance.to_owned(), action);
         let name = format!("operations/{}", uuid::Uuid::new_v4());
@@ -459,6 +463,7 @@ impl Scheduler {
             priority: job.priority,
             started,
             encoded,
+            traceparent: casbuild_proto::trace::traceparent(&tracing::Span::current()),
         };
         tracing::debug!(queued_ms = waiting.elapsed().as_millis() as u64, "executing");
         let executing = Instant::now();

@@ -64,6 +64,8 @@ struct Pending {
     platform: Vec<(String, String)>,
     /// The encoded Action and Command, sent with the lease when small.
     encoded: Option<(Bytes, Bytes)>,
+    /// The trace context the worker's run continues.
+    traceparent: String,
     attempts: u32,
     started: Started,
     done: oneshot::Sender<ActionOutcome>,
@@ -189,6 +191,7 @@ impl WorkerPool {
                 deadline_unix_ms: (SystemTime::now() + lease_time)
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as i64),
+                traceparent: pending.traceparent.clone(),
                 ..Default::default()
             };
             if let Some((action, command)) =
@@ -336,6 +339,7 @@ impl ActionExecutor for WorkerPool {
                 action: request.action,
                 platform: request.platform,
                 encoded: request.encoded,
+                traceparent: request.traceparent,
                 attempts: 0,
                 started: request.started,
                 done,
@@ -546,6 +550,7 @@ mod tests {
             priority: 0,
             started: Started::ignored(),
             encoded: None,
+            traceparent: String::new(),
         }
     }
 

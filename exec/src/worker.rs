@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 use bytes::Bytes;
 use casbuild_cas::digest::{Digest, DigestFunction};
@@ -224,9 +225,12 @@ async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str,
         ..Default::default()
     };
     let known = encoded(&mut lease);
+    // The run continues the trace of the coordinator's span for the action.
+    let span = tracing::info_span!("lease", lease = %lease.lease_id);
+    casbuild_proto::trace::continue_trace(&span, &lease.traceparent);
     request.outcome = Some(match action {
         None => error(ActionError::Invalid("the lease has no valid action digest".into())),
-        Some(action) => match runner.execute_known(&lease.instance_name, &action, known).await {
+        Some(action) => match runner.execute_known(&lease.instance_name, &action, known).instrument(span).await {
             Ok(execution) => {
                 request.message = execution.message;
                 request.timed_out = execution.report.timed_out;

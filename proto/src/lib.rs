@@ -42,6 +42,7 @@ pub mod worker {
 }
 
 pub mod operation;
+pub mod trace;
 
 /// `at` as a protobuf Timestamp; None before the Unix epoch.
 pub fn timestamp(at: std::time::SystemTime) -> Option<protobuf::Timestamp> {
