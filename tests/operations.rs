@@ -238,4 +238,7 @@ async fn store_mount_and_sandbox_metrics_move_with_real_actions() {
     let read_back = sample(&coordinator_metrics, "casbuild_cas_read_bytes_total", &[]);
     assert!(read_back >= 100_000.0, "the worker fetched the input from the coordinator's tiers: {read_back}");
     assert!(sample(&coordinator_metrics, "casbuild_cas_stored_bytes", &[("tier", "disk")]) >= 100_000.0);
+    let gauge = |name| sample(&coordinator_metrics, name, &[]);
+    let slots = std::thread::available_parallelism().unwrap().get() as f64;
+    assert_eq!((gauge("casbuild_worker_slots"), gauge("casbuild_worker_leases")), (slots, 0.0), "one idle worker");
 }

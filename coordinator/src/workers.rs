@@ -135,6 +135,15 @@ pub struct WorkerView {
     pub connected: bool,
 }
 
+/// Sets the pool's gauges: workers connected, their slots, the leases
+/// they hold (actions running on them) and actions waiting for one.
+fn publish(pool: &Pool) {
+    metrics::gauge!("casbuild_workers_connected").set(pool.workers.len() as f64);
+    metrics::gauge!("casbuild_worker_slots").set(pool.workers.values().map(|w| f64::from(w.slots)).sum::<f64>());
+    metrics::gauge!("casbuild_worker_leases").set(pool.leased.len() as f64);
+    metrics::gauge!("casbuild_worker_queue").set(pool.queue.len() as f64);
+}
+
 /// The remote worker pool; an [`ActionExecutor`] for the scheduler and the
 /// `Workers` gRPC service for workers.
 pub struct WorkerPool {
@@ -213,6 +222,7 @@ impl WorkerPool {
                 pool.queue.insert(index, pending);
             }
         }
+        publish(pool);
     }
 
     /// Removes workers whose heartbeats stopped and requeues their leases.
@@ -230,7 +240,7 @@ impl WorkerPool {
 
     fn forget_worker(&self, pool: &mut Pool, id: &str) {
         let Some(worker) = pool.workers.remove(id) else { return };
-        metrics::gauge!("casbuild_workers_connected").set(pool.workers.len() as f64);
+        publish(pool);
         for lease in worker.running {
             if let Some((mut pending, _)) = pool.leased.remove(&lease) {
                 pending.attempts += 1;
@@ -450,7 +460,7 @@ impl Workers for WorkersService {
                 leases: None,
             },
         );
-        metrics::gauge!("casbuild_workers_connected").set(pool.workers.len() as f64);
+        publish(&pool);
         tracing::info!("worker {} registered with {} slots", request.worker_id, request.slots);
         Ok(Response::new(RegisterResponse {
             heartbeat_interval_ms: self.pool.config.heartbeat_interval.as_millis() as u32,

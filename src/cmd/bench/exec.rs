@@ -36,6 +36,10 @@ pub struct ExecArgs {
     /// Scratch directory [default: a temp dir].
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Start `casbuild up` with `--metrics-listen` (to measure what recording metrics costs: compare with a
+    /// run without).
+    #[arg(long)]
+    metrics: bool,
 }
 
 /// One action's time, split at its metadata's timestamps.
@@ -178,7 +182,8 @@ fn ms(d: Duration) -> String {
 
 pub async fn bench_exec(args: ExecArgs) -> anyhow::Result<()> {
     let scratch = super::scratch_dir(args.dir.as_deref())?;
-    let up = Up::start(&scratch.path().join("up"), args.slots)?;
+    let metrics: &[&str] = if args.metrics { &["--metrics-listen", "127.0.0.1:0"] } else { &[] };
+    let up = Up::start_with(&scratch.path().join("up"), args.slots, metrics)?;
     let function = DigestFunction::Sha256;
     let options = RemoteStoreOptions::default();
     let store = RemoteStore::connect(&up.url, options).await?;

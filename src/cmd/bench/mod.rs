@@ -157,9 +157,14 @@ pub struct Up {
 
 impl Up {
     pub fn start(dir: &Path, slots: Option<usize>) -> anyhow::Result<Up> {
+        Up::start_with(dir, slots, &[])
+    }
+
+    /// [`Up::start`] with extra flags.
+    pub fn start_with(dir: &Path, slots: Option<usize>, extra: &[&str]) -> anyhow::Result<Up> {
         let exe = std::env::current_exe().context("finding casbuild itself")?;
         let mut command = Process::new(exe);
-        command.args(["up", "--listen", "127.0.0.1:0", "--dir"]).arg(dir);
+        command.args(["up", "--listen", "127.0.0.1:0", "--dir"]).arg(dir).args(extra);
         if let Some(slots) = slots {
             command.arg("--slots").arg(slots.to_string());
         }

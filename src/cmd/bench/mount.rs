@@ -48,6 +48,10 @@ pub struct MountArgs {
     /// Run only these sections (registration, walk, random, all, first, sequential) [default: all].
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Record metrics in this process (mount, store, server), as `--metrics-listen` makes a worker do (to
+    /// measure what recording costs: compare with a run without).
+    #[arg(long)]
+    metrics: bool,
 }
 
 /// The fixture: a server holding both trees, and their local copies.
@@ -100,6 +104,10 @@ impl Fresh {
 }
 
 pub async fn bench_mount(args: MountArgs) -> anyhow::Result<()> {
+    if args.metrics {
+        // As `--metrics-listen` does: every FUSE request and fetch from here on is recorded.
+        crate::cmd::ops::install_recorder()?;
+    }
     let scratch = super::scratch_dir(args.dir.as_deref())?;
     let mut setup = prepare(&args, scratch.path()).await?;
     let runs = args.runs.max(1);
