@@ -6,6 +6,8 @@
 //! and is checked by the same parsers. The command line and environment win
 //! over the file, the file over the defaults. Tables are the role's own
 //! (the coordinator's `[auth]` and `[limits]`), read by the role itself.
+//! (A switch the file turns on cannot be turned off by a flag: switches
+//! have no `--no-` form.)
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -80,7 +82,7 @@ fn file_flags(
         let name = key.replace('-', "_");
         let arg = command
             .get_arguments()
-            .filter(|arg| !NOT_FROM_FILE.contains(&arg.get_id().as_str()))
+            .filter(|arg| arg.get_long().is_some() && !NOT_FROM_FILE.contains(&arg.get_id().as_str()))
             .find(|arg| {
                 arg.get_long().is_some_and(|long| long.replace('-', "_") == name) || arg.get_id().as_str() == name
             })
