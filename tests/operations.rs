@@ -242,3 +242,41 @@ async fn store_mount_and_sandbox_metrics_move_with_real_actions() {
     let slots = std::thread::available_parallelism().unwrap().get() as f64;
     assert_eq!((gauge("casbuild_worker_slots"), gauge("casbuild_worker_leases")), (slots, 0.0), "one idle worker");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_queue_is_reported_by_the_platform_that_can_serve_it() {
+    if !needs_root("the_worker_queue_is_reported_by_the_platform_that_can_serve_it", true) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &["--metrics-listen", "127.0.0.1:0"]);
+    let _mount = common::Detach(dir.path().join("worker-1/cas"));
+    let _worker = common::start_worker(&server, dir.path(), 1, &["--slots", "1", "--platform", "pool=small"]);
+    let addr = server.metrics_addr();
+    let metric = |name, labels: &[(&str, &str)]| sample(&get(&addr, "/metrics").1, name, labels);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric("casbuild_workers_connected", &[]) != 1.0 {
+        assert!(std::time::Instant::now() < deadline, "the worker never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Three actions for one slot: one runs, two wait.
+    let mut calls = Vec::new();
+    for i in 0..3 {
+        let (action, blobs) = shell_action(&format!("sleep 1; echo {i} > out"));
+        upload(&server, blobs).await;
+        let mut execution = ExecutionClient::new(server.channel().await);
+        calls.push(tokio::spawn(async move { execute(&mut execution, execute_request(&action, false)).await }));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric("casbuild_worker_queue", &[("platform", "pool=small")]) != 2.0 {
+        assert!(std::time::Instant::now() < deadline, "two actions never waited for the pool=small workers");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric("casbuild_worker_leases", &[]), 1.0);
+    for call in calls {
+        assert_eq!(call.await.unwrap().result.unwrap().exit_code, 0);
+    }
+    assert_eq!(metric("casbuild_worker_queue", &[]), 0.0, "nothing waits any more");
+    assert_eq!(metric("casbuild_worker_queue_wait_seconds_count", &[("platform", "pool=small")]), 3.0);
+}

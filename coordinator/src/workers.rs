@@ -66,6 +66,8 @@ struct Pending {
     encoded: Option<(Bytes, Bytes)>,
     /// The trace context the worker's run continues.
     traceparent: String,
+    /// When it was first queued.
+    queued: Instant,
     attempts: u32,
     started: Started,
     done: oneshot::Sender<ActionOutcome>,
@@ -114,6 +116,8 @@ struct Pool {
     next_ticket: u64,
     /// Lease id → the action and the worker running it.
     leased: HashMap<String, (Pending, String)>,
+    /// The platform labels of the queue gauge published last.
+    published: std::collections::HashSet<String>,
 }
 
 /// One worker as a status page shows it.
@@ -136,12 +140,46 @@ pub struct WorkerView {
 }
 
 /// Sets the pool's gauges: workers connected, their slots, the leases
-/// they hold (actions running on them) and actions waiting for one.
-fn publish(pool: &Pool) {
+/// they hold (actions running on them), and the actions waiting, by the
+/// platform of the workers that could run them (`none`: no registered
+/// worker offers what they ask for). Labels name registered workers'
+/// platforms only, never what a client asked for, so clients cannot grow
+/// the label set.
+fn publish(pool: &mut Pool) {
     metrics::gauge!("casbuild_workers_connected").set(pool.workers.len() as f64);
     metrics::gauge!("casbuild_worker_slots").set(pool.workers.values().map(|w| f64::from(w.slots)).sum::<f64>());
     metrics::gauge!("casbuild_worker_leases").set(pool.leased.len() as f64);
-    metrics::gauge!("casbuild_worker_queue").set(pool.queue.len() as f64);
+    let mut offered: Vec<(String, &[(String, String)])> =
+        pool.workers.values().map(|w| (platform_label(&w.platform), w.platform.as_slice())).collect();
+    offered.sort();
+    offered.dedup_by(|a, b| a.0 == b.0);
+    let mut asked: HashMap<&[(String, String)], usize> = HashMap::new();
+    for pending in &pool.queue {
+        *asked.entry(pending.platform.as_slice()).or_default() += 1;
+    }
+    let mut waiting: HashMap<String, usize> = HashMap::new();
+    for (platform, count) in asked {
+        let serves = offered.iter().find(|(_, offers)| platform.iter().all(|p| offers.contains(p)));
+        *waiting.entry(serves.map_or_else(|| "none".to_owned(), |(label, _)| label.clone())).or_default() += count;
+    }
+    for gone in pool.published.iter().filter(|label| !waiting.contains_key(*label)) {
+        metrics::gauge!("casbuild_worker_queue", "platform" => gone.clone()).set(0.0);
+    }
+    for (label, count) in &waiting {
+        metrics::gauge!("casbuild_worker_queue", "platform" => label.clone()).set(*count as f64);
+    }
+    pool.published = waiting.into_keys().collect();
+}
+
+/// A worker platform as a metric label: its properties, sorted, as
+/// `name=value` joined by commas (`any` for a worker that offers none).
+fn platform_label(platform: &[(String, String)]) -> String {
+    let mut properties: Vec<String> = platform.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    properties.sort();
+    if properties.is_empty() {
+        return "any".to_owned();
+    }
+    properties.join(",")
 }
 
 /// The remote worker pool; an [`ActionExecutor`] for the scheduler and the
@@ -213,6 +251,9 @@ impl WorkerPool {
             let update = LeaseUpdate { update: Some(Update::Lease(lease)) };
             let sent = worker.leases.as_ref().is_some_and(|tx| tx.try_send(Ok(update)).is_ok());
             if sent {
+                let waited = pending.queued.elapsed().as_secs_f64();
+                let label = platform_label(&worker.platform);
+                metrics::histogram!("casbuild_worker_queue_wait_seconds", "platform" => label).record(waited);
                 pending.started.on(&worker_id);
                 worker.running.push(lease_id.clone());
                 pool.leased.insert(lease_id, (pending, worker_id));
@@ -350,6 +391,7 @@ impl ActionExecutor for WorkerPool {
                 platform: request.platform,
                 encoded: request.encoded,
                 traceparent: request.traceparent,
+                queued: Instant::now(),
                 attempts: 0,
                 started: request.started,
                 done,
@@ -460,7 +502,7 @@ impl Workers for WorkersService {
                 leases: None,
             },
         );
-        publish(&pool);
+        publish(&mut pool);
         tracing::info!("worker {} registered with {} slots", request.worker_id, request.slots);
         Ok(Response::new(RegisterResponse {
             heartbeat_interval_ms: self.pool.config.heartbeat_interval.as_millis() as u32,

@@ -115,7 +115,15 @@ fn describe() {
     describe_gauge!("casbuild_workers_connected", "Remote workers registered with this coordinator");
     describe_gauge!("casbuild_worker_slots", "Slots the registered workers offer together");
     describe_gauge!("casbuild_worker_leases", "Actions the workers hold leases for (running or starting)");
-    describe_gauge!("casbuild_worker_queue", "Actions waiting for a worker that can take them");
+    describe_gauge!(
+        "casbuild_worker_queue",
+        "Actions waiting for a worker, by the platform of the workers that could run them (none: no worker can)"
+    );
+    describe_histogram!(
+        "casbuild_worker_queue_wait_seconds",
+        Unit::Seconds,
+        "Time from queueing to a lease, by the platform of the worker that took it"
+    );
     describe_gauge!("casbuild_healthy", "1 while the storage takes writes (the gRPC health service says SERVING)");
     // Storage tiers (the coordinator's store, a worker's cache).
     describe_counter!("casbuild_cas_read_bytes_total", Unit::Bytes, "Bytes served from a storage tier, by tier");
