@@ -138,7 +138,7 @@ impl Session {
             }
         }
         // Drain: no new leases (the stream is closed), finish the running ones.
-        eprintln!("casbuild worker {id}: draining {} running actions", running.load(Ordering::Relaxed));
+        tracing::info!("worker {id}: draining {} running actions", running.load(Ordering::Relaxed));
         while tasks.join_next().await.is_some() {}
         heartbeats.abort();
         // The id is free for the next process at once, not after the lease timeout.
@@ -147,7 +147,7 @@ impl Session {
             .await
             .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer within 5 s")))
         {
-            eprintln!("casbuild worker {id}: leaving: {}", status.message());
+            tracing::warn!("worker {id}: leaving: {}", status.message());
         }
     }
 }

@@ -217,7 +217,7 @@ fn reload_on_hangup(settings: &Settings) -> anyhow::Result<()> {
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
             let Some(path) = &config else {
-                eprintln!("casbuild coordinator: SIGHUP, but no --config file to reload");
+                tracing::warn!("SIGHUP, but no --config file to reload");
                 continue;
             };
             let reloaded = load_toml::<FileConfig>(path)
@@ -225,12 +225,9 @@ fn reload_on_hangup(settings: &Settings) -> anyhow::Result<()> {
             match reloaded {
                 Ok(()) => {
                     let (keys, certs) = auth.counts();
-                    eprintln!(
-                        "casbuild coordinator: reloaded [auth] from {}: {keys} keys, {certs} certificates",
-                        path.display()
-                    );
+                    tracing::info!("reloaded [auth] from {}: {keys} keys, {certs} certificates", path.display());
                 }
-                Err(e) => eprintln!("casbuild coordinator: kept the old [auth]: {e:#}"),
+                Err(e) => tracing::error!("kept the old [auth]: {e:#}"),
             }
         }
     });
@@ -290,10 +287,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::select! {
         result = server => result.context("serving")?,
         () = async { stopping.notified().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
-            eprintln!("casbuild coordinator: calls still open after {SHUTDOWN_GRACE:?}; stopping anyway");
+            tracing::warn!("calls still open after {SHUTDOWN_GRACE:?}; stopping anyway");
         }
     }
-    eprintln!("casbuild coordinator stopped");
+    tracing::info!("casbuild coordinator stopped");
     Ok(())
 }
 

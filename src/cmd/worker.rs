@@ -166,6 +166,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || mount.shutdown()).await?.context("unmounting /cas")?;
     // Scratch directories still being deleted in the background.
     casbuild_exec::scratch::flush();
-    eprintln!("casbuild worker {id} stopped");
+    tracing::info!("casbuild worker {id} stopped");
     Ok(())
 }
