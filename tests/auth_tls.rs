@@ -433,7 +433,7 @@ fn bazel_builds_remotely_over_tls_with_an_api_key_and_is_refused_without() {
 #[test]
 fn only_an_admin_cancels_an_action_for_every_waiter() {
     use casbuild_proto::longrunning::operations_client::OperationsClient;
-    use casbuild_proto::longrunning::{CancelOperationRequest, GetOperationRequest};
+    use casbuild_proto::longrunning::{CancelOperationRequest, GetOperationRequest, ListOperationsRequest};
     if !common::needs_root("only_an_admin_cancels_an_action_for_every_waiter", true) {
         return;
     }
@@ -462,8 +462,15 @@ fn only_an_admin_cancels_an_action_for_every_waiter() {
         let err = team.cancel_operation(CancelOperationRequest { name: a_name.clone() }).await.unwrap_err();
         assert_eq!(err.code(), Code::NotFound);
 
-        // The admin cancels A's operation: the shared action stops for B too.
+        // Listing hands out names, which let a caller cancel: admins only.
+        let mut runner_ops = OperationsClient::new(runner.clone());
+        let err = runner_ops.list_operations(ListOperationsRequest::default()).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
         let mut admin = OperationsClient::new(cluster.channel(Some("admin")).await);
+        let listed = admin.list_operations(ListOperationsRequest::default()).await.unwrap().into_inner();
+        assert!(listed.operations.iter().any(|op| op.name == a_name), "{listed:?}");
+
+        // The admin cancels A's operation: the shared action stops for B too.
         admin.cancel_operation(CancelOperationRequest { name: a_name }).await.unwrap();
         let last = tokio::time::timeout(Duration::from_secs(20), common::execute::operations(b))
             .await

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::action_cache::{cached_result, Lookup};
-use crate::auth::{admit, principal, Permission, Principal};
+use crate::auth::{admit, principal, require_everywhere, Permission, Principal};
 use crate::scheduler::{JobState, Scheduler, Stage};
 use crate::status::{request_digest, rpc_ok, store_status};
 
@@ -161,15 +161,17 @@ impl Execution for ExecutionService {
 
 #[tonic::async_trait]
 impl Operations for ExecutionService {
-    /// The operations the caller may see (those on instances where it may
-    /// execute), in name order, a page at a time. `name` is empty (or
-    /// `operations`) for every instance, else the one instance to list;
-    /// the page token is the last name of the previous page.
+    /// Every operation, in name order, a page at a time, for admins only: an
+    /// operation's name is what lets a caller follow or cancel it, so a
+    /// listing must not hand other callers' names to anyone who may merely
+    /// execute. `name` is empty (or `operations`) for every instance, else
+    /// the one instance to list; the page token is the last name of the
+    /// previous page.
     async fn list_operations(
         &self,
         request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
-        let principal = principal(&request)?;
+        require_everywhere(&request, Permission::Admin)?;
         let request = request.into_inner();
         if !request.filter.is_empty() {
             return Err(Status::invalid_argument(format!("filter {:?}: no filters are supported", request.filter)));
@@ -189,8 +191,7 @@ impl Operations for ExecutionService {
             .operations()
             .into_iter()
             .filter(|op| op.name > after)
-            .filter(|op| instance.as_ref().is_none_or(|i| *i == op.instance))
-            .filter(|op| principal.may(Permission::Execute, &op.instance));
+            .filter(|op| instance.as_ref().is_none_or(|i| *i == op.instance));
         let operations: Vec<Operation> =
             visible.by_ref().take(size).map(|op| to_operation(&op.name, &op.state)).collect();
         let next_page_token = match (visible.next(), operations.last()) {
