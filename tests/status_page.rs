@@ -133,6 +133,17 @@ async fn the_status_page_shows_a_worker_and_a_failed_actions_report_in_a_browser
     assert!(action.contains("sh -c 'cat secret-input &gt; out'"), "{action}");
     assert!(action.contains("No result in the action cache"), "{action}");
 
+    // A blob by digest, as text: the failed command's stderr with the report.
+    let stderr = failed.result.as_ref().unwrap().stderr_digest.clone().unwrap();
+    let (status, text) = get(&server.metrics_addr(), &format!("/blobs/sha256/{}/{}", stderr.hash, stderr.size_bytes));
+    assert_eq!(status, 200);
+    assert!(text.contains("undeclared input: secret-input"), "{text}");
+    // A page view does not create instances (each takes a bounded slot).
+    let path = format!("/blobs/sha256/{}/{}?instance=made-up", stderr.hash, stderr.size_bytes);
+    let (status, text) = get(&server.metrics_addr(), &path);
+    assert_eq!(status, 404, "{text}");
+    assert!(text.contains("no instance"), "{text}");
+
     // Kept for people: target/test-artifacts/status-page.png.
     let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("test-artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();

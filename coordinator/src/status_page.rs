@@ -428,6 +428,11 @@ async fn read(
     digest: &Digest,
     limit: u64,
 ) -> Result<bytes::Bytes, (StatusCode, String)> {
+    // A page view must not create an instance (each takes one of the
+    // store's bounded instance slots): only existing ones are read.
+    if !page.storage.disk().namespace_known(instance).0 {
+        return Err((StatusCode::NOT_FOUND, format!("no instance {instance:?} here")));
+    }
     let stream = page.storage.cas(instance).read(digest, 0, Some(limit.min(digest.size_bytes))).await;
     let data = match stream {
         Ok(stream) => casbuild_cas::store::collect(stream, limit.min(digest.size_bytes)).await,
