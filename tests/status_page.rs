@@ -143,6 +143,11 @@ async fn the_status_page_shows_a_worker_and_a_failed_actions_report_in_a_browser
     let (status, text) = get(&server.metrics_addr(), &path);
     assert_eq!(status, 404, "{text}");
     assert!(text.contains("no instance"), "{text}");
+    let (status, text) = get(&server.metrics_addr(), "/actions/md5/abc/3");
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("not a digest function"), "{text}");
+    let (status, _) = get(&server.metrics_addr(), &format!("/blobs/sha256/{}/-1", stderr.hash));
+    assert_eq!(status, 400, "a negative size");
 
     // Kept for people: target/test-artifacts/status-page.png.
     let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("test-artifacts");

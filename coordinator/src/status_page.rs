@@ -224,11 +224,7 @@ async fn operation(State(page): Page, Path(id): Path<String>) -> Response {
     html(StatusCode::OK, &op.name, &body, false)
 }
 
-async fn action(State(page): Page, Path(at): Path<(String, String, i64)>, Query(q): Query<At>) -> Response {
-    let digest = match parse(&at) {
-        Ok(d) => d,
-        Err(why) => return failure(StatusCode::BAD_REQUEST, &why),
-    };
+async fn action(State(page): Page, DigestPath(digest): DigestPath, Query(q): Query<At>) -> Response {
     let action: Action = match message(&page, &q.instance, &digest).await {
         Ok(a) => a,
         Err((code, why)) => return failure(code, &format!("action {digest}: {why}")),
@@ -282,11 +278,7 @@ async fn action(State(page): Page, Path(at): Path<(String, String, i64)>, Query(
     html(StatusCode::OK, &format!("action {digest}"), &body, false)
 }
 
-async fn directory(State(page): Page, Path(at): Path<(String, String, i64)>, Query(q): Query<At>) -> Response {
-    let digest = match parse(&at) {
-        Ok(d) => d,
-        Err(why) => return failure(StatusCode::BAD_REQUEST, &why),
-    };
+async fn directory(State(page): Page, DigestPath(digest): DigestPath, Query(q): Query<At>) -> Response {
     let dir: Directory = match message(&page, &q.instance, &digest).await {
         Ok(d) => d,
         Err((code, why)) => return failure(code, &format!("directory {digest}: {why}")),
@@ -320,11 +312,7 @@ async fn directory(State(page): Page, Path(at): Path<(String, String, i64)>, Que
     html(StatusCode::OK, &format!("directory {digest}"), &body, false)
 }
 
-async fn blob(State(page): Page, Path(at): Path<(String, String, i64)>, Query(q): Query<At>) -> Response {
-    let digest = match parse(&at) {
-        Ok(d) => d,
-        Err(why) => return failure(StatusCode::BAD_REQUEST, &why),
-    };
+async fn blob(State(page): Page, DigestPath(digest): DigestPath, Query(q): Query<At>) -> Response {
     match read(&page, &q.instance, &digest, BLOB_VIEW).await {
         Ok(data) => {
             let mut response = data.into_response();
@@ -415,10 +403,21 @@ fn outputs_and_platform(command: &Command, action: &Action) -> (Vec<String>, Vec
     (outputs, properties.unwrap_or_default())
 }
 
-/// `function/hash/size` from a URL as a digest.
-fn parse((function, hash, size): &(String, String, i64)) -> Result<Digest, String> {
-    let function: DigestFunction = function.parse().map_err(|_| format!("{function:?} is not a digest function"))?;
-    Digest::from_hex(function, hash, *size).map_err(|e| e.to_string())
+/// The digest a page's URL ends in (`FUNCTION/HASH/SIZE`); a malformed one
+/// is answered with a 400 page.
+struct DigestPath(Digest);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for DigestPath {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Response> {
+        let bad = |why: String| failure(StatusCode::BAD_REQUEST, &why);
+        let Path((function, hash, size)) =
+            Path::<(String, String, i64)>::from_request_parts(parts, state).await.map_err(|e| bad(e.body_text()))?;
+        let function: DigestFunction =
+            function.parse().map_err(|_| bad(format!("{function:?} is not a digest function")))?;
+        Digest::from_hex(function, &hash, size).map(DigestPath).map_err(|e| bad(e.to_string()))
+    }
 }
 
 /// The first `limit` bytes of a blob.
