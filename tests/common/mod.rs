@@ -52,6 +52,9 @@ pub struct Coordinator {
     errors: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// Stop with SIGTERM when dropped (`casbuild up` must unmount its /cas).
     graceful: bool,
+    /// Where the process mounts things (its /cas, its actions' scratch):
+    /// whatever is still mounted there once it was killed is detached.
+    mounts: PathBuf,
 }
 
 impl Coordinator {
@@ -71,7 +74,9 @@ impl Coordinator {
     pub fn start_up_with(dir: &Path, extra: &[&str]) -> Coordinator {
         let mut args = vec!["up", "--listen", "127.0.0.1:0", "--dir", dir.to_str().unwrap()];
         args.extend_from_slice(extra);
-        Coordinator::spawn(&args, "casbuild up listening on grpc://", &dir.join("store"), true)
+        let mut up = Coordinator::spawn(&args, "casbuild up listening on grpc://", &dir.join("store"), true);
+        up.mounts = dir.to_path_buf();
+        up
     }
 
     /// Starts `casbuild ARGS` and waits for the stdout line starting with
@@ -112,7 +117,8 @@ impl Coordinator {
                 panic!("casbuild {args:?} did not report its address within 30 s");
             }
         };
-        Coordinator { child, addr, storage: storage.to_path_buf(), lines, errors, graceful }
+        let mounts = storage.to_path_buf();
+        Coordinator { child, addr, storage: storage.to_path_buf(), lines, errors, graceful, mounts }
     }
 
     /// The host:port of the `--metrics-listen` endpoint it printed.
@@ -180,8 +186,16 @@ impl Coordinator {
 
     /// Kills the process with SIGKILL, as a crash would, and reaps it.
     pub fn kill(mut self) {
+        self.kill_now();
+    }
+
+    /// SIGKILL, then detach what the dead process left mounted.
+    fn kill_now(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.graceful {
+            detach_below(&self.mounts);
+        }
     }
 
     /// Stops the process with SIGTERM and waits (bounded) for it to exit.
@@ -214,8 +228,7 @@ impl Drop for Coordinator {
     /// if it has not exited after 10 s.
     fn drop(&mut self) {
         if !self.graceful || !self.terminate(Duration::from_secs(10)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            self.kill_now();
         }
     }
 }
@@ -304,6 +317,21 @@ pub fn needs_root(test: &str, fuse: bool) -> bool {
 /// Detaches whatever is mounted at the path when dropped, so a failing test
 /// leaves no mount behind (a killed worker's /cas, a test's bind mount).
 pub struct Detach(pub PathBuf);
+
+/// Detaches every mount at or below `dir`, deepest first.
+pub fn detach_below(dir: &Path) {
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let mut points: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|point| point.starts_with(dir))
+        .collect();
+    points.sort_by(|a, b| b.cmp(a));
+    for point in points {
+        let _ = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
 
 impl Drop for Detach {
     fn drop(&mut self) {
