@@ -310,6 +310,13 @@ impl BlobCache {
         let (source, reads, digest) = (self.source.clone(), self.memory_reads.clone(), *digest);
         let (memory, local) = (self.memory.clone(), self.local.clone());
         let work = async move {
+            // An opener that missed the memory tier just before an earlier
+            // read of this blob finished finds it there now: no second fetch.
+            if usage == Use::File {
+                if let Ok(data) = memory.read_all(&digest).await {
+                    return Ok(data);
+                }
+            }
             reads.fetch_add(1, Ordering::Relaxed);
             let data = read_whole(&source, &digest).await?;
             if usage == Use::File {
