@@ -452,10 +452,11 @@ impl Runner {
         metrics::histogram!("casbuild_sandbox_setup_seconds").record(report.setup_micros as f64 / 1e6);
         let mut message = String::new();
         if !report.success() {
-            message = failure_message(&report, &spec, &outputs, &access, &observed);
-            if !undeclared_inputs(&spec, &outputs, &access, &observed).is_empty() {
+            let undeclared = undeclared_inputs(&spec, &outputs, &access, &observed);
+            if !undeclared.paths.is_empty() {
                 metrics::counter!("casbuild_hermeticity_violations_total").increment(1);
             }
+            message = failure_message(&report, &spec, &undeclared);
         }
         if !message.is_empty() {
             // Clients show a failed action's stderr; put the report where it is seen.
@@ -563,20 +564,8 @@ fn host_lookups(observed: &AccessReport, spec: &SandboxSpec) -> Vec<String> {
     observed.not_found.iter().filter(|name| !ours.contains(*name)).map(|name| format!("/{name}")).collect()
 }
 
-/// How a failed command ended, and the paths it tried to read that are not
-/// in its input root (`access`) or anywhere in the sandbox (`observed`, the
-/// log of the tree under its root; named as absolute paths). Lookups of the
-/// directories the worker created for outputs (the spec's writable
-/// directories, and their parents) are not the command's doing, and the
-/// declared `outputs` (paths from the input root) and what lies beneath them
-/// are the command's to create.
-pub fn failure_message(
-    report: &RunReport,
-    spec: &SandboxSpec,
-    outputs: &[String],
-    access: &AccessReport,
-    observed: &AccessReport,
-) -> String {
+/// How a failed command ended, and the `undeclared` paths it tried to read.
+pub fn failure_message(report: &RunReport, spec: &SandboxSpec, undeclared: &Undeclared) -> String {
     let limits = &spec.limits;
     let mut lines = Vec::new();
     if report.memory_exceeded {
@@ -605,13 +594,11 @@ pub fn failure_message(
     } else if let Some(code) = report.exit_code {
         lines.push(format!("the command exited with status {code}"));
     }
-    let undeclared = undeclared_inputs(spec, outputs, access, observed);
-    for path in undeclared.iter().take(REPORT_LINES) {
+    for path in undeclared.paths.iter().take(REPORT_LINES) {
         lines.push(format!("undeclared input: {path} (lookup: not found)"));
     }
     // Misses the logs did not keep (past their bound) are counted too.
-    let more =
-        undeclared.len().saturating_sub(REPORT_LINES) as u64 + access.not_found_dropped + observed.not_found_dropped;
+    let more = undeclared.paths.len().saturating_sub(REPORT_LINES) as u64 + undeclared.dropped;
     if more > 0 {
         lines.push(format!("... and {more} more undeclared paths"));
     }
@@ -619,24 +606,36 @@ pub fn failure_message(
     lines.join("\n")
 }
 
+/// The paths a command looked up and did not find, for its report.
+pub struct Undeclared {
+    /// Those the access logs kept.
+    pub paths: Vec<String>,
+    /// How many more the logs did not keep (past their bound).
+    pub dropped: u64,
+}
+
 /// The paths a command looked up and did not find that are neither the
 /// worker's own (the directories it created for outputs, and their parents)
 /// nor the command's to create (declared `outputs`, from the input root, and
 /// what lies beneath them): in its input root (`access`), or elsewhere in
-/// the sandbox (`observed`, named absolute).
-fn undeclared_inputs(
+/// the sandbox (`observed`, the log of the tree under its root; named
+/// absolute).
+pub fn undeclared_inputs(
     spec: &SandboxSpec,
     outputs: &[String],
     access: &AccessReport,
     observed: &AccessReport,
-) -> Vec<String> {
+) -> Undeclared {
     let created = &spec.writable_dirs;
     let ours = |path: &str| {
         created.iter().any(|dir| dir == path || dir.starts_with(&format!("{path}/")))
             || outputs.iter().any(|out| out == path || path.starts_with(&format!("{out}/")))
     };
     let outside = host_lookups(observed, spec);
-    access.not_found.iter().filter(|p| !ours(p)).cloned().chain(outside).collect()
+    Undeclared {
+        paths: access.not_found.iter().filter(|p| !ours(p)).cloned().chain(outside).collect(),
+        dropped: access.not_found_dropped + observed.not_found_dropped,
+    }
 }
 
 /// `bytes` for people: `2 GiB`, `512 MiB`, `1000 bytes`.
@@ -676,7 +675,7 @@ mod tests {
         let mut spec = SandboxSpec::new("/in".into(), "/scratch".into(), vec!["cc".into()]);
         spec.limits = Limits { max_memory_bytes: 2 << 30, ..Default::default() };
         let none = AccessReport::default();
-        let message = failure_message(&report, &spec, &[], &none, &none);
+        let message = failure_message(&report, &spec, &undeclared_inputs(&spec, &[], &none, &none));
         assert!(message.starts_with("the action exceeded its 2 GiB memory limit"), "{message}");
         assert_eq!(human_bytes(1536 << 20), "1.5 GiB");
         assert_eq!(human_bytes(1000), "1000 bytes");
@@ -692,7 +691,8 @@ mod tests {
         let mut spec = SandboxSpec::new("/in".into(), "/scratch".into(), vec!["cc".into()]);
         spec.writable_dirs = vec!["bazel-out/bin/pkg".to_owned()];
         let outputs = ["bazel-out/bin/pkg/out.o".to_owned(), "gen".to_owned()];
-        let message = failure_message(&report, &spec, &outputs, &access, &AccessReport::default());
+        let undeclared = undeclared_inputs(&spec, &outputs, &access, &AccessReport::default());
+        let message = failure_message(&report, &spec, &undeclared);
         assert_eq!(
             message,
             "the command exited with status 1\n\
@@ -710,7 +710,7 @@ mod tests {
         }
         let report = RunReport { exit_code: Some(1), ..Default::default() };
         let spec = SandboxSpec::new("/in".into(), "/scratch".into(), vec!["cc".into()]);
-        let message = failure_message(&report, &spec, &[], &access, &observed);
+        let message = failure_message(&report, &spec, &undeclared_inputs(&spec, &[], &access, &observed));
         assert_eq!(
             message,
             "the command exited with status 1\n\
