@@ -87,6 +87,8 @@ struct Worker {
     /// The secret of the process that registered this id.
     session: String,
     platform: Vec<(String, String)>,
+    /// `platform` as a metric label ([`platform_label`]), made once.
+    label: String,
     slots: u32,
     free_cpus: u32,
     /// Leases it may hold at once by what it has shown (slow start).
@@ -101,10 +103,13 @@ impl Worker {
         self.slots.min(self.free_cpus.max(1)).min(self.proven)
     }
 
+    /// Whether it offers every property of `platform`.
+    fn offers(&self, platform: &[(String, String)]) -> bool {
+        platform.iter().all(|p| self.platform.contains(p))
+    }
+
     fn can_take(&self, platform: &[(String, String)]) -> bool {
-        self.leases.is_some()
-            && (self.running.len() as u32) < self.effective()
-            && platform.iter().all(|p| self.platform.contains(p))
+        self.leases.is_some() && (self.running.len() as u32) < self.effective() && self.offers(platform)
     }
 }
 
@@ -149,18 +154,17 @@ fn publish(pool: &mut Pool) {
     metrics::gauge!("casbuild_workers_connected").set(pool.workers.len() as f64);
     metrics::gauge!("casbuild_worker_slots").set(pool.workers.values().map(|w| f64::from(w.slots)).sum::<f64>());
     metrics::gauge!("casbuild_worker_leases").set(pool.leased.len() as f64);
-    let mut offered: Vec<(String, &[(String, String)])> =
-        pool.workers.values().map(|w| (platform_label(&w.platform), w.platform.as_slice())).collect();
-    offered.sort();
-    offered.dedup_by(|a, b| a.0 == b.0);
+    let mut offered: Vec<&Worker> = pool.workers.values().collect();
+    offered.sort_by(|a, b| a.label.cmp(&b.label));
+    offered.dedup_by(|a, b| a.label == b.label);
     let mut asked: HashMap<&[(String, String)], usize> = HashMap::new();
     for pending in &pool.queue {
         *asked.entry(pending.platform.as_slice()).or_default() += 1;
     }
     let mut waiting: HashMap<String, usize> = HashMap::new();
     for (platform, count) in asked {
-        let serves = offered.iter().find(|(_, offers)| platform.iter().all(|p| offers.contains(p)));
-        *waiting.entry(serves.map_or_else(|| "none".to_owned(), |(label, _)| label.clone())).or_default() += count;
+        let serves = offered.iter().find(|w| w.offers(platform));
+        *waiting.entry(serves.map_or_else(|| "none".to_owned(), |w| w.label.clone())).or_default() += count;
     }
     for gone in pool.published.iter().filter(|label| !waiting.contains_key(*label)) {
         metrics::gauge!("casbuild_worker_queue", "platform" => gone.clone()).set(0.0);
@@ -252,7 +256,7 @@ impl WorkerPool {
             let sent = worker.leases.as_ref().is_some_and(|tx| tx.try_send(Ok(update)).is_ok());
             if sent {
                 let waited = pending.queued.elapsed().as_secs_f64();
-                let label = platform_label(&worker.platform);
+                let label = worker.label.clone();
                 metrics::histogram!("casbuild_worker_queue_wait_seconds", "platform" => label).record(waited);
                 pending.started.on(&worker_id);
                 worker.running.push(lease_id.clone());
@@ -493,6 +497,7 @@ impl Workers for WorkersService {
             request.worker_id.clone(),
             Worker {
                 session: request.session,
+                label: platform_label(&platform),
                 platform,
                 slots: request.slots.min(MAX_SLOTS),
                 free_cpus: request.slots,
