@@ -126,6 +126,15 @@ async fn the_status_page_shows_a_worker_and_a_failed_actions_report_in_a_browser
     assert!(page.contains(&failing.hash_hex()[..12]) && page.contains(&works.hash_hex()[..12]));
     assert!(page.contains("class=\"finished failure\"") && page.contains("class=\"finished success\""), "{page}");
 
+    // The failed operation's page, linked from its row: its report and result.
+    let row = page.split("class=\"finished failure\"").nth(1).expect("the failed row");
+    let link = row.split("href=\"").nth(1).and_then(|r| r.split('"').next()).expect("the operation's link");
+    assert!(link.starts_with("/operations/"), "{link}");
+    let (status, operation) = get(&server.metrics_addr(), link);
+    assert_eq!(status, 200, "{operation}");
+    assert!(operation.contains("undeclared input: secret-input") && operation.contains("exit code"), "{operation}");
+    assert_eq!(get(&server.metrics_addr(), "/operations/no-such-one").0, 404);
+
     // The failed action's own page, by digest: its command and its cached
     // absence (failures are not cached).
     let action_url = format!("{base}/actions/sha256/{}/{}", failing.hash_hex(), failing.size_bytes);

@@ -194,12 +194,13 @@ async fn overview(State(page): Page) -> Response {
 
 async fn operation(State(page): Page, Path(id): Path<String>) -> Response {
     let name = format!("operations/{id}");
-    let Some(op) = page.scheduler.operations().into_iter().find(|op| op.name == name) else {
+    let Some((instance, updates)) = page.scheduler.watch(&name) else {
         return failure(
             StatusCode::NOT_FOUND,
             &format!("no operation {name} (finished operations are kept for a while only)"),
         );
     };
+    let op = OperationEntry { name, instance, state: updates.borrow().clone() };
     let mut body = format!(
         "<table><tr><th>operation</th><td>{}</td></tr><tr><th>instance</th><td>{}</td></tr>\
          <tr><th>action</th><td>{}</td></tr><tr><th>stage</th><td>{}</td></tr></table>",
@@ -464,13 +465,8 @@ fn finished_at(op: &OperationEntry) -> SystemTime {
         .as_ref()
         .and_then(|r| r.execution_metadata.as_ref())
         .and_then(|m| m.worker_completed_timestamp.as_ref())
-        .and_then(system_time)
+        .and_then(casbuild_proto::system_time)
         .unwrap_or(op.state.queued)
-}
-
-fn system_time(t: &casbuild_proto::protobuf::Timestamp) -> Option<SystemTime> {
-    let since_epoch = Duration::new(u64::try_from(t.seconds).ok()?, u32::try_from(t.nanos).ok()?);
-    SystemTime::UNIX_EPOCH.checked_add(since_epoch)
 }
 
 /// The time between two timestamps, as text.
@@ -478,7 +474,7 @@ fn span(
     from: Option<&casbuild_proto::protobuf::Timestamp>,
     to: Option<&casbuild_proto::protobuf::Timestamp>,
 ) -> Option<String> {
-    let (from, to) = (system_time(from?)?, system_time(to?)?);
+    let (from, to) = (casbuild_proto::system_time(from?)?, casbuild_proto::system_time(to?)?);
     Some(seconds(to.duration_since(from).ok()?))
 }
 

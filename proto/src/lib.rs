@@ -49,3 +49,9 @@ pub fn timestamp(at: std::time::SystemTime) -> Option<protobuf::Timestamp> {
     let since = at.duration_since(std::time::SystemTime::UNIX_EPOCH).ok()?;
     Some(protobuf::Timestamp { seconds: since.as_secs() as i64, nanos: since.subsec_nanos() as i32 })
 }
+
+/// A protobuf Timestamp as a time; None when out of range.
+pub fn system_time(at: &protobuf::Timestamp) -> Option<std::time::SystemTime> {
+    let since = std::time::Duration::new(u64::try_from(at.seconds).ok()?, u32::try_from(at.nanos).ok()?);
+    std::time::SystemTime::UNIX_EPOCH.checked_add(since)
+}

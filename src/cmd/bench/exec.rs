@@ -60,8 +60,7 @@ struct Phases {
 }
 
 fn at(timestamp: &Option<Timestamp>) -> Option<SystemTime> {
-    let t = timestamp.as_ref()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::new(t.seconds.try_into().ok()?, t.nanos.try_into().ok()?))
+    casbuild_proto::system_time(timestamp.as_ref()?)
 }
 
 fn between(from: Option<SystemTime>, to: Option<SystemTime>) -> Duration {
