@@ -280,3 +280,21 @@ async fn the_worker_queue_is_reported_by_the_platform_that_can_serve_it() {
     assert_eq!(metric("casbuild_worker_queue", &[]), 0.0, "nothing waits any more");
     assert_eq!(metric("casbuild_worker_queue_wait_seconds_count", &[("platform", "pool=small")]), 3.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_reports_what_its_store_holds_before_any_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    let server = Coordinator::start(&storage, &[]);
+    let (_, blobs) = shell_action("echo held > out");
+    let held: u64 = blobs.iter().map(|(digest, _)| digest.size_bytes).sum();
+    // The empty input root is never stored (every store has the empty blob).
+    let stored = blobs.iter().filter(|(digest, _)| digest.size_bytes > 0).count();
+    upload(&server, blobs).await;
+    server.stop();
+
+    let server = Coordinator::start(&storage, &["--metrics-listen", "127.0.0.1:0"]);
+    let text = get(&server.metrics_addr(), "/metrics").1;
+    assert_eq!(sample(&text, "casbuild_cas_stored_bytes", &[("tier", "disk")]), held as f64, "{text}");
+    assert_eq!(sample(&text, "casbuild_cas_blobs", &[("tier", "disk")]), stored as f64, "{text}");
+}

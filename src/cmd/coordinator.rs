@@ -237,6 +237,10 @@ fn reload_on_hangup(settings: &Settings) -> anyhow::Result<()> {
 /// Runs until SIGINT or SIGTERM, then lets calls in flight finish.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let metrics_listen = args.metrics_listen;
+    if metrics_listen.is_some() {
+        // Before the storage opens: it reports what it holds as it does.
+        crate::cmd::ops::install_recorder()?;
+    }
     let settings = args.settings()?;
     let _claims = crate::claims::claim("coordinator", &[("storage", &settings.storage.dir)])?;
     let storage_config = settings.storage.clone();

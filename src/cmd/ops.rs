@@ -41,8 +41,15 @@ pub async fn serve(listen: SocketAddr, ready: Readiness, pages: Option<axum::Rou
     Ok(addr)
 }
 
-/// Installs the process's Prometheus recorder; the handle renders it.
+/// The process's Prometheus recorder, installed on first use (so that a
+/// role can install it before it opens anything that records, and serve it
+/// later); the handle renders it.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
+    static INSTALLED: std::sync::Mutex<Option<PrometheusHandle>> = std::sync::Mutex::new(None);
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(handle) = installed.as_ref() {
+        return Ok(handle.clone());
+    }
     let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
         .context("configuring the metrics buckets")?
@@ -59,6 +66,7 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
             upkeep.run_upkeep();
         }
     });
+    *installed = Some(handle.clone());
     Ok(handle)
 }
 

@@ -88,6 +88,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )?;
     // A scratch directory casbuild may not clear is refused before anything starts.
     casbuild_exec::scratch::prepare_root(&dir.join("scratch")).map_err(anyhow::Error::msg)?;
+    if args.metrics_listen.is_some() {
+        // Before the storage opens: it reports what it holds as it does.
+        crate::cmd::ops::install_recorder()?;
+    }
     let mut storage_config = StorageConfig::new(dir.join("store"));
     storage_config.max_disk = args.max_disk;
     let config = storage_config.clone();
@@ -103,7 +107,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let slots = args.slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let worker = Arc::new(LocalWorker::default());
     let scheduler = Scheduler::new(storage.clone(), worker.clone(), slots);
-    // Before anything records a metric.
     let page = StatusPage { storage: storage.clone(), scheduler: scheduler.clone(), workers: None, role: "up" };
     let ready = crate::cmd::ops::storage_ready(storage.clone());
     crate::cmd::ops::serve_if(args.metrics_listen, ready, Some(status_page::router(page))).await?;
