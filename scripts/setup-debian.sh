@@ -10,6 +10,8 @@
 #   libnetty-tcnative-jni  lets Debian's Bazel open TLS (grpcs://) channels
 #   chromium         headless, reads the status page the way an operator's browser does
 #   systemd          systemd-analyze, which checks the packaged units
+#   s3s-fs           (crates.io, built once into /opt/casbuild/s3s-fs) a real
+#                    S3-compatible server the object-storage tests run on loopback
 # Everything else comes from crates.io through cargo.
 set -euo pipefail
 packages=(fuse3 bazel-bootstrap bubblewrap make gcc python3-venv openssl libnetty-tcnative-jni chromium systemd)
@@ -27,4 +29,11 @@ bst_venv=/opt/casbuild/buildstream
 if [[ ! -x "$bst_venv/bin/bst" ]]; then
   python3 -m venv "$bst_venv"
   "$bst_venv/bin/pip" install -q 'buildstream==2.8.1'
+fi
+# An S3-compatible server for the object-storage tests (about 3 minutes to build).
+s3_root=/opt/casbuild/s3s-fs
+if [[ ! -x "$s3_root/bin/s3s-fs" ]]; then
+  build_dir=$(mktemp -d)
+  cargo install -q --locked --root "$s3_root" --target-dir "$build_dir" --features binary s3s-fs@0.14.1
+  rm -rf "$build_dir"
 fi

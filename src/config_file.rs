@@ -5,7 +5,7 @@
 //! repeatable flag), so the file can hold exactly what the command line can
 //! and is checked by the same parsers. The command line and environment win
 //! over the file, the file over the defaults. Tables are the role's own
-//! (the coordinator's `[auth]` and `[limits]`), read by the role itself.
+//! (the coordinator's `[auth]`, `[limits]` and `[object_store]`), read by the role itself.
 //! (A switch the file turns on cannot be turned off by a flag: switches
 //! have no `--no-` form.)
 
@@ -18,7 +18,7 @@ use clap::{ArgAction, ArgMatches, Command};
 
 /// The roles that read a config file, with the tables each reads itself.
 const ROLES: &[(&str, &[&str])] =
-    &[("up", &[]), ("coordinator", &["auth", "limits"]), ("worker", &[]), ("daemon", &[])];
+    &[("up", &[]), ("coordinator", &["auth", "limits", "object_store"]), ("worker", &[]), ("daemon", &[])];
 
 /// Flags no file may set.
 const NOT_FROM_FILE: &[&str] = &["config", "help", "version"];

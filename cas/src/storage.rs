@@ -1,5 +1,6 @@
 //! The storage a coordinator serves: per-instance CAS views over one memory
-//! tier and one disk tier, plus the action cache. This is where the store
+//! tier and one disk tier (and, when configured, an S3-compatible bucket
+//! behind them), plus the action cache. This is where the store
 //! layers are composed.
 
 use std::num::NonZeroUsize;
@@ -7,13 +8,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use lru::LruCache;
 
 use crate::action_cache::ActionCache;
 use crate::asset_store::AssetStore;
-use crate::digest::Digest;
+use crate::digest::{Digest, DigestFunction};
 use crate::store::{
-    BlobStore, BlobStream, BlobWriter, CasInstances, DiskStore, MemoryStore, SharedStore, StoreError, TieredStore,
+    BlobStore, BlobStream, BlobWriter, CasInstances, DiskStore, MemoryStore, ObjectBlobStore, ObjectStoreConfig,
+    SharedStore, StoreError, TieredStore,
 };
 
 /// Sizes and places of the storage tiers.
@@ -30,13 +33,23 @@ pub struct StorageConfig {
     /// Distinct instance names the CAS holds at most; calls naming a new
     /// one beyond it fail with RESOURCE_EXHAUSTED.
     pub max_instances: usize,
+    /// An S3-compatible bucket that keeps every blob; the disk tier is then
+    /// a read-through, write-through cache of it.
+    pub objects: Option<ObjectStoreConfig>,
 }
 
 impl StorageConfig {
     /// Defaults for a store under `dir`: 20 GiB of disk, 1 GiB of memory for
     /// blobs up to 1 MiB.
     pub fn new(dir: PathBuf) -> Self {
-        StorageConfig { dir, max_disk: 20 << 30, max_memory: 1 << 30, memory_admit_max: 1 << 20, max_instances: 10_000 }
+        StorageConfig {
+            dir,
+            max_disk: 20 << 30,
+            max_memory: 1 << 30,
+            memory_admit_max: 1 << 20,
+            max_instances: 10_000,
+            objects: None,
+        }
     }
 }
 
@@ -44,6 +57,7 @@ impl StorageConfig {
 pub struct Storage {
     memory: MemoryStore,
     disk: DiskStore,
+    objects: Option<ObjectBlobStore>,
     action_cache: ActionCache,
     assets: AssetStore,
     memory_admit_max: u64,
@@ -69,6 +83,7 @@ impl Storage {
         Ok(Storage {
             memory: MemoryStore::new(config.max_memory),
             disk: DiskStore::open(&config.dir, config.max_disk - entries)?,
+            objects: config.objects.as_ref().map(ObjectBlobStore::open).transpose()?,
             action_cache: ActionCache::open(&config.dir.join("ac"), entries / 4 * 3)?,
             assets: AssetStore::open(&config.dir.join("assets"), entries / 4)?,
             memory_admit_max: config.memory_admit_max,
@@ -90,11 +105,13 @@ impl Storage {
         if !known && count >= self.max_instances {
             return Arc::new(TooManyInstances(self.max_instances));
         }
-        let view: Arc<dyn BlobStore> = Arc::new(TieredStore::new(
-            Arc::new(self.memory.namespace(instance)),
-            Arc::new(self.disk.namespace(instance)),
-            self.memory_admit_max,
-        ));
+        let disk: Arc<dyn BlobStore> = Arc::new(self.disk.namespace(instance));
+        let below_memory = match &self.objects {
+            Some(objects) => Arc::new(TieredStore::read_through(disk, Arc::new(objects.namespace(instance)))),
+            None => disk,
+        };
+        let view: Arc<dyn BlobStore> =
+            Arc::new(TieredStore::new(Arc::new(self.memory.namespace(instance)), below_memory, self.memory_admit_max));
         instances.put(instance.to_owned(), view.clone());
         view
     }
@@ -123,6 +140,14 @@ impl Storage {
     /// and removed). Blocking.
     pub fn probe_writable(&self) -> Result<(), StoreError> {
         self.disk.probe_writable()
+    }
+
+    /// Whether the bucket, when blobs are kept in one, takes writes now: a
+    /// small fixed blob is written to it (idempotent: it is content-addressed).
+    pub async fn probe_bucket(&self) -> Result<(), StoreError> {
+        let Some(objects) = &self.objects else { return Ok(()) };
+        const PROBE: &[u8] = b"casbuild storage probe";
+        objects.write(&DigestFunction::Sha256.digest_of(PROBE), Bytes::from_static(PROBE)).await
     }
 }
 
@@ -161,10 +186,7 @@ impl BlobStore for TooManyInstances {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
-    use crate::digest::DigestFunction;
 
     #[tokio::test]
     async fn instance_names_beyond_the_bound_are_refused_and_known_ones_keep_working() {

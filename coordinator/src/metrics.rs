@@ -138,11 +138,13 @@ impl Health {
 /// Whether `storage` takes writes now (off the async threads); `Err` says
 /// what fails. What the health service and `/readyz` both ask.
 pub async fn probe_storage(storage: Arc<Storage>) -> Result<(), String> {
-    match tokio::task::spawn_blocking(move || storage.probe_writable()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("the storage does not take writes: {e}")),
-        Err(e) => Err(format!("probing the storage: {e}")),
+    let disk = storage.clone();
+    match tokio::task::spawn_blocking(move || disk.probe_writable()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("the storage does not take writes: {e}")),
+        Err(e) => return Err(format!("probing the storage: {e}")),
     }
+    storage.probe_bucket().await.map_err(|e| format!("the object store does not take writes: {e}"))
 }
 
 /// A running [`Health::watch`]; stops it when dropped.

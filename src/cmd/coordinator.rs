@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use casbuild_cas::storage::{Storage, StorageConfig};
+use casbuild_cas::store::ObjectStoreConfig;
 use casbuild_coordinator::auth::{AuthConfig, Authenticator};
 use casbuild_coordinator::scheduler::Retention;
 use casbuild_coordinator::status_page::{self, StatusPage};
@@ -75,6 +76,55 @@ pub struct Args {
 struct FileConfig {
     auth: Option<AuthConfig>,
     limits: Option<Limits>,
+    object_store: Option<ObjectStoreSection>,
+}
+
+/// The `[object_store]` table: keep blobs in an S3-compatible bucket, with
+/// the memory and disk tiers as a cache in front of it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ObjectStoreSection {
+    /// The bucket (it must exist).
+    bucket: String,
+    /// The S3 endpoint, like "https://s3.example.com" or "http://127.0.0.1:9000"; AWS when absent.
+    endpoint: Option<String>,
+    /// A key prefix for everything casbuild stores in the bucket.
+    prefix: Option<String>,
+    /// The bucket's region [default: us-east-1].
+    region: Option<String>,
+    /// A TOML file with access_key_id and secret_access_key; else the AWS_* environment variables.
+    credentials_file: Option<PathBuf>,
+    /// Requests to the bucket in flight at once [default: 64].
+    max_requests: Option<usize>,
+    /// How long one request may take, retries included [default: 30s].
+    request_timeout: Option<ConfigDuration>,
+}
+
+impl ObjectStoreSection {
+    fn config(self) -> anyhow::Result<ObjectStoreConfig> {
+        anyhow::ensure!(!self.bucket.is_empty(), "[object_store] bucket is empty");
+        if let Some(endpoint) = &self.endpoint {
+            anyhow::ensure!(
+                endpoint.starts_with("http://") || endpoint.starts_with("https://"),
+                "[object_store] endpoint {endpoint:?} is not an http:// or https:// URL"
+            );
+        }
+        let mut config = ObjectStoreConfig::new(self.bucket);
+        config.endpoint = self.endpoint;
+        config.prefix = self.prefix.unwrap_or_default();
+        if let Some(region) = self.region {
+            config.region = region;
+        }
+        config.credentials_file = self.credentials_file;
+        if let Some(n) = self.max_requests {
+            anyhow::ensure!(n > 0, "[object_store] max_requests must be at least 1");
+            config.max_requests = n;
+        }
+        if let Some(t) = self.request_timeout {
+            config.request_timeout = t.get();
+        }
+        Ok(config)
+    }
 }
 
 /// The `[limits]` table: bounds on what callers can make the server hold.
@@ -119,6 +169,9 @@ impl Args {
         }
         if let Some(n) = self.max_memory {
             storage.max_memory = n;
+        }
+        if let Some(section) = file.object_store {
+            storage.objects = Some(section.config()?);
         }
         let limits = file.limits.unwrap_or_default();
         if let Some(n) = limits.instances {

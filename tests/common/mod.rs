@@ -7,6 +7,7 @@ pub mod bazel;
 pub mod execute;
 pub mod http;
 pub mod liar;
+pub mod s3;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;

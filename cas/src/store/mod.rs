@@ -8,6 +8,7 @@
 //!   worker's disk cache over its CAS), copying a blob up once however many
 //!   callers want it at the same time.
 //! - [`RemoteStore`]: a REAPI CAS reached over gRPC (or gRPC over TLS).
+//! - [`ObjectBlobStore`]: blobs in an S3-compatible bucket.
 //! - [`IdleTimeout`]: fails calls and reads of another store that stop making
 //!   progress.
 //! - [`Retrying`]: retries calls of another store that fail as unavailable,
@@ -29,6 +30,7 @@ mod disk;
 mod flights;
 mod idle;
 mod memory;
+mod object;
 mod remote;
 mod retry;
 mod tier_metrics;
@@ -50,6 +52,7 @@ pub use disk::{DiskStore, PinGuard};
 pub use flights::Flights;
 pub use idle::IdleTimeout;
 pub use memory::MemoryStore;
+pub use object::{ObjectBlobStore, ObjectStoreConfig};
 pub use remote::{RemoteStore, RemoteStoreOptions};
 pub use retry::{RetryPolicy, Retrying, RetryingCas};
 pub use tiered::TieredStore;
