@@ -10,11 +10,12 @@
 #   libnetty-tcnative-jni  lets Debian's Bazel open TLS (grpcs://) channels
 #   chromium         headless, reads the status page the way an operator's browser does
 #   systemd          systemd-analyze, which checks the packaged units
+#   postgresql       the shared-state tests run a private cluster of it
 #   s3s-fs           (crates.io, built once into /opt/casbuild/s3s-fs) a real
 #                    S3-compatible server the object-storage tests run on loopback
 # Everything else comes from crates.io through cargo.
 set -euo pipefail
-packages=(fuse3 bazel-bootstrap bubblewrap make gcc python3-venv openssl libnetty-tcnative-jni chromium systemd)
+packages=(fuse3 bazel-bootstrap bubblewrap make gcc python3-venv openssl libnetty-tcnative-jni chromium systemd postgresql)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,83 +5,12 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use common::Coordinator;
 
 fn available() -> bool {
     common::needs_root("bazel_remote_execution", true) && common::bazel::available("bazel_remote_execution")
-}
-
-fn write(path: &Path, contents: &str) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, contents).unwrap();
-}
-
-/// Local stand-ins for the rule repositories Bazel 4 would download (this
-/// machine has no internet): thin wrappers over the native rules.
-fn offline_repositories(dir: &Path) -> Vec<String> {
-    let wrappers = |names: &[&str]| -> String {
-        names.iter().map(|n| format!("def {n}(**kwargs):\n    native.{n}(**kwargs)\n\n")).collect()
-    };
-    write(&dir.join("rules_cc/WORKSPACE"), "");
-    write(&dir.join("rules_cc/cc/BUILD"), "");
-    write(
-        &dir.join("rules_cc/cc/defs.bzl"),
-        &wrappers(&["cc_library", "cc_binary", "cc_test", "cc_toolchain", "cc_toolchain_suite"]),
-    );
-    write(&dir.join("rules_java/WORKSPACE"), "");
-    write(&dir.join("rules_java/java/BUILD"), "");
-    write(
-        &dir.join("rules_java/java/defs.bzl"),
-        &wrappers(&["java_import", "java_runtime", "java_toolchain", "java_binary"]),
-    );
-    write(&dir.join("coverage/WORKSPACE"), "");
-    write(&dir.join("coverage/noop.sh"), "#!/bin/sh\nexit 0\n");
-    std::fs::set_permissions(dir.join("coverage/noop.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .unwrap();
-    write(
-        &dir.join("coverage/BUILD"),
-        "sh_binary(name = \"coverage_report_generator\", srcs = [\"noop.sh\"], visibility = [\"//visibility:public\"])\n\
-         sh_binary(name = \"lcov_merger\", srcs = [\"noop.sh\"], visibility = [\"//visibility:public\"])\n",
-    );
-    [("rules_cc", "rules_cc"), ("rules_java", "rules_java"), ("remote_coverage_tools", "coverage")]
-        .iter()
-        .map(|(repo, sub)| format!("--override_repository={repo}={}", dir.join(sub).display()))
-        .collect()
-}
-
-fn workspace(ws: &Path) {
-    write(&ws.join("WORKSPACE"), "");
-    write(
-        &ws.join("pkg/BUILD"),
-        r#"
-genrule(name = "a", outs = ["a.txt"], cmd = "echo hello > $@")
-genrule(name = "b", srcs = [":a"], outs = ["b.txt"], cmd = "cat $< $< > $@")
-genrule(name = "c", srcs = [":b", "input.txt"], outs = ["c.txt"], cmd = "cat $(SRCS) | tr a-z A-Z > $@")
-cc_library(
-    name = "lib",
-    srcs = ["lib/answer.c", "lib/internal/detail.h"],
-    hdrs = ["include/answer/answer.h"],
-    strip_include_prefix = "include",
-)
-cc_binary(name = "app", srcs = ["main.c"], deps = [":lib"])
-sh_test(name = "t", srcs = ["t.sh"], data = [":c"])
-genrule(name = "sneaky", srcs = ["input.txt"], outs = ["sneaky.txt"], cmd = "cat pkg/input.txt pkg/secret.txt > $@")
-"#,
-    );
-    write(&ws.join("pkg/input.txt"), "some input\n");
-    write(&ws.join("pkg/secret.txt"), "not declared anywhere\n");
-    write(&ws.join("pkg/include/answer/answer.h"), "int answer(void);\n");
-    write(&ws.join("pkg/lib/internal/detail.h"), "#define DETAIL 40\n");
-    write(&ws.join("pkg/lib/answer.c"), "#include \"answer/answer.h\"\n#include \"pkg/lib/internal/detail.h\"\nint answer(void) { return DETAIL + 2; }\n");
-    write(
-        &ws.join("pkg/main.c"),
-        "#include <stdio.h>\n#include \"answer/answer.h\"\nint main(void) { printf(\"%d\\n\", answer()); return 0; }\n",
-    );
-    write(&ws.join("pkg/t.sh"), "#!/bin/sh\ngrep -q 'HELLO' pkg/c.txt && echo ok\n");
-    std::fs::set_permissions(ws.join("pkg/t.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
 
 #[test]
@@ -91,10 +20,10 @@ fn bazel_builds_and_tests_remotely_on_casbuild_up() {
     }
     let dir = tempfile::tempdir().unwrap();
     let ws = dir.path().join("ws");
-    workspace(&ws);
+    common::bazel::sample_workspace(&ws);
     let up = Coordinator::start_up_with(&dir.path().join("casbuild"), &["--metrics-listen", "127.0.0.1:0"]);
     let root = dir.path().join("bazel-root");
-    let mut flags = offline_repositories(&dir.path().join("repos"));
+    let mut flags = common::bazel::offline_repositories(&dir.path().join("repos"));
     flags.push(format!("--remote_executor={}", up.url()));
     // What the metrics endpoint says now, summed over the labels given.
     let metrics = up.metrics_addr();

@@ -1,12 +1,17 @@
-//! The action cache: action digest → ActionResult, per instance, on disk.
+//! The action cache: action digest → ActionResult, per instance.
 //!
-//! Entries are small protos stored one file each as checksummed records
-//! (`entry_files`), synced before a write is acknowledged. An entry that is
-//! not a complete record is deleted and treated as a miss.
+//! Kept on disk by default: small protos stored one file each as checksummed
+//! records (`entry_files`), synced before a write is acknowledged; an entry
+//! that is not a complete record is deleted and treated as a miss. With a
+//! shared database ([`Database`]) every coordinator of a cluster reads and
+//! writes the same entries there instead.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use prost::Message;
+
+use crate::database::Database;
 use crate::digest::{Digest, DigestFunction};
 use crate::entry_files::EntryFiles;
 use crate::namespace::instance_dir;
@@ -16,16 +21,23 @@ use casbuild_proto::reapi::ActionResult;
 /// Told of every entry written: the instance and the action digest.
 pub type UpdateObserver = Box<dyn Fn(&str, &Digest) + Send + Sync>;
 
+/// Where the entries are.
+#[derive(Clone, Debug)]
+enum Backend {
+    Files(EntryFiles),
+    Database(Database),
+}
+
 /// A persistent map from action digests to their results.
 #[derive(Clone)]
 pub struct ActionCache {
-    files: EntryFiles,
+    backend: Backend,
     observer: Arc<OnceLock<UpdateObserver>>,
 }
 
 impl std::fmt::Debug for ActionCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ActionCache").field("root", &self.files.root()).finish()
+        f.debug_struct("ActionCache").field("backend", &self.backend).finish()
     }
 }
 
@@ -33,12 +45,20 @@ impl ActionCache {
     /// Opens (creating if needed) the cache under `root`, holding at most
     /// `budget` bytes of entries (least recently used go first). Blocking.
     pub fn open(root: &Path, budget: u64) -> Result<Self, StoreError> {
-        Ok(ActionCache { files: EntryFiles::open(root, budget)?, observer: Arc::default() })
+        Ok(ActionCache { backend: Backend::Files(EntryFiles::open(root, budget)?), observer: Arc::default() })
     }
 
-    /// Bytes the entries take on disk, and how many there are.
-    pub fn usage(&self) -> (u64, usize) {
-        self.files.usage()
+    /// The cache kept in a shared database.
+    pub fn on_database(database: Database) -> Self {
+        ActionCache { backend: Backend::Database(database), observer: Arc::default() }
+    }
+
+    /// Bytes the entries take, and how many there are.
+    pub async fn usage(&self) -> Result<(u64, usize), StoreError> {
+        match &self.backend {
+            Backend::Files(files) => Ok(files.usage()),
+            Backend::Database(database) => database.action_cache_usage().await,
+        }
     }
 
     /// Sets the one observer told of every write (the existence filter);
@@ -47,25 +67,22 @@ impl ActionCache {
         self.observer.set(observer).is_ok()
     }
 
-    /// The action digests of every entry of `instance` with `function`. Blocking.
-    pub fn keys(&self, instance: &str, function: DigestFunction) -> Vec<Digest> {
-        let dir = self.files.root().join("entries").join(instance_dir(instance)).join(function.name());
-        let mut keys = Vec::new();
-        for shard in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            for entry in std::fs::read_dir(shard.path()).into_iter().flatten().flatten() {
-                let name = entry.file_name();
-                let Some((hash, size)) = name.to_str().and_then(|n| n.split_once('-')) else { continue };
-                if let Ok(digest) = Digest::from_hex(function, hash, size.parse().unwrap_or(-1)) {
-                    keys.push(digest);
-                }
+    /// The action digests of every entry of `instance` with `function`.
+    pub async fn keys(&self, instance: &str, function: DigestFunction) -> Result<Vec<Digest>, StoreError> {
+        match &self.backend {
+            Backend::Files(files) => {
+                let dir = files.root().join("entries").join(instance_dir(instance)).join(function.name());
+                tokio::task::spawn_blocking(move || file_keys(&dir, function))
+                    .await
+                    .map_err(|e| StoreError::io("listing the action cache", std::io::Error::other(e)))
             }
+            Backend::Database(database) => database.action_keys(instance, function).await,
         }
-        keys
     }
 
-    fn entry_path(&self, instance: &str, action: &Digest) -> PathBuf {
+    fn entry_path(files: &EntryFiles, instance: &str, action: &Digest) -> PathBuf {
         let hash = action.hash_hex();
-        self.files
+        files
             .root()
             .join("entries")
             .join(instance_dir(instance))
@@ -76,17 +93,49 @@ impl ActionCache {
 
     /// The stored result of `action` in `instance`, if any.
     pub async fn get(&self, instance: &str, action: &Digest) -> Result<Option<ActionResult>, StoreError> {
-        self.files.read(&self.entry_path(instance, action)).await
+        match &self.backend {
+            Backend::Files(files) => files.read(&Self::entry_path(files, instance, action)).await,
+            Backend::Database(database) => {
+                let Some(bytes) = database.action_result(instance, action).await? else { return Ok(None) };
+                match ActionResult::decode(bytes.as_slice()) {
+                    Ok(result) => Ok(Some(result)),
+                    Err(e) => {
+                        tracing::warn!(action = ?action, "undecodable action cache row in {}: {e}", database.describe());
+                        Ok(None)
+                    }
+                }
+            }
+        }
     }
 
     /// Stores (or replaces) the result of `action` in `instance`.
     pub async fn update(&self, instance: &str, action: &Digest, result: &ActionResult) -> Result<(), StoreError> {
-        self.files.write(&self.entry_path(instance, action), result).await?;
+        match &self.backend {
+            Backend::Files(files) => files.write(&Self::entry_path(files, instance, action), result).await?,
+            Backend::Database(database) => {
+                database.put_action_result(instance, action, &result.encode_to_vec()).await?
+            }
+        }
         if let Some(observer) = self.observer.get() {
             observer(instance, action);
         }
         Ok(())
     }
+}
+
+/// The digests named by the entry files under one instance's function directory.
+fn file_keys(dir: &Path, function: DigestFunction) -> Vec<Digest> {
+    let mut keys = Vec::new();
+    for shard in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(shard.path()).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some((hash, size)) = name.to_str().and_then(|n| n.split_once('-')) else { continue };
+            if let Ok(digest) = Digest::from_hex(function, hash, size.parse().unwrap_or(-1)) {
+                keys.push(digest);
+            }
+        }
+    }
+    keys
 }
 
 #[cfg(test)]
@@ -118,12 +167,12 @@ mod tests {
         cache.update("x", &a, &ActionResult::default()).await.unwrap();
         cache.update("x", &b, &ActionResult::default()).await.unwrap();
         cache.update("y", &a, &ActionResult::default()).await.unwrap();
-        let mut keys = cache.keys("x", DigestFunction::Blake3);
+        let mut keys = cache.keys("x", DigestFunction::Blake3).await.unwrap();
         keys.sort();
         let mut expected = vec![a, b];
         expected.sort();
         assert_eq!(keys, expected);
-        assert!(cache.keys("x", DigestFunction::Sha256).is_empty());
+        assert!(cache.keys("x", DigestFunction::Sha256).await.unwrap().is_empty());
         assert_eq!(seen.lock().unwrap().len(), 3);
         assert_eq!(seen.lock().unwrap()[2], ("y".to_owned(), a));
     }
@@ -134,12 +183,14 @@ mod tests {
         let action = DigestFunction::Blake3.digest_of(b"action");
         let cache = ActionCache::open(dir.path(), 1 << 20).unwrap();
         cache.update("", &action, &ActionResult::default()).await.unwrap();
-        std::fs::write(cache.entry_path("", &action), [0xff, 0xff, 0xff]).unwrap();
+        let Backend::Files(files) = &cache.backend else { unreachable!() };
+        let path = ActionCache::entry_path(files, "", &action);
+        std::fs::write(&path, [0xff, 0xff, 0xff]).unwrap();
         assert_eq!(cache.get("", &action).await.unwrap(), None);
-        assert!(!cache.entry_path("", &action).exists());
+        assert!(!path.exists());
         // A torn (empty) entry is a miss, not an empty successful result.
         cache.update("", &action, &ActionResult::default()).await.unwrap();
-        std::fs::write(cache.entry_path("", &action), []).unwrap();
+        std::fs::write(&path, []).unwrap();
         assert_eq!(cache.get("", &action).await.unwrap(), None);
     }
 }

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::path::PathBuf;
 
 use casbuild_proto::reapi;
+use prost::Message;
 
+use crate::database::Database;
 use crate::entry_files::EntryFiles;
 use crate::namespace::instance_dir;
 use crate::store::StoreError;
@@ -37,10 +39,14 @@ pub struct AssetEntry {
     pub references_directories: Vec<reapi::Digest>,
 }
 
-/// The persistent asset map of every instance.
+/// The persistent asset map of every instance: files under a directory, or
+/// rows of a shared database.
 #[derive(Clone, Debug)]
-pub struct AssetStore {
-    files: EntryFiles,
+pub enum AssetStore {
+    /// One entry file per asset.
+    Files(EntryFiles),
+    /// One row per asset in the cluster's database.
+    Database(Database),
 }
 
 /// The identity of an asset: its URI and qualifiers, order-independent.
@@ -59,17 +65,20 @@ impl AssetStore {
     /// Opens (creating if needed) the store under `root`, holding at most
     /// `budget` bytes of entries (least recently used go first). Blocking.
     pub fn open(root: &Path, budget: u64) -> Result<Self, StoreError> {
-        Ok(AssetStore { files: EntryFiles::open(root, budget)? })
+        Ok(AssetStore::Files(EntryFiles::open(root, budget)?))
     }
 
-    /// Bytes the entries take on disk, and how many there are.
+    /// Bytes the entries take on disk, and how many there are (none counted
+    /// here when they are in a database).
     pub fn usage(&self) -> (u64, usize) {
-        self.files.usage()
+        match self {
+            AssetStore::Files(files) => files.usage(),
+            AssetStore::Database(_) => (0, 0),
+        }
     }
 
-    fn entry_path(&self, instance: &str, uri: &str, qualifiers: &[(String, String)]) -> PathBuf {
-        let key = key(uri, qualifiers);
-        self.files.root().join("entries").join(instance_dir(instance)).join(&key[..2]).join(key)
+    fn entry_path(files: &EntryFiles, instance: &str, key: &str) -> PathBuf {
+        files.root().join("entries").join(instance_dir(instance)).join(&key[..2]).join(key)
     }
 
     /// The entry for `uri` with exactly these qualifiers, if any.
@@ -79,7 +88,14 @@ impl AssetStore {
         uri: &str,
         qualifiers: &[(String, String)],
     ) -> Result<Option<AssetEntry>, StoreError> {
-        self.files.read(&self.entry_path(instance, uri, qualifiers)).await
+        let key = key(uri, qualifiers);
+        match self {
+            AssetStore::Files(files) => files.read(&Self::entry_path(files, instance, &key)).await,
+            AssetStore::Database(database) => {
+                let Some(bytes) = database.asset(instance, &key).await? else { return Ok(None) };
+                Ok(AssetEntry::decode(bytes.as_slice()).ok())
+            }
+        }
     }
 
     /// Stores (or replaces) the entry for `uri` with these qualifiers.
@@ -90,7 +106,11 @@ impl AssetStore {
         qualifiers: &[(String, String)],
         entry: &AssetEntry,
     ) -> Result<(), StoreError> {
-        self.files.write(&self.entry_path(instance, uri, qualifiers), entry).await
+        let key = key(uri, qualifiers);
+        match self {
+            AssetStore::Files(files) => files.write(&Self::entry_path(files, instance, &key), entry).await,
+            AssetStore::Database(database) => database.put_asset(instance, &key, &entry.encode_to_vec()).await,
+        }
     }
 }
 

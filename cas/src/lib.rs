@@ -16,6 +16,7 @@
 pub mod action;
 pub mod action_cache;
 pub mod asset_store;
+pub mod database;
 pub mod digest;
 pub mod entry_files;
 pub mod error;

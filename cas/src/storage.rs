@@ -13,6 +13,7 @@ use lru::LruCache;
 
 use crate::action_cache::ActionCache;
 use crate::asset_store::AssetStore;
+use crate::database::Database;
 use crate::digest::{Digest, DigestFunction};
 use crate::store::{
     BlobStore, BlobStream, BlobWriter, CasInstances, DiskStore, MemoryStore, ObjectBlobStore, ObjectStoreConfig,
@@ -77,15 +78,28 @@ impl Storage {
     /// Opens the tiers under `config.dir`, indexing what is already on disk.
     /// Blocking: scans the disk tier.
     pub fn open(config: &StorageConfig) -> Result<Self, StoreError> {
+        Storage::open_shared(config, None)
+    }
+
+    /// [`Storage::open`], keeping the action cache and the Remote Asset
+    /// records in `database` (shared by a cluster's coordinators) when given.
+    pub fn open_shared(config: &StorageConfig, database: Option<Database>) -> Result<Self, StoreError> {
         // One disk budget: blobs, and a share for action-cache (3/4) and
         // Remote Asset (1/4) entries.
         let entries = config.max_disk / ENTRY_SHARE;
+        let (action_cache, assets) = match database {
+            Some(database) => (ActionCache::on_database(database.clone()), AssetStore::Database(database)),
+            None => (
+                ActionCache::open(&config.dir.join("ac"), entries / 4 * 3)?,
+                AssetStore::open(&config.dir.join("assets"), entries / 4)?,
+            ),
+        };
         Ok(Storage {
             memory: MemoryStore::new(config.max_memory),
             disk: DiskStore::open(&config.dir, config.max_disk - entries)?,
             objects: config.objects.as_ref().map(ObjectBlobStore::open).transpose()?,
-            action_cache: ActionCache::open(&config.dir.join("ac"), entries / 4 * 3)?,
-            assets: AssetStore::open(&config.dir.join("assets"), entries / 4)?,
+            action_cache,
+            assets,
             memory_admit_max: config.memory_admit_max,
             max_instances: config.max_instances,
             instances: Mutex::new(LruCache::new(NonZeroUsize::new(VIEWS).expect("non-zero"))),

@@ -163,19 +163,16 @@ impl ExistenceService {
         filter
             .scanned
             .get_or_try_init(|| async move {
-                tokio::task::spawn_blocking(move || {
-                    let cache = storage.action_cache();
-                    let keys: Vec<_> = [DigestFunction::Sha256, DigestFunction::Blake3]
-                        .into_iter()
-                        .flat_map(|f| cache.keys(&name, f))
-                        .collect();
-                    let mut inner = scanning.lock();
-                    for key in &keys {
-                        inner.bloom.insert(&key.hash);
-                    }
-                })
-                .await
-                .map_err(|e| Status::internal(format!("scanning the action cache: {e}")))
+                let cache = storage.action_cache();
+                let mut keys = Vec::new();
+                for function in [DigestFunction::Sha256, DigestFunction::Blake3] {
+                    keys.extend(cache.keys(&name, function).await.map_err(crate::status::store_status)?);
+                }
+                let mut inner = scanning.lock();
+                for key in &keys {
+                    inner.bloom.insert(&key.hash);
+                }
+                Ok::<(), Status>(())
             })
             .await?;
         Ok(filter)

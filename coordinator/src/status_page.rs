@@ -80,7 +80,7 @@ async fn overview(State(page): Page) -> Response {
 
     // Store and cache.
     let (hits, misses) = crate::action_cache::lookup_counts();
-    let (ac_bytes, ac_entries) = page.storage.action_cache().usage();
+    let (ac_bytes, ac_entries) = page.storage.action_cache().usage().await.unwrap_or_default();
     let disk = page.storage.disk();
     let _ = write!(
         body,

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use casbuild_cas::database::Database;
 use casbuild_cas::storage::{Storage, StorageConfig};
 use casbuild_cas::store::ObjectStoreConfig;
 use casbuild_coordinator::auth::{AuthConfig, Authenticator};
@@ -64,6 +65,14 @@ pub struct Args {
     /// How often workers heartbeat, like 3s or 500ms; three missed heartbeats lose a worker its leases.
     #[arg(long, value_parser = parse_duration, default_value = "3s")]
     heartbeat: std::time::Duration,
+    /// PostgreSQL database shared by a cluster's coordinators for the action cache and Remote Asset records
+    /// (postgresql://USER[:PASSWORD]@HOST:PORT/DB, or "host=... user=... dbname=..."); without it they are
+    /// kept under --storage.
+    #[arg(long, env = "CASBUILD_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// A file whose first line is the --database-url (keeps its password out of `ps`).
+    #[arg(long)]
+    database_url_file: Option<PathBuf>,
     /// Serve Prometheus metrics (/metrics), liveness (/healthz) and readiness (/readyz) over HTTP on this
     /// address (no authentication: keep it on loopback or a management network).
     #[arg(long)]
@@ -153,6 +162,8 @@ pub struct Settings {
     pub worker_token: Option<String>,
     /// How long and how many finished operations are kept.
     pub retention: Retention,
+    /// The shared database, if any.
+    pub database_url: Option<String>,
 }
 
 impl Args {
@@ -194,6 +205,7 @@ impl Args {
             ..PoolConfig::default()
         };
         let worker_token = secret(self.worker_token, self.worker_token_file.as_deref())?;
+        let database_url = secret(self.database_url, self.database_url_file.as_deref())?;
         let auth = Authenticator::new(file.auth.as_ref(), worker_token.as_deref()).map_err(|why| {
             anyhow::anyhow!("[auth] in {}: {why}", self.config.as_deref().unwrap_or(Path::new("")).display())
         })?;
@@ -223,7 +235,7 @@ impl Args {
             }
         }
         server.auth = Arc::new(auth);
-        Ok(Settings { listen, storage, server, pool, config: self.config, worker_token, retention })
+        Ok(Settings { listen, storage, server, pool, config: self.config, worker_token, retention, database_url })
     }
 }
 
@@ -296,8 +308,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let settings = args.settings()?;
     let _claims = crate::claims::claim("coordinator", &[("storage", &settings.storage.dir)])?;
+    let database = match &settings.database_url {
+        Some(url) => {
+            let database = Database::connect(url).await.context("opening the shared database")?;
+            println!("action cache and Remote Asset records in {}", database.describe());
+            Some(database)
+        }
+        None => None,
+    };
     let storage_config = settings.storage.clone();
-    let storage = tokio::task::spawn_blocking(move || Storage::open(&storage_config))
+    let storage = tokio::task::spawn_blocking(move || Storage::open_shared(&storage_config, database))
         .await?
         .with_context(|| format!("opening storage in {}", settings.storage.dir.display()))?;
     let listener = tokio::net::TcpListener::bind(settings.listen)

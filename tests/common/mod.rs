@@ -7,6 +7,7 @@ pub mod bazel;
 pub mod execute;
 pub mod http;
 pub mod liar;
+pub mod postgres;
 pub mod s3;
 
 use std::io::{BufRead, BufReader};

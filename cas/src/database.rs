@@ -1,0 +1,237 @@
+//! Shared state on PostgreSQL (docs/adr/0007-shared-state-on-postgresql.md):
+//! the action cache and the Remote Asset records of several coordinators.
+//!
+//! A write is acknowledged once its transaction has committed (PostgreSQL's
+//! default `synchronous_commit = on` flushes the WAL first), so a database
+//! restart loses nothing a client was told was stored. Rows are keyed by the
+//! instance's directory name ([`instance_dir`]: hashed, so any instance name
+//! is a valid key) and carry the encoded protos. The schema is created and
+//! migrated at connect, under an advisory lock (coordinators may start
+//! together), and a schema newer than this casbuild knows is refused.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+use crate::digest::{Digest, DigestFunction};
+use crate::namespace::instance_dir;
+use crate::store::StoreError;
+
+/// The schema version this casbuild writes.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Statements taking the schema from version N to N + 1.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE casbuild_action_cache (
+        instance TEXT NOT NULL,
+        function TEXT NOT NULL,
+        hash BYTEA NOT NULL,
+        size BIGINT NOT NULL,
+        result BYTEA NOT NULL,
+        written_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (instance, function, hash, size)
+    );
+    CREATE TABLE casbuild_assets (
+        instance TEXT NOT NULL,
+        key TEXT NOT NULL,
+        entry BYTEA NOT NULL,
+        written_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (instance, key)
+    );
+"];
+
+/// Serializes migrations of coordinators starting at once ("casbuild" in ASCII).
+const MIGRATION_LOCK: i64 = 0x63_6173_6275_696c;
+
+/// A pool of connections to the shared database. Cloning shares the pool.
+#[derive(Clone)]
+pub struct Database {
+    pool: Pool,
+    /// Host, port and database name, for messages (never the password).
+    describe: String,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe)
+    }
+}
+
+impl Database {
+    /// Connects to `url` (`postgresql://USER@HOST:PORT/DB` or `host=... user=...`)
+    /// and brings the schema up to date.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let config: tokio_postgres::Config =
+            url.parse().map_err(|e| StoreError::InvalidArgument(format!("database URL: {e}")))?;
+        let describe = describe(&config);
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(16)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(Duration::from_secs(5)))
+            .wait_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| StoreError::InvalidArgument(format!("{describe}: {e}")))?;
+        let database = Database { pool, describe };
+        database.migrate().await?;
+        Ok(database)
+    }
+
+    /// How the database is named in messages.
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    fn unavailable(&self, what: &str, error: impl std::fmt::Display) -> StoreError {
+        StoreError::Unavailable(format!("{}: {what}: {error}", self.describe))
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool.get().await.map_err(|e| self.unavailable("connecting", e))
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let failed = |e: tokio_postgres::Error| self.unavailable("migrating the schema", e);
+        let tx = client.transaction().await.map_err(failed)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(failed)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS casbuild_schema (version BIGINT NOT NULL)")
+            .await
+            .map_err(failed)?;
+        let row = tx.query_opt("SELECT version FROM casbuild_schema", &[]).await.map_err(failed)?;
+        let version: i64 = row.map_or(0, |row| row.get(0));
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::InvalidArgument(format!(
+                "{}: the database's schema is version {version}, newer than this casbuild's {SCHEMA_VERSION}: \
+                 upgrade casbuild",
+                self.describe
+            )));
+        }
+        for migration in &MIGRATIONS[version as usize..] {
+            tx.batch_execute(migration).await.map_err(failed)?;
+        }
+        if version == 0 {
+            tx.execute("INSERT INTO casbuild_schema (version) VALUES ($1)", &[&SCHEMA_VERSION])
+                .await
+                .map_err(failed)?;
+        } else if version < SCHEMA_VERSION {
+            tx.execute("UPDATE casbuild_schema SET version = $1", &[&SCHEMA_VERSION]).await.map_err(failed)?;
+        }
+        tx.commit().await.map_err(failed)
+    }
+
+    /// The encoded ActionResult of `action` in `instance`.
+    pub async fn action_result(&self, instance: &str, action: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT result FROM casbuild_action_cache \
+                 WHERE instance = $1 AND function = $2 AND hash = $3 AND size = $4",
+                &[&instance_dir(instance), &action.function.name(), &&action.hash[..], &size_column(action)],
+            )
+            .await
+            .map_err(|e| self.unavailable("reading the action cache", e))?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    /// Stores (or replaces) the encoded ActionResult of `action`.
+    pub async fn put_action_result(&self, instance: &str, action: &Digest, result: &[u8]) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO casbuild_action_cache (instance, function, hash, size, result) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (instance, function, hash, size) \
+                 DO UPDATE SET result = EXCLUDED.result, written_at = now()",
+                &[&instance_dir(instance), &action.function.name(), &&action.hash[..], &size_column(action), &result],
+            )
+            .await
+            .map_err(|e| self.unavailable("writing the action cache", e))?;
+        Ok(())
+    }
+
+    /// Every action digest of `instance` with `function`.
+    pub async fn action_keys(&self, instance: &str, function: DigestFunction) -> Result<Vec<Digest>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT hash, size FROM casbuild_action_cache WHERE instance = $1 AND function = $2",
+                &[&instance_dir(instance), &function.name()],
+            )
+            .await
+            .map_err(|e| self.unavailable("listing the action cache", e))?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let hash: &[u8] = row.get(0);
+                let size: i64 = row.get(1);
+                Some(Digest { function, hash: hash.try_into().ok()?, size_bytes: u64::try_from(size).ok()? })
+            })
+            .collect())
+    }
+
+    /// Bytes of results held, and how many there are.
+    pub async fn action_cache_usage(&self) -> Result<(u64, usize), StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*), coalesce(sum(octet_length(result)), 0)::BIGINT FROM casbuild_action_cache",
+                &[],
+            )
+            .await
+            .map_err(|e| self.unavailable("sizing the action cache", e))?;
+        let (count, bytes): (i64, i64) = (row.get(0), row.get(1));
+        Ok((bytes.max(0) as u64, count.max(0) as usize))
+    }
+
+    /// The encoded asset entry under `key` in `instance`.
+    pub async fn asset(&self, instance: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT entry FROM casbuild_assets WHERE instance = $1 AND key = $2",
+                &[&instance_dir(instance), &key],
+            )
+            .await
+            .map_err(|e| self.unavailable("reading Remote Asset records", e))?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    /// Stores (or replaces) the encoded asset entry under `key`.
+    pub async fn put_asset(&self, instance: &str, key: &str, entry: &[u8]) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO casbuild_assets (instance, key, entry) VALUES ($1, $2, $3) \
+                 ON CONFLICT (instance, key) DO UPDATE SET entry = EXCLUDED.entry, written_at = now()",
+                &[&instance_dir(instance), &key, &entry],
+            )
+            .await
+            .map_err(|e| self.unavailable("writing Remote Asset records", e))?;
+        Ok(())
+    }
+}
+
+/// A digest's size as the column holds it (REAPI sizes are int64 already).
+fn size_column(digest: &Digest) -> i64 {
+    i64::try_from(digest.size_bytes).unwrap_or(i64::MAX)
+}
+
+/// `database HOST:PORT/NAME`, from a parsed configuration.
+fn describe(config: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = config.get_ports().get(i).or(config.get_ports().first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(name) => format!("{name}:{port}"),
+                Host::Unix(path) => format!("{}:{port}", path.display()),
+            }
+        })
+        .collect();
+    format!("database {}/{}", hosts.join(","), config.get_dbname().unwrap_or(config.get_user().unwrap_or("")))
+}

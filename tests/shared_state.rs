@@ -1,0 +1,181 @@
+//! Several coordinators over one PostgreSQL database and one S3-compatible
+//! bucket, all real processes on loopback: results and Remote Asset records
+//! written through one are served by the other, a database crash loses
+//! nothing that was acknowledged, and Bazel's clean rebuild through the
+//! second coordinator is all cache hits.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use casbuild_cas::digest::{Digest, DigestFunction};
+use casbuild_proto::asset::fetch_client::FetchClient;
+use casbuild_proto::asset::push_client::PushClient;
+use casbuild_proto::asset::{FetchBlobRequest, PushBlobRequest};
+use casbuild_proto::reapi::{ActionResult, GetActionResultRequest, OutputFile, UpdateActionResultRequest};
+use common::postgres::Postgres;
+use common::s3::S3Server;
+use common::Coordinator;
+use tonic::Code;
+
+const BUCKET: &str = "casbuild-cluster";
+const F: DigestFunction = DigestFunction::Sha256;
+
+/// A coordinator on `database` and `bucket`, with its own disk under `dir/NAME`.
+fn coordinator(postgres: &Postgres, s3: &S3Server, dir: &Path, name: &str) -> Coordinator {
+    let config = dir.join(format!("{name}.toml"));
+    let credentials = s3.credentials_file(dir);
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{}\"\n[object_store]\nendpoint = \"{}\"\nbucket = \"{BUCKET}\"\n\
+             credentials_file = \"{}\"\nrequest_timeout = \"5s\"\n",
+            postgres.url,
+            s3.endpoint,
+            credentials.display()
+        ),
+    )
+    .unwrap();
+    Coordinator::start(&dir.join(name), &["--config", config.to_str().unwrap()])
+}
+
+fn get_request(action: &Digest) -> GetActionResultRequest {
+    GetActionResultRequest {
+        action_digest: Some(action.to_proto()),
+        digest_function: F.to_proto() as i32,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinators_share_results_and_assets_and_a_database_crash_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let test = "shared_state";
+    let Some(mut postgres) = Postgres::start(test, &dir.path().join("pg")) else { return };
+    let Some(s3) = S3Server::start(test, &dir.path().join("s3"), &[BUCKET]) else { return };
+    let first = coordinator(&postgres, &s3, dir.path(), "first");
+    let second = coordinator(&postgres, &s3, dir.path(), "second");
+
+    // Results written through the first, each naming an output blob it holds.
+    let output = Bytes::from(common::bytes(7, 50_000));
+    let output_digest = F.digest_of(&output);
+    common::execute::upload(&first, vec![(output_digest, output.clone())]).await;
+    let actions: Vec<Digest> = (0..20).map(|i| F.digest_of(format!("action {i}").as_bytes())).collect();
+    let result = |i: usize| ActionResult {
+        exit_code: i as i32,
+        output_files: vec![OutputFile {
+            path: format!("out/{i}"),
+            digest: Some(output_digest.to_proto()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut writer = first.action_cache().await;
+    for (i, action) in actions.iter().enumerate() {
+        writer
+            .update_action_result(UpdateActionResultRequest {
+                action_digest: Some(action.to_proto()),
+                action_result: Some(result(i)),
+                digest_function: F.to_proto() as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    // ... are hits on the second, which never saw them.
+    let mut reader = second.action_cache().await;
+    for (i, action) in actions.iter().enumerate() {
+        let got = reader.get_action_result(get_request(action)).await.unwrap().into_inner();
+        assert_eq!(got.exit_code, i as i32);
+    }
+    let absent = F.digest_of(b"never run");
+    assert_eq!(reader.get_action_result(get_request(&absent)).await.unwrap_err().code(), Code::NotFound);
+
+    // A Remote Asset pushed through the first is fetched through the second.
+    let uri = "https://example.org/shared.tar.gz";
+    PushClient::new(first.channel().await)
+        .push_blob(PushBlobRequest {
+            uris: vec![uri.into()],
+            blob_digest: Some(output_digest.to_proto()),
+            digest_function: F.to_proto() as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let fetched = FetchClient::new(second.channel().await)
+        .fetch_blob(FetchBlobRequest {
+            uris: vec![uri.into()],
+            digest_function: F.to_proto() as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.blob_digest, Some(output_digest.to_proto()));
+
+    // The database crashes: lookups fail as unavailable, naming it...
+    postgres.crash();
+    let err = reader.get_action_result(get_request(&actions[0])).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains(&format!("database 127.0.0.1:{}", postgres.port)), "{err:?}");
+    // ... and once it has recovered, every acknowledged result is there.
+    postgres.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (i, action) in actions.iter().enumerate() {
+        loop {
+            match reader.get_action_result(get_request(action)).await {
+                Ok(got) => {
+                    assert_eq!(got.into_inner().exit_code, i as i32);
+                    break;
+                }
+                Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("result {i} after the database's restart: {e:?}"),
+            }
+        }
+    }
+    drop((first, second));
+}
+
+#[test]
+fn bazel_builds_through_one_coordinator_and_rebuilds_from_cache_through_another() {
+    let test = "shared_state_bazel";
+    if !(common::needs_root(test, true) && common::bazel::available(test)) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(postgres) = Postgres::start(test, &dir.path().join("pg")) else { return };
+    let Some(s3) = S3Server::start(test, &dir.path().join("s3"), &[BUCKET]) else { return };
+    let first = coordinator(&postgres, &s3, dir.path(), "first");
+    let second = coordinator(&postgres, &s3, dir.path(), "second");
+    let _worker = common::start_worker(&first, dir.path(), 1, &[]);
+
+    let ws = dir.path().join("ws");
+    common::bazel::sample_workspace(&ws);
+    let repos = common::bazel::offline_repositories(&dir.path().join("repos"));
+    let root = dir.path().join("bazel-root");
+    let build = |server: &Coordinator| {
+        let mut args = vec!["build".to_owned(), format!("--remote_executor={}", server.url())];
+        args.extend(repos.iter().cloned());
+        args.extend(["//pkg:c".to_owned(), "//pkg:app".to_owned()]);
+        common::bazel::run(&ws, &root, &args)
+    };
+    let (ok, cold) = build(&first);
+    assert!(ok, "{cold}");
+    let executed = common::bazel::processes(&cold, " remote");
+    assert!(executed >= 6, "{cold}");
+
+    assert!(common::bazel::run(&ws, &root, &["clean"]).0);
+    // The second coordinator has no worker: everything must come from the
+    // shared action cache and bucket.
+    let (ok, warm) = build(&second);
+    assert!(ok, "{warm}");
+    assert_eq!(common::bazel::processes(&warm, " remote cache hit"), executed, "{warm}");
+    assert_eq!(common::bazel::processes(&warm, " remote"), 0, "{warm}");
+    assert_eq!(std::fs::read_to_string(ws.join("bazel-bin/pkg/c.txt")).unwrap(), "HELLO\nHELLO\nSOME INPUT\n");
+    let app = std::process::Command::new(ws.join("bazel-bin/pkg/app")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&app.stdout), "42\n");
+}
