@@ -135,6 +135,10 @@ impl ObjectBlobStore {
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&config.bucket)
             .with_region(&config.region)
+            // Requests are signed without hashing their bodies once more:
+            // every blob is hashed on arrival and verified on every read,
+            // which is what protects its bytes (in transit too).
+            .with_unsigned_payload(true)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(50),

@@ -39,6 +39,13 @@ pub struct CasArgs {
     /// Digest function of the blobs.
     #[arg(long, default_value = "sha256")]
     digest_function: DigestFunction,
+    /// An `s3s-fs` binary: also measure the calls through a coordinator keeping its blobs in a bucket of
+    /// that S3-compatible server (started on loopback), against the local disk tier alone.
+    #[arg(long)]
+    s3_server: Option<PathBuf>,
+    /// Measure only the object-storage rows (with --s3-server).
+    #[arg(long, requires = "s3_server")]
+    only_object_store: bool,
 }
 
 pub async fn bench_cas(args: CasArgs) -> anyhow::Result<()> {
@@ -47,10 +54,19 @@ pub async fn bench_cas(args: CasArgs) -> anyhow::Result<()> {
         crate::cmd::ops::install_recorder()?;
     }
     let scratch = super::scratch_dir(args.dir.as_deref())?;
-    let server = LocalServer::start(&scratch.path().join("store")).await?;
-    let remote = server.remote.clone();
     let function = args.digest_function;
     let mut rows = Vec::new();
+    if let Some(binary) = &args.s3_server {
+        eprintln!("bench: the calls through an S3-compatible bucket ({}), against the local disk", binary.display());
+        let (size, count, small) = (args.size, args.count, args.small_size);
+        rows.extend(super::objects::rows(binary, scratch.path(), function, size, count, small, args.runs).await?);
+        if args.only_object_store {
+            print_table(&rows);
+            return Ok(());
+        }
+    }
+    let server = LocalServer::start(&scratch.path().join("store")).await?;
+    let remote = server.remote.clone();
 
     eprintln!("bench: {} runs of a {} blob over ByteStream", args.runs, bytesize::ByteSize(args.size));
     let (upload, download, native_write, native_read) =
@@ -216,22 +232,8 @@ async fn large_blob(
         let digest = function.digest_of(&blob);
 
         settle_disk().await?;
-        let start = Instant::now();
-        let mut writer = remote.begin_write(&digest).await?;
-        for at in (0..blob.len()).step_by(CHUNK_SIZE) {
-            writer.write(blob.slice(at..blob.len().min(at + CHUNK_SIZE))).await?;
-        }
-        writer.commit().await?;
-        up.push(start.elapsed());
-
-        let start = Instant::now();
-        let mut stream = remote.read(&digest, 0, None).await?;
-        let mut received = 0;
-        while let Some(chunk) = stream.next().await {
-            received += chunk?.len();
-        }
-        down.push(start.elapsed());
-        anyhow::ensure!(received == blob.len(), "downloaded {received} bytes, not {}", blob.len());
+        up.push(super::objects::upload(remote, &digest, &blob).await?);
+        down.push(super::objects::download(remote, &digest).await?);
 
         let (path, bytes) = (native.to_path_buf(), blob.clone());
         settle_disk().await?;

@@ -7,6 +7,7 @@ mod demo;
 mod exec;
 mod graph;
 mod mount;
+mod objects;
 mod pki;
 mod sandbox;
 
@@ -130,6 +131,16 @@ impl LocalServer {
     ) -> anyhow::Result<LocalServer> {
         let mut storage_config = StorageConfig::new(dir.to_path_buf());
         storage_config.max_disk = u64::MAX;
+        LocalServer::start_on(storage_config, config, connect).await
+    }
+
+    /// A server on `storage_config`, with `config` (auth, TLS), and a client
+    /// connected with `connect`.
+    async fn start_on(
+        storage_config: StorageConfig,
+        config: casbuild_coordinator::ServerConfig,
+        connect: casbuild_cas::store::ConnectOptions,
+    ) -> anyhow::Result<LocalServer> {
         let storage = tokio::task::spawn_blocking(move || Storage::open(&storage_config)).await??;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let scheme = if config.tls.is_some() { "grpcs" } else { "grpc" };
