@@ -547,7 +547,14 @@ async fn append_report(stderr: &std::path::Path, message: &str) {
     use tokio::io::AsyncWriteExt;
     let text = report_suffix(message);
     let file = tokio::fs::OpenOptions::new().append(true).open(stderr).await;
-    if let Err(e) = async { file?.write_all(text.as_bytes()).await }.await {
+    // Flushed: the file is read (and uploaded) right after, and a tokio
+    // file's write may still be on a blocking thread when it returns.
+    let written = async {
+        let mut file = file?;
+        file.write_all(text.as_bytes()).await?;
+        file.flush().await
+    };
+    if let Err(e) = written.await {
         tracing::warn!("appending the hermeticity report to {}: {e}", stderr.display());
     }
 }

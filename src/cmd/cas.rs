@@ -218,7 +218,12 @@ async fn create_new(dest: &Path) -> anyhow::Result<tokio::fs::File> {
 }
 
 async fn write_new_file(dest: &Path, bytes: &[u8], executable: bool) -> anyhow::Result<()> {
-    create_new(dest).await?.write_all(bytes).await.with_context(|| format!("writing {}", dest.display()))?;
+    let mut file = create_new(dest).await?;
+    // A tokio file hands writes to a blocking thread: without the flush the
+    // bytes could still be on their way when the caller (or the process)
+    // moves on, leaving an empty file behind.
+    file.write_all(bytes).await.with_context(|| format!("writing {}", dest.display()))?;
+    file.flush().await.with_context(|| format!("writing {}", dest.display()))?;
     if executable {
         set_executable(dest)?;
     }
