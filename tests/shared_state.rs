@@ -1,6 +1,7 @@
 //! Several coordinators over one PostgreSQL database and one S3-compatible
 //! bucket, all real processes on loopback: results and Remote Asset records
-//! written through one are served by the other, a database crash loses
+//! written through one are served by the other (and reach the other's
+//! existence filter), a database crash loses
 //! nothing that was acknowledged, and Bazel's clean rebuild through the
 //! second coordinator is all cache hits.
 
@@ -14,6 +15,9 @@ use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_proto::asset::fetch_client::FetchClient;
 use casbuild_proto::asset::push_client::PushClient;
 use casbuild_proto::asset::{FetchBlobRequest, PushBlobRequest};
+use casbuild_proto::cc::existence_filter_client::ExistenceFilterClient;
+use casbuild_proto::cc::get_filter_response::Filter;
+use casbuild_proto::cc::GetFilterRequest;
 use casbuild_proto::reapi::{ActionResult, GetActionResultRequest, OutputFile, UpdateActionResultRequest};
 use common::postgres::Postgres;
 use common::s3::S3Server;
@@ -58,6 +62,12 @@ async fn coordinators_share_results_and_assets_and_a_database_crash_loses_nothin
     let first = coordinator(&postgres, &s3, dir.path(), "first");
     let second = coordinator(&postgres, &s3, dir.path(), "second");
 
+    // A `casbuild cc` daemon's existence filter, from the second coordinator.
+    let mut filters = ExistenceFilterClient::new(second.channel().await);
+    let filter = |epoch, generation| GetFilterRequest { instance_name: String::new(), epoch, generation };
+    let first_filter = filters.get_filter(filter(0, 0)).await.unwrap().into_inner();
+    assert!(matches!(first_filter.filter, Some(Filter::Full(_))));
+
     // Results written through the first, each naming an output blob it holds.
     let output = Bytes::from(common::bytes(7, 50_000));
     let output_digest = F.digest_of(&output);
@@ -90,6 +100,23 @@ async fn coordinators_share_results_and_assets_and_a_database_crash_loses_nothin
         let got = reader.get_action_result(get_request(action)).await.unwrap().into_inner();
         assert_eq!(got.exit_code, i as i32);
     }
+    // The second's filter learns of them (it polls the database) and the
+    // daemon's next refresh carries them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let added = loop {
+        let refresh =
+            filters.get_filter(filter(first_filter.epoch, first_filter.generation)).await.unwrap().into_inner();
+        let Some(Filter::Added(added)) = refresh.filter else { panic!("an incremental refresh") };
+        if added.keys.len() >= actions.len() || Instant::now() > deadline {
+            break added.keys;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut expected: Vec<Vec<u8>> = actions.iter().map(|a| a.hash.to_vec()).collect();
+    let mut added = added;
+    expected.sort();
+    added.sort();
+    assert_eq!(added, expected, "each result written through the first, once");
     let absent = F.digest_of(b"never run");
     assert_eq!(reader.get_action_result(get_request(&absent)).await.unwrap_err().code(), Code::NotFound);
 

@@ -53,6 +53,14 @@ impl ActionCache {
         ActionCache { backend: Backend::Database(database), observer: Arc::default() }
     }
 
+    /// The shared database the entries are in, if they are in one.
+    pub fn database(&self) -> Option<&Database> {
+        match &self.backend {
+            Backend::Database(database) => Some(database),
+            Backend::Files(_) => None,
+        }
+    }
+
     /// Bytes the entries take, and how many there are.
     pub async fn usage(&self) -> Result<(u64, usize), StoreError> {
         match &self.backend {

@@ -9,7 +9,7 @@
 //! migrated at connect, under an advisory lock (coordinators may start
 //! together), and a schema newer than this casbuild knows is refused.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
@@ -19,10 +19,11 @@ use crate::namespace::instance_dir;
 use crate::store::StoreError;
 
 /// The schema version this casbuild writes.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Statements taking the schema from version N to N + 1.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE casbuild_action_cache (
         instance TEXT NOT NULL,
         function TEXT NOT NULL,
@@ -39,7 +40,11 @@ const MIGRATIONS: &[&str] = &["
         written_at TIMESTAMPTZ NOT NULL DEFAULT now(),
         PRIMARY KEY (instance, key)
     );
-"];
+",
+    "
+    CREATE INDEX casbuild_action_cache_recent ON casbuild_action_cache (instance, written_at);
+",
+];
 
 /// Serializes migrations of coordinators starting at once ("casbuild" in ASCII).
 const MIGRATION_LOCK: i64 = 0x63_6173_6275_696c;
@@ -169,6 +174,27 @@ impl Database {
                 Some(Digest { function, hash: hash.try_into().ok()?, size_bytes: u64::try_from(size).ok()? })
             })
             .collect())
+    }
+
+    /// The database's clock (the one `written_at` is read from).
+    pub async fn now(&self) -> Result<SystemTime, StoreError> {
+        let client = self.client().await?;
+        let row = client.query_one("SELECT now()", &[]).await.map_err(|e| self.unavailable("reading the clock", e))?;
+        Ok(row.get(0))
+    }
+
+    /// The hashes of the action digests of `instance` written at or after
+    /// `since` (by the database's clock), whatever their digest function.
+    pub async fn action_hashes_since(&self, instance: &str, since: SystemTime) -> Result<Vec<[u8; 32]>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT hash FROM casbuild_action_cache WHERE instance = $1 AND written_at >= $2",
+                &[&instance_dir(instance), &since],
+            )
+            .await
+            .map_err(|e| self.unavailable("listing recent action cache entries", e))?;
+        Ok(rows.iter().filter_map(|row| row.get::<_, &[u8]>(0).try_into().ok()).collect())
     }
 
     /// Bytes of results held, and how many there are.

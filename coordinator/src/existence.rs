@@ -8,6 +8,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
+use casbuild_cas::database::Database;
 use casbuild_cas::digest::DigestFunction;
 use casbuild_cas::storage::Storage;
 use casbuild_proto::cc::existence_filter_server::ExistenceFilter;
@@ -105,6 +108,14 @@ impl InstanceFilter {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Adds a key another coordinator wrote, unless the filter may hold it
+    /// already (then every client's filter says "maybe" for it anyway).
+    fn add_if_new(&self, key: &[u8]) {
+        if !self.lock().bloom.may_contain(key) {
+            self.add(key);
+        }
+    }
+
     fn add(&self, key: &[u8]) {
         let mut inner = self.lock();
         inner.bloom.insert(key);
@@ -149,6 +160,9 @@ impl ExistenceService {
         if !installed {
             tracing::warn!("the action cache already has an observer; existence filters will only see restarts");
         }
+        if let Some(database) = storage.action_cache().database() {
+            tokio::spawn(follow_database(Arc::downgrade(&filters), database.clone()));
+        }
         ExistenceService { storage, filters }
     }
 
@@ -176,6 +190,57 @@ impl ExistenceService {
             })
             .await?;
         Ok(filter)
+    }
+}
+
+/// How often a coordinator on a shared database looks for results the
+/// other coordinators wrote.
+const FOLLOW_PERIOD: Duration = Duration::from_secs(2);
+/// How far before the previous look each look reaches back: a result's
+/// `written_at` is its transaction's start, which may precede its commit.
+const FOLLOW_OVERLAP: Duration = Duration::from_secs(10);
+
+/// Adds the results other coordinators write to the shared database to the
+/// filters built here (local writes arrive through the observer), so a
+/// `casbuild cc` daemon on any coordinator learns of every coordinator's
+/// results at its next refresh. Ends when the service is gone.
+async fn follow_database(filters: std::sync::Weak<Mutex<LruCache<String, Arc<InstanceFilter>>>>, database: Database) {
+    // From before any filter here was built: each filter's scan covers what
+    // came before it, this covers what comes after.
+    let mut since = loop {
+        match database.now().await {
+            Ok(now) => break now,
+            Err(e) => tracing::debug!("existence filters: {e}"),
+        }
+        tokio::time::sleep(FOLLOW_PERIOD).await;
+    };
+    loop {
+        tokio::time::sleep(FOLLOW_PERIOD).await;
+        let Some(filters) = filters.upgrade() else { return };
+        let built: Vec<(String, Arc<InstanceFilter>)> = filters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, filter)| filter.scanned.initialized())
+            .map(|(name, filter)| (name.clone(), filter.clone()))
+            .collect();
+        drop(filters);
+        let Ok(now) = database.now().await else { continue };
+        let from = since.checked_sub(FOLLOW_OVERLAP).unwrap_or(since);
+        let mut complete = true;
+        for (instance, filter) in built {
+            match database.action_hashes_since(&instance, from).await {
+                Ok(hashes) => hashes.iter().for_each(|hash| filter.add_if_new(hash)),
+                Err(e) => {
+                    tracing::debug!("existence filters: {e}");
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        if complete {
+            since = now;
+        }
     }
 }
 
