@@ -1,13 +1,16 @@
 //! Several coordinators over one PostgreSQL database and one S3-compatible
 //! bucket, all real processes on loopback: results and Remote Asset records
 //! written through one are served by the other (and reach the other's
-//! existence filter), a database crash loses
-//! nothing that was acknowledged, and Bazel's clean rebuild through the
-//! second coordinator is all cache hits.
+//! existence filter), a database crash loses nothing that was acknowledged,
+//! Bazel's clean rebuild through the second coordinator is all cache hits,
+//! and a build whose coordinator is killed mid-action finishes through the
+//! other behind the same address.
 
 mod common;
 
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -29,6 +32,10 @@ const F: DigestFunction = DigestFunction::Sha256;
 
 /// A coordinator on `database` and `bucket`, with its own disk under `dir/NAME`.
 fn coordinator(postgres: &Postgres, s3: &S3Server, dir: &Path, name: &str) -> Coordinator {
+    coordinator_with(postgres, s3, dir, name, &[])
+}
+
+fn coordinator_with(postgres: &Postgres, s3: &S3Server, dir: &Path, name: &str, extra: &[&str]) -> Coordinator {
     let config = dir.join(format!("{name}.toml"));
     let credentials = s3.credentials_file(dir);
     std::fs::write(
@@ -42,7 +49,48 @@ fn coordinator(postgres: &Postgres, s3: &S3Server, dir: &Path, name: &str) -> Co
         ),
     )
     .unwrap();
-    Coordinator::start(&dir.join(name), &["--config", config.to_str().unwrap()])
+    let mut args = vec!["--config", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Coordinator::start(&dir.join(name), &args)
+}
+
+/// One address in front of several coordinators, as a TCP load balancer
+/// would be: each new connection goes to the current target.
+struct Proxy {
+    addr: String,
+    target: Arc<Mutex<String>>,
+}
+
+impl Proxy {
+    fn start(target: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let target = Arc::new(Mutex::new(target.to_owned()));
+        let current = target.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let to = current.lock().unwrap().clone();
+                std::thread::spawn(move || {
+                    let Ok(server) = TcpStream::connect(&to) else { return };
+                    let (mut client_in, mut server_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    let upstream = std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut client_in, &mut server_out);
+                        let _ = server_out.shutdown(Shutdown::Write);
+                    });
+                    let (mut server_in, mut client_out) = (server, client);
+                    let _ = std::io::copy(&mut server_in, &mut client_out);
+                    let _ = client_out.shutdown(Shutdown::Both);
+                    let _ = upstream.join();
+                });
+            }
+        });
+        Proxy { addr, target }
+    }
+
+    /// New connections go to `target` from now on.
+    fn switch(&self, target: &str) {
+        *self.target.lock().unwrap() = target.to_owned();
+    }
 }
 
 fn get_request(action: &Digest) -> GetActionResultRequest {
@@ -205,4 +253,63 @@ fn bazel_builds_through_one_coordinator_and_rebuilds_from_cache_through_another(
     assert_eq!(std::fs::read_to_string(ws.join("bazel-bin/pkg/c.txt")).unwrap(), "HELLO\nHELLO\nSOME INPUT\n");
     let app = std::process::Command::new(ws.join("bazel-bin/pkg/app")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&app.stdout), "42\n");
+}
+
+#[test]
+fn a_build_survives_its_coordinator_being_killed() {
+    let test = "shared_state_failover";
+    if !(common::needs_root(test, true) && common::bazel::available(test)) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(postgres) = Postgres::start(test, &dir.path().join("pg")) else { return };
+    let Some(s3) = S3Server::start(test, &dir.path().join("s3"), &[BUCKET]) else { return };
+    let first = coordinator_with(&postgres, &s3, dir.path(), "first", &["--metrics-listen", "127.0.0.1:0"]);
+    let second = coordinator(&postgres, &s3, dir.path(), "second");
+    let _w1 = common::start_worker(&first, dir.path(), 1, &[]);
+    let _w2 = common::start_worker(&second, dir.path(), 2, &[]);
+    let proxy = Proxy::start(&first.addr);
+
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(ws.join("pkg")).unwrap();
+    std::fs::write(ws.join("WORKSPACE"), "").unwrap();
+    std::fs::write(
+        ws.join("pkg/BUILD"),
+        r#"
+genrule(name = "a", outs = ["a.txt"], cmd = "echo a > $@")
+genrule(name = "slow", srcs = [":a"], outs = ["slow.txt"], cmd = "sleep 8; cat $< > $@; echo slow >> $@")
+genrule(name = "after", srcs = [":slow"], outs = ["after.txt"], cmd = "cat $< > $@; echo after >> $@")
+"#,
+    )
+    .unwrap();
+    let repos = common::bazel::offline_repositories(&dir.path().join("repos"));
+    let root = dir.path().join("bazel-root");
+    let mut args = vec!["build".to_owned(), format!("--remote_executor=grpc://{}", proxy.addr)];
+    args.extend(repos);
+    args.push("//pkg:after".to_owned());
+    let (ws_in, root_in) = (ws.clone(), root.clone());
+    let build = std::thread::spawn(move || common::bazel::run(&ws_in, &root_in, &args));
+
+    // Once the slow action has been running on the first coordinator's
+    // worker for a second, the first coordinator dies.
+    let metrics = first.metrics_addr();
+    let leased = || common::http::sample(&common::http::get(&metrics, "/metrics").1, "casbuild_worker_leases", &[]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut running_since = None;
+    loop {
+        assert!(Instant::now() < deadline, "the slow action never started");
+        match (leased() >= 1.0, running_since) {
+            (true, None) => running_since = Some(Instant::now()),
+            (true, Some(t)) if t.elapsed() > Duration::from_secs(1) => break,
+            (false, _) => running_since = None,
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    proxy.switch(&second.addr);
+    first.kill();
+
+    let (ok, output) = build.join().unwrap();
+    assert!(ok, "the build finishes through the second coordinator:\n{output}");
+    assert_eq!(std::fs::read_to_string(ws.join("bazel-bin/pkg/after.txt")).unwrap(), "a\nslow\nafter\n");
 }
