@@ -93,6 +93,26 @@ impl Proxy {
     }
 }
 
+/// A database, a bucket and two coordinators on them, in a new directory.
+struct Cluster {
+    postgres: Postgres,
+    s3: S3Server,
+    first: Coordinator,
+    second: Coordinator,
+    dir: tempfile::TempDir,
+}
+
+/// Starts a [`Cluster`], the first coordinator with `first_extra` flags;
+/// `None` when the test skips (see [`Postgres::start`]).
+fn cluster(test: &str, first_extra: &[&str]) -> Option<Cluster> {
+    let dir = tempfile::tempdir().unwrap();
+    let postgres = Postgres::start(test, &dir.path().join("pg"))?;
+    let s3 = S3Server::start(test, &dir.path().join("s3"), &[BUCKET])?;
+    let first = coordinator_with(&postgres, &s3, dir.path(), "first", first_extra);
+    let second = coordinator(&postgres, &s3, dir.path(), "second");
+    Some(Cluster { postgres, s3, first, second, dir })
+}
+
 fn get_request(action: &Digest) -> GetActionResultRequest {
     GetActionResultRequest {
         action_digest: Some(action.to_proto()),
@@ -103,12 +123,9 @@ fn get_request(action: &Digest) -> GetActionResultRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinators_share_results_and_assets_and_a_database_crash_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let test = "shared_state";
-    let Some(mut postgres) = Postgres::start(test, &dir.path().join("pg")) else { return };
-    let Some(s3) = S3Server::start(test, &dir.path().join("s3"), &[BUCKET]) else { return };
-    let first = coordinator(&postgres, &s3, dir.path(), "first");
-    let second = coordinator(&postgres, &s3, dir.path(), "second");
+    let Some(Cluster { mut postgres, s3: _s3, first, second, dir: _dir }) = cluster("shared_state", &[]) else {
+        return;
+    };
 
     // A `casbuild cc` daemon's existence filter, from the second coordinator.
     let mut filters = ExistenceFilterClient::new(second.channel().await);
@@ -221,11 +238,7 @@ fn bazel_builds_through_one_coordinator_and_rebuilds_from_cache_through_another(
     if !(common::needs_root(test, true) && common::bazel::available(test)) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let Some(postgres) = Postgres::start(test, &dir.path().join("pg")) else { return };
-    let Some(s3) = S3Server::start(test, &dir.path().join("s3"), &[BUCKET]) else { return };
-    let first = coordinator(&postgres, &s3, dir.path(), "first");
-    let second = coordinator(&postgres, &s3, dir.path(), "second");
+    let Some(Cluster { postgres: _postgres, s3: _s3, first, second, dir }) = cluster(test, &[]) else { return };
     let _worker = common::start_worker(&first, dir.path(), 1, &[]);
 
     let ws = dir.path().join("ws");
@@ -261,11 +274,11 @@ fn a_build_survives_its_coordinator_being_killed() {
     if !(common::needs_root(test, true) && common::bazel::available(test)) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let Some(postgres) = Postgres::start(test, &dir.path().join("pg")) else { return };
-    let Some(s3) = S3Server::start(test, &dir.path().join("s3"), &[BUCKET]) else { return };
-    let first = coordinator_with(&postgres, &s3, dir.path(), "first", &["--metrics-listen", "127.0.0.1:0"]);
-    let second = coordinator(&postgres, &s3, dir.path(), "second");
+    let Some(Cluster { postgres: _postgres, s3: _s3, first, second, dir }) =
+        cluster(test, &["--metrics-listen", "127.0.0.1:0"])
+    else {
+        return;
+    };
     let _w1 = common::start_worker(&first, dir.path(), 1, &[]);
     let _w2 = common::start_worker(&second, dir.path(), 2, &[]);
     let proxy = Proxy::start(&first.addr);
@@ -312,4 +325,66 @@ genrule(name = "after", srcs = [":slow"], outs = ["after.txt"], cmd = "cat $< > 
     let (ok, output) = build.join().unwrap();
     assert!(ok, "the build finishes through the second coordinator:\n{output}");
     assert_eq!(std::fs::read_to_string(ws.join("bazel-bin/pkg/after.txt")).unwrap(), "a\nslow\nafter\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_are_followed_through_any_coordinator() {
+    use casbuild_proto::longrunning::operations_client::OperationsClient;
+    use casbuild_proto::longrunning::GetOperationRequest;
+    use casbuild_proto::reapi::execution_client::ExecutionClient;
+    use casbuild_proto::reapi::WaitExecutionRequest;
+    use common::execute::{execute_request, operations, response_of, shell_action, upload};
+
+    let test = "shared_state_operations";
+    if !common::needs_root(test, true) {
+        return;
+    }
+    let Some(Cluster { postgres: _postgres, s3: _s3, first, second, dir }) = cluster(test, &[]) else { return };
+    let worker = common::start_worker(&first, dir.path(), 1, &[]);
+
+    // An action executed through the first is followed to its end through the second.
+    let (action, blobs) = shell_action("sleep 2; echo hi > out");
+    upload(&first, blobs).await;
+    let mut client = ExecutionClient::new(first.channel().await);
+    let mut running = client.execute(execute_request(&action, true)).await.unwrap().into_inner();
+    let name = running.message().await.unwrap().unwrap().name;
+    let mut elsewhere = ExecutionClient::new(second.channel().await);
+    let followed =
+        operations(elsewhere.wait_execution(WaitExecutionRequest { name: name.clone() }).await.unwrap().into_inner())
+            .await;
+    let last = followed.last().unwrap();
+    assert_eq!(last.name, name);
+    assert_eq!(response_of(last).result.unwrap().exit_code, 0);
+    let mut ops = OperationsClient::new(second.channel().await);
+    let got = ops.get_operation(GetOperationRequest { name: name.clone() }).await.unwrap().into_inner();
+    assert!(got.done, "{got:?}");
+    for unknown in ["operations/00000000-0000-0000-0000-000000000000", "elsewhere/x"] {
+        let err = ops.get_operation(GetOperationRequest { name: unknown.into() }).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{unknown}: {err:?}");
+    }
+    drop(running);
+
+    // When the coordinator running it dies, followers elsewhere are told to
+    // execute it again (NOT_FOUND, as REAPI says) instead of waiting forever.
+    let (slow, blobs) = shell_action("sleep 20; echo late > out");
+    upload(&first, blobs).await;
+    let mut running = client.execute(execute_request(&slow, true)).await.unwrap().into_inner();
+    let name = running.message().await.unwrap().unwrap().name;
+    let mut follower = elsewhere.wait_execution(WaitExecutionRequest { name }).await.unwrap().into_inner();
+    worker.kill();
+    first.kill();
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match follower.message().await {
+                Ok(Some(operation)) => assert!(!operation.done, "{operation:?}"),
+                Ok(None) => panic!("the stream ended without saying why"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the follower is told within 30 s");
+    assert_eq!(ended.code(), Code::NotFound, "REAPI's word for \"execute it again\": {ended:?}");
+    assert!(ended.message().contains("execute the action again"), "{ended:?}");
+    drop(running);
 }

@@ -19,7 +19,7 @@ use crate::namespace::instance_dir;
 use crate::store::StoreError;
 
 /// The schema version this casbuild writes.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Statements taking the schema from version N to N + 1.
 const MIGRATIONS: &[&str] = &[
@@ -43,6 +43,20 @@ const MIGRATIONS: &[&str] = &[
 ",
     "
     CREATE INDEX casbuild_action_cache_recent ON casbuild_action_cache (instance, written_at);
+",
+    "
+    CREATE TABLE casbuild_operations (
+        name TEXT PRIMARY KEY,
+        instance BYTEA NOT NULL,
+        coordinator TEXT NOT NULL,
+        operation BYTEA NOT NULL,
+        done BOOLEAN NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE TABLE casbuild_coordinators (
+        id TEXT PRIMARY KEY,
+        seen_at TIMESTAMPTZ NOT NULL
+    );
 ",
 ];
 
@@ -236,6 +250,98 @@ impl Database {
             .await
             .map_err(|e| self.unavailable("writing Remote Asset records", e))?;
         Ok(())
+    }
+}
+
+/// An operation as another coordinator sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedOperation {
+    /// The instance it runs in.
+    pub instance: String,
+    /// The coordinator that runs it.
+    pub coordinator: String,
+    /// The encoded google.longrunning.Operation, as last published.
+    pub operation: Vec<u8>,
+    /// Whether that operation is done.
+    pub done: bool,
+}
+
+impl Database {
+    /// Publishes the latest state of operation `name`, run by `coordinator`.
+    pub async fn put_operation(
+        &self,
+        name: &str,
+        instance: &str,
+        coordinator: &str,
+        operation: &[u8],
+        done: bool,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO casbuild_operations (name, instance, coordinator, operation, done) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (name) DO UPDATE SET operation = EXCLUDED.operation, done = EXCLUDED.done, \
+                 updated_at = now()",
+                &[&name, &instance.as_bytes(), &coordinator, &operation, &done],
+            )
+            .await
+            .map_err(|e| self.unavailable("publishing an operation", e))?;
+        Ok(())
+    }
+
+    /// Operation `name` as last published, if any coordinator published it.
+    pub async fn operation(&self, name: &str) -> Result<Option<SharedOperation>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT instance, coordinator, operation, done FROM casbuild_operations WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(|e| self.unavailable("reading an operation", e))?;
+        Ok(row.map(|row| SharedOperation {
+            instance: String::from_utf8_lossy(row.get::<_, &[u8]>(0)).into_owned(),
+            coordinator: row.get(1),
+            operation: row.get(2),
+            done: row.get(3),
+        }))
+    }
+
+    /// Records that `coordinator` is alive now, and forgets finished
+    /// operations older than `keep_done`.
+    pub async fn heartbeat(&self, coordinator: &str, keep_done: Duration) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let failed = |e| self.unavailable("recording this coordinator's heartbeat", e);
+        client
+            .execute(
+                "INSERT INTO casbuild_coordinators (id, seen_at) VALUES ($1, now()) \
+                 ON CONFLICT (id) DO UPDATE SET seen_at = now()",
+                &[&coordinator],
+            )
+            .await
+            .map_err(failed)?;
+        client
+            .execute(
+                "DELETE FROM casbuild_operations WHERE done AND updated_at < now() - make_interval(secs => $1)",
+                &[&keep_done.as_secs_f64()],
+            )
+            .await
+            .map_err(failed)?;
+        Ok(())
+    }
+
+    /// Whether `coordinator` recorded a heartbeat within `within`.
+    pub async fn coordinator_alive(&self, coordinator: &str, within: Duration) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT 1 FROM casbuild_coordinators WHERE id = $1 AND seen_at > now() - make_interval(secs => $2)",
+                &[&coordinator, &within.as_secs_f64()],
+            )
+            .await
+            .map_err(|e| self.unavailable("reading coordinators' heartbeats", e))?;
+        Ok(row.is_some())
     }
 }
 

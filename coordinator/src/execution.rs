@@ -2,7 +2,6 @@
 //! Operations service (GetOperation, CancelOperation) over the [`Scheduler`].
 //! The only place a job's [`JobState`] becomes a `google.longrunning.Operation`.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use casbuild_cas::storage::Storage;
@@ -32,19 +31,37 @@ const DEFAULT_PAGE: usize = 100;
 /// The most operations in one page.
 const MAX_PAGE: usize = 1000;
 
-type OperationStream = Pin<Box<dyn Stream<Item = Result<Operation, Status>> + Send>>;
+use crate::shared_operations::{OperationStream, SharedOperations};
 
 /// Execution and Operations, sharing one scheduler.
 #[derive(Clone)]
 pub struct ExecutionService {
     storage: Arc<Storage>,
     scheduler: Arc<Scheduler>,
+    /// The cluster's operations, when the action cache is in a shared database.
+    shared: Option<Arc<SharedOperations>>,
 }
 
 impl ExecutionService {
-    /// Serves `scheduler`, looking up results in `storage`'s action cache.
+    /// Serves `scheduler`, looking up results in `storage`'s action cache
+    /// (and operations of other coordinators in its database, if shared).
     pub fn new(storage: Arc<Storage>, scheduler: Arc<Scheduler>) -> Self {
-        ExecutionService { storage, scheduler }
+        let shared = storage.action_cache().database().cloned().map(SharedOperations::start);
+        ExecutionService { storage, scheduler, shared }
+    }
+
+    /// Operation `name` as another coordinator of the cluster published it,
+    /// for a caller who may execute on its instance.
+    async fn elsewhere(
+        &self,
+        principal: &Principal,
+        name: &str,
+    ) -> Result<Option<(Arc<SharedOperations>, casbuild_cas::database::SharedOperation)>, Status> {
+        let Some(shared) = &self.shared else { return Ok(None) };
+        match shared.find(name).await? {
+            Some(row) if principal.may(Permission::Execute, &row.instance) => Ok(Some((shared.clone(), row))),
+            _ => Ok(None),
+        }
     }
 
     /// The updates of operation `name`, for a caller who may execute on its
@@ -145,6 +162,9 @@ impl Execution for ExecutionService {
         }
         let priority = request.execution_policy.map_or(0, |p| p.priority);
         let submitted = self.scheduler.submit(&instance, action, priority);
+        if let Some(shared) = &self.shared {
+            shared.publish(submitted.name.clone(), instance, submitted.updates.clone(), to_operation).await;
+        }
         Ok(Response::new(updates(submitted.updates, submitted.name)))
     }
 
@@ -154,8 +174,13 @@ impl Execution for ExecutionService {
     ) -> Result<Response<Self::WaitExecutionStream>, Status> {
         let principal = principal(&request)?;
         let name = request.into_inner().name;
-        let receiver = self.operation(&principal, &name)?;
-        Ok(Response::new(updates(receiver, name)))
+        match self.operation(&principal, &name) {
+            Ok(receiver) => Ok(Response::new(updates(receiver, name))),
+            Err(not_here) => match self.elsewhere(&principal, &name).await? {
+                Some((shared, row)) => Ok(Response::new(shared.follow(name, row))),
+                None => Err(not_here),
+            },
+        }
     }
 }
 
@@ -204,9 +229,13 @@ impl Operations for ExecutionService {
     async fn get_operation(&self, request: Request<GetOperationRequest>) -> Result<Response<Operation>, Status> {
         let principal = principal(&request)?;
         let name = request.into_inner().name;
-        let receiver = self.operation(&principal, &name)?;
-        let operation = to_operation(&name, &receiver.borrow());
-        Ok(Response::new(operation))
+        match self.operation(&principal, &name) {
+            Ok(receiver) => Ok(Response::new(to_operation(&name, &receiver.borrow()))),
+            Err(not_here) => match self.elsewhere(&principal, &name).await? {
+                Some((_, row)) => Ok(Response::new(SharedOperations::decode(&row)?)),
+                None => Err(not_here),
+            },
+        }
     }
 
     async fn delete_operation(&self, _request: Request<DeleteOperationRequest>) -> Result<Response<Empty>, Status> {

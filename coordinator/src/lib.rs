@@ -28,6 +28,7 @@ pub mod graph;
 pub mod metrics;
 pub mod scheduler;
 mod server;
+mod shared_operations;
 mod sri;
 pub mod status;
 pub mod status_page;
