@@ -31,12 +31,17 @@ pub fn casbuild() -> Command {
 /// Starts `casbuild worker` number `n` (named `wN`) for `server`, with its
 /// own mount, cache and scratch under `dir/worker-N`, and extra flags.
 pub fn start_worker(server: &Coordinator, dir: &Path, n: u32, extra: &[&str]) -> Coordinator {
+    start_worker_at(&server.url(), dir, n, extra)
+}
+
+/// [`start_worker`] for the coordinator at `url`.
+pub fn start_worker_at(url: &str, dir: &Path, n: u32, extra: &[&str]) -> Coordinator {
     let base = dir.join(format!("worker-{n}"));
     let path = |sub: &str| base.join(sub).to_str().unwrap().to_owned();
-    let (url, name) = (server.url(), format!("w{n}"));
+    let name = format!("w{n}");
     let (mount, cache, scratch) = (path("cas"), path("cache"), path("scratch"));
     let mut args =
-        vec!["worker", "--coordinator", &url, "--mount", &mount, "--cache-dir", &cache, "--scratch", &scratch];
+        vec!["worker", "--coordinator", url, "--mount", &mount, "--cache-dir", &cache, "--scratch", &scratch];
     args.extend_from_slice(&["--name", &name]);
     args.extend_from_slice(extra);
     Coordinator::spawn(&args, "casbuild worker ", &base, true)
