@@ -309,7 +309,9 @@ impl Database {
     }
 
     /// Records that `coordinator` is alive now, and forgets finished
-    /// operations older than `keep_done`.
+    /// operations older than `keep_done`, and the unfinished operations and
+    /// heartbeats of coordinators silent that long (each start is a new
+    /// coordinator id, so without this they would pile up).
     pub async fn heartbeat(&self, coordinator: &str, keep_done: Duration) -> Result<(), StoreError> {
         let client = self.client().await?;
         let failed = |e| self.unavailable("recording this coordinator's heartbeat", e);
@@ -321,13 +323,15 @@ impl Database {
             )
             .await
             .map_err(failed)?;
-        client
-            .execute(
-                "DELETE FROM casbuild_operations WHERE done AND updated_at < now() - make_interval(secs => $1)",
-                &[&keep_done.as_secs_f64()],
-            )
-            .await
-            .map_err(failed)?;
+        let keep = keep_done.as_secs_f64();
+        for statement in [
+            "DELETE FROM casbuild_operations WHERE done AND updated_at < now() - make_interval(secs => $1)",
+            "DELETE FROM casbuild_operations o WHERE NOT done AND NOT EXISTS (SELECT 1 FROM casbuild_coordinators c \
+             WHERE c.id = o.coordinator AND c.seen_at > now() - make_interval(secs => $1))",
+            "DELETE FROM casbuild_coordinators WHERE seen_at < now() - make_interval(secs => $1)",
+        ] {
+            client.execute(statement, &[&keep]).await.map_err(failed)?;
+        }
         Ok(())
     }
 
