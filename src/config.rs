@@ -57,12 +57,12 @@ pub fn default_state_dir() -> PathBuf {
 /// not show in `ps`.
 pub fn secret(value: Option<String>, file: Option<&Path>) -> anyhow::Result<Option<String>> {
     match (value, file) {
-        (Some(_), Some(path)) => anyhow::bail!("give the token or {}, not both", path.display()),
+        (Some(_), Some(path)) => anyhow::bail!("give the value or the file {}, not both", path.display()),
         (value, None) => Ok(value.filter(|v| !v.is_empty())),
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let token = text.lines().next().unwrap_or_default().trim().to_owned();
-            anyhow::ensure!(!token.is_empty(), "{} holds no token", path.display());
+            anyhow::ensure!(!token.is_empty(), "{} is empty: its first line should hold the secret", path.display());
             Ok(Some(token))
         }
     }

@@ -131,21 +131,8 @@ fn an_unreachable_bucket_or_bad_credentials_fail_with_clear_errors() {
 
 /// A coordinator keeping its blobs in the bucket, its disk as a cache.
 fn coordinator(server: &S3Server, dir: &Path, name: &str, extra: &[&str]) -> Coordinator {
-    let config = dir.join(format!("{name}.toml"));
-    let credentials = server.credentials_file(dir);
-    std::fs::write(
-        &config,
-        format!(
-            "[object_store]\nendpoint = \"{}\"\nbucket = \"{BUCKET}\"\nprefix = \"cluster-a\"\n\
-             credentials_file = \"{}\"\nrequest_timeout = \"3s\"\n",
-            server.endpoint,
-            credentials.display()
-        ),
-    )
-    .unwrap();
-    let mut args = vec!["--config", config.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Coordinator::start(&dir.join(name), &args)
+    let config = server.config_table(dir, BUCKET, "prefix = \"cluster-a\"\nrequest_timeout = \"3s\"\n");
+    Coordinator::start_with_config(&dir.join(name), &config, extra)
 }
 
 fn cas(args: &[&str]) -> std::process::Output {

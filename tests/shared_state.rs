@@ -36,22 +36,8 @@ fn coordinator(postgres: &Postgres, s3: &S3Server, dir: &Path, name: &str) -> Co
 }
 
 fn coordinator_with(postgres: &Postgres, s3: &S3Server, dir: &Path, name: &str, extra: &[&str]) -> Coordinator {
-    let config = dir.join(format!("{name}.toml"));
-    let credentials = s3.credentials_file(dir);
-    std::fs::write(
-        &config,
-        format!(
-            "database_url = \"{}\"\n[object_store]\nendpoint = \"{}\"\nbucket = \"{BUCKET}\"\n\
-             credentials_file = \"{}\"\nrequest_timeout = \"5s\"\n",
-            postgres.url,
-            s3.endpoint,
-            credentials.display()
-        ),
-    )
-    .unwrap();
-    let mut args = vec!["--config", config.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Coordinator::start(&dir.join(name), &args)
+    let table = s3.config_table(dir, BUCKET, "request_timeout = \"5s\"\n");
+    Coordinator::start_with_config(&dir.join(name), &format!("database_url = \"{}\"\n{table}", postgres.url), extra)
 }
 
 /// One address in front of several coordinators, as a TCP load balancer

@@ -72,6 +72,16 @@ impl Coordinator {
         Coordinator::spawn(&args, "casbuild coordinator listening on grpc://", storage, false)
     }
 
+    /// Starts a coordinator on `storage` whose `--config` file (`STORAGE.toml`,
+    /// beside it) holds `config`, with extra flags.
+    pub fn start_with_config(storage: &Path, config: &str, extra: &[&str]) -> Coordinator {
+        let path = storage.with_extension("toml");
+        std::fs::write(&path, config).unwrap();
+        let mut args = vec!["--config", path.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Coordinator::start(storage, &args)
+    }
+
     /// Starts `casbuild up` (coordinator and local worker) keeping everything in `dir`.
     pub fn start_up(dir: &Path) -> Coordinator {
         Coordinator::start_up_with(dir, &[])

@@ -88,6 +88,16 @@ impl S3Server {
         keys
     }
 
+    /// The `[object_store]` table of a coordinator's config for `bucket` on
+    /// this server (credentials in a file under `dir`), ending with `extra` lines.
+    pub fn config_table(&self, dir: &Path, bucket: &str, extra: &str) -> String {
+        format!(
+            "[object_store]\nendpoint = \"{}\"\nbucket = \"{bucket}\"\ncredentials_file = \"{}\"\n{extra}",
+            self.endpoint,
+            self.credentials_file(dir).display()
+        )
+    }
+
     /// A credentials file for casbuild's `[object_store] credentials_file`.
     pub fn credentials_file(&self, dir: &Path) -> PathBuf {
         let path = dir.join("s3-credentials.toml");

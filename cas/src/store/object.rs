@@ -107,9 +107,10 @@ struct CredentialsFile {
 #[derive(Clone)]
 pub struct ObjectBlobStore {
     inner: Arc<dyn ObjectStore>,
+    /// `PREFIX/cas`, under which every instance has its directory.
+    base: ObjectPath,
     /// `PREFIX/cas/INSTANCE`.
     root: ObjectPath,
-    prefix: String,
     describe: Arc<str>,
 }
 
@@ -171,27 +172,14 @@ impl ObjectBlobStore {
         }
         let store = builder.build().map_err(|e| invalid(e.to_string()))?;
         let limited = LimitStore::new(store, config.max_requests.max(1));
-        let prefix = config.prefix.trim_matches('/').to_owned();
-        let mut this = ObjectBlobStore {
-            inner: Arc::new(limited),
-            root: ObjectPath::default(),
-            prefix,
-            describe: describe.into(),
-        };
-        this.root = this.instance_root("");
-        Ok(this)
-    }
-
-    fn instance_root(&self, instance: &str) -> ObjectPath {
-        let mut parts: Vec<String> = self.prefix.split('/').filter(|p| !p.is_empty()).map(str::to_owned).collect();
-        parts.push("cas".into());
-        parts.push(instance_dir(instance));
-        ObjectPath::from_iter(parts)
+        let base: ObjectPath = config.prefix.split('/').filter(|part| !part.is_empty()).chain(["cas"]).collect();
+        let root = base.clone().join(instance_dir("").as_str());
+        Ok(ObjectBlobStore { inner: Arc::new(limited), base, root, describe: describe.into() })
     }
 
     /// A handle onto the same bucket for another instance.
     pub fn namespace(&self, instance: &str) -> Self {
-        ObjectBlobStore { root: self.instance_root(instance), ..self.clone() }
+        ObjectBlobStore { root: self.base.clone().join(instance_dir(instance).as_str()), ..self.clone() }
     }
 
     /// The object key of a blob.

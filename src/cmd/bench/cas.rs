@@ -281,12 +281,7 @@ async fn small_blobs(
 ) -> anyhow::Result<(Duration, Duration)> {
     let (mut batch, mut files) = (vec![], vec![]);
     for run in 0..runs {
-        let blobs: Vec<(Digest, Bytes)> = (0..count)
-            .map(|i| {
-                let data = Bytes::from(noise((run * count + i) as u64 + 1_000_000, size as usize));
-                (function.digest_of(&data), data)
-            })
-            .collect();
+        let blobs = super::small_blobs_of(function, count, size, (run * count) as u64 + 1_000_000);
         settle_disk().await?;
         let start = Instant::now();
         remote.write_batch(blobs.clone()).await?;

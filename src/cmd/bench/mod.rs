@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
+use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::storage::{Storage, StorageConfig};
 use casbuild_cas::store::{RemoteStore, RemoteStoreOptions};
 
@@ -83,6 +85,17 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// `count` distinct incompressible blobs of `size` bytes with their digests,
+/// different for every `seed`.
+fn small_blobs_of(function: DigestFunction, count: usize, size: u64, seed: u64) -> Vec<(Digest, Bytes)> {
+    (0..count)
+        .map(|i| {
+            let data = Bytes::from(noise(seed + i as u64, size as usize));
+            (function.digest_of(&data), data)
+        })
+        .collect()
 }
 
 /// Writes back dirty pages before a timed section, so no measurement pays

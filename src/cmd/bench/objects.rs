@@ -144,12 +144,7 @@ pub async fn rows(
 
     let (mut batch_disk, mut batch_bucket, mut find_disk, mut find_bucket) = (vec![], vec![], vec![], vec![]);
     for run in 0..runs {
-        let blobs: Vec<(Digest, Bytes)> = (0..count)
-            .map(|i| {
-                let data = Bytes::from(noise((run * count + i) as u64 + 5_000_000, small_size as usize));
-                (function.digest_of(&data), data)
-            })
-            .collect();
+        let blobs = super::small_blobs_of(function, count, small_size, (run * count) as u64 + 5_000_000);
         for (server, times) in [(&disk, &mut batch_disk), (&bucket, &mut batch_bucket)] {
             super::settle_disk().await?;
             let start = Instant::now();
