@@ -3,8 +3,9 @@
 //! written through one are served by the other (and reach the other's
 //! existence filter), a database crash loses nothing that was acknowledged,
 //! Bazel's clean rebuild through the second coordinator is all cache hits,
-//! and a build whose coordinator is killed mid-action finishes through the
-//! other behind the same address.
+//! a build whose coordinator is killed mid-action finishes through the
+//! other behind the same address, an action asked of both runs once, and a
+//! dead coordinator's action is adopted and finished by the other.
 
 mod common;
 
@@ -351,27 +352,58 @@ async fn operations_are_followed_through_any_coordinator() {
     }
     drop(running);
 
-    // When the coordinator running it dies, followers elsewhere are told to
-    // execute it again (NOT_FOUND, as REAPI says) instead of waiting forever.
-    let (slow, blobs) = shell_action("sleep 20; echo late > out");
+    // When the coordinator running it dies (its worker with it), another
+    // coordinator adopts its lease and runs the action under the same name:
+    // the follower sees it finish.
+    let _second_worker = common::start_worker(&second, dir.path(), 2, &[]);
+    let (slow, blobs) = shell_action("sleep 3; echo late > out");
     upload(&first, blobs).await;
     let mut running = client.execute(execute_request(&slow, true)).await.unwrap().into_inner();
     let name = running.message().await.unwrap().unwrap().name;
-    let mut follower = elsewhere.wait_execution(WaitExecutionRequest { name }).await.unwrap().into_inner();
+    let follower = elsewhere.wait_execution(WaitExecutionRequest { name: name.clone() }).await.unwrap().into_inner();
     worker.kill();
     first.kill();
-    let ended = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            match follower.message().await {
-                Ok(Some(operation)) => assert!(!operation.done, "{operation:?}"),
-                Ok(None) => panic!("the stream ended without saying why"),
-                Err(status) => return status,
-            }
-        }
-    })
-    .await
-    .expect("the follower is told within 30 s");
-    assert_eq!(ended.code(), Code::NotFound, "REAPI's word for \"execute it again\": {ended:?}");
-    assert!(ended.message().contains("execute the action again"), "{ended:?}");
+    let followed = tokio::time::timeout(Duration::from_secs(60), operations(follower))
+        .await
+        .expect("the adopted action finishes within 60 s");
+    let last = followed.last().unwrap();
+    assert_eq!(last.name, name);
+    let response = response_of(last);
+    assert_eq!(response.result.as_ref().map(|r| r.exit_code), Some(0), "{response:?}");
+    assert!(!response.cached_result);
+    let got = ops.get_operation(GetOperationRequest { name }).await.unwrap().into_inner();
+    assert!(got.done, "{got:?}");
     drop(running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_asked_of_two_coordinators_runs_once() {
+    use casbuild_proto::reapi::execution_client::ExecutionClient;
+    use common::execute::{execute_request, operations, response_of, shell_action, upload};
+
+    let test = "shared_state_dedup";
+    if !common::needs_root(test, true) {
+        return;
+    }
+    let Some(Cluster { postgres: _postgres, s3: _s3, first, second, dir }) = cluster(test, &[]) else { return };
+    let _first_worker = common::start_worker(&first, dir.path(), 1, &[]);
+    let _second_worker = common::start_worker(&second, dir.path(), 2, &[]);
+    // Each run writes a different time: equal outputs mean one run.
+    let (action, blobs) = shell_action("sleep 2; date +%s%N > out");
+    upload(&first, blobs).await;
+    let mut to_first = ExecutionClient::new(first.channel().await);
+    let mut to_second = ExecutionClient::new(second.channel().await);
+    let (one, two) = tokio::join!(
+        async { operations(to_first.execute(execute_request(&action, false)).await.unwrap().into_inner()).await },
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            operations(to_second.execute(execute_request(&action, false)).await.unwrap().into_inner()).await
+        }
+    );
+    let (one, two) = (one.last().unwrap(), two.last().unwrap());
+    assert_eq!(one.name, two.name, "the second coordinator follows the first's operation");
+    let (one, two) = (response_of(one), response_of(two));
+    let outputs = |r: &casbuild_proto::reapi::ExecuteResponse| r.result.as_ref().unwrap().output_files.clone();
+    assert_eq!(outputs(&one), outputs(&two), "one run, one output");
+    assert!(!one.cached_result && !two.cached_result);
 }

@@ -19,7 +19,7 @@ use crate::namespace::instance_dir;
 use crate::store::StoreError;
 
 /// The schema version this casbuild writes.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Statements taking the schema from version N to N + 1.
 const MIGRATIONS: &[&str] = &[
@@ -57,6 +57,21 @@ const MIGRATIONS: &[&str] = &[
         id TEXT PRIMARY KEY,
         seen_at TIMESTAMPTZ NOT NULL
     );
+",
+    "
+    CREATE TABLE casbuild_leases (
+        instance TEXT NOT NULL,
+        function TEXT NOT NULL,
+        hash BYTEA NOT NULL,
+        size BIGINT NOT NULL,
+        instance_name BYTEA NOT NULL,
+        operation TEXT NOT NULL,
+        coordinator TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (instance, function, hash, size)
+    );
+    CREATE INDEX casbuild_leases_coordinator ON casbuild_leases (coordinator);
 ",
 ];
 
@@ -282,7 +297,7 @@ impl Database {
                 "INSERT INTO casbuild_operations (name, instance, coordinator, operation, done) \
                  VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (name) DO UPDATE SET operation = EXCLUDED.operation, done = EXCLUDED.done, \
-                 updated_at = now()",
+                 coordinator = EXCLUDED.coordinator, updated_at = now()",
                 &[&name, &instance.as_bytes(), &coordinator, &operation, &done],
             )
             .await
@@ -347,6 +362,166 @@ impl Database {
             .map_err(|e| self.unavailable("reading coordinators' heartbeats", e))?;
         Ok(row.is_some())
     }
+}
+
+/// A lease on an action: the one coordinator of the cluster that runs it,
+/// and the operation its requesters follow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The instance the action runs in (its name, not its directory).
+    pub instance: String,
+    /// The action.
+    pub action: Digest,
+    /// The operation that runs it.
+    pub operation: String,
+    /// The coordinator holding the lease.
+    pub coordinator: String,
+    /// ExecutionPolicy.priority of the request that created it.
+    pub priority: i32,
+}
+
+/// What asking for a lease found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Leased {
+    /// The asker holds it now.
+    Taken,
+    /// Another operation holds it (maybe the asker's own, maybe another
+    /// coordinator's, maybe a dead one's about to be adopted).
+    Held(Lease),
+}
+
+impl Database {
+    /// Takes the lease on `action` in `instance` for `operation` run by
+    /// `coordinator`, unless some operation holds it already. Leases last
+    /// as long as their coordinator's heartbeats; a dead coordinator's are
+    /// adopted by the others ([`Database::adopt_leases`]).
+    pub async fn lease(
+        &self,
+        instance: &str,
+        action: &Digest,
+        operation: &str,
+        coordinator: &str,
+        priority: i32,
+    ) -> Result<Leased, StoreError> {
+        let client = self.client().await?;
+        let key = (instance_dir(instance), action.function.name(), &action.hash[..], size_column(action));
+        // A released lease may vanish between the insert and the read: ask again.
+        for _ in 0..3 {
+            let inserted = client
+                .execute(
+                    "INSERT INTO casbuild_leases \
+                     (instance, function, hash, size, instance_name, operation, coordinator, priority) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+                    &[&key.0, &key.1, &key.2, &key.3, &instance.as_bytes(), &operation, &coordinator, &priority],
+                )
+                .await
+                .map_err(|e| self.unavailable("taking a lease on an action", e))?;
+            if inserted == 1 {
+                return Ok(Leased::Taken);
+            }
+            if let Some(held) = self.lease_of(instance, action).await? {
+                return Ok(Leased::Held(held));
+            }
+        }
+        Err(StoreError::Unavailable(format!("{}: the lease on {action} keeps changing hands", self.describe)))
+    }
+
+    /// The lease on `action` in `instance`, if an operation holds one.
+    pub async fn lease_of(&self, instance: &str, action: &Digest) -> Result<Option<Lease>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT operation, coordinator, priority FROM casbuild_leases \
+                 WHERE instance = $1 AND function = $2 AND hash = $3 AND size = $4",
+                &[&instance_dir(instance), &action.function.name(), &&action.hash[..], &size_column(action)],
+            )
+            .await
+            .map_err(|e| self.unavailable("reading a lease", e))?;
+        Ok(row.map(|row| Lease {
+            instance: instance.to_owned(),
+            action: *action,
+            operation: row.get(0),
+            coordinator: row.get(1),
+            priority: row.get(2),
+        }))
+    }
+
+    /// Ends `operation`'s lease on `action` (once its result is published);
+    /// a lease another operation holds stays.
+    pub async fn release(&self, instance: &str, action: &Digest, operation: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM casbuild_leases \
+                 WHERE instance = $1 AND function = $2 AND hash = $3 AND size = $4 AND operation = $5",
+                &[
+                    &instance_dir(instance),
+                    &action.function.name(),
+                    &&action.hash[..],
+                    &size_column(action),
+                    &operation,
+                ],
+            )
+            .await
+            .map_err(|e| self.unavailable("releasing a lease", e))?;
+        Ok(())
+    }
+
+    /// Moves up to `limit` leases of coordinators silent for `dead_after`
+    /// to `coordinator`, oldest (by priority, then age) first, and returns
+    /// them. Rows another coordinator is adopting at the same moment are
+    /// skipped (`FOR UPDATE SKIP LOCKED`), so each lease has one adopter.
+    pub async fn adopt_leases(
+        &self,
+        coordinator: &str,
+        dead_after: Duration,
+        limit: i64,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "UPDATE casbuild_leases l SET coordinator = $1 FROM ( \
+                     SELECT o.instance, o.function, o.hash, o.size FROM casbuild_leases o \
+                     WHERE o.coordinator <> $1 AND NOT EXISTS (SELECT 1 FROM casbuild_coordinators c \
+                         WHERE c.id = o.coordinator AND c.seen_at > now() - make_interval(secs => $2)) \
+                     ORDER BY o.priority, o.created_at LIMIT $3 FOR UPDATE SKIP LOCKED) orphan \
+                 WHERE (l.instance, l.function, l.hash, l.size) = (orphan.instance, orphan.function, orphan.hash, orphan.size) \
+                 RETURNING l.instance_name, l.function, l.hash, l.size, l.operation, l.priority",
+                &[&coordinator, &dead_after.as_secs_f64(), &limit],
+            )
+            .await
+            .map_err(|e| self.unavailable("adopting the leases of stopped coordinators", e))?;
+        Ok(rows.iter().filter_map(|row| lease_row(row, coordinator)).collect())
+    }
+
+    /// The operations of `coordinator`'s leases.
+    pub async fn leases_of(&self, coordinator: &str) -> Result<Vec<Lease>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT instance_name, function, hash, size, operation, priority FROM casbuild_leases \
+                 WHERE coordinator = $1",
+                &[&coordinator],
+            )
+            .await
+            .map_err(|e| self.unavailable("reading this coordinator's leases", e))?;
+        Ok(rows.iter().filter_map(|row| lease_row(row, coordinator)).collect())
+    }
+}
+
+/// `coordinator`'s lease in a row of (instance_name, function, hash, size,
+/// operation, priority); `None` if its columns spell no digest.
+fn lease_row(row: &tokio_postgres::Row, coordinator: &str) -> Option<Lease> {
+    let function = DigestFunction::ALL.into_iter().find(|f| f.name() == row.get::<_, &str>(1))?;
+    let hash: [u8; 32] = row.get::<_, &[u8]>(2).try_into().ok()?;
+    let size_bytes = u64::try_from(row.get::<_, i64>(3)).ok()?;
+    Some(Lease {
+        instance: String::from_utf8_lossy(row.get::<_, &[u8]>(0)).into_owned(),
+        action: Digest { function, hash, size_bytes },
+        operation: row.get(4),
+        coordinator: coordinator.to_owned(),
+        priority: row.get(5),
+    })
 }
 
 /// A digest's size as the column holds it (REAPI sizes are int64 already).

@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::action_cache::{cached_result, Lookup};
 use crate::auth::{admit, principal, require_everywhere, Permission, Principal};
-use crate::scheduler::{JobState, Scheduler, Stage};
+use crate::scheduler::{new_operation_name, JobState, Scheduler, Stage};
 use crate::status::{request_digest, rpc_ok, store_status};
 
 /// Operations in a ListOperations page unless the caller asks for fewer.
@@ -31,7 +31,7 @@ const DEFAULT_PAGE: usize = 100;
 /// The most operations in one page.
 const MAX_PAGE: usize = 1000;
 
-use crate::shared_operations::{OperationStream, SharedOperations};
+use crate::shared_operations::{OperationStream, SharedOperations, Submission};
 
 /// Execution and Operations, sharing one scheduler.
 #[derive(Clone)]
@@ -46,7 +46,11 @@ impl ExecutionService {
     /// Serves `scheduler`, looking up results in `storage`'s action cache
     /// (and operations of other coordinators in its database, if shared).
     pub fn new(storage: Arc<Storage>, scheduler: Arc<Scheduler>) -> Self {
-        let shared = storage.action_cache().database().cloned().map(SharedOperations::start);
+        let shared = storage
+            .action_cache()
+            .database()
+            .cloned()
+            .map(|database| SharedOperations::start(database, scheduler.clone(), to_operation));
         ExecutionService { storage, scheduler, shared }
     }
 
@@ -149,7 +153,7 @@ impl Execution for ExecutionService {
             let lookup = cached_result(&self.storage, &instance, &action).await.map_err(store_status)?;
             crate::action_cache::count_lookup("execute", &lookup);
             if let Lookup::Hit(result) = lookup {
-                let name = format!("operations/{}", uuid::Uuid::new_v4());
+                let name = new_operation_name();
                 let response = ExecuteResponse {
                     result: Some(*result),
                     cached_result: true,
@@ -161,10 +165,13 @@ impl Execution for ExecutionService {
             }
         }
         let priority = request.execution_policy.map_or(0, |p| p.priority);
-        let submitted = self.scheduler.submit(&instance, action, priority);
-        if let Some(shared) = &self.shared {
-            shared.publish(submitted.name.clone(), instance, submitted.updates.clone(), to_operation).await;
-        }
+        let submitted = match &self.shared {
+            None => self.scheduler.submit(&instance, action, priority),
+            Some(shared) => match shared.submit(&instance, action, priority).await? {
+                Submission::Here(submitted) => submitted,
+                Submission::Elsewhere(followed) => return Ok(Response::new(followed)),
+            },
+        };
         Ok(Response::new(updates(submitted.updates, submitted.name)))
     }
 

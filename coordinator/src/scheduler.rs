@@ -265,6 +265,11 @@ pub(crate) fn outcome(response: &ExecuteResponse) -> &'static str {
     }
 }
 
+/// A new operation name: `operations/UUID`.
+pub fn new_operation_name() -> String {
+    format!("operations/{}", uuid::Uuid::new_v4())
+}
+
 fn error_response(code: Code, message: String) -> ExecuteResponse {
     ExecuteResponse {
         status: Some(casbuild_proto::rpc::Status { code: code as i32, message, details: vec![] }),
@@ -286,14 +291,32 @@ impl Scheduler {
     /// name of its own and the job's updates. A new job's span is a child of
     /// the caller's (the request's, which continues the client's trace).
     pub fn submit(self: &Arc<Self>, instance: &str, action: Digest, priority: i32) -> Submitted {
+        self.submit_as(instance, action, priority, new_operation_name())
+    }
+
+    /// Joins the job running `action` in `instance` under a new operation
+    /// name, if there is one.
+    pub fn join(&self, instance: &str, action: Digest) -> Option<Submitted> {
+        let mut jobs = self.lock();
+        let job = jobs.running.get(&(instance.to_owned(), action)).cloned()?;
+        let name = new_operation_name();
+        Some(Self::join_job(&mut jobs, &job, name))
+    }
+
+    fn join_job(jobs: &mut Jobs, job: &Arc<Job>, name: String) -> Submitted {
+        job.holders.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
+        jobs.by_name.insert(name.clone(), job.clone());
+        Submitted { name, updates: job.state.subscribe() }
+    }
+
+    /// [`Scheduler::submit`] under operation name `name` (one the cluster
+    /// already knows, such as an adopted lease's).
+    pub fn submit_as(self: &Arc<Self>, instance: &str, action: Digest, priority: i32, name: String) -> Submitted {
         let key = (instance.to_owned(), action);
-        let name = format!("operations/{}", uuid::Uuid::new_v4());
         let mut jobs = self.lock();
         jobs.prune(Instant::now());
         if let Some(job) = jobs.running.get(&key).cloned() {
-            job.holders.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone());
-            jobs.by_name.insert(name.clone(), job.clone());
-            return Submitted { name, updates: job.state.subscribe() };
+            return Self::join_job(&mut jobs, &job, name);
         }
         let queued = JobState { action, queued: SystemTime::now(), stage: Stage::Queued };
         let (state, receiver) = watch::channel(queued);
