@@ -407,3 +407,69 @@ async fn an_action_asked_of_two_coordinators_runs_once() {
     assert_eq!(outputs(&one), outputs(&two), "one run, one output");
     assert!(!one.cached_result && !two.cached_result);
 }
+
+#[test]
+fn a_build_rides_out_a_database_restart_and_loses_nothing() {
+    let test = "shared_state_db_restart";
+    if !(common::needs_root(test, true) && common::bazel::available(test)) {
+        return;
+    }
+    let Some(Cluster { mut postgres, s3: _s3, first, second, dir }) =
+        cluster(test, &["--metrics-listen", "127.0.0.1:0"])
+    else {
+        return;
+    };
+    let _worker = common::start_worker(&first, dir.path(), 1, &[]);
+
+    // A chain of actions, each running a second: the database restarts
+    // while the first runs, and the rest are looked up, leased, published
+    // and cached across the restart.
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(ws.join("pkg")).unwrap();
+    std::fs::write(ws.join("WORKSPACE"), "").unwrap();
+    let mut rules = String::from("genrule(name = \"s0\", outs = [\"s0.txt\"], cmd = \"sleep 1; echo 0 > $@\")\n");
+    for i in 1..6 {
+        rules.push_str(&format!(
+            "genrule(name = \"s{i}\", srcs = [\":s{}\"], outs = [\"s{i}.txt\"], cmd = \"sleep 1; cat $< > $@; echo {i} >> $@\")\n",
+            i - 1
+        ));
+    }
+    std::fs::write(ws.join("pkg/BUILD"), rules).unwrap();
+    let repos = common::bazel::offline_repositories(&dir.path().join("repos"));
+    let root = dir.path().join("bazel-root");
+    let build = move |remote: String| {
+        let mut args = vec!["build".to_owned(), remote, "--noremote_upload_local_results".to_owned()];
+        args.extend(repos.iter().cloned());
+        args.push("//pkg:s5".to_owned());
+        args
+    };
+    let (ws_in, root_in, args) = (ws.clone(), root.clone(), build(format!("--remote_executor={}", first.url())));
+    let cold = std::thread::spawn(move || common::bazel::run(&ws_in, &root_in, &args));
+
+    let metrics = first.metrics_addr();
+    let leased = || common::http::sample(&common::http::get(&metrics, "/metrics").1, "casbuild_worker_leases", &[]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while leased() < 1.0 {
+        assert!(Instant::now() < deadline, "no action started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    postgres.crash();
+    std::thread::sleep(Duration::from_secs(1));
+    postgres.restart();
+
+    let (ok, output) = cold.join().unwrap();
+    assert!(ok, "the build rides out the restart:\n{output}");
+    let executed = common::bazel::processes(&output, " remote");
+    assert_eq!(executed, 6, "{output}");
+    let expected: String = (0..6).map(|i| format!("{i}\n")).collect();
+    assert_eq!(std::fs::read_to_string(ws.join("bazel-bin/pkg/s5.txt")).unwrap(), expected);
+
+    // Every result the build was given is in the shared action cache: a
+    // clean rebuild from the other coordinator's cache is all hits (a miss
+    // would run locally and be counted).
+    assert!(common::bazel::run(&ws, &root, &["clean"]).0);
+    let (ok, warm) = common::bazel::run(&ws, &root, &build(format!("--remote_cache={}", second.url())));
+    assert!(ok, "{warm}");
+    assert_eq!(common::bazel::processes(&warm, " remote cache hit"), 6, "{warm}");
+    assert_eq!(common::bazel::processes(&warm, " remote"), 0, "{warm}");
+}

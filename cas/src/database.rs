@@ -12,6 +12,7 @@
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 
 use crate::digest::{Digest, DigestFunction};
@@ -125,6 +126,42 @@ impl Database {
         self.pool.get().await.map_err(|e| self.unavailable("connecting", e))
     }
 
+    /// Runs one statement, riding out a database restart (see [`Patience`]);
+    /// the rows it changed.
+    async fn execute(&self, what: &str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+        let mut patience = Patience::new();
+        loop {
+            let outcome = match self.pool.get().await {
+                Ok(client) => client.execute(sql, params).await.map_err(Failure::Query),
+                Err(e) => Err(Failure::Pool(e)),
+            };
+            match outcome {
+                Ok(changed) => return Ok(changed),
+                Err(failure) => patience.wait(failure, || self.unavailable(what, "")).await?,
+            }
+        }
+    }
+
+    /// Runs one query of at most one row, riding out a database restart.
+    async fn query_opt(
+        &self,
+        what: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<tokio_postgres::Row>, StoreError> {
+        let mut patience = Patience::new();
+        loop {
+            let outcome = match self.pool.get().await {
+                Ok(client) => client.query_opt(sql, params).await.map_err(Failure::Query),
+                Err(e) => Err(Failure::Pool(e)),
+            };
+            match outcome {
+                Ok(row) => return Ok(row),
+                Err(failure) => patience.wait(failure, || self.unavailable(what, "")).await?,
+            }
+        }
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let failed = |e: tokio_postgres::Error| self.unavailable("migrating the schema", e);
@@ -157,31 +194,28 @@ impl Database {
 
     /// The encoded ActionResult of `action` in `instance`.
     pub async fn action_result(&self, instance: &str, action: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
-        let client = self.client().await?;
-        let row = client
+        let row = self
             .query_opt(
+                "reading the action cache",
                 "SELECT result FROM casbuild_action_cache \
                  WHERE instance = $1 AND function = $2 AND hash = $3 AND size = $4",
                 &[&instance_dir(instance), &action.function.name(), &&action.hash[..], &size_column(action)],
             )
-            .await
-            .map_err(|e| self.unavailable("reading the action cache", e))?;
+            .await?;
         Ok(row.map(|row| row.get(0)))
     }
 
     /// Stores (or replaces) the encoded ActionResult of `action`.
     pub async fn put_action_result(&self, instance: &str, action: &Digest, result: &[u8]) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "INSERT INTO casbuild_action_cache (instance, function, hash, size, result) \
+        self.execute(
+            "writing the action cache",
+            "INSERT INTO casbuild_action_cache (instance, function, hash, size, result) \
                  VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (instance, function, hash, size) \
                  DO UPDATE SET result = EXCLUDED.result, written_at = now()",
-                &[&instance_dir(instance), &action.function.name(), &&action.hash[..], &size_column(action), &result],
-            )
-            .await
-            .map_err(|e| self.unavailable("writing the action cache", e))?;
+            &[&instance_dir(instance), &action.function.name(), &&action.hash[..], &size_column(action), &result],
+        )
+        .await?;
         Ok(())
     }
 
@@ -242,28 +276,25 @@ impl Database {
 
     /// The encoded asset entry under `key` in `instance`.
     pub async fn asset(&self, instance: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let client = self.client().await?;
-        let row = client
+        let row = self
             .query_opt(
+                "reading Remote Asset records",
                 "SELECT entry FROM casbuild_assets WHERE instance = $1 AND key = $2",
                 &[&instance_dir(instance), &key],
             )
-            .await
-            .map_err(|e| self.unavailable("reading Remote Asset records", e))?;
+            .await?;
         Ok(row.map(|row| row.get(0)))
     }
 
     /// Stores (or replaces) the encoded asset entry under `key`.
     pub async fn put_asset(&self, instance: &str, key: &str, entry: &[u8]) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "INSERT INTO casbuild_assets (instance, key, entry) VALUES ($1, $2, $3) \
+        self.execute(
+            "writing Remote Asset records",
+            "INSERT INTO casbuild_assets (instance, key, entry) VALUES ($1, $2, $3) \
                  ON CONFLICT (instance, key) DO UPDATE SET entry = EXCLUDED.entry, written_at = now()",
-                &[&instance_dir(instance), &key, &entry],
-            )
-            .await
-            .map_err(|e| self.unavailable("writing Remote Asset records", e))?;
+            &[&instance_dir(instance), &key, &entry],
+        )
+        .await?;
         Ok(())
     }
 }
@@ -291,30 +322,27 @@ impl Database {
         operation: &[u8],
         done: bool,
     ) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "INSERT INTO casbuild_operations (name, instance, coordinator, operation, done) \
+        self.execute(
+            "publishing an operation",
+            "INSERT INTO casbuild_operations (name, instance, coordinator, operation, done) \
                  VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (name) DO UPDATE SET operation = EXCLUDED.operation, done = EXCLUDED.done, \
                  coordinator = EXCLUDED.coordinator, updated_at = now()",
-                &[&name, &instance.as_bytes(), &coordinator, &operation, &done],
-            )
-            .await
-            .map_err(|e| self.unavailable("publishing an operation", e))?;
+            &[&name, &instance.as_bytes(), &coordinator, &operation, &done],
+        )
+        .await?;
         Ok(())
     }
 
     /// Operation `name` as last published, if any coordinator published it.
     pub async fn operation(&self, name: &str) -> Result<Option<SharedOperation>, StoreError> {
-        let client = self.client().await?;
-        let row = client
+        let row = self
             .query_opt(
+                "reading an operation",
                 "SELECT instance, coordinator, operation, done FROM casbuild_operations WHERE name = $1",
                 &[&name],
             )
-            .await
-            .map_err(|e| self.unavailable("reading an operation", e))?;
+            .await?;
         Ok(row.map(|row| SharedOperation {
             instance: String::from_utf8_lossy(row.get::<_, &[u8]>(0)).into_owned(),
             coordinator: row.get(1),
@@ -403,24 +431,26 @@ impl Database {
         coordinator: &str,
         priority: i32,
     ) -> Result<Leased, StoreError> {
-        let client = self.client().await?;
         let key = (instance_dir(instance), action.function.name(), &action.hash[..], size_column(action));
         // A released lease may vanish between the insert and the read: ask again.
         for _ in 0..3 {
-            let inserted = client
+            let inserted = self
                 .execute(
+                    "taking a lease on an action",
                     "INSERT INTO casbuild_leases \
                      (instance, function, hash, size, instance_name, operation, coordinator, priority) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
                     &[&key.0, &key.1, &key.2, &key.3, &instance.as_bytes(), &operation, &coordinator, &priority],
                 )
-                .await
-                .map_err(|e| self.unavailable("taking a lease on an action", e))?;
+                .await?;
             if inserted == 1 {
                 return Ok(Leased::Taken);
             }
-            if let Some(held) = self.lease_of(instance, action).await? {
-                return Ok(Leased::Held(held));
+            match self.lease_of(instance, action).await? {
+                // An insert that committed although its answer was lost, and was tried again.
+                Some(held) if held.operation == operation => return Ok(Leased::Taken),
+                Some(held) => return Ok(Leased::Held(held)),
+                None => {}
             }
         }
         Err(StoreError::Unavailable(format!("{}: the lease on {action} keeps changing hands", self.describe)))
@@ -428,15 +458,14 @@ impl Database {
 
     /// The lease on `action` in `instance`, if an operation holds one.
     pub async fn lease_of(&self, instance: &str, action: &Digest) -> Result<Option<Lease>, StoreError> {
-        let client = self.client().await?;
-        let row = client
+        let row = self
             .query_opt(
+                "reading a lease",
                 "SELECT operation, coordinator, priority FROM casbuild_leases \
                  WHERE instance = $1 AND function = $2 AND hash = $3 AND size = $4",
                 &[&instance_dir(instance), &action.function.name(), &&action.hash[..], &size_column(action)],
             )
-            .await
-            .map_err(|e| self.unavailable("reading a lease", e))?;
+            .await?;
         Ok(row.map(|row| Lease {
             instance: instance.to_owned(),
             action: *action,
@@ -449,21 +478,13 @@ impl Database {
     /// Ends `operation`'s lease on `action` (once its result is published);
     /// a lease another operation holds stays.
     pub async fn release(&self, instance: &str, action: &Digest, operation: &str) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute(
-                "DELETE FROM casbuild_leases \
+        self.execute(
+            "releasing a lease",
+            "DELETE FROM casbuild_leases \
                  WHERE instance = $1 AND function = $2 AND hash = $3 AND size = $4 AND operation = $5",
-                &[
-                    &instance_dir(instance),
-                    &action.function.name(),
-                    &&action.hash[..],
-                    &size_column(action),
-                    &operation,
-                ],
-            )
-            .await
-            .map_err(|e| self.unavailable("releasing a lease", e))?;
+            &[&instance_dir(instance), &action.function.name(), &&action.hash[..], &size_column(action), &operation],
+        )
+        .await?;
         Ok(())
     }
 
@@ -522,6 +543,77 @@ fn lease_row(row: &tokio_postgres::Row, coordinator: &str) -> Option<Lease> {
         coordinator: coordinator.to_owned(),
         priority: row.get(5),
     })
+}
+
+/// How long a request waits for the database to come back (a restart, a
+/// failover) before it fails with UNAVAILABLE.
+const RIDE_OUT: Duration = Duration::from_secs(15);
+
+/// Why one attempt at a statement failed.
+enum Failure {
+    /// No connection could be had.
+    Pool(deadpool_postgres::PoolError),
+    /// The statement failed.
+    Query(tokio_postgres::Error),
+}
+
+impl Failure {
+    /// Whether trying again may succeed: the connection broke or could not
+    /// be made, or the server is shutting down or starting up (SQLSTATE
+    /// classes 08 and 57); not for errors in the statement or its data.
+    fn transient(&self) -> bool {
+        let query = match self {
+            Failure::Pool(deadpool_postgres::PoolError::Timeout(_)) => return true,
+            Failure::Pool(deadpool_postgres::PoolError::Backend(e)) => e,
+            Failure::Pool(_) => return false,
+            Failure::Query(e) => e,
+        };
+        match query.code() {
+            _ if query.is_closed() => true,
+            Some(code) => matches!(&code.code()[..2], "08" | "57"),
+            None => true,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Pool(e) => write!(f, "{e}"),
+            Failure::Query(e) => match e.as_db_error() {
+                Some(db) => write!(f, "{}", db.message()),
+                None => write!(f, "{e}"),
+            },
+        }
+    }
+}
+
+/// Retries of one statement: backing off from 100 ms to 1 s while its
+/// failures are transient, for at most [`RIDE_OUT`].
+struct Patience {
+    since: std::time::Instant,
+    delay: Duration,
+}
+
+impl Patience {
+    fn new() -> Self {
+        Patience { since: std::time::Instant::now(), delay: Duration::from_millis(100) }
+    }
+
+    /// Waits before the next attempt, or gives up with `error` (naming
+    /// what was done) completed by the failure.
+    async fn wait(&mut self, failure: Failure, error: impl Fn() -> StoreError) -> Result<(), StoreError> {
+        if !failure.transient() || self.since.elapsed() + self.delay > RIDE_OUT {
+            return Err(match error() {
+                StoreError::Unavailable(message) => StoreError::Unavailable(format!("{message}{failure}")),
+                other => other,
+            });
+        }
+        tracing::debug!("the database failed ({failure}); trying again in {:?}", self.delay);
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Duration::from_secs(1));
+        Ok(())
+    }
 }
 
 /// A digest's size as the column holds it (REAPI sizes are int64 already).
