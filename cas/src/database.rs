@@ -126,13 +126,16 @@ impl Database {
         self.pool.get().await.map_err(|e| self.unavailable("connecting", e))
     }
 
-    /// Runs one statement, riding out a database restart (see [`Patience`]);
-    /// the rows it changed.
+    /// Runs one statement (prepared once per connection), riding out a
+    /// database restart (see [`Patience`]); the rows it changed.
     async fn execute(&self, what: &str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
         let mut patience = Patience::new();
         loop {
             let outcome = match self.pool.get().await {
-                Ok(client) => client.execute(sql, params).await.map_err(Failure::Query),
+                Ok(client) => match client.prepare_cached(sql).await {
+                    Ok(statement) => client.execute(&statement, params).await.map_err(Failure::Query),
+                    Err(e) => Err(Failure::Query(e)),
+                },
                 Err(e) => Err(Failure::Pool(e)),
             };
             match outcome {
@@ -152,7 +155,10 @@ impl Database {
         let mut patience = Patience::new();
         loop {
             let outcome = match self.pool.get().await {
-                Ok(client) => client.query_opt(sql, params).await.map_err(Failure::Query),
+                Ok(client) => match client.prepare_cached(sql).await {
+                    Ok(statement) => client.query_opt(&statement, params).await.map_err(Failure::Query),
+                    Err(e) => Err(Failure::Query(e)),
+                },
                 Err(e) => Err(Failure::Pool(e)),
             };
             match outcome {

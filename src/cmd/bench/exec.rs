@@ -40,11 +40,15 @@ pub struct ExecArgs {
     /// run without).
     #[arg(long)]
     metrics: bool,
+    /// Also run the actions through real coordinator and worker processes: one coordinator on its files,
+    /// one on this PostgreSQL database, and two on it (see `docs/PERFORMANCE.md`).
+    #[arg(long)]
+    database_url: Option<String>,
 }
 
 /// One action's time, split at its metadata's timestamps.
 #[derive(Default)]
-struct Phases {
+pub(super) struct Phases {
     /// Execute sent → the worker started it (cache lookup, input check, queue, lease).
     to_worker: Vec<Duration>,
     /// Worker start → inputs ready (Action/Command, input root on the mount).
@@ -84,7 +88,11 @@ impl Phases {
 }
 
 /// Encodes `count` distinct no-op actions (a salt in the environment).
-fn actions(round: usize, count: usize, function: DigestFunction) -> (Vec<Digest>, Vec<(Digest, bytes::Bytes)>) {
+pub(super) fn actions(
+    round: usize,
+    count: usize,
+    function: DigestFunction,
+) -> (Vec<Digest>, Vec<(Digest, bytes::Bytes)>) {
     let (mut digests, mut blobs) = (Vec::new(), Vec::new());
     for i in 0..count {
         let spec = ActionSpec {
@@ -102,17 +110,18 @@ fn actions(round: usize, count: usize, function: DigestFunction) -> (Vec<Digest>
     (digests, blobs)
 }
 
-/// Executes every action, `concurrency` at a time; returns the wall time and
+/// Executes every action, `concurrency` at a time, spread over `clients`
+/// in turn; returns the wall time and
 /// how many came back as cache hits.
-async fn execute_all(
-    client: &ExecutionClient<casbuild_cas::store::RemoteChannel>,
+pub(super) async fn execute_all(
+    clients: &[ExecutionClient<casbuild_cas::store::RemoteChannel>],
     digests: &[Digest],
     concurrency: usize,
     phases: &mut Phases,
 ) -> anyhow::Result<(Duration, usize)> {
     let start = Instant::now();
-    let calls = futures::stream::iter(digests.iter().map(|digest| {
-        let mut client = client.clone();
+    let calls = futures::stream::iter(digests.iter().enumerate().map(|(i, digest)| {
+        let mut client = clients[i % clients.len()].clone();
         let request = ExecuteRequest {
             action_digest: Some(digest.to_proto()),
             digest_function: digest.function.to_proto() as i32,
@@ -171,7 +180,7 @@ fn fork_all(count: usize, concurrency: usize) -> anyhow::Result<Duration> {
     Ok(start.elapsed())
 }
 
-fn per_second(count: usize, took: Duration) -> f64 {
+pub(super) fn per_second(count: usize, took: Duration) -> f64 {
     count as f64 / took.as_secs_f64()
 }
 
@@ -197,11 +206,12 @@ pub async fn bench_exec(args: ExecArgs) -> anyhow::Result<()> {
         let (digests, blobs) = actions(round, count, function);
         store.write_batch(blobs).await?;
         let before = Cpu::now(up.pid());
-        let (took, hits) = execute_all(&client, &digests, concurrency, &mut phases).await?;
+        let (took, hits) = execute_all(std::slice::from_ref(&client), &digests, concurrency, &mut phases).await?;
         cpu.add_since(&before, &Cpu::now(up.pid()));
         ensure!(hits == 0, "{hits} of the new actions were cache hits");
         cold.push(took);
-        let (took, hits) = execute_all(&client, &digests, concurrency, &mut Phases::default()).await?;
+        let (took, hits) =
+            execute_all(std::slice::from_ref(&client), &digests, concurrency, &mut Phases::default()).await?;
         ensure!(hits == count, "only {hits} of {count} repeated actions were cache hits");
         hit.push(took);
         let took = tokio::task::spawn_blocking(move || fork_all(count, concurrency)).await??;
@@ -261,6 +271,10 @@ pub async fn bench_exec(args: ExecArgs) -> anyhow::Result<()> {
         cores() as f64 * 1e3 / per(total).max(1e-3)
     );
     drop(up);
+    if let Some(url) = &args.database_url {
+        println!();
+        super::cluster::bench_cluster(url, scratch.path(), count, concurrency, args.rounds.max(1)).await?;
+    }
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 
 mod cas;
 mod cc;
+mod cluster;
 mod demo;
 mod exec;
 mod graph;
@@ -173,6 +174,32 @@ impl LocalServer {
     }
 }
 
+/// Starts `command` and waits for its stdout line starting with `ready`;
+/// the process and the rest of that line.
+fn spawn_until(command: &mut Process, ready: &str) -> anyhow::Result<(Child, String)> {
+    let what = format!("casbuild {}", command.get_args().next().map(|a| a.to_string_lossy()).unwrap_or_default());
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().with_context(|| what.clone())?;
+    let stdout = child.stdout.take().context("piped stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let rest = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(rest) = line.strip_prefix(ready) {
+                    break rest.to_owned();
+                }
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("{what} exited before printing {ready:?}")
+            }
+        }
+    };
+    // Keep draining its stdout so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok((child, rest))
+}
+
 /// `casbuild up` as a child process, stopped with SIGTERM when dropped.
 pub struct Up {
     child: Child,
@@ -192,21 +219,7 @@ impl Up {
         if let Some(slots) = slots {
             command.arg("--slots").arg(slots.to_string());
         }
-        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().context("starting casbuild up")?;
-        let stdout = child.stdout.take().context("piped stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let url = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(url) = line.strip_prefix("casbuild up listening on ") {
-                        break url.to_owned();
-                    }
-                }
-                _ => bail!("casbuild up exited before listening"),
-            }
-        };
-        // Keep draining its stdout so it never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
+        let (child, url) = spawn_until(&mut command, "casbuild up listening on ")?;
         Ok(Up { child, url })
     }
 

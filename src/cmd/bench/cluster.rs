@@ -1,0 +1,124 @@
+//! `casbuild bench exec --database-url URL`: the same no-op actions through
+//! real `casbuild coordinator` and `casbuild worker` processes, with two
+//! workers throughout: one coordinator on its own files, one coordinator on
+//! the shared database, and two coordinators on that database (one worker
+//! each, the actions split between them) — what sharing the action cache,
+//! operations and leases costs, and what a second coordinator brings.
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use casbuild_cas::digest::DigestFunction;
+use casbuild_cas::store::{connect_channel, BlobStore, ConnectOptions, RemoteStore, RemoteStoreOptions};
+use casbuild_proto::reapi::execution_client::ExecutionClient;
+
+use super::exec::{actions, execute_all, per_second, Phases};
+use super::{median, print_table, spawn_until, Row};
+
+/// A casbuild process of the cluster, stopped with SIGTERM when dropped.
+struct Node {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+/// One arrangement of the cluster.
+struct Layout {
+    name: &'static str,
+    coordinators: usize,
+    database: bool,
+}
+
+const LAYOUTS: [Layout; 3] = [
+    Layout { name: "one coordinator on its files (no database)", coordinators: 1, database: false },
+    Layout { name: "one coordinator on the database", coordinators: 1, database: true },
+    Layout { name: "two coordinators on the database, one worker each", coordinators: 2, database: true },
+];
+
+/// The coordinators (and their two workers) of `layout`, under `dir`.
+fn start(layout: &Layout, database_url: &str, dir: &Path) -> anyhow::Result<(Vec<Node>, Vec<Node>)> {
+    let exe = std::env::current_exe().context("finding casbuild itself")?;
+    let mut coordinators = Vec::new();
+    for i in 0..layout.coordinators {
+        let mut command = Command::new(&exe);
+        command.args(["coordinator", "--listen", "127.0.0.1:0", "--storage"]).arg(dir.join(format!("store-{i}")));
+        if layout.database {
+            command.args(["--database-url", database_url]);
+        }
+        let (child, addr) = spawn_until(&mut command, "casbuild coordinator listening on ")?;
+        coordinators.push(Node { child, url: addr });
+    }
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        let coordinator = &coordinators[i % coordinators.len()].url;
+        let base = dir.join(format!("worker-{i}"));
+        let mut command = Command::new(&exe);
+        command.args(["worker", "--coordinator", coordinator, "--name", &format!("bench-{i}"), "--mount"]);
+        command.arg(base.join("cas")).arg("--cache-dir").arg(base.join("cache")).arg("--scratch");
+        command.arg(base.join("scratch"));
+        let (child, _) = spawn_until(&mut command, "casbuild worker ")?;
+        workers.push(Node { child, url: coordinator.clone() });
+    }
+    Ok((coordinators, workers))
+}
+
+/// Runs every layout `rounds` times with `count` new actions, `concurrency`
+/// in flight (spread over the coordinators), and prints a table.
+pub async fn bench_cluster(
+    database_url: &str,
+    dir: &Path,
+    count: usize,
+    concurrency: usize,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let function = DigestFunction::Sha256;
+    let mut rates = Vec::new();
+    for (index, layout) in LAYOUTS.iter().enumerate() {
+        let here = dir.join(format!("cluster-{index}"));
+        let (coordinators, workers) = start(layout, database_url, &here)?;
+        let mut clients = Vec::new();
+        let mut stores = Vec::new();
+        for node in &coordinators {
+            let channel = connect_channel(&node.url, Duration::from_secs(30), &ConnectOptions::default()).await?;
+            clients.push(ExecutionClient::new(channel));
+            stores.push(RemoteStore::connect(&node.url, RemoteStoreOptions::default()).await?);
+        }
+        let mut took = Vec::new();
+        for round in 0..rounds {
+            // Rounds of every layout are new actions (the database outlives layouts).
+            let (digests, blobs) = actions(1000 + index * 100 + round, count, function);
+            for store in &stores {
+                store.write_batch(blobs.clone()).await?;
+            }
+            let (time, hits) = execute_all(&clients, &digests, concurrency, &mut Phases::default()).await?;
+            ensure!(hits == 0, "{hits} of the new actions were cache hits");
+            eprintln!("  {}: round {}: {:.0} actions/s", layout.name, round + 1, per_second(count, time));
+            took.push(time);
+        }
+        drop(workers);
+        drop(coordinators);
+        rates.push(per_second(count, median(took)));
+    }
+    let row = |i: usize, base: usize, baseline_name: &'static str| Row {
+        name: format!("no-op actions run, {}, {concurrency} in flight", LAYOUTS[i].name),
+        casbuild: format!("{:.0} /s", rates[i]),
+        baseline_name,
+        baseline: format!("{:.0} /s", rates[base]),
+        ratio: rates[i] / rates[base],
+    };
+    print_table(&[
+        row(1, 0, "one coordinator on its files"),
+        row(2, 1, "one coordinator on the database"),
+        row(2, 0, "one coordinator on its files"),
+    ]);
+    Ok(())
+}
