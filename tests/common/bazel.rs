@@ -71,37 +71,14 @@ fn write(path: &Path, contents: &str) {
     std::fs::write(path, contents).unwrap();
 }
 
+#[path = "../../src/cmd/bench/bazel_workspace.rs"]
+#[allow(dead_code)]
+mod workspace;
+
 /// Local stand-ins for the rule repositories Bazel 4 would download (this
-/// machine has no internet): thin wrappers over the native rules.
+/// machine has no internet); the flags that point Bazel at them.
 pub fn offline_repositories(dir: &Path) -> Vec<String> {
-    let wrappers = |names: &[&str]| -> String {
-        names.iter().map(|n| format!("def {n}(**kwargs):\n    native.{n}(**kwargs)\n\n")).collect()
-    };
-    write(&dir.join("rules_cc/WORKSPACE"), "");
-    write(&dir.join("rules_cc/cc/BUILD"), "");
-    write(
-        &dir.join("rules_cc/cc/defs.bzl"),
-        &wrappers(&["cc_library", "cc_binary", "cc_test", "cc_toolchain", "cc_toolchain_suite"]),
-    );
-    write(&dir.join("rules_java/WORKSPACE"), "");
-    write(&dir.join("rules_java/java/BUILD"), "");
-    write(
-        &dir.join("rules_java/java/defs.bzl"),
-        &wrappers(&["java_import", "java_runtime", "java_toolchain", "java_binary"]),
-    );
-    write(&dir.join("coverage/WORKSPACE"), "");
-    write(&dir.join("coverage/noop.sh"), "#!/bin/sh\nexit 0\n");
-    std::fs::set_permissions(dir.join("coverage/noop.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .unwrap();
-    write(
-        &dir.join("coverage/BUILD"),
-        "sh_binary(name = \"coverage_report_generator\", srcs = [\"noop.sh\"], visibility = [\"//visibility:public\"])\n\
-         sh_binary(name = \"lcov_merger\", srcs = [\"noop.sh\"], visibility = [\"//visibility:public\"])\n",
-    );
-    [("rules_cc", "rules_cc"), ("rules_java", "rules_java"), ("remote_coverage_tools", "coverage")]
-        .iter()
-        .map(|(repo, sub)| format!("--override_repository={repo}={}", dir.join(sub).display()))
-        .collect()
+    workspace::offline_repositories(dir).expect("writing the offline repositories")
 }
 
 /// A workspace of genrule chains, a cc_library + cc_binary with headers in

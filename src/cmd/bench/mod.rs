@@ -1,6 +1,8 @@
 //! `casbuild bench`: throughput and latency measured against baselines taken
 //! in the same run on the same machine, reported as medians and ratios.
 
+mod bazel;
+mod bazel_workspace;
 mod cas;
 mod cc;
 mod cluster;
@@ -44,6 +46,9 @@ pub enum Command {
     /// (run, and as cache hits) against fork/exec, and where one action's
     /// time goes.
     Exec(exec::ExecArgs),
+    /// A generated workspace built cold by Bazel 4.2.3 through `casbuild up`,
+    /// against the same build run locally by Bazel (standalone).
+    Bazel(bazel::BazelArgs),
 }
 
 pub async fn run(command: Command) -> anyhow::Result<()> {
@@ -54,6 +59,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Graph(args) => graph::bench_graph(args).await,
         Command::Cc(args) => cc::bench_cc(args).await,
         Command::Exec(args) => exec::bench_exec(args).await,
+        Command::Bazel(args) => bazel::bench_bazel(args).await,
     }
 }
 
