@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 
 use super::bazel_workspace::{offline_repositories, write_build};
+use super::exec::{rusage, Cpu};
 use super::{median, print_table, Row, Up};
 
 #[derive(clap::Args)]
@@ -37,10 +38,22 @@ pub struct BazelArgs {
     /// Scratch directory [default: a temp dir].
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// An extra Bazel flag for the remote build (repeatable), e.g. `--remote-flag=--jobs=8`.
+    #[arg(long = "remote-flag", allow_hyphen_values = true)]
+    remote_flags: Vec<String>,
 }
 
-/// One Bazel build of the workspace: its wall time and the summary line.
-fn build(ws: &Path, output_root: &Path, flags: &[String]) -> anyhow::Result<(Duration, String)> {
+/// One Bazel build of the workspace.
+struct Built {
+    wall: Duration,
+    /// CPU time of Bazel and whatever it ran itself (local actions).
+    bazel_cpu: Duration,
+    /// Bazel's "N processes: ..." line.
+    summary: String,
+}
+
+/// Builds `//...` after `bazel clean`.
+fn build(ws: &Path, output_root: &Path, flags: &[String]) -> anyhow::Result<Built> {
     let bazel = |args: &[String]| {
         Command::new("bazel")
             .args(["--batch", "--nohome_rc"])
@@ -55,13 +68,14 @@ fn build(ws: &Path, output_root: &Path, flags: &[String]) -> anyhow::Result<(Dur
     let mut args = vec!["build".to_owned()];
     args.extend(flags.iter().cloned());
     args.push("//...".to_owned());
-    let start = Instant::now();
+    let children = || rusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN);
+    let (start, cpu) = (Instant::now(), children());
     let output = bazel(&args)?;
-    let took = start.elapsed();
+    let (wall, bazel_cpu) = (start.elapsed(), children().saturating_sub(cpu));
     let text = String::from_utf8_lossy(&output.stderr).into_owned();
     ensure!(output.status.success(), "bazel build {flags:?} failed:\n{text}");
     let summary = text.lines().find(|l| l.contains(" processes:")).unwrap_or("").trim().to_owned();
-    Ok((took, summary))
+    Ok(Built { wall, bazel_cpu, summary })
 }
 
 pub async fn bench_bazel(args: BazelArgs) -> anyhow::Result<()> {
@@ -77,6 +91,7 @@ fn measure(root: &Path, args: &BazelArgs) -> anyhow::Result<()> {
     let rounds = args.rounds.max(1);
     eprintln!("bench: Bazel builds of a generated workspace, cold, {rounds} rounds: local standalone, casbuild up");
     let (mut local, mut remote) = (vec![], vec![]);
+    let (mut local_cpu, mut remote_cpu, mut up_cpu) = (Duration::ZERO, Duration::ZERO, Cpu::default());
     let mut summaries = (String::new(), String::new());
     // A first local build warms what both share (the host's page cache of
     // Bazel itself and the sources), untimed.
@@ -84,18 +99,23 @@ fn measure(root: &Path, args: &BazelArgs) -> anyhow::Result<()> {
     standalone.extend(repos.iter().cloned());
     build(&ws, &root.join("bazel-local"), &standalone)?;
     for round in 0..rounds {
-        let (took, summary) = build(&ws, &root.join("bazel-local"), &standalone)?;
-        local.push(took);
-        summaries.0 = summary;
+        let built = build(&ws, &root.join("bazel-local"), &standalone)?;
+        local.push(built.wall);
+        local_cpu += built.bazel_cpu;
+        summaries.0 = built.summary;
         // A new `casbuild up` on an empty store: nothing cached, nothing on the worker.
         let up = Up::start(&root.join(format!("up-{round}")), args.slots)?;
         let mut flags = vec![format!("--remote_executor={}", up.url)];
         flags.extend(repos.iter().cloned());
-        let (took, summary) = build(&ws, &root.join("bazel-remote"), &flags)?;
+        flags.extend(args.remote_flags.iter().cloned());
+        let before = Cpu::now(up.pid());
+        let built = build(&ws, &root.join("bazel-remote"), &flags)?;
+        up_cpu.add_since(&before, &Cpu::now(up.pid()));
         drop(up);
-        ensure!(!summary.contains("remote cache hit"), "a cold build had cache hits: {summary}");
-        remote.push(took);
-        summaries.1 = summary;
+        ensure!(!built.summary.contains("remote cache hit"), "a cold build had cache hits: {}", built.summary);
+        remote.push(built.wall);
+        remote_cpu += built.bazel_cpu;
+        summaries.1 = built.summary;
         eprintln!(
             "  round {}: local {:.2} s, casbuild up {:.2} s",
             round + 1,
@@ -112,5 +132,14 @@ fn measure(root: &Path, args: &BazelArgs) -> anyhow::Result<()> {
         baseline: format!("{:.2} s", local.as_secs_f64()),
         ratio: local.as_secs_f64() / remote.as_secs_f64(),
     }]);
+    let per_round = |d: Duration| d.as_secs_f64() / rounds as f64;
+    println!(
+        "\nCPU per build (mean of the rounds): local: Bazel and its actions {:.2} s; remote: Bazel {:.2} s, \
+         `casbuild up` (coordinator, worker, mount) {:.2} s, sandboxes {:.2} s",
+        per_round(local_cpu),
+        per_round(remote_cpu),
+        per_round(up_cpu.server),
+        per_round(up_cpu.sandboxes)
+    );
     Ok(())
 }

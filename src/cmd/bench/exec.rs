@@ -285,20 +285,26 @@ fn cores() -> usize {
 /// CPU time (user and system) of the bench process, of `casbuild up`
 /// itself, and of its children (the sandbox zygote, with the runs it reaped).
 #[derive(Default)]
-struct Cpu {
-    client: Duration,
-    server: Duration,
-    sandboxes: Duration,
+pub(super) struct Cpu {
+    pub(super) client: Duration,
+    pub(super) server: Duration,
+    pub(super) sandboxes: Duration,
+}
+
+/// CPU time (user and system) of this process (`RUSAGE_SELF`) or of the
+/// children it waited for (`RUSAGE_CHILDREN`).
+pub(super) fn rusage(who: nix::sys::resource::UsageWho) -> Duration {
+    nix::sys::resource::getrusage(who)
+        .map(|u| {
+            let t = |v: nix::sys::time::TimeVal| Duration::new(v.tv_sec() as u64, v.tv_usec() as u32 * 1000);
+            t(u.user_time()) + t(u.system_time())
+        })
+        .unwrap_or_default()
 }
 
 impl Cpu {
-    fn now(up: u32) -> Cpu {
-        let client = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
-            .map(|u| {
-                let t = |v: nix::sys::time::TimeVal| Duration::new(v.tv_sec() as u64, v.tv_usec() as u32 * 1000);
-                t(u.user_time()) + t(u.system_time())
-            })
-            .unwrap_or_default();
+    pub(super) fn now(up: u32) -> Cpu {
+        let client = rusage(nix::sys::resource::UsageWho::RUSAGE_SELF);
         // Children are listed per thread (the one that spawned them).
         let threads = std::fs::read_dir(format!("/proc/{up}/task")).into_iter().flatten().flatten();
         let children: Vec<String> = threads
@@ -314,7 +320,7 @@ impl Cpu {
         Cpu { client, server: ticks(&up.to_string(), false), sandboxes }
     }
 
-    fn add_since(&mut self, before: &Cpu, after: &Cpu) {
+    pub(super) fn add_since(&mut self, before: &Cpu, after: &Cpu) {
         self.client += after.client.saturating_sub(before.client);
         self.server += after.server.saturating_sub(before.server);
         self.sandboxes += after.sandboxes.saturating_sub(before.sandboxes);
