@@ -298,3 +298,51 @@ async fn a_restarted_coordinator_reports_what_its_store_holds_before_any_write()
     assert_eq!(sample(&text, "casbuild_cas_stored_bytes", &[("tier", "disk")]), held as f64, "{text}");
     assert_eq!(sample(&text, "casbuild_cas_blobs", &[("tier", "disk")]), stored as f64, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_describes_the_services_casbuild_has_descriptors_for() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Coordinator::start(&dir.path().join("storage"), &[]);
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let ask = |request: MessageRequest| {
+        futures::stream::iter([ServerReflectionRequest { host: String::new(), message_request: Some(request) }])
+    };
+    let mut answers = client.server_reflection_info(ask(MessageRequest::ListServices(String::new()))).await.unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.get_mut().message().await.unwrap().unwrap().message_response
+    else {
+        panic!("not a list of services")
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "casbuild.cc.v1.ExistenceFilter",
+            "casbuild.graph.v1.Graphs",
+            "casbuild.worker.v1.Workers",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection"
+        ]
+    );
+
+    let symbol = MessageRequest::FileContainingSymbol("casbuild.worker.v1.Workers".into());
+    let mut answers = client.server_reflection_info(ask(symbol)).await.unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.get_mut().message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no file descriptor for the Workers service")
+    };
+    let file = String::from_utf8_lossy(&files.file_descriptor_proto[0]).into_owned();
+    assert!(file.contains("worker.proto") && file.contains("Register"), "{file}");
+
+    let unknown = MessageRequest::FileContainingSymbol("no.such.Service".into());
+    let mut answers = client.server_reflection_info(ask(unknown)).await.unwrap();
+    let refused = answers.get_mut().message().await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+}

@@ -133,6 +133,7 @@ pub async fn serve_with_execution(
     // grpc.health.v1: SERVING while the storage takes writes.
     let (reporter, health) = tonic_health::server::health_reporter();
     let _watching = Health::new(storage.clone(), reporter).watch(HEALTH_PROBE_PERIOD);
+    let (reflection, reflection_alpha) = reflection(workers.is_some(), graphs.is_some());
     let mut builder = Server::builder();
     if let Some(tls) = config.tls.clone() {
         builder = builder.tls_config(tls)?;
@@ -145,6 +146,8 @@ pub async fn serve_with_execution(
         .layer(GrpcMetricsLayer)
         .layer(InterceptorLayer::new(move |request| auth.intercept(request)))
         .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(capabilities)
         .add_service(cas)
         .add_service(bytestream)
@@ -158,4 +161,36 @@ pub async fn serve_with_execution(
         .add_optional_service(graphs)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// gRPC server reflection (v1, and the v1alpha that older clients ask for)
+/// over the services this server runs whose descriptors casbuild has: the
+/// health service, the existence filter and, when served, the Workers and
+/// Graphs protocols. REAPI's own services are not described: the
+/// `bazel-remote-apis` crate ships no descriptors of them (docs/DEPLOY.md).
+fn reflection(
+    workers: bool,
+    graphs: bool,
+) -> (
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+) {
+    let mut names =
+        vec!["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "casbuild.cc.v1.ExistenceFilter"];
+    if workers {
+        names.push("casbuild.worker.v1.Workers");
+    }
+    if graphs {
+        names.push("casbuild.graph.v1.Graphs");
+    }
+    let builder = || {
+        let builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(casbuild_proto::FILE_DESCRIPTOR_SET);
+        names.iter().fold(builder, |builder, name| builder.with_service_name(*name))
+    };
+    // Both sets are built into the binary: one that does not decode is a build defect.
+    let v1 = builder().build_v1().expect("the built-in descriptor sets decode");
+    let v1alpha = builder().build_v1alpha().expect("the built-in descriptor sets decode");
+    (v1, v1alpha)
 }

@@ -41,6 +41,11 @@ pub mod worker {
     tonic::include_proto!("casbuild.worker.v1");
 }
 
+/// The encoded FileDescriptorSet of casbuild's own protocols (and of the
+/// REAPI names they import, declared without their fields: see
+/// `proto/reapi.proto`), for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/casbuild_descriptors.bin"));
+
 pub mod operation;
 pub mod trace;
 
