@@ -94,19 +94,41 @@ impl SharedOperations {
     /// One heartbeat: alive, adopt, tidy.
     async fn beat(&self) -> Result<(), casbuild_cas::store::StoreError> {
         self.database.heartbeat(&self.id, KEEP_DONE).await?;
-        for lease in self.database.adopt_leases(&self.id, DEAD_AFTER, ADOPT_AT_ONCE).await? {
-            tracing::info!(operation = %lease.operation, action = %lease.action, "adopted from a stopped coordinator");
-            metrics::counter!("casbuild_leases_adopted_total").increment(1);
-            let submitted =
-                self.scheduler.submit_as(&lease.instance, lease.action, lease.priority, lease.operation.clone());
-            self.publish(submitted.name, lease.instance, submitted.updates).await;
+        let adopted = self.database.adopt_leases(&self.id, DEAD_AFTER, ADOPT_AT_ONCE).await?;
+        if !adopted.is_empty() {
+            tracing::info!(leases = adopted.len(), "adopted from a stopped coordinator");
+            metrics::counter!("casbuild_leases_adopted_total").increment(adopted.len() as u64);
         }
-        // Finished operations whose last publication (and so their release) failed.
+        // Every lease this coordinator holds runs here: adopted ones start
+        // (also those a failed beat adopted without starting), finished ones
+        // whose last publication (and so their release) failed end.
         for lease in self.database.leases_of(&self.id).await? {
-            if let Some((instance, updates)) = self.scheduler.watch(&lease.operation) {
+            if let Err(e) = self.keep(lease).await {
+                tracing::warn!("shared operations: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs, or ends, one of this coordinator's leases.
+    async fn keep(&self, lease: Lease) -> Result<(), casbuild_cas::store::StoreError> {
+        match self.scheduler.watch(&lease.operation) {
+            Some((instance, updates)) => {
                 if updates.borrow().is_done() {
                     self.publish(lease.operation, instance, updates).await;
                 }
+            }
+            // Finished by a coordinator that died before releasing it.
+            None if self.database.operation(&lease.operation).await?.is_some_and(|row| row.done) => {
+                self.database.release(&lease.instance, &lease.action, &lease.operation).await?;
+            }
+            None => {
+                tracing::info!(operation = %lease.operation, action = %lease.action, "running an adopted lease");
+                // (A lease this coordinator has just taken and is about to
+                // schedule joins the same job: no second run.)
+                let submitted =
+                    self.scheduler.submit_as(&lease.instance, lease.action, lease.priority, lease.operation);
+                self.publish(submitted.name, lease.instance, submitted.updates).await;
             }
         }
         Ok(())
