@@ -327,7 +327,7 @@ async fn operations_are_followed_through_any_coordinator() {
     if !common::needs_root(test, true) {
         return;
     }
-    let Some(Cluster { postgres: _postgres, s3: _s3, first, second, dir }) = cluster(test, &[]) else { return };
+    let Some(Cluster { postgres, s3: _s3, first, second, dir }) = cluster(test, &[]) else { return };
     let worker = common::start_worker(&first, dir.path(), 1, &[]);
 
     // An action executed through the first is followed to its end through the second.
@@ -371,8 +371,10 @@ async fn operations_are_followed_through_any_coordinator() {
     let response = response_of(last);
     assert_eq!(response.result.as_ref().map(|r| r.exit_code), Some(0), "{response:?}");
     assert!(!response.cached_result);
-    let got = ops.get_operation(GetOperationRequest { name }).await.unwrap().into_inner();
+    let got = ops.get_operation(GetOperationRequest { name: name.clone() }).await.unwrap().into_inner();
     assert!(got.done, "{got:?}");
+    let leases = format!("SELECT count(*) FROM casbuild_leases WHERE operation = '{name}'");
+    assert_eq!(postgres.query(&leases), "0", "the adopter ended the lease");
     drop(running);
 }
 
@@ -385,7 +387,7 @@ async fn an_action_asked_of_two_coordinators_runs_once() {
     if !common::needs_root(test, true) {
         return;
     }
-    let Some(Cluster { postgres: _postgres, s3: _s3, first, second, dir }) = cluster(test, &[]) else { return };
+    let Some(Cluster { postgres, s3: _s3, first, second, dir }) = cluster(test, &[]) else { return };
     let _first_worker = common::start_worker(&first, dir.path(), 1, &[]);
     let _second_worker = common::start_worker(&second, dir.path(), 2, &[]);
     // Each run writes a different time: equal outputs mean one run.
@@ -406,6 +408,8 @@ async fn an_action_asked_of_two_coordinators_runs_once() {
     let outputs = |r: &casbuild_proto::reapi::ExecuteResponse| r.result.as_ref().unwrap().output_files.clone();
     assert_eq!(outputs(&one), outputs(&two), "one run, one output");
     assert!(!one.cached_result && !two.cached_result);
+    // The lease ended with the operation, in the same commit as its end.
+    assert_eq!(postgres.query("SELECT count(*) FROM casbuild_leases"), "0");
 }
 
 #[test]

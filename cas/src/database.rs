@@ -318,23 +318,65 @@ pub struct SharedOperation {
     pub done: bool,
 }
 
+/// Publishes an operation's state: ($1 name, $2 instance, $3 coordinator,
+/// $4 encoded operation, $5 done).
+macro_rules! upsert_operation {
+    () => {
+        "INSERT INTO casbuild_operations (name, instance, coordinator, operation, done) \
+         VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (name) DO UPDATE SET operation = EXCLUDED.operation, done = EXCLUDED.done, \
+         coordinator = EXCLUDED.coordinator, updated_at = now()"
+    };
+}
+
 impl Database {
-    /// Publishes the latest state of operation `name`, run by `coordinator`.
+    /// Publishes the final state of operation `name` and ends its lease on
+    /// `action`, in one statement (so one commit): a lease never ends
+    /// without its result published.
+    pub async fn finish_operation(
+        &self,
+        name: &str,
+        instance: &str,
+        coordinator: &str,
+        operation: &[u8],
+        action: &Digest,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "publishing an operation's end",
+            concat!(
+                "WITH released AS (DELETE FROM casbuild_leases \
+                 WHERE instance = $6 AND function = $7 AND hash = $8 AND size = $9 AND operation = $1) ",
+                upsert_operation!()
+            ),
+            &[
+                &name,
+                &instance.as_bytes(),
+                &coordinator,
+                &operation,
+                &true,
+                &instance_dir(instance),
+                &action.function.name(),
+                &&action.hash[..],
+                &size_column(action),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Publishes a state of operation `name` (not its last: see
+    /// [`Database::finish_operation`]), run by `coordinator`.
     pub async fn put_operation(
         &self,
         name: &str,
         instance: &str,
         coordinator: &str,
         operation: &[u8],
-        done: bool,
     ) -> Result<(), StoreError> {
         self.execute(
             "publishing an operation",
-            "INSERT INTO casbuild_operations (name, instance, coordinator, operation, done) \
-                 VALUES ($1, $2, $3, $4, $5) \
-                 ON CONFLICT (name) DO UPDATE SET operation = EXCLUDED.operation, done = EXCLUDED.done, \
-                 coordinator = EXCLUDED.coordinator, updated_at = now()",
-            &[&name, &instance.as_bytes(), &coordinator, &operation, &done],
+            upsert_operation!(),
+            &[&name, &instance.as_bytes(), &coordinator, &operation, &false],
         )
         .await?;
         Ok(())

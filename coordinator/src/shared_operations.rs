@@ -169,13 +169,12 @@ impl SharedOperations {
             let operation = render(&name, &state);
             let (database, id, name, instance) = (database.clone(), id.clone(), name.clone(), instance.clone());
             async move {
-                let done = operation.done;
-                let published = database.put_operation(&name, &instance, &id, &operation.encode_to_vec(), done).await;
-                let released = match published {
-                    Ok(()) if done => database.release(&instance, &state.action, &name).await,
-                    other => other,
+                let (done, encoded) = (operation.done, operation.encode_to_vec());
+                let published = match done {
+                    true => database.finish_operation(&name, &instance, &id, &encoded, &state.action).await,
+                    false => database.put_operation(&name, &instance, &id, &encoded).await,
                 };
-                if let Err(e) = released {
+                if let Err(e) = published {
                     tracing::warn!(operation = %name, "publishing: {e}");
                 }
                 done

@@ -118,6 +118,18 @@ impl Postgres {
         }
     }
 
+    /// The answer of one SQL query in the `casbuild` database, rows on lines,
+    /// columns separated by `|`.
+    pub fn query(&self, sql: &str) -> String {
+        let port = self.port.to_string();
+        let output = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "casbuild", "-d", "casbuild", "-At", "-c", sql])
+            .output()
+            .expect("running psql");
+        assert!(output.status.success(), "{sql}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
     /// Stops the server the way a crash would (`pg_ctl stop -m immediate`: no
     /// checkpoint, recovery from the WAL at the next start).
     pub fn crash(&mut self) {
