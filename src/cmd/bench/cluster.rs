@@ -81,33 +81,35 @@ pub async fn bench_cluster(
     rounds: usize,
 ) -> anyhow::Result<()> {
     let function = DigestFunction::Sha256;
-    let mut rates = Vec::new();
-    for (index, layout) in LAYOUTS.iter().enumerate() {
-        let here = dir.join(format!("cluster-{index}"));
-        let (coordinators, workers) = start(layout, database_url, &here)?;
-        let mut clients = Vec::new();
-        let mut stores = Vec::new();
-        for node in &coordinators {
-            let channel = connect_channel(&node.url, Duration::from_secs(30), &ConnectOptions::default()).await?;
-            clients.push(ExecutionClient::new(channel));
-            stores.push(RemoteStore::connect(&node.url, RemoteStoreOptions::default()).await?);
-        }
-        let mut took = Vec::new();
-        for round in 0..rounds {
-            // Rounds of every layout are new actions (the database outlives layouts).
-            let (digests, blobs) = actions(1000 + index * 100 + round, count, function);
+    // Rounds are interleaved (every layout once per round, each started
+    // afresh) so that a host whose speed drifts during the run biases no
+    // layout.
+    let mut took: Vec<Vec<Duration>> = vec![Vec::new(); LAYOUTS.len()];
+    for round in 0..rounds {
+        for (index, layout) in LAYOUTS.iter().enumerate() {
+            let here = dir.join(format!("cluster-{round}-{index}"));
+            let (coordinators, workers) = start(layout, database_url, &here)?;
+            let mut clients = Vec::new();
+            let mut stores = Vec::new();
+            for node in &coordinators {
+                let channel = connect_channel(&node.url, Duration::from_secs(30), &ConnectOptions::default()).await?;
+                clients.push(ExecutionClient::new(channel));
+                stores.push(RemoteStore::connect(&node.url, RemoteStoreOptions::default()).await?);
+            }
+            // New actions every time (the database outlives the layouts).
+            let (digests, blobs) = actions(1000 + round * 100 + index, count, function);
             for store in &stores {
                 store.write_batch(blobs.clone()).await?;
             }
             let (time, hits) = execute_all(&clients, &digests, concurrency, &mut Phases::default()).await?;
             ensure!(hits == 0, "{hits} of the new actions were cache hits");
-            eprintln!("  {}: round {}: {:.0} actions/s", layout.name, round + 1, per_second(count, time));
-            took.push(time);
+            eprintln!("  round {}: {}: {:.0} actions/s", round + 1, layout.name, per_second(count, time));
+            took[index].push(time);
+            drop(workers);
+            drop(coordinators);
         }
-        drop(workers);
-        drop(coordinators);
-        rates.push(per_second(count, median(took)));
     }
+    let rates: Vec<f64> = took.into_iter().map(|t| per_second(count, median(t))).collect();
     let row = |i: usize, base: usize, baseline_name: &'static str| Row {
         name: format!("no-op actions run, {}, {concurrency} in flight", LAYOUTS[i].name),
         casbuild: format!("{:.0} /s", rates[i]),
