@@ -5,7 +5,7 @@
 //! host, each after `bazel clean`, in batch mode (no Bazel server kept
 //! between builds, the same for both).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -29,15 +29,8 @@ pub struct BazelArgs {
     /// Sources of each library.
     #[arg(long, default_value_t = 6)]
     files: usize,
-    /// Rounds (the median is reported).
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
-    /// Slots of `casbuild up`'s worker [default: its own, one per core].
-    #[arg(long)]
-    slots: Option<usize>,
-    /// Scratch directory [default: a temp dir].
-    #[arg(long)]
-    dir: Option<PathBuf>,
+    #[command(flatten)]
+    runs: super::Runs,
     /// An extra Bazel flag for the remote build (repeatable), e.g. `--remote-flag=--jobs=8`.
     #[arg(long = "remote-flag", allow_hyphen_values = true)]
     remote_flags: Vec<String>,
@@ -79,7 +72,7 @@ fn build(ws: &Path, output_root: &Path, flags: &[String]) -> anyhow::Result<Buil
 }
 
 pub async fn bench_bazel(args: BazelArgs) -> anyhow::Result<()> {
-    let scratch = super::scratch_dir(args.dir.as_deref())?;
+    let scratch = super::scratch_dir(args.runs.dir.as_deref())?;
     let root = scratch.path().to_path_buf();
     tokio::task::spawn_blocking(move || measure(&root, &args)).await?
 }
@@ -88,7 +81,7 @@ fn measure(root: &Path, args: &BazelArgs) -> anyhow::Result<()> {
     let ws = root.join("ws");
     write_build(&ws, args.chains, args.length, args.libraries, args.files)?;
     let repos = offline_repositories(&root.join("repos"))?;
-    let rounds = args.rounds.max(1);
+    let rounds = args.runs.rounds.max(1);
     eprintln!("bench: Bazel builds of a generated workspace, cold, {rounds} rounds: local standalone, casbuild up");
     let (mut local, mut remote) = (vec![], vec![]);
     let (mut local_cpu, mut remote_cpu, mut up_cpu) = (Duration::ZERO, Duration::ZERO, Cpu::default());
@@ -104,7 +97,7 @@ fn measure(root: &Path, args: &BazelArgs) -> anyhow::Result<()> {
         local_cpu += built.bazel_cpu;
         summaries.0 = built.summary;
         // A new `casbuild up` on an empty store: nothing cached, nothing on the worker.
-        let up = Up::start(&root.join(format!("up-{round}")), args.slots)?;
+        let up = Up::start(&root.join(format!("up-{round}")), args.runs.slots)?;
         let mut flags = vec![format!("--remote_executor={}", up.url)];
         flags.extend(repos.iter().cloned());
         flags.extend(args.remote_flags.iter().cloned());

@@ -5,7 +5,6 @@
 //! the time of one action goes (from the ExecutedActionMetadata timestamps).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{ensure, Context};
@@ -27,15 +26,8 @@ pub struct ExecArgs {
     /// Execute calls in flight at once.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
-    /// Rounds (the median is reported).
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
-    /// Slots of `casbuild up`'s worker [default: its own, one per core].
-    #[arg(long)]
-    slots: Option<usize>,
-    /// Scratch directory [default: a temp dir].
-    #[arg(long)]
-    dir: Option<PathBuf>,
+    #[command(flatten)]
+    runs: super::Runs,
     /// Start `casbuild up` with `--metrics-listen` (to measure what recording metrics costs: compare with a
     /// run without).
     #[arg(long)]
@@ -189,9 +181,9 @@ fn ms(d: Duration) -> String {
 }
 
 pub async fn bench_exec(args: ExecArgs) -> anyhow::Result<()> {
-    let scratch = super::scratch_dir(args.dir.as_deref())?;
+    let scratch = super::scratch_dir(args.runs.dir.as_deref())?;
     let metrics: &[&str] = if args.metrics { &["--metrics-listen", "127.0.0.1:0"] } else { &[] };
-    let up = Up::start_with(&scratch.path().join("up"), args.slots, metrics)?;
+    let up = Up::start_with(&scratch.path().join("up"), args.runs.slots, metrics)?;
     let function = DigestFunction::Sha256;
     let options = RemoteStoreOptions::default();
     let store = RemoteStore::connect(&up.url, options).await?;
@@ -200,9 +192,9 @@ pub async fn bench_exec(args: ExecArgs) -> anyhow::Result<()> {
     let (count, concurrency) = (args.actions.max(1), args.concurrency.max(1));
     let (mut cold, mut hit, mut fork) = (vec![], vec![], vec![]);
     let mut phases = Phases::default();
-    eprintln!("bench: {count} no-op actions per round, {concurrency} in flight, {} rounds", args.rounds.max(1));
+    eprintln!("bench: {count} no-op actions per round, {concurrency} in flight, {} rounds", args.runs.rounds.max(1));
     let mut cpu = Cpu::default();
-    for round in 0..args.rounds.max(1) {
+    for round in 0..args.runs.rounds.max(1) {
         let (digests, blobs) = actions(round, count, function);
         store.write_batch(blobs).await?;
         let before = Cpu::now(up.pid());
@@ -257,7 +249,7 @@ pub async fn bench_exec(args: ExecArgs) -> anyhow::Result<()> {
             println!("| {name} | {} |", ms(median(samples)));
         }
     }
-    let runs = (count * args.rounds.max(1)) as f64;
+    let runs = (count * args.runs.rounds.max(1)) as f64;
     let per = |d: Duration| d.as_secs_f64() * 1e3 / runs;
     let total = cpu.client + cpu.server + cpu.sandboxes;
     println!(
@@ -273,7 +265,7 @@ pub async fn bench_exec(args: ExecArgs) -> anyhow::Result<()> {
     drop(up);
     if let Some(url) = &args.database_url {
         println!();
-        super::cluster::bench_cluster(url, scratch.path(), count, concurrency, args.rounds.max(1)).await?;
+        super::cluster::bench_cluster(url, scratch.path(), count, concurrency, args.runs.rounds.max(1)).await?;
     }
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! one the tests run) on `casbuild up`, cold and warm, against running the
 //! same commands serially on the host.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -17,15 +17,8 @@ pub struct GraphArgs {
     /// Compilation units: the graph has 2 × UNITS + 5 jobs.
     #[arg(long, default_value_t = 48)]
     units: usize,
-    /// Rounds of each variant (medians are reported).
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
-    /// Actions `casbuild up` runs at once [default: its own, the number of CPUs].
-    #[arg(long)]
-    slots: Option<usize>,
-    /// Scratch directory [default: a temp dir].
-    #[arg(long)]
-    dir: Option<PathBuf>,
+    #[command(flatten)]
+    runs: super::Runs,
 }
 
 fn seconds(d: Duration) -> String {
@@ -48,9 +41,9 @@ fn graph_run(url: &str, instance: &str, dir: &Path) -> anyhow::Result<Duration> 
 }
 
 pub async fn bench_graph(args: GraphArgs) -> anyhow::Result<()> {
-    let scratch = super::scratch_dir(args.dir.as_deref())?;
+    let scratch = super::scratch_dir(args.runs.dir.as_deref())?;
     let root = scratch.path().to_path_buf();
-    let (units, rounds, slots) = (args.units.max(1), args.rounds.max(1), args.slots);
+    let (units, rounds, slots) = (args.units.max(1), args.runs.rounds.max(1), args.runs.slots);
     tokio::task::spawn_blocking(move || measure(&root, units, rounds, slots)).await?
 }
 

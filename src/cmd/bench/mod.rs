@@ -15,7 +15,7 @@ mod pki;
 mod sandbox;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +61,20 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Exec(args) => exec::bench_exec(args).await,
         Command::Bazel(args) => bazel::bench_bazel(args).await,
     }
+}
+
+/// What every bench through `casbuild up` takes.
+#[derive(clap::Args)]
+pub struct Runs {
+    /// Rounds (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Actions `casbuild up` runs at once [default: its own, one per core].
+    #[arg(long)]
+    slots: Option<usize>,
+    /// Scratch directory [default: a temp dir].
+    #[arg(long)]
+    dir: Option<PathBuf>,
 }
 
 /// A scratch directory for a bench, inside `dir` if given, removed when dropped.
