@@ -126,46 +126,49 @@ impl Database {
         self.pool.get().await.map_err(|e| self.unavailable("connecting", e))
     }
 
-    /// Runs one statement (prepared once per connection), riding out a
-    /// database restart (see [`Patience`]); the rows it changed.
-    async fn execute(&self, what: &str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+    /// Runs `attempt` on a pooled connection until it succeeds, riding out
+    /// a database restart (see [`Patience`]).
+    async fn patiently<T, F, Fut>(&self, what: &str, attempt: F) -> Result<T, StoreError>
+    where
+        F: Fn(deadpool_postgres::Object) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    {
         let mut patience = Patience::new();
         loop {
             let outcome = match self.pool.get().await {
-                Ok(client) => match client.prepare_cached(sql).await {
-                    Ok(statement) => client.execute(&statement, params).await.map_err(Failure::Query),
-                    Err(e) => Err(Failure::Query(e)),
-                },
+                Ok(client) => attempt(client).await.map_err(Failure::Query),
                 Err(e) => Err(Failure::Pool(e)),
             };
             match outcome {
-                Ok(changed) => return Ok(changed),
+                Ok(value) => return Ok(value),
                 Err(failure) => patience.wait(failure, || self.unavailable(what, "")).await?,
             }
         }
     }
 
-    /// Runs one query of at most one row, riding out a database restart.
+    /// Runs one statement (prepared once per connection), riding out a
+    /// database restart; the rows it changed.
+    async fn execute(&self, what: &str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+        self.patiently(what, |client| async move {
+            let statement = client.prepare_cached(sql).await?;
+            client.execute(&statement, params).await
+        })
+        .await
+    }
+
+    /// Runs one query of at most one row (prepared once per connection),
+    /// riding out a database restart.
     async fn query_opt(
         &self,
         what: &str,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<tokio_postgres::Row>, StoreError> {
-        let mut patience = Patience::new();
-        loop {
-            let outcome = match self.pool.get().await {
-                Ok(client) => match client.prepare_cached(sql).await {
-                    Ok(statement) => client.query_opt(&statement, params).await.map_err(Failure::Query),
-                    Err(e) => Err(Failure::Query(e)),
-                },
-                Err(e) => Err(Failure::Pool(e)),
-            };
-            match outcome {
-                Ok(row) => return Ok(row),
-                Err(failure) => patience.wait(failure, || self.unavailable(what, "")).await?,
-            }
-        }
+        self.patiently(what, |client| async move {
+            let statement = client.prepare_cached(sql).await?;
+            client.query_opt(&statement, params).await
+        })
+        .await
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
