@@ -399,14 +399,11 @@ fn bazel_builds_remotely_over_tls_with_an_api_key_and_is_refused_without() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _worker = Coordinator::spawn(&args, "casbuild worker ", &dir.path().join("worker-1"), true);
     let ws = dir.path().join("ws");
-    std::fs::create_dir_all(ws.join("pkg")).unwrap();
-    std::fs::write(ws.join("WORKSPACE"), "").unwrap();
-    std::fs::write(
-        ws.join("pkg/BUILD"),
+    common::bazel::package(
+        &ws,
         "genrule(name = \"a\", outs = [\"a.txt\"], cmd = \"echo with a key > $@\")\n\
          genrule(name = \"b\", srcs = [\":a\"], outs = [\"b.txt\"], cmd = \"cat $< $< > $@\")\n",
-    )
-    .unwrap();
+    );
     let root = dir.path().join("bazel-root");
     let bazel = |key: Option<&str>| {
         let mut args = vec![tls_jvm.clone(), "build".to_owned(), format!("--remote_executor={}", cluster.url())];

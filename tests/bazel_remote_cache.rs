@@ -25,11 +25,8 @@ fn a_clean_rebuild_is_served_from_the_remote_cache() {
     }
     let dir = tempfile::tempdir().unwrap();
     let workspace = dir.path().join("ws");
-    std::fs::create_dir_all(workspace.join("pkg")).unwrap();
-    std::fs::write(workspace.join("WORKSPACE"), "").unwrap();
-    std::fs::write(workspace.join("pkg/input.txt"), "some input\n").unwrap();
-    std::fs::write(
-        workspace.join("pkg/BUILD"),
+    common::bazel::package(
+        &workspace,
         r#"
 genrule(name = "a", outs = ["a.txt"], cmd = "echo hello > $@")
 genrule(name = "b", srcs = [":a"], outs = ["b.txt"], cmd = "cat $< $< > $@")
@@ -37,8 +34,8 @@ genrule(name = "c", srcs = [":b", "input.txt"], outs = ["c.txt"], cmd = "cat $(S
 # Large enough that Bazel moves it through ByteStream rather than a batch call.
 genrule(name = "big", outs = ["big.bin"], cmd = "head -c 9000000 /dev/urandom > $@")
 "#,
-    )
-    .unwrap();
+    );
+    std::fs::write(workspace.join("pkg/input.txt"), "some input\n").unwrap();
     let server = Coordinator::start(&dir.path().join("storage"), &[]);
     let output_root = dir.path().join("bazel-root");
     let remote = format!("--remote_cache={}", server.url());

@@ -272,17 +272,14 @@ fn a_build_survives_its_coordinator_being_killed() {
     let _worker = common::start_worker_at(&format!("grpc://{}", proxy.addr), dir.path(), 1, &[]);
 
     let ws = dir.path().join("ws");
-    std::fs::create_dir_all(ws.join("pkg")).unwrap();
-    std::fs::write(ws.join("WORKSPACE"), "").unwrap();
-    std::fs::write(
-        ws.join("pkg/BUILD"),
+    common::bazel::package(
+        &ws,
         r#"
 genrule(name = "a", outs = ["a.txt"], cmd = "echo a > $@")
 genrule(name = "slow", srcs = [":a"], outs = ["slow.txt"], cmd = "sleep 8; cat $< > $@; echo slow >> $@")
 genrule(name = "after", srcs = [":slow"], outs = ["after.txt"], cmd = "cat $< > $@; echo after >> $@")
 "#,
-    )
-    .unwrap();
+    );
     let repos = common::bazel::offline_repositories(&dir.path().join("repos"));
     let root = dir.path().join("bazel-root");
     let mut args = vec!["build".to_owned(), format!("--remote_executor=grpc://{}", proxy.addr)];
@@ -429,8 +426,6 @@ fn a_build_rides_out_a_database_restart_and_loses_nothing() {
     // while the first runs, and the rest are looked up, leased, published
     // and cached across the restart.
     let ws = dir.path().join("ws");
-    std::fs::create_dir_all(ws.join("pkg")).unwrap();
-    std::fs::write(ws.join("WORKSPACE"), "").unwrap();
     let mut rules = String::from("genrule(name = \"s0\", outs = [\"s0.txt\"], cmd = \"sleep 1; echo 0 > $@\")\n");
     for i in 1..6 {
         rules.push_str(&format!(
@@ -438,7 +433,7 @@ fn a_build_rides_out_a_database_restart_and_loses_nothing() {
             i - 1
         ));
     }
-    std::fs::write(ws.join("pkg/BUILD"), rules).unwrap();
+    common::bazel::package(&ws, &rules);
     let repos = common::bazel::offline_repositories(&dir.path().join("repos"));
     let root = dir.path().join("bazel-root");
     let build = move |remote: String| {

@@ -81,6 +81,12 @@ pub fn offline_repositories(dir: &Path) -> Vec<String> {
     workspace::offline_repositories(dir).expect("writing the offline repositories")
 }
 
+/// A workspace at `ws` with one package, `pkg`, whose BUILD file is `build`.
+pub fn package(ws: &Path, build: &str) {
+    write(&ws.join("WORKSPACE"), "");
+    write(&ws.join("pkg/BUILD"), build);
+}
+
 /// A workspace of genrule chains, a cc_library + cc_binary with headers in
 /// subdirectories, an sh_test, and a genrule (`sneaky`) that reads an
 /// undeclared file.
