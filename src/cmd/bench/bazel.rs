@@ -2,16 +2,18 @@
 //! libraries linked into one binary) built cold by Debian's Bazel 4.2.3
 //! through `casbuild up` (a new, empty store every round), against the same
 //! build run locally by Bazel (`--spawn_strategy=standalone`) on the same
-//! host, each after `bazel clean`, in batch mode (no Bazel server kept
-//! between builds, the same for both).
+//! host, each after `bazel clean`: in batch mode (no Bazel server kept
+//! between builds, the same for both), or with `--server` on a warm Bazel
+//! server per mode.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 
-use super::bazel_workspace::{offline_repositories, write_build};
+use super::bazel_workspace::{offline_repositories, write_build, Shape};
+use super::cluster::{coordinator, worker};
 use super::exec::{rusage, Cpu};
 use super::{median, print_table, Row, Up};
 
@@ -29,11 +31,74 @@ pub struct BazelArgs {
     /// Sources of each library.
     #[arg(long, default_value_t = 6)]
     files: usize,
+    /// Headers of a common library every source includes [default: 0, or 40 with --prefetch].
+    #[arg(long)]
+    headers: Option<usize>,
+    /// Instead: what prefetching from access profiles does for a second cold build after an edit of the
+    /// common headers (every compile's inputs new, its command the same), on a `casbuild worker` process
+    /// that fetches from a `casbuild coordinator` process over loopback, against the same build with
+    /// prefetching off.
+    #[arg(long)]
+    prefetch: bool,
     #[command(flatten)]
     runs: super::Runs,
     /// An extra Bazel flag for the remote build (repeatable), e.g. `--remote-flag=--jobs=8`.
     #[arg(long = "remote-flag", allow_hyphen_values = true)]
     remote_flags: Vec<String>,
+    /// Keep a Bazel server for each mode across the rounds, warmed by one untimed build (how Bazel is
+    /// used day to day), instead of `--batch` (a new JVM for every build).
+    #[arg(long)]
+    server: bool,
+}
+
+/// How Bazel is started for one mode (local or remote): in batch mode, or
+/// as a server kept under its own output root.
+struct Bazel<'a> {
+    ws: &'a Path,
+    output_root: PathBuf,
+    batch: bool,
+}
+
+impl Bazel<'_> {
+    fn run(&self, args: &[String]) -> anyhow::Result<std::process::Output> {
+        let mut command = Command::new("bazel");
+        if self.batch {
+            command.arg("--batch");
+        }
+        command
+            .arg("--nohome_rc")
+            .arg(format!("--output_user_root={}", self.output_root.display()))
+            .args(args)
+            .current_dir(self.ws)
+            .output()
+            .context("running bazel (Debian's bazel-bootstrap)")
+    }
+
+    /// The server's pid (none in batch mode).
+    fn server_pid(&self) -> Option<String> {
+        if self.batch {
+            return None;
+        }
+        let out = self.run(&["info".to_owned(), "server_pid".to_owned()]).ok()?;
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// CPU time of Bazel and whatever it ran itself (local actions): its
+    /// server's, or the batch processes' this process waited for.
+    fn cpu(&self, server: Option<&str>) -> Duration {
+        match server {
+            Some(pid) => super::exec::ticks(pid, true),
+            None => rusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN),
+        }
+    }
+}
+
+impl Drop for Bazel<'_> {
+    fn drop(&mut self) {
+        if !self.batch {
+            let _ = self.run(&["shutdown".to_owned()]);
+        }
+    }
 }
 
 /// One Bazel build of the workspace.
@@ -46,25 +111,16 @@ struct Built {
 }
 
 /// Builds `//...` after `bazel clean`.
-fn build(ws: &Path, output_root: &Path, flags: &[String]) -> anyhow::Result<Built> {
-    let bazel = |args: &[String]| {
-        Command::new("bazel")
-            .args(["--batch", "--nohome_rc"])
-            .arg(format!("--output_user_root={}", output_root.display()))
-            .args(args)
-            .current_dir(ws)
-            .output()
-            .context("running bazel (Debian's bazel-bootstrap)")
-    };
-    let cleaned = bazel(&["clean".to_owned()])?;
+fn build(bazel: &Bazel<'_>, flags: &[String]) -> anyhow::Result<Built> {
+    let cleaned = bazel.run(&["clean".to_owned()])?;
     ensure!(cleaned.status.success(), "bazel clean failed: {}", String::from_utf8_lossy(&cleaned.stderr));
     let mut args = vec!["build".to_owned()];
     args.extend(flags.iter().cloned());
     args.push("//...".to_owned());
-    let children = || rusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN);
-    let (start, cpu) = (Instant::now(), children());
-    let output = bazel(&args)?;
-    let (wall, bazel_cpu) = (start.elapsed(), children().saturating_sub(cpu));
+    let server = bazel.server_pid();
+    let (start, cpu) = (Instant::now(), bazel.cpu(server.as_deref()));
+    let output = bazel.run(&args)?;
+    let (wall, bazel_cpu) = (start.elapsed(), bazel.cpu(server.as_deref()).saturating_sub(cpu));
     let text = String::from_utf8_lossy(&output.stderr).into_owned();
     ensure!(output.status.success(), "bazel build {flags:?} failed:\n{text}");
     let summary = text.lines().find(|l| l.contains(" processes:")).unwrap_or("").trim().to_owned();
@@ -74,12 +130,37 @@ fn build(ws: &Path, output_root: &Path, flags: &[String]) -> anyhow::Result<Buil
 pub async fn bench_bazel(args: BazelArgs) -> anyhow::Result<()> {
     let scratch = super::scratch_dir(args.runs.dir.as_deref())?;
     let root = scratch.path().to_path_buf();
-    tokio::task::spawn_blocking(move || measure(&root, &args)).await?
+    tokio::task::spawn_blocking(
+        move || if args.prefetch { measure_prefetch(&root, &args) } else { measure(&root, &args) },
+    )
+    .await?
+}
+
+impl BazelArgs {
+    fn shape(&self, default_headers: usize, revision: usize) -> Shape {
+        let headers = self.headers.unwrap_or(default_headers);
+        Shape {
+            chains: self.chains,
+            length: self.length,
+            libraries: self.libraries,
+            files: self.files,
+            headers,
+            revision,
+        }
+    }
+
+    /// Bazel's flags for a remote build on `url`.
+    fn remote_flags(&self, url: &str, repos: &[String]) -> Vec<String> {
+        let mut flags = vec![format!("--remote_executor={url}")];
+        flags.extend(repos.iter().cloned());
+        flags.extend(self.remote_flags.iter().cloned());
+        flags
+    }
 }
 
 fn measure(root: &Path, args: &BazelArgs) -> anyhow::Result<()> {
     let ws = root.join("ws");
-    write_build(&ws, args.chains, args.length, args.libraries, args.files)?;
+    write_build(&ws, &args.shape(0, 0))?;
     let repos = offline_repositories(&root.join("repos"))?;
     let rounds = args.runs.rounds.max(1);
     eprintln!("bench: Bazel builds of a generated workspace, cold, {rounds} rounds: local standalone, casbuild up");
@@ -88,21 +169,27 @@ fn measure(root: &Path, args: &BazelArgs) -> anyhow::Result<()> {
     let mut summaries = (String::new(), String::new());
     // A first local build warms what both share (the host's page cache of
     // Bazel itself and the sources), untimed.
+    let batch = !args.server;
+    let local_bazel = Bazel { ws: &ws, output_root: root.join("bazel-local"), batch };
+    let remote_bazel = Bazel { ws: &ws, output_root: root.join("bazel-remote"), batch };
     let mut standalone = vec!["--spawn_strategy=standalone".to_owned()];
     standalone.extend(repos.iter().cloned());
-    build(&ws, &root.join("bazel-local"), &standalone)?;
+    build(&local_bazel, &standalone)?;
+    let remote_flags = |url: &str| args.remote_flags(url, &repos);
+    if args.server {
+        // The remote mode's server gets its warm-up build too, on a store of its own.
+        let up = Up::start(&root.join("up-warm-up"), args.runs.slots)?;
+        build(&remote_bazel, &remote_flags(&up.url))?;
+    }
     for round in 0..rounds {
-        let built = build(&ws, &root.join("bazel-local"), &standalone)?;
+        let built = build(&local_bazel, &standalone)?;
         local.push(built.wall);
         local_cpu += built.bazel_cpu;
         summaries.0 = built.summary;
         // A new `casbuild up` on an empty store: nothing cached, nothing on the worker.
         let up = Up::start(&root.join(format!("up-{round}")), args.runs.slots)?;
-        let mut flags = vec![format!("--remote_executor={}", up.url)];
-        flags.extend(repos.iter().cloned());
-        flags.extend(args.remote_flags.iter().cloned());
         let before = Cpu::now(up.pid());
-        let built = build(&ws, &root.join("bazel-remote"), &flags)?;
+        let built = build(&remote_bazel, &remote_flags(&up.url))?;
         up_cpu.add_since(&before, &Cpu::now(up.pid()));
         drop(up);
         ensure!(!built.summary.contains("remote cache hit"), "a cold build had cache hits: {}", built.summary);
@@ -134,5 +221,82 @@ fn measure(root: &Path, args: &BazelArgs) -> anyhow::Result<()> {
         per_round(up_cpu.server),
         per_round(up_cpu.sandboxes)
     );
+    Ok(())
+}
+
+/// `--prefetch`: every round builds the workspace once to record the access
+/// profiles, edits the common headers, and builds it again cold twice (in
+/// turns, the order alternating): on a worker given the first build's
+/// profiles, and on one with prefetching off. Each build gets a new
+/// coordinator (empty store) and a new worker (empty blob cache).
+fn measure_prefetch(root: &Path, args: &BazelArgs) -> anyhow::Result<()> {
+    let ws = root.join("ws");
+    let repos = offline_repositories(&root.join("repos"))?;
+    let rounds = args.runs.rounds.max(1);
+    let bazel = Bazel { ws: &ws, output_root: root.join("bazel-remote"), batch: !args.server };
+    let headers = args.shape(40, 0).headers;
+    eprintln!(
+        "bench: a second cold Bazel build after an edit of {headers} common headers, {rounds} rounds: \
+         prefetched from access profiles, prefetch off"
+    );
+    // One cold build on a coordinator and worker of their own; `prefetch_off` passes `--prefetch-bytes 0`.
+    let cold_build = |dir: &Path, prefetch_off: bool| -> anyhow::Result<Built> {
+        let coordinator = coordinator(&dir.join("store"), None)?;
+        let extra: &[&str] = if prefetch_off { &["--prefetch-bytes", "0"] } else { &[] };
+        let worker = worker(&coordinator.url, "bench", &dir.join("worker"), extra)?;
+        let built = build(&bazel, &args.remote_flags(&coordinator.url, &repos))?;
+        drop(worker);
+        ensure!(!built.summary.contains("remote cache hit"), "a cold build had cache hits: {}", built.summary);
+        Ok(built)
+    };
+    let (mut with, mut without) = (vec![], vec![]);
+    for round in 0..rounds {
+        let here = root.join(format!("round-{round}"));
+        write_build(&ws, &args.shape(40, 2 * round))?;
+        let learned = cold_build(&here.join("learn"), false)?;
+        write_build(&ws, &args.shape(40, 2 * round + 1))?;
+        let profiles = here.join("with/worker/cache/profiles");
+        copy_dir(&here.join("learn/worker/cache/profiles"), &profiles)?;
+        let kept = std::fs::read_dir(&profiles)?.count();
+        let mut order = [true, false];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for prefetched in order {
+            let built = if prefetched {
+                cold_build(&here.join("with"), false)?
+            } else {
+                cold_build(&here.join("without"), true)?
+            };
+            (if prefetched { &mut with } else { &mut without }).push(built.wall);
+        }
+        eprintln!(
+            "  round {}: first build {:.2} s ({kept} profiles); second build prefetched {:.2} s, prefetch off {:.2} s",
+            round + 1,
+            learned.wall.as_secs_f64(),
+            with[round].as_secs_f64(),
+            without[round].as_secs_f64()
+        );
+    }
+    let (with, without) = (median(with), median(without));
+    print_table(&[Row {
+        name: format!(
+            "Bazel second cold build after editing {headers} common headers, prefetched from access profiles"
+        ),
+        casbuild: format!("{:.2} s", with.as_secs_f64()),
+        baseline_name: "the same build, prefetching off",
+        baseline: format!("{:.2} s", without.as_secs_f64()),
+        ratio: without.as_secs_f64() / with.as_secs_f64(),
+    }]);
+    Ok(())
+}
+
+/// Copies the files of `from` into a new directory `to`.
+pub(super) fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+    }
     Ok(())
 }

@@ -48,10 +48,29 @@ pub fn offline_repositories(dir: &Path) -> io::Result<Vec<String>> {
         .collect())
 }
 
-/// Writes a workspace of `chains` genrule chains of `length` steps each and
-/// `libraries` C libraries of `files` sources each, linked into one binary
-/// (`//:app`).
-pub fn write_build(ws: &Path, chains: usize, length: usize, libraries: usize, files: usize) -> io::Result<()> {
+/// The shape of a generated workspace.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// Genrule chains.
+    pub chains: usize,
+    /// Steps of each chain.
+    pub length: usize,
+    /// C libraries.
+    pub libraries: usize,
+    /// Sources of each library.
+    pub files: usize,
+    /// Headers of a `common` library that every source includes (none: no such library).
+    pub headers: usize,
+    /// Written into the common headers: a new revision changes every compile's inputs, not its command.
+    pub revision: usize,
+}
+
+/// Writes a workspace of `shape.chains` genrule chains of `shape.length`
+/// steps each and `shape.libraries` C libraries of `shape.files` sources
+/// each (every source including `shape.headers` common headers), linked into
+/// one binary (`//:app`).
+pub fn write_build(ws: &Path, shape: &Shape) -> io::Result<()> {
+    let Shape { chains, length, libraries, files, headers, revision } = *shape;
     write(&ws.join("WORKSPACE"), "")?;
     let mut build = String::new();
     for c in 0..chains {
@@ -67,6 +86,21 @@ pub fn write_build(ws: &Path, chains: usize, length: usize, libraries: usize, fi
         }
     }
     let mut deps = Vec::new();
+    let mut common = String::new();
+    if headers > 0 {
+        // Each header a few KiB of declarations, as a real project's are.
+        let mut names = Vec::new();
+        for h in 0..headers {
+            let declarations: String = (0..64)
+                .map(|d| format!("int common_h{h}_d{d}(int x, const char *name, long rev{revision});\n"))
+                .collect();
+            write(&ws.join(format!("common/h{h}.h")), &format!("/* revision {revision} */\n{declarations}"))?;
+            names.push(format!("\"common/h{h}.h\""));
+            common.push_str(&format!("#include \"common/h{h}.h\"\n"));
+        }
+        build.push_str(&format!("cc_library(name = \"common\", hdrs = [{}])\n", names.join(", ")));
+    }
+    let common_dep = if headers > 0 { ", deps = [\":common\"]" } else { "" };
     let mut main_calls = String::new();
     for l in 0..libraries {
         let mut srcs = Vec::new();
@@ -75,7 +109,7 @@ pub fn write_build(ws: &Path, chains: usize, length: usize, libraries: usize, fi
             write(
                 &ws.join(&name),
                 &format!(
-                    "#include <stdio.h>\n#include <string.h>\n#include \"lib{l}/api.h\"\n\
+                    "#include <stdio.h>\n#include <string.h>\n#include \"lib{l}/api.h\"\n{common}\
                      int lib{l}_f{f}(int x) {{\n  char buf[64];\n  snprintf(buf, sizeof buf, \"%d-{l}-{f}\", x);\n  \
                      return (int)strlen(buf) + x * {f};\n}}\n"
                 ),
@@ -85,7 +119,7 @@ pub fn write_build(ws: &Path, chains: usize, length: usize, libraries: usize, fi
         let declarations: String = (0..files).map(|f| format!("int lib{l}_f{f}(int x);\n")).collect();
         write(&ws.join(format!("lib{l}/api.h")), &declarations)?;
         build.push_str(&format!(
-            "cc_library(name = \"lib{l}\", srcs = [{}], hdrs = [\"lib{l}/api.h\"])\n",
+            "cc_library(name = \"lib{l}\", srcs = [{}], hdrs = [\"lib{l}/api.h\"]{common_dep})\n",
             srcs.join(", ")
         ));
         deps.push(format!("\":lib{l}\""));

@@ -29,6 +29,11 @@ pub struct CcArgs {
     /// Scratch directory [default: a temp dir].
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Instead: what prefetching from access profiles does for a second cold build after an edit of a
+    /// header most sources include (every compile's input new, its command the same), on a `casbuild
+    /// worker` process that fetches from a `casbuild coordinator` process, against prefetching off.
+    #[arg(long)]
+    prefetch: bool,
 }
 
 struct Project {
@@ -36,6 +41,8 @@ struct Project {
     sources: PathBuf,
     makefile: &'static str,
     driver: &'static str,
+    /// A header (in the copy) that most sources include.
+    common_header: &'static str,
 }
 
 /// `sub` in the sources of crate `name` that cargo fetched.
@@ -100,17 +107,27 @@ pub async fn bench_cc(args: CcArgs) -> anyhow::Result<()> {
             sources: args.zstd.clone().map_or_else(|| crate_sources("zstd-sys", "zstd/lib"), Ok)?,
             makefile: include_str!("../../../tests/fixtures/cc/zstd.mk"),
             driver: include_str!("../../../tests/fixtures/cc/zstd_driver.c"),
+            common_header: "lib/common/mem.h",
         },
         Project {
             name: "Lua",
             sources: args.lua.clone().map_or_else(|| crate_sources("lua-src", "lua-5.4.7"), Ok)?,
             makefile: include_str!("../../../tests/fixtures/cc/lua.mk"),
             driver: include_str!("../../../tests/fixtures/cc/lua_driver.c"),
+            common_header: "lib/lprefix.h",
         },
     ];
     let root = scratch.path().to_path_buf();
     let (rounds, calls) = (args.rounds.max(1), args.calls.max(1));
-    tokio::task::spawn_blocking(move || measure(&root, &projects, rounds, calls)).await?
+    let prefetch = args.prefetch;
+    tokio::task::spawn_blocking(move || {
+        if prefetch {
+            measure_prefetch(&root, &projects, rounds)
+        } else {
+            measure(&root, &projects, rounds, calls)
+        }
+    })
+    .await?
 }
 
 fn measure(root: &Path, projects: &[Project], rounds: usize, calls: usize) -> anyhow::Result<()> {
@@ -168,6 +185,79 @@ fn measure(root: &Path, projects: &[Project], rounds: usize, calls: usize) -> an
     }
     print_table(&rows);
     single_file(root, &projects[0], &up.url, &exe, &daemons, calls)
+}
+
+/// `--prefetch`: every round builds a project once to record the access
+/// profiles, edits its common header, and builds it again cold twice (in
+/// turns, the order alternating): on a worker given the first build's
+/// profiles, and on one with prefetching off. Each build gets a new
+/// coordinator (empty store), worker (empty blob cache) and daemon.
+fn measure_prefetch(root: &Path, projects: &[Project], rounds: usize) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?.to_string_lossy().into_owned();
+    let cc = format!("{exe} cc gcc");
+    let mut rows = Vec::new();
+    for project in projects {
+        let (mut with, mut without) = (vec![], vec![]);
+        for round in 0..rounds {
+            let here = root.join(format!("{}-prefetch-{round}", project.name));
+            let dir = here.join("src");
+            write_project(project, &dir)?;
+            // The instance is part of a profile's key: the same for all three builds.
+            let instance = format!("bench-{}-prefetch-{round}", project.name);
+            let cold_build = |cluster: &Path, prefetch_off: bool| -> anyhow::Result<Duration> {
+                let coordinator = super::cluster::coordinator(&cluster.join("store"), None)?;
+                let extra: &[&str] = if prefetch_off { &["--prefetch-bytes", "0"] } else { &[] };
+                let worker = super::cluster::worker(&coordinator.url, "bench", &cluster.join("worker"), extra)?;
+                let daemon = cluster.join("daemon").to_string_lossy().into_owned();
+                let env = [
+                    ("CASBUILD_REMOTE", coordinator.url.as_str()),
+                    ("CASBUILD_INSTANCE", &instance),
+                    ("CASBUILD_DAEMON_DIR", &daemon),
+                ];
+                make(&dir, 8, &cc, &env, "clean")?;
+                let took = make(&dir, 8, &cc, &env, "all")?;
+                stop_daemon(&exe, &env)?;
+                drop(worker);
+                Ok(took)
+            };
+            let learned = cold_build(&here.join("learn"), false)?;
+            // A declaration survives preprocessing, so every compile's input changes.
+            let header = dir.join(project.common_header);
+            let mut text = std::fs::read_to_string(&header)?;
+            text.push_str(&format!("\nextern int casbuild_bench_revision_{round};\n"));
+            std::fs::write(&header, text)?;
+            let profiles = here.join("with/worker/cache/profiles");
+            super::bazel::copy_dir(&here.join("learn/worker/cache/profiles"), &profiles)?;
+            let mut order = [true, false];
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for prefetched in order {
+                let took = cold_build(&here.join(if prefetched { "with" } else { "without" }), !prefetched)?;
+                (if prefetched { &mut with } else { &mut without }).push(took);
+            }
+            eprintln!(
+                "{} round {round}: first build {}; second build prefetched {}, prefetch off {}",
+                project.name,
+                seconds(learned),
+                seconds(with[round]),
+                seconds(without[round])
+            );
+        }
+        let (with, without) = (median(with), median(without));
+        rows.push(Row {
+            name: format!(
+                "{} second cold build through casbuild cc after editing {}, prefetched",
+                project.name, project.common_header
+            ),
+            casbuild: seconds(with),
+            baseline_name: "the same build, prefetching off",
+            baseline: seconds(without),
+            ratio: without.as_secs_f64() / with.as_secs_f64(),
+        });
+    }
+    print_table(&rows);
+    Ok(())
 }
 
 fn stop_daemon(exe: &str, env: &[(&str, &str)]) -> anyhow::Result<()> {

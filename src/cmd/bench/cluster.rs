@@ -18,9 +18,9 @@ use super::exec::{actions, execute_all, per_second, Phases};
 use super::{median, print_table, spawn_until, Row};
 
 /// A casbuild process of the cluster, stopped with SIGTERM when dropped.
-struct Node {
+pub(super) struct Node {
     child: Child,
-    url: String,
+    pub(super) url: String,
 }
 
 impl Drop for Node {
@@ -29,6 +29,30 @@ impl Drop for Node {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let _ = self.child.wait();
     }
+}
+
+/// A `casbuild coordinator` storing under `store`, on `database_url` if given.
+pub(super) fn coordinator(store: &Path, database_url: Option<&str>) -> anyhow::Result<Node> {
+    let exe = std::env::current_exe().context("finding casbuild itself")?;
+    let mut command = Command::new(&exe);
+    command.args(["coordinator", "--listen", "127.0.0.1:0", "--storage"]).arg(store);
+    if let Some(url) = database_url {
+        command.args(["--database-url", url]);
+    }
+    let (child, url) = spawn_until(&mut command, "casbuild coordinator listening on ")?;
+    Ok(Node { child, url })
+}
+
+/// A `casbuild worker` of `coordinator` named `name`, its mount, cache and
+/// scratch under `base` (the cache in `base/cache`), with `extra` flags.
+pub(super) fn worker(coordinator: &str, name: &str, base: &Path, extra: &[&str]) -> anyhow::Result<Node> {
+    let exe = std::env::current_exe().context("finding casbuild itself")?;
+    let mut command = Command::new(&exe);
+    command.args(["worker", "--coordinator", coordinator, "--name", name, "--mount"]);
+    command.arg(base.join("cas")).arg("--cache-dir").arg(base.join("cache")).arg("--scratch");
+    command.arg(base.join("scratch")).args(extra);
+    let (child, _) = spawn_until(&mut command, "casbuild worker ")?;
+    Ok(Node { child, url: coordinator.to_owned() })
 }
 
 /// One arrangement of the cluster.
@@ -46,27 +70,15 @@ const LAYOUTS: [Layout; 3] = [
 
 /// The coordinators (and their two workers) of `layout`, under `dir`.
 fn start(layout: &Layout, database_url: &str, dir: &Path) -> anyhow::Result<(Vec<Node>, Vec<Node>)> {
-    let exe = std::env::current_exe().context("finding casbuild itself")?;
     let mut coordinators = Vec::new();
     for i in 0..layout.coordinators {
-        let mut command = Command::new(&exe);
-        command.args(["coordinator", "--listen", "127.0.0.1:0", "--storage"]).arg(dir.join(format!("store-{i}")));
-        if layout.database {
-            command.args(["--database-url", database_url]);
-        }
-        let (child, addr) = spawn_until(&mut command, "casbuild coordinator listening on ")?;
-        coordinators.push(Node { child, url: addr });
+        let database = layout.database.then_some(database_url);
+        coordinators.push(coordinator(&dir.join(format!("store-{i}")), database)?);
     }
     let mut workers = Vec::new();
     for i in 0..2 {
-        let coordinator = &coordinators[i % coordinators.len()].url;
-        let base = dir.join(format!("worker-{i}"));
-        let mut command = Command::new(&exe);
-        command.args(["worker", "--coordinator", coordinator, "--name", &format!("bench-{i}"), "--mount"]);
-        command.arg(base.join("cas")).arg("--cache-dir").arg(base.join("cache")).arg("--scratch");
-        command.arg(base.join("scratch"));
-        let (child, _) = spawn_until(&mut command, "casbuild worker ")?;
-        workers.push(Node { child, url: coordinator.clone() });
+        let url = &coordinators[i % coordinators.len()].url;
+        workers.push(worker(url, &format!("bench-{i}"), &dir.join(format!("worker-{i}")), &[])?);
     }
     Ok((coordinators, workers))
 }

@@ -320,7 +320,7 @@ impl Cpu {
 }
 
 /// A process's CPU time from /proc (with that of the children it reaped).
-fn ticks(pid: &str, reaped: bool) -> Duration {
+pub(super) fn ticks(pid: &str, reaped: bool) -> Duration {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return Duration::ZERO };
     // Fields after the command name (which may hold spaces), from field 3 on.
     let Some((_, rest)) = stat.rsplit_once(") ") else { return Duration::ZERO };
