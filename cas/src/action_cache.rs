@@ -1,8 +1,11 @@
 //! The action cache: action digest → ActionResult, per instance.
 //!
 //! Kept on disk by default: small protos stored one file each as checksummed
-//! records (`entry_files`), synced before a write is acknowledged; an entry
-//! that is not a complete record is deleted and treated as a miss. With a
+//! records (`entry_files`); an entry that is not a complete record is
+//! deleted and treated as a miss. Entries are not synced to disk: a power
+//! loss may lose the last seconds of them (their actions run again), never
+//! serve a torn one, and an action run is spared two fsyncs (the blobs an
+//! entry names are synced by the store as they are written). With a
 //! shared database ([`Database`]) every coordinator of a cluster reads and
 //! writes the same entries there instead.
 
@@ -45,7 +48,8 @@ impl ActionCache {
     /// Opens (creating if needed) the cache under `root`, holding at most
     /// `budget` bytes of entries (least recently used go first). Blocking.
     pub fn open(root: &Path, budget: u64) -> Result<Self, StoreError> {
-        Ok(ActionCache { backend: Backend::Files(EntryFiles::open(root, budget)?), observer: Arc::default() })
+        let files = EntryFiles::open(root, budget)?.unsynced();
+        Ok(ActionCache { backend: Backend::Files(files), observer: Arc::default() })
     }
 
     /// The cache kept in a shared database.

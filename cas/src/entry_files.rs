@@ -2,10 +2,13 @@
 //! asset store.
 //!
 //! An entry file is a record: a magic tag, the BLAKE3 hash of the payload,
-//! the payload (the encoded proto). Writes go to a temp file that is synced,
-//! renamed into place, and its directory synced, before the write counts as
-//! done; so a crash leaves either the old entry or the new one. A file that
-//! is not a complete record (empty or torn by a power loss, decayed, or
+//! the payload (the encoded proto). Writes go to a temp file that is
+//! renamed into place; durable entries (the default) are synced, and their
+//! directory after the rename, before the write counts as done, so a crash
+//! leaves either the old entry or the new one. Entries opened
+//! [`EntryFiles::unsynced`] skip both syncs: a power loss may lose the
+//! entries of the last seconds, or leave them empty or torn. A file that is
+//! not a complete record (empty or torn by a power loss, decayed, or
 //! written by an older casbuild) is deleted and reads as absent — never as
 //! an empty, "successful" entry.
 //!
@@ -26,6 +29,8 @@ use crate::store::StoreError;
 pub struct EntryFiles {
     root: PathBuf,
     index: Arc<Mutex<Index>>,
+    /// Whether a write is synced before it returns.
+    durable: bool,
 }
 
 /// What the entries cost on disk, least recently used first.
@@ -92,7 +97,14 @@ impl EntryFiles {
         for path in index.over_budget(Path::new("")) {
             let _ = std::fs::remove_file(&path);
         }
-        Ok(EntryFiles { root: root.to_path_buf(), index: Arc::new(Mutex::new(index)) })
+        Ok(EntryFiles { root: root.to_path_buf(), index: Arc::new(Mutex::new(index)), durable: true })
+    }
+
+    /// Writes return without syncing (for entries whose loss costs only
+    /// their recomputation: a torn one still reads as absent).
+    pub fn unsynced(mut self) -> Self {
+        self.durable = false;
+        self
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -139,16 +151,18 @@ impl EntryFiles {
         let tmp = self.root.join("tmp").join(uuid::Uuid::new_v4().to_string());
         let record = frame(&entry.encode_to_vec());
         let path = path.to_path_buf();
-        let index = self.index.clone();
+        let (index, durable) = (self.index.clone(), self.durable);
         let write = move || -> Result<(), StoreError> {
             use std::io::Write;
             let dir = path.parent().expect("entry paths have a parent");
             std::fs::create_dir_all(dir).map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
             let written = std::fs::File::create(&tmp)
-                .and_then(|mut file| file.write_all(&record).and_then(|()| file.sync_data()))
+                .and_then(|mut file| {
+                    file.write_all(&record).and_then(|()| if durable { file.sync_data() } else { Ok(()) })
+                })
                 .and_then(|()| std::fs::rename(&tmp, &path))
                 // The rename itself is durable once the directory is synced.
-                .and_then(|()| std::fs::File::open(dir)?.sync_all());
+                .and_then(|()| if durable { std::fs::File::open(dir)?.sync_all() } else { Ok(()) });
             if written.is_err() {
                 let _ = std::fs::remove_file(&tmp);
             }

@@ -88,20 +88,61 @@ impl LocalTree {
     }
 }
 
+/// The largest read when hashing a stream.
+const HASH_READ: usize = 1 << 20;
+
+/// The read buffer for a reader of unknown length.
+const HASH_READ_UNSIZED: usize = 64 << 10;
+
 /// Hashes a file's contents by streaming it.
 pub fn hash_file(path: &Path, function: DigestFunction) -> std::io::Result<Digest> {
-    hash_reader(std::fs::File::open(path)?, function)
+    hash_open_file(&mut std::fs::File::open(path)?, function)
 }
 
-/// Hashes everything `reader` yields (an open file, say) by streaming it.
-pub fn hash_reader(mut reader: impl std::io::Read, function: DigestFunction) -> std::io::Result<Digest> {
+/// Hashes an open file from its current position to its end. The read
+/// buffer fits the file (up to 1 MiB): most files a build hashes (logs,
+/// outputs, cached blobs) are small, and a zeroed 1 MiB buffer for each was
+/// most of what hashing them cost.
+pub fn hash_open_file(file: &mut std::fs::File, function: DigestFunction) -> std::io::Result<Digest> {
+    // One byte more than the file holds: its end is found by the second read.
+    let len = file.metadata()?.len().saturating_add(1);
+    hash_with_buffer(file, function, usize::try_from(len).unwrap_or(HASH_READ).clamp(4096, HASH_READ))
+}
+
+/// Hashes everything `reader` yields by streaming it.
+pub fn hash_reader(reader: impl std::io::Read, function: DigestFunction) -> std::io::Result<Digest> {
+    hash_with_buffer(reader, function, HASH_READ_UNSIZED)
+}
+
+fn hash_with_buffer(mut reader: impl std::io::Read, function: DigestFunction, size: usize) -> std::io::Result<Digest> {
     let mut hasher = function.hasher();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; size];
     loop {
         let n = reader.read(&mut buf)?;
         if n == 0 {
             return Ok(hasher.finish());
         }
         hasher.update(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_of_every_size_hash_to_their_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        // Around the buffer's bounds: empty, below and above its 4 KiB floor, beyond its 1 MiB cap.
+        for len in [0usize, 1, 4095, 4096, 4097, (1 << 20) - 1, 1 << 20, (1 << 20) + 3, 3 << 20] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + i / 251) as u8).collect();
+            let path = dir.path().join(format!("f{len}"));
+            std::fs::write(&path, &bytes).unwrap();
+            for function in [DigestFunction::Sha256, DigestFunction::Blake3] {
+                let expected = function.digest_of(&bytes);
+                assert_eq!(hash_file(&path, function).unwrap(), expected, "{len} bytes, {function:?}");
+                assert_eq!(hash_reader(&bytes[..], function).unwrap(), expected, "{len} bytes from a reader");
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use casbuild_cas::digest::{Digest, DigestFunction};
 use casbuild_cas::error::Invalid;
-use casbuild_cas::local_tree::{hash_reader, LocalTree};
+use casbuild_cas::local_tree::{hash_open_file, LocalTree};
 use casbuild_proto::reapi::{ActionResult, Command, Directory, OutputDirectory, OutputFile, OutputSymlink, Tree};
 use prost::Message;
 
@@ -152,7 +152,7 @@ pub fn collect(upper: &Path, cwd: &str, command: &Command, function: DigestFunct
                 if how == Declared::Directory {
                     return Err(format!("output directory {path:?} is a file"));
                 }
-                let read = dir.file(&name.to_string_lossy()).and_then(|file| hash_reader(file, function));
+                let read = dir.file(&name.to_string_lossy()).and_then(|mut file| hash_open_file(&mut file, function));
                 let digest = read.map_err(|e| format!("reading output {path:?}: {e}"))?;
                 out.files.insert(digest, full);
                 out.result.output_files.push(OutputFile {

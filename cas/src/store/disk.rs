@@ -489,7 +489,7 @@ fn scan(cas: &Path, namespaces: &mut Namespaces) -> Result<Vec<(BlobKey, SystemT
 fn matches_digest(file: &mut File, digest: &Digest) -> Result<bool, StoreError> {
     use std::io::Seek;
     let fail = |e| StoreError::io(format!("verify blob {digest:?}"), e);
-    let actual = crate::local_tree::hash_reader(&mut *file, digest.function).map_err(fail)?;
+    let actual = crate::local_tree::hash_open_file(file, digest.function).map_err(fail)?;
     file.rewind().map_err(fail)?;
     Ok(actual == *digest)
 }
