@@ -229,6 +229,13 @@ impl CasMount {
         let Some(session) = self.take_session() else { return Ok(()) };
         match session.umount_and_join() {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.unmount_busy(),
+            // The unmount went through and the session's reader found its
+            // connection aborted rather than closed (the kernel reports
+            // either as the connection goes away): the mount is gone.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+                tracing::debug!("{}: the FUSE connection ended aborted at unmount", self.mountpoint.display());
+                Ok(())
+            }
             other => other,
         }
     }
