@@ -13,9 +13,12 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 
 use super::bazel_workspace::{offline_repositories, write_build, Shape};
-use super::cluster::{coordinator, worker};
+use super::cluster::prefetch_round;
 use super::exec::{rusage, Cpu};
 use super::{median, print_table, Row, Up};
+
+/// Common headers of the `--prefetch` workspace unless `--headers` says otherwise.
+const PREFETCH_HEADERS: usize = 40;
 
 #[derive(clap::Args)]
 pub struct BazelArgs {
@@ -167,13 +170,13 @@ fn measure(root: &Path, args: &BazelArgs) -> anyhow::Result<()> {
     let (mut local, mut remote) = (vec![], vec![]);
     let (mut local_cpu, mut remote_cpu, mut up_cpu) = (Duration::ZERO, Duration::ZERO, Cpu::default());
     let mut summaries = (String::new(), String::new());
-    // A first local build warms what both share (the host's page cache of
-    // Bazel itself and the sources), untimed.
     let batch = !args.server;
     let local_bazel = Bazel { ws: &ws, output_root: root.join("bazel-local"), batch };
     let remote_bazel = Bazel { ws: &ws, output_root: root.join("bazel-remote"), batch };
     let mut standalone = vec!["--spawn_strategy=standalone".to_owned()];
     standalone.extend(repos.iter().cloned());
+    // A first local build warms what both share (the host's page cache of
+    // Bazel itself and the sources), untimed.
     build(&local_bazel, &standalone)?;
     let remote_flags = |url: &str| args.remote_flags(url, &repos);
     if args.server {
@@ -225,58 +228,40 @@ fn measure(root: &Path, args: &BazelArgs) -> anyhow::Result<()> {
 }
 
 /// `--prefetch`: every round builds the workspace once to record the access
-/// profiles, edits the common headers, and builds it again cold twice (in
-/// turns, the order alternating): on a worker given the first build's
-/// profiles, and on one with prefetching off. Each build gets a new
-/// coordinator (empty store) and a new worker (empty blob cache).
+/// profiles, edits the common headers, and builds it again cold twice, with
+/// the first build's profiles and with prefetching off
+/// ([`super::cluster::prefetch_round`]).
 fn measure_prefetch(root: &Path, args: &BazelArgs) -> anyhow::Result<()> {
     let ws = root.join("ws");
     let repos = offline_repositories(&root.join("repos"))?;
     let rounds = args.runs.rounds.max(1);
     let bazel = Bazel { ws: &ws, output_root: root.join("bazel-remote"), batch: !args.server };
-    let headers = args.shape(40, 0).headers;
+    let shape = |revision| args.shape(PREFETCH_HEADERS, revision);
+    let headers = shape(0).headers;
     eprintln!(
         "bench: a second cold Bazel build after an edit of {headers} common headers, {rounds} rounds: \
          prefetched from access profiles, prefetch off"
     );
-    // One cold build on a coordinator and worker of their own; `prefetch_off` passes `--prefetch-bytes 0`.
-    let cold_build = |dir: &Path, prefetch_off: bool| -> anyhow::Result<Built> {
-        let coordinator = coordinator(&dir.join("store"), None)?;
-        let extra: &[&str] = if prefetch_off { &["--prefetch-bytes", "0"] } else { &[] };
-        let worker = worker(&coordinator.url, "bench", &dir.join("worker"), extra)?;
-        let built = build(&bazel, &args.remote_flags(&coordinator.url, &repos))?;
-        drop(worker);
+    let cold_build = |_: &Path, url: &str| -> anyhow::Result<Duration> {
+        let built = build(&bazel, &args.remote_flags(url, &repos))?;
         ensure!(!built.summary.contains("remote cache hit"), "a cold build had cache hits: {}", built.summary);
-        Ok(built)
+        Ok(built.wall)
     };
     let (mut with, mut without) = (vec![], vec![]);
     for round in 0..rounds {
-        let here = root.join(format!("round-{round}"));
-        write_build(&ws, &args.shape(40, 2 * round))?;
-        let learned = cold_build(&here.join("learn"), false)?;
-        write_build(&ws, &args.shape(40, 2 * round + 1))?;
-        let profiles = here.join("with/worker/cache/profiles");
-        copy_dir(&here.join("learn/worker/cache/profiles"), &profiles)?;
-        let kept = std::fs::read_dir(&profiles)?.count();
-        let mut order = [true, false];
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for prefetched in order {
-            let built = if prefetched {
-                cold_build(&here.join("with"), false)?
-            } else {
-                cold_build(&here.join("without"), true)?
-            };
-            (if prefetched { &mut with } else { &mut without }).push(built.wall);
-        }
+        write_build(&ws, &shape(2 * round))?;
+        let edit = || Ok(write_build(&ws, &shape(2 * round + 1))?);
+        let times = prefetch_round(&root.join(format!("round-{round}")), round, &[], cold_build, edit)?;
         eprintln!(
-            "  round {}: first build {:.2} s ({kept} profiles); second build prefetched {:.2} s, prefetch off {:.2} s",
+            "  round {}: first build {:.2} s ({} profiles); second build prefetched {:.2} s, prefetch off {:.2} s",
             round + 1,
-            learned.wall.as_secs_f64(),
-            with[round].as_secs_f64(),
-            without[round].as_secs_f64()
+            times.first.as_secs_f64(),
+            times.profiles,
+            times.prefetched.as_secs_f64(),
+            times.off.as_secs_f64()
         );
+        with.push(times.prefetched);
+        without.push(times.off);
     }
     let (with, without) = (median(with), median(without));
     print_table(&[Row {
@@ -288,15 +273,5 @@ fn measure_prefetch(root: &Path, args: &BazelArgs) -> anyhow::Result<()> {
         baseline: format!("{:.2} s", without.as_secs_f64()),
         ratio: without.as_secs_f64() / with.as_secs_f64(),
     }]);
-    Ok(())
-}
-
-/// Copies the files of `from` into a new directory `to`.
-pub(super) fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
-        let entry = entry?;
-        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
-    }
     Ok(())
 }

@@ -188,10 +188,9 @@ fn measure(root: &Path, projects: &[Project], rounds: usize, calls: usize) -> an
 }
 
 /// `--prefetch`: every round builds a project once to record the access
-/// profiles, edits its common header, and builds it again cold twice (in
-/// turns, the order alternating): on a worker given the first build's
-/// profiles, and on one with prefetching off. Each build gets a new
-/// coordinator (empty store), worker (empty blob cache) and daemon.
+/// profiles, edits its common header, and builds it again cold twice, with
+/// the first build's profiles and with prefetching off
+/// ([`super::cluster::prefetch_round`]); every build has a daemon of its own.
 fn measure_prefetch(root: &Path, projects: &[Project], rounds: usize) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?.to_string_lossy().into_owned();
     let cc = format!("{exe} cc gcc");
@@ -204,45 +203,34 @@ fn measure_prefetch(root: &Path, projects: &[Project], rounds: usize) -> anyhow:
             write_project(project, &dir)?;
             // The instance is part of a profile's key: the same for all three builds.
             let instance = format!("bench-{}-prefetch-{round}", project.name);
-            let cold_build = |cluster: &Path, prefetch_off: bool| -> anyhow::Result<Duration> {
-                let coordinator = super::cluster::coordinator(&cluster.join("store"), None)?;
-                let extra: &[&str] = if prefetch_off { &["--prefetch-bytes", "0"] } else { &[] };
-                let worker = super::cluster::worker(&coordinator.url, "bench", &cluster.join("worker"), extra)?;
+            let cold_build = |cluster: &Path, url: &str| -> anyhow::Result<Duration> {
                 let daemon = cluster.join("daemon").to_string_lossy().into_owned();
-                let env = [
-                    ("CASBUILD_REMOTE", coordinator.url.as_str()),
-                    ("CASBUILD_INSTANCE", &instance),
-                    ("CASBUILD_DAEMON_DIR", &daemon),
-                ];
+                let env =
+                    [("CASBUILD_REMOTE", url), ("CASBUILD_INSTANCE", &instance), ("CASBUILD_DAEMON_DIR", &daemon)];
                 make(&dir, 8, &cc, &env, "clean")?;
                 let took = make(&dir, 8, &cc, &env, "all")?;
                 stop_daemon(&exe, &env)?;
-                drop(worker);
                 Ok(took)
             };
-            let learned = cold_build(&here.join("learn"), false)?;
-            // A declaration survives preprocessing, so every compile's input changes.
-            let header = dir.join(project.common_header);
-            let mut text = std::fs::read_to_string(&header)?;
-            text.push_str(&format!("\nextern int casbuild_bench_revision_{round};\n"));
-            std::fs::write(&header, text)?;
-            let profiles = here.join("with/worker/cache/profiles");
-            super::bazel::copy_dir(&here.join("learn/worker/cache/profiles"), &profiles)?;
-            let mut order = [true, false];
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            for prefetched in order {
-                let took = cold_build(&here.join(if prefetched { "with" } else { "without" }), !prefetched)?;
-                (if prefetched { &mut with } else { &mut without }).push(took);
-            }
+            let edit = || {
+                // A declaration survives preprocessing, so every compile's input changes.
+                let header = dir.join(project.common_header);
+                let mut text = std::fs::read_to_string(&header)?;
+                text.push_str(&format!("\nextern int casbuild_bench_revision_{round};\n"));
+                Ok(std::fs::write(&header, text)?)
+            };
+            // The worker runs gcc for `casbuild cc` (without it the daemon compiles locally).
+            let times = super::cluster::prefetch_round(&here, round, &["--compiler", "gcc"], cold_build, edit)?;
             eprintln!(
-                "{} round {round}: first build {}; second build prefetched {}, prefetch off {}",
+                "{} round {round}: first build {} ({} profiles); second build prefetched {}, prefetch off {}",
                 project.name,
-                seconds(learned),
-                seconds(with[round]),
-                seconds(without[round])
+                seconds(times.first),
+                times.profiles,
+                seconds(times.prefetched),
+                seconds(times.off)
             );
+            with.push(times.prefetched);
+            without.push(times.off);
         }
         let (with, without) = (median(with), median(without));
         rows.push(Row {

@@ -4,6 +4,8 @@
 //! the shared database, and two coordinators on that database (one worker
 //! each, the actions split between them) — what sharing the action cache,
 //! operations and leases costs, and what a second coordinator brings.
+//! Also the coordinator-and-worker rounds of the `--prefetch` benches
+//! ([`prefetch_round`]).
 
 use std::path::Path;
 use std::process::{Child, Command};
@@ -53,6 +55,71 @@ pub(super) fn worker(coordinator: &str, name: &str, base: &Path, extra: &[&str])
     command.arg(base.join("scratch")).args(extra);
     let (child, _) = spawn_until(&mut command, "casbuild worker ")?;
     Ok(Node { child, url: coordinator.to_owned() })
+}
+
+/// The times of one `--prefetch` round (see [`prefetch_round`]).
+pub(super) struct PrefetchRound<T> {
+    /// The first build, which recorded the access profiles.
+    pub(super) first: T,
+    /// The second build on a worker given those profiles.
+    pub(super) prefetched: T,
+    /// The second build on a worker with prefetching off.
+    pub(super) off: T,
+    /// The access profiles the first build left.
+    pub(super) profiles: usize,
+}
+
+/// One round of a `--prefetch` bench under `dir`: `build` runs once on a
+/// coordinator and worker of their own (recording the worker's access
+/// profiles), `edit` changes the inputs, and `build` runs twice more, the
+/// order alternating with `round`: on a worker given the first worker's
+/// profiles, and on one with `--prefetch-bytes 0`. Every build gets a new
+/// coordinator (empty store and action cache) and worker (empty blob
+/// cache, `worker_flags`); `build` is given its own directory and the
+/// coordinator's URL. A first build that leaves no profiles (its actions
+/// did not run on the worker) is an error: the round would measure nothing.
+pub(super) fn prefetch_round<T>(
+    dir: &Path,
+    round: usize,
+    worker_flags: &[&str],
+    mut build: impl FnMut(&Path, &str) -> anyhow::Result<T>,
+    edit: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<PrefetchRound<T>> {
+    let mut cold_build = |name: &str, prefetch_off: &[&str]| -> anyhow::Result<T> {
+        let here = dir.join(name);
+        let coordinator = coordinator(&here.join("store"), None)?;
+        let flags = [worker_flags, prefetch_off].concat();
+        let worker = worker(&coordinator.url, "bench", &here.join("worker"), &flags)?;
+        let built = build(&here, &coordinator.url)?;
+        drop(worker);
+        Ok(built)
+    };
+    let first = cold_build("learn", &[])?;
+    edit()?;
+    // A worker keeps its profiles in its cache directory (`worker` puts that in `base/cache`).
+    let profiles = |name: &str| dir.join(name).join("worker/cache/profiles");
+    let given = profiles("with");
+    std::fs::create_dir_all(&given)?;
+    let learned = profiles("learn");
+    let mut copied = 0;
+    for entry in std::fs::read_dir(&learned).with_context(|| format!("reading {}", learned.display()))? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), given.join(entry.file_name()))?;
+        copied += 1;
+    }
+    ensure!(
+        copied > 0,
+        "the first build left no access profiles in {}: did its actions run on the worker?",
+        learned.display()
+    );
+    let (prefetched, off) = if round.is_multiple_of(2) {
+        let prefetched = cold_build("with", &[])?;
+        (prefetched, cold_build("without", &["--prefetch-bytes", "0"])?)
+    } else {
+        let off = cold_build("without", &["--prefetch-bytes", "0"])?;
+        (cold_build("with", &[])?, off)
+    };
+    Ok(PrefetchRound { first, prefetched, off, profiles: copied })
 }
 
 /// One arrangement of the cluster.
