@@ -88,11 +88,8 @@ impl LocalTree {
     }
 }
 
-/// The largest read when hashing a stream.
+/// The largest read when hashing a file.
 const HASH_READ: usize = 1 << 20;
-
-/// The read buffer for a reader of unknown length.
-const HASH_READ_UNSIZED: usize = 64 << 10;
 
 /// Hashes a file's contents by streaming it.
 pub fn hash_file(path: &Path, function: DigestFunction) -> std::io::Result<Digest> {
@@ -106,19 +103,10 @@ pub fn hash_file(path: &Path, function: DigestFunction) -> std::io::Result<Diges
 pub fn hash_open_file(file: &mut std::fs::File, function: DigestFunction) -> std::io::Result<Digest> {
     // One byte more than the file holds: its end is found by the second read.
     let len = file.metadata()?.len().saturating_add(1);
-    hash_with_buffer(file, function, usize::try_from(len).unwrap_or(HASH_READ).clamp(4096, HASH_READ))
-}
-
-/// Hashes everything `reader` yields by streaming it.
-pub fn hash_reader(reader: impl std::io::Read, function: DigestFunction) -> std::io::Result<Digest> {
-    hash_with_buffer(reader, function, HASH_READ_UNSIZED)
-}
-
-fn hash_with_buffer(mut reader: impl std::io::Read, function: DigestFunction, size: usize) -> std::io::Result<Digest> {
+    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(HASH_READ).clamp(4096, HASH_READ)];
     let mut hasher = function.hasher();
-    let mut buf = vec![0u8; size];
     loop {
-        let n = reader.read(&mut buf)?;
+        let n = std::io::Read::read(file, &mut buf)?;
         if n == 0 {
             return Ok(hasher.finish());
         }
@@ -141,7 +129,6 @@ mod tests {
             for function in [DigestFunction::Sha256, DigestFunction::Blake3] {
                 let expected = function.digest_of(&bytes);
                 assert_eq!(hash_file(&path, function).unwrap(), expected, "{len} bytes, {function:?}");
-                assert_eq!(hash_reader(&bytes[..], function).unwrap(), expected, "{len} bytes from a reader");
             }
         }
     }
