@@ -429,3 +429,66 @@ fn a_corrupted_worker_cache_blob_is_refetched_after_a_restart() {
     let cached_now = std::fs::read(&cached).unwrap_or_default();
     assert_eq!(cached_now, input.as_bytes(), "the cache holds the good copy again");
 }
+
+/// The outputs of a response, by path.
+fn output_text(farm: &Farm, response: &ExecuteResponse, path: &str) -> String {
+    let result = response.result.as_ref().expect("a result");
+    let file = result.output_files.iter().find(|f| f.path == path).unwrap_or_else(|| panic!("no output {path}"));
+    let digest = file.digest.clone().expect("a digest");
+    farm.runtime.block_on(async {
+        let read =
+            BatchReadBlobsRequest { digests: vec![digest], digest_function: F.to_proto() as i32, ..Default::default() };
+        let mut response = farm.server.cas().await.batch_read_blobs(read).await.unwrap().into_inner();
+        String::from_utf8_lossy(&response.responses.remove(0).data).into_owned()
+    })
+}
+
+#[test]
+fn nothing_an_action_leaves_behind_reaches_the_next_action_in_its_warm_slot() {
+    // One sandbox user: every action runs in the same warm slot.
+    let flags = ["--sandbox-uids", "2991100-2991100", "--slots", "1"];
+    let Some(farm) = Farm::start_with("nothing_an_action_leaves_behind_reaches_the_next", &flags) else { return };
+    let leave = "readlink /proc/self/ns/mnt > mnt; readlink /proc/self/ns/ipc > ipc; \
+                 setsid sleep 600 & nohup sleep 600 >/dev/null 2>&1 & \
+                 echo left > /tmp/left; echo left > /dev/shm/left; \
+                 ipcmk -M 4096 >/dev/null && ipcmk -Q >/dev/null && ipcs | grep -c '^0x' > ipcs; \
+                 mkdir -p sub; if mount -t tmpfs t sub 2>/dev/null; then echo mounted > mount; else echo refused > mount; fi";
+    let outputs = ["mnt", "ipc", "ipcs", "mount"];
+    let first = farm.run(&Attack { script: leave, outputs: &outputs, ..Default::default() });
+    assert_eq!(exit_code(&first), 0, "{first:?}\n{}", farm.stderr(&first));
+    assert_eq!(output_text(&farm, &first, "ipcs"), "2\n", "the first action made its IPC objects");
+    assert_eq!(output_text(&farm, &first, "mount"), "refused\n");
+
+    let look = "readlink /proc/self/ns/mnt > mnt; readlink /proc/self/ns/ipc > ipc; \
+                (cat /proc/[0-9]*/comm | grep -c '^sleep$' || true) > sleepers; \
+                ls -A /tmp /dev/shm > files; (ipcs | grep -c '^0x' || true) > ipcs; \
+                (grep -c ' /work/sub ' /proc/self/mountinfo || true) > mounts";
+    let outputs = ["mnt", "ipc", "sleepers", "files", "ipcs", "mounts"];
+    let second = farm.run(&Attack { script: look, outputs: &outputs, ..Default::default() });
+    assert_eq!(exit_code(&second), 0, "{second:?}\n{}", farm.stderr(&second));
+    // The same slot (its mount namespace) ran both, each command in an ipc
+    // namespace of its own.
+    assert_eq!(output_text(&farm, &first, "mnt"), output_text(&farm, &second, "mnt"), "the slot was reused");
+    assert_ne!(output_text(&farm, &first, "ipc"), output_text(&farm, &second, "ipc"));
+    assert_eq!(output_text(&farm, &second, "sleepers"), "0\n", "no process of the first action is left");
+    assert_eq!(output_text(&farm, &second, "files"), "/dev/shm:\n\n/tmp:\n", "a new /tmp and /dev/shm");
+    assert_eq!(output_text(&farm, &second, "ipcs"), "0\n", "no SysV object of the first action");
+    assert_eq!(output_text(&farm, &second, "mounts"), "0\n");
+}
+
+#[test]
+fn a_warm_slot_names_every_host_path_each_of_its_actions_looked_for() {
+    let flags = ["--sandbox-uids", "2991200-2991200", "--slots", "1"];
+    let Some(farm) = Farm::start_with("a_warm_slot_names_every_host_path", &flags) else { return };
+    let attack = Attack { script: "readlink /proc/self/ns/mnt >&2; cat /home/alice/secret", ..Default::default() };
+    let mut namespaces = Vec::new();
+    for _ in 0..2 {
+        let response = farm.run(&attack);
+        assert_eq!(exit_code(&response), 1);
+        let stderr = farm.stderr(&response);
+        assert!(stderr.contains("undeclared input: /home (lookup: not found)"), "every run names it: {stderr}");
+        namespaces.push(stderr.lines().next().unwrap_or_default().to_owned());
+    }
+    // The misses of the first run did not stay cached in the slot's root.
+    assert_eq!(namespaces[0], namespaces[1], "both ran in one slot");
+}

@@ -3,9 +3,10 @@
 //! sandbox over it, collect and upload outputs, and build the ActionResult —
 //! with a hermeticity report when the action fails.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -68,6 +69,9 @@ pub struct RunnerConfig {
     pub profiles: Option<PathBuf>,
     /// Bounds of one action's prefetch.
     pub prefetch: PrefetchLimits,
+    /// Runs actions in warm sandbox slots (one per sandbox user, reused
+    /// while it stays clean; ADR 0008) instead of a new sandbox each.
+    pub warm_sandboxes: bool,
 }
 
 impl RunnerConfig {
@@ -88,6 +92,7 @@ impl RunnerConfig {
             max_output_bytes: 16 << 30,
             profiles: None,
             prefetch: PrefetchLimits::default(),
+            warm_sandboxes: true,
         }
     }
 }
@@ -120,6 +125,8 @@ pub struct Runner {
     uids: UidPool,
     next: AtomicU64,
     profiles: Option<Arc<AccessProfiles>>,
+    /// Sandbox users whose root observer is registered on the mount.
+    observers: Mutex<HashSet<u32>>,
 }
 
 /// Sandbox user ids not in use; an action holds one for its whole run.
@@ -156,19 +163,17 @@ impl Drop for Uid<'_> {
     }
 }
 
-/// An input root and the root observer registered on the mount and the
-/// scratch directory, released on drop.
+/// An input root registered on the mount and the scratch directory,
+/// released on drop.
 struct Lease<'a> {
     mount: &'a CasMount,
-    names: [&'a str; 2],
+    name: &'a str,
     scratch: &'a std::path::Path,
 }
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        for name in self.names {
-            let _ = self.mount.unregister(name);
-        }
+        let _ = self.mount.unregister(self.name);
         crate::scratch::discard(self.scratch);
     }
 }
@@ -184,9 +189,7 @@ struct Run<'a> {
     scratch: PathBuf,
     writable: Vec<String>,
     name: &'a str,
-    /// The empty tree under the sandbox's root (`SandboxSpec::root_lower`)
-    /// and its name on the mount.
-    observer: (PathBuf, &'a str),
+    instance: &'a str,
     /// Inputs being fetched ahead of the command's opens.
     prefetch: Option<Prefetch>,
 }
@@ -206,6 +209,9 @@ impl Runner {
             )));
         }
         let mut sandbox = Sandbox::new(&config.helper);
+        if config.warm_sandboxes {
+            sandbox = sandbox.with_warm_slots();
+        }
         if let Some(cgroups) = &config.cgroups {
             sandbox = sandbox.with_cgroups(cgroups.clone());
         }
@@ -214,7 +220,40 @@ impl Runner {
             Some(dir) => Some(Arc::new(AccessProfiles::open(dir).map_err(ActionError::Unavailable)?)),
             None => None,
         };
-        Ok(Runner { config, mount, cas, sandbox, uids, next: AtomicU64::new(1), profiles })
+        Ok(Runner { config, mount, cas, sandbox, uids, next: AtomicU64::new(1), profiles, observers: Mutex::default() })
+    }
+
+    /// Ends the warm sandboxes (they hold the `/cas` mount): call before
+    /// unmounting it. Actions still running end theirs when they finish.
+    pub async fn close(&self) {
+        self.sandbox.close_slots().await;
+    }
+
+    /// The empty tree under the root of sandbox user `uid`'s sandboxes
+    /// (`SandboxSpec::root_lower`), whose access log names what a command
+    /// looked for on the host; and its name on the mount. One per sandbox
+    /// user, registered at its first action, its log cleared for each: a
+    /// warm slot's root keeps the same one.
+    fn root_observer(
+        &self,
+        uid: u32,
+        instance: &str,
+        function: DigestFunction,
+    ) -> Result<(PathBuf, String), ActionError> {
+        let name = format!("sandbox-{uid}-root");
+        let mut registered = self.observers.lock().unwrap_or_else(|e| e.into_inner());
+        let path = if registered.insert(uid) {
+            self.mount.register_in(&name, Some(instance), function.empty())
+        } else {
+            self.mount.clear_access_log(&name).map(|()| self.mount.mountpoint().join("inputs").join(&name))
+        };
+        match path {
+            Ok(path) => Ok((path, name)),
+            Err(e) => {
+                registered.remove(&uid);
+                Err(ActionError::Unavailable(e.to_string()))
+            }
+        }
     }
 
     /// The action's timeout: its own, or the default; past the maximum it
@@ -354,16 +393,14 @@ impl Runner {
 
         let name = format!("{}-{}", &action_digest.hash_hex()[..16], self.next.fetch_add(1, Ordering::Relaxed));
         let fetch_start = SystemTime::now();
-        let observer_name = format!("{name}-root");
         let scratch = self.config.scratch_root.join(&name);
         // Unregisters and removes scratch space however the run ends, also
         // when this future is dropped (the operation was cancelled).
-        let _lease = Lease { mount: &self.mount, names: [&name, &observer_name], scratch: &scratch };
-        let registered = |name: &str, root: Digest| {
-            self.mount.register_in(name, Some(instance), root).map_err(|e| ActionError::Unavailable(e.to_string()))
-        };
-        let input = registered(&name, input_root)?;
-        let observer = registered(&observer_name, function.empty())?;
+        let _lease = Lease { mount: &self.mount, name: &name, scratch: &scratch };
+        let input = self
+            .mount
+            .register_in(&name, Some(instance), input_root)
+            .map_err(|e| ActionError::Unavailable(e.to_string()))?;
         // What the last run of this command opened is fetched while the
         // sandbox starts, until the command ends.
         let profile = self.profiles.as_ref().map(|profiles| {
@@ -387,7 +424,7 @@ impl Runner {
             scratch: scratch.clone(),
             writable,
             name: &name,
-            observer: (observer, &observer_name),
+            instance,
             prefetch,
         };
         let mut execution = self.run_registered(run).await?;
@@ -409,7 +446,7 @@ impl Runner {
     }
 
     async fn run_registered(&self, run: Run<'_>) -> Result<Execution, ActionError> {
-        let Run { store, action, command, function, input, input_root, scratch, writable, name, observer, prefetch } =
+        let Run { store, action, command, function, input, input_root, scratch, writable, name, instance, prefetch } =
             run;
         let mut spec = SandboxSpec::new(input, scratch, command.arguments.clone());
         spec.work_dir = PathBuf::from(DEFAULT_WORK_DIR);
@@ -421,11 +458,12 @@ impl Runner {
         spec.gid = self.config.gid;
         spec.limits = self.config.limits.clone();
         spec.seccomp_deny = self.config.seccomp_deny.clone();
-        spec.root_lower = Some(observer.0);
         spec.timeout_ms = Some(self.timeout_of(action)?.as_millis() as u64);
-        spec.validate()?;
         let uid = self.uids.take().await?;
         spec.uid = uid.uid;
+        let observer = self.root_observer(uid.uid, instance, function)?;
+        spec.root_lower = Some(observer.0);
+        spec.validate()?;
 
         let exec_start = SystemTime::now();
         let report = self.sandbox.run(&spec).await.map_err(|e| ActionError::Unavailable(e.to_string()))?;
@@ -438,7 +476,7 @@ impl Runner {
             ActionError::Unavailable(format!("an input the command read failed verification afterwards: {e}"))
         })?;
         let access = self.mount.access_report(name).unwrap_or_default();
-        let observed = self.mount.access_report(observer.1).unwrap_or_default();
+        let observed = self.mount.access_report(&observer.1).unwrap_or_default();
         if let Some(error) = &report.error {
             // The command never ran (not found, not executable, bad set-up).
             let mut result = ActionResult { exit_code: 127, ..Default::default() };

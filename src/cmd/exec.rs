@@ -97,6 +97,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mount = Arc::new(mount_cas(&mountpoint, local, cas.clone(), instance, timeout, options).await?);
     let runner = Runner::new(config, mount.clone(), cas)?;
     let outcome = runner.execute_in(instance, &action_digest).await;
+    runner.close().await;
     drop(runner);
     casbuild_exec::scratch::flush();
     let _ = std::fs::remove_dir_all(&scratch);

@@ -53,6 +53,10 @@ pub struct SandboxArgs {
     /// A system call to deny (EPERM) on top of the default seccomp filter (docs/SECURITY.md); repeatable.
     #[arg(long = "seccomp-deny")]
     seccomp_deny: Vec<String>,
+    /// Build a new sandbox for every action instead of keeping a warm one per sandbox user that runs one action
+    /// after another (docs/adr/0008-warm-sandbox-slots.md); slower, for comparison.
+    #[arg(long)]
+    cold_sandboxes: bool,
 }
 
 /// `FIRST-LAST` (or one id) as a range of user ids, root excluded.
@@ -99,6 +103,7 @@ impl SandboxArgs {
         // Unknown names are an error now, not at the first action.
         casbuild_exec::seccomp::Filters::compile(&self.seccomp_deny).map_err(anyhow::Error::msg)?;
         config.seccomp_deny = self.seccomp_deny.clone();
+        config.warm_sandboxes = !self.cold_sandboxes;
         if !self.no_cgroups {
             let cgroups = Cgroups::host()
                 .map_err(anyhow::Error::msg)

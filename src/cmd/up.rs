@@ -151,6 +151,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     shutdown.await;
     stopping.notify_one();
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    if let Some(runner) = worker.runner.get() {
+        runner.close().await;
+    }
     tokio::task::spawn_blocking(move || mount.shutdown()).await?.context("unmounting /cas")?;
     // Scratch directories still being deleted in the background.
     casbuild_exec::scratch::flush();

@@ -162,7 +162,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(config) = &args.config {
         println!("settings from {}", config.display());
     }
-    session.serve(runner, signal).await;
+    session.serve(runner.clone(), signal).await;
+    runner.close().await;
     tokio::task::spawn_blocking(move || mount.shutdown()).await?.context("unmounting /cas")?;
     // Scratch directories still being deleted in the background.
     casbuild_exec::scratch::flush();

@@ -38,7 +38,7 @@ use crate::seccomp::Filters;
 
 use super::host_paths::{with_sandbox_name, HostPath, HostPaths};
 use super::netwatch::ConnectWatch;
-use super::spec::{RunReport, SandboxSpec, ScratchLayout};
+use super::spec::{RunReport, SandboxSpec, ScratchLayout, HIDDEN};
 
 /// Devices a sandbox gets, bound from the host.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
@@ -127,7 +127,7 @@ fn zygote() -> Result<(), String> {
         let answer = match serde_json::from_str::<SandboxSpec>(&line) {
             Err(e) => format!("error reading the spec: {e}"),
             Ok(spec) => match start_run(&spec, &own_pids, &mut nets, &mut host) {
-                Ok(pid) => format!("{} {pid}", spec.run_id),
+                Ok(started) => format!("{} {started}", spec.run_id),
                 Err(e) => format!("{} error {e}", spec.run_id),
             },
         };
@@ -138,22 +138,46 @@ fn zygote() -> Result<(), String> {
     Ok(())
 }
 
-/// Starts `spec`'s run with a lent network namespace; returns its init's pid.
-fn start_run(spec: &SandboxSpec, own_pids: &File, nets: &mut NetPool, host: &mut HostPaths) -> Result<Pid, String> {
+/// Starts `spec`'s run with a lent network namespace; returns the answer:
+/// its init's pid, and for a warm slot (`spec.warm`) the number of the
+/// descriptor in that init that the owner takes (`pidfd_getfd`) to talk to
+/// the slot.
+fn start_run(spec: &SandboxSpec, own_pids: &File, nets: &mut NetPool, host: &mut HostPaths) -> Result<String, String> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
     // Compiled here, before the fork, once for all runs with this deny list.
     filters_for(&spec.seccomp_deny)?;
     let host_paths = host.look(&spec.toolchain);
     let net = nets.take()?;
-    let run = Run { spec, net: Some(&net), host_paths: &host_paths, announce: true };
-    let pid = start_init(&run, own_pids, nets)?;
+    let run = Run { spec, net: Some(&net), host_paths: &host_paths, announce: !spec.warm };
+    let slot = match spec.warm {
+        true => Some(
+            socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
+                .map_err(|e| format!("socketpair: {e}"))?,
+        ),
+        false => None,
+    };
+    let owners_end = slot.as_ref().map(|(_, theirs)| theirs.as_raw_fd());
+    // The zygote's copies of the pair close when `slot` goes, here.
+    let pid = start_init(&run, own_pids, nets, slot)?;
     nets.lent.insert(pid, net);
-    Ok(pid)
+    Ok(match owners_end {
+        Some(fd) => format!("{pid} {fd}"),
+        None => pid.to_string(),
+    })
 }
 
 /// Forks the run's init as pid 1 of a new pid namespace and returns its
-/// pid. In the child this never returns: init runs `spec` and exits.
-/// `nets` are the zygote's namespaces, closed in the child.
-fn start_init(run: &Run<'_>, own_pids: &File, nets: &mut NetPool) -> Result<Pid, String> {
+/// pid. In the child this never returns: init runs `spec` and exits, or
+/// with `slot` (its end and the owner's end of a socket pair) serves one
+/// action after another as a warm slot. `nets` are the zygote's
+/// namespaces, closed in the child.
+fn start_init(
+    run: &Run<'_>,
+    own_pids: &File,
+    nets: &mut NetPool,
+    slot: Option<(OwnedFd, OwnedFd)>,
+) -> Result<Pid, String> {
     unshare(CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
     // SAFETY: the zygote is single-threaded (it starts no threads), so the
     // child may run arbitrary code after the fork.
@@ -167,7 +191,10 @@ fn start_init(run: &Run<'_>, own_pids: &File, nets: &mut NetPool) -> Result<Pid,
                 let _ = nix::unistd::dup2_stdin(&null);
                 let _ = nix::unistd::dup2_stdout(&null);
             }
-            init(run, done.map(File::from))
+            match slot {
+                Some((ours, theirs)) => super::slot_init::serve(run, ours, theirs),
+                None => init(run, done.map(File::from)),
+            }
         }
         Ok(ForkResult::Parent { child }) => Ok(child),
         Err(e) => Err(format!("fork: {e}")),
@@ -190,16 +217,16 @@ fn run_spec_file(spec_path: &Path) -> Result<(), String> {
     let own_pids = File::open("/proc/self/ns/pid").map_err(|e| format!("opening the pid namespace: {e}"))?;
     let host_paths = HostPaths::default().look(&spec.toolchain);
     let run = Run { spec: &spec, net: None, host_paths: &host_paths, announce: false };
-    let pid = start_init(&run, &own_pids, &mut NetPool::default())?;
+    let pid = start_init(&run, &own_pids, &mut NetPool::default(), None)?;
     match waitpid(pid, None) {
         Ok(WaitStatus::Exited(_, 0)) => Ok(()),
         other => Err(format!("the run's init ended with {other:?}")),
     }
 }
 
-/// One run as the zygote hands it to its init.
-struct Run<'a> {
-    spec: &'a SandboxSpec,
+/// One run (or warm slot) as the zygote hands it to its init.
+pub(super) struct Run<'a> {
+    pub spec: &'a SandboxSpec,
     /// The lent network namespace; without one the run makes its own.
     net: Option<&'a OwnedFd>,
     /// What the spec's toolchain paths are on the host.
@@ -249,24 +276,47 @@ fn init(run: &Run<'_>, done: Option<File>) -> ! {
 fn run_in_namespaces(run: &Run<'_>, layout: &ScratchLayout, start: Instant) -> Result<RunReport, String> {
     let spec = run.spec;
     let deadline = spec.timeout_ms.map(|ms| start + std::time::Duration::from_millis(ms));
-    let stdout = File::create(&layout.stdout).map_err(|e| format!("creating {}: {e}", layout.stdout.display()))?;
-    let stderr = File::create(&layout.stderr).map_err(|e| format!("creating {}: {e}", layout.stderr.display()))?;
+    let (stdout, stderr) = create_outputs(layout)?;
     // Everything the run starts is in the action's cgroups from here on
     // (`0`: the writer itself; this process is single-threaded).
     for procs in &spec.cgroup_procs {
         std::fs::write(procs, "0").map_err(|e| format!("joining the cgroup {}: {e}", procs.display()))?;
     }
-    build_root(run, layout)?;
+    enter_namespaces(run)?;
+    build_static_root(run, &layout.root)?;
+    mount_working_tree(spec, &layout.root, &spec.input_root, layout)?;
+    pivot_into(&layout.root)?;
     let setup_micros = start.elapsed().as_micros() as u64;
-    let ended = run_command(spec, stdout.as_fd(), stderr.as_fd(), deadline)?;
-    let mut report =
-        RunReport { timed_out: ended.status.is_none(), blocked: ended.blocked, setup_micros, ..Default::default() };
+    let waiter = Waiter::new()?;
+    let ended = run_command(spec, (stdout.as_fd(), stderr.as_fd()), deadline, &waiter, None)?;
     // Init has reaped every process of the run (orphans come to pid 1), so
     // its children's usage is the action's CPU time.
-    if let Ok(usage) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN) {
-        let micros = |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64;
-        report.cpu_micros = Some(micros(usage.user_time()) + micros(usage.system_time()));
-    }
+    Ok(report_of(ended, setup_micros, children_cpu_micros()))
+}
+
+/// The command's stdout and stderr files in its scratch space.
+pub(super) fn create_outputs(layout: &ScratchLayout) -> Result<(File, File), String> {
+    let stdout = File::create(&layout.stdout).map_err(|e| format!("creating {}: {e}", layout.stdout.display()))?;
+    let stderr = File::create(&layout.stderr).map_err(|e| format!("creating {}: {e}", layout.stderr.display()))?;
+    Ok((stdout, stderr))
+}
+
+/// CPU time of every child this process has reaped so far, in µs.
+pub(super) fn children_cpu_micros() -> Option<u64> {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).ok()?;
+    let micros = |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64;
+    Some(micros(usage.user_time()) + micros(usage.system_time()))
+}
+
+/// The report of a command that ended as `ended`.
+pub(super) fn report_of(ended: Ended, setup_micros: u64, cpu_micros: Option<u64>) -> RunReport {
+    let mut report = RunReport {
+        timed_out: ended.status.is_none(),
+        blocked: ended.blocked,
+        setup_micros,
+        cpu_micros,
+        ..Default::default()
+    };
     match (ended.exec_error, ended.status) {
         (Some(error), _) => report.error = Some(error),
         (None, None) => {}
@@ -274,7 +324,7 @@ fn run_in_namespaces(run: &Run<'_>, layout: &ScratchLayout, start: Instant) -> R
         (None, Some(WaitStatus::Signaled(_, signal, _))) => report.signal = Some(signal as i32),
         (None, Some(other)) => report.error = Some(format!("unexpected wait status {other:?}")),
     }
-    Ok(report)
+    report
 }
 
 fn sys(what: impl FnOnce() -> String) -> impl FnOnce(nix::errno::Errno) -> String {
@@ -290,30 +340,35 @@ fn under(root: &Path, inside: &Path) -> PathBuf {
     root.join(inside.strip_prefix("/").unwrap_or(inside))
 }
 
-/// Mounts the sandbox's file system under the scratch root and pivots into it.
-fn build_root(run: &Run<'_>, layout: &ScratchLayout) -> Result<(), String> {
-    let (spec, net) = (run.spec, run.net);
+/// Enters the run's own mount, ipc and uts namespaces and its network
+/// namespace, with every mount private to it from here on.
+pub(super) fn enter_namespaces(run: &Run<'_>) -> Result<(), String> {
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys(|| "prctl(PDEATHSIG)".into()))?;
     let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
-    if net.is_none() {
+    if run.net.is_none() {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     unshare(flags).map_err(sys(|| "unshare(mount, ipc, uts)".into()))?;
-    if let Some(net) = net {
+    if let Some(net) = run.net {
         setns(net.as_fd(), CloneFlags::CLONE_NEWNET).map_err(sys(|| "entering the network namespace".into()))?;
     }
     nix::unistd::sethostname("casbuild").map_err(sys(|| "sethostname".into()))?;
     let none: Option<&str> = None;
-    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(sys(|| "making / private".into()))?;
+    mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(sys(|| "making / private".into()))
+}
 
-    let root = &layout.root;
+/// Builds at `root` everything of the sandbox's file system that does not
+/// depend on the action's inputs: the root (a tmpfs, or an overlay over the
+/// root observer), the toolchain, `/proc`, `/dev`, and the places where the
+/// working tree, `/tmp` and `/dev/shm` go.
+pub(super) fn build_static_root(run: &Run<'_>, root: &Path) -> Result<(), String> {
+    let spec = run.spec;
     // `root` usually exists (shared by all runs); create_dir_all then only stats it.
-    for dir in [root, &layout.upper, &layout.overlay_work] {
-        std::fs::create_dir_all(dir).map_err(io(|| format!("creating {}", dir.display())))?;
-    }
+    std::fs::create_dir_all(root).map_err(io(|| format!("creating {}", root.display())))?;
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(Some("tmpfs"), root, Some("tmpfs"), nosuid, Some("mode=0755,size=16m"))
         .map_err(sys(|| "mounting the root tmpfs".into()))?;
+    let hidden = root.join(HIDDEN);
     if let Some(lower) = &spec.root_lower {
         // The tmpfs becomes the upper layer of an overlay whose lower layer
         // observes every lookup the root cannot answer.
@@ -340,13 +395,54 @@ fn build_root(run: &Run<'_>, layout: &ScratchLayout) -> Result<(), String> {
         mount(Some("overlay"), root, Some("overlay"), nosuid, Some(options.as_str()))
             .map_err(sys(|| format!("mounting the root overlay over {}", lower.display())))?;
     }
-
-    // The working tree: the input root under a private writable layer.
+    if spec.warm {
+        // Where a slot's init mounts each action's input root and scratch
+        // space: root's alone, the command cannot even look inside.
+        for dir in [hidden.clone(), hidden.join("in"), hidden.join("run")] {
+            std::fs::create_dir_all(&dir).map_err(io(|| format!("creating {}", dir.display())))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(|| format!("chmod {}", dir.display())))?;
+        }
+    }
     let work = under(root, &spec.work_dir);
     std::fs::create_dir_all(&work).map_err(io(|| format!("creating {}", work.display())))?;
+
+    let mut made = HashSet::new();
+    for (host, what) in run.host_paths {
+        set_up_host_path(host, what, &under(root, host), spec, &mut made)?;
+    }
+
+    let proc_dir = root.join("proc");
+    std::fs::create_dir_all(&proc_dir).map_err(io(|| "creating /proc".into()))?;
+    let none: Option<&str> = None;
+    mount(Some("proc"), &proc_dir, Some("proc"), nosuid | MsFlags::MS_NOEXEC, none)
+        .map_err(sys(|| "mounting /proc".into()))?;
+    build_dev(&root.join("dev"))?;
+    for inside in ["tmp", "dev/shm"] {
+        let target = root.join(inside);
+        std::fs::create_dir_all(&target).map_err(io(|| format!("creating /{inside}")))?;
+    }
+    Ok(())
+}
+
+/// Mounts the action's working tree at the spec's work directory under
+/// `root`: an overlay of the input root (`lower`) under the upper layer of
+/// its scratch space (`layout`); makes the directories the command may
+/// write to; and gives it its own `/tmp` and `/dev/shm`.
+pub(super) fn mount_working_tree(
+    spec: &SandboxSpec,
+    root: &Path,
+    lower: &Path,
+    layout: &ScratchLayout,
+) -> Result<(), String> {
+    for dir in [&layout.upper, &layout.overlay_work] {
+        std::fs::create_dir_all(dir).map_err(io(|| format!("creating {}", dir.display())))?;
+    }
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let work = under(root, &spec.work_dir);
     let options = format!(
         "lowerdir={},upperdir={},workdir={}",
-        spec.input_root.display(),
+        lower.display(),
         layout.upper.display(),
         layout.overlay_work.display()
     );
@@ -366,23 +462,12 @@ fn build_root(run: &Run<'_>, layout: &ScratchLayout) -> Result<(), String> {
         }))?;
         made.chown_chmod(spec.uid, spec.gid, 0o755).map_err(io(|| format!("handing {dir:?} to the command")))?;
     }
-
-    let mut made = HashSet::new();
-    for (host, what) in run.host_paths {
-        set_up_host_path(host, what, &under(root, host), spec, &mut made)?;
-    }
-
-    let proc_dir = root.join("proc");
-    std::fs::create_dir_all(&proc_dir).map_err(io(|| "creating /proc".into()))?;
-    mount(Some("proc"), &proc_dir, Some("proc"), nosuid | MsFlags::MS_NOEXEC, none)
-        .map_err(sys(|| "mounting /proc".into()))?;
     // With a scratch budget, /tmp and /dev/shm are directories of the run's
     // size-bounded scratch tmpfs: one budget for everything the action writes.
-    build_dev(&root.join("dev"))?;
+    let none: Option<&str> = None;
     let bounded = spec.limits.max_scratch_bytes > 0;
     for (dir, inside) in [(&layout.tmp, "tmp"), (&layout.shm, "dev/shm")] {
         let target = root.join(inside);
-        std::fs::create_dir_all(&target).map_err(io(|| format!("creating /{inside}")))?;
         if bounded {
             std::fs::create_dir_all(dir).map_err(io(|| format!("creating {}", dir.display())))?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777))
@@ -394,12 +479,15 @@ fn build_root(run: &Run<'_>, layout: &ScratchLayout) -> Result<(), String> {
                 .map_err(sys(|| format!("mounting /{inside}")))?;
         }
     }
+    Ok(())
+}
 
+/// Makes `root` the process's root and lets go of the host's.
+pub(super) fn pivot_into(root: &Path) -> Result<(), String> {
     nix::unistd::chdir(root).map_err(sys(|| "chdir to the new root".into()))?;
     nix::unistd::pivot_root(".", ".").map_err(sys(|| "pivot_root".into()))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(sys(|| "detaching the old root".into()))?;
-    nix::unistd::chdir("/").map_err(sys(|| "chdir /".into()))?;
-    Ok(())
+    nix::unistd::chdir("/").map_err(sys(|| "chdir /".into()))
 }
 
 /// What the sandbox's set-up makes at the top of its root: a directory for
@@ -529,7 +617,7 @@ fn build_dev(dev: &Path) -> Result<(), String> {
 }
 
 /// How the command ended.
-struct Ended {
+pub(super) struct Ended {
     /// Its wait status; `None` when the deadline came first.
     status: Option<WaitStatus>,
     /// Why it could not be started, when it could not.
@@ -538,14 +626,40 @@ struct Ended {
     blocked: Vec<String>,
 }
 
+/// What pid 1 waits with: the connect watch, installed on pid 1 itself so
+/// that the listener is ours and every command inherits the filter, and a
+/// signalfd announcing ended children (SIGCHLD blocked from here on, so
+/// that none is missed; each command unblocks it).
+pub(super) struct Waiter {
+    watch: ConnectWatch,
+    signals: SignalFd,
+}
+
+impl Waiter {
+    /// Sets both up; once per init (a filter installed twice stays twice).
+    pub(super) fn new() -> Result<Self, String> {
+        let watch = ConnectWatch::install()?;
+        let mut chld = SigSet::empty();
+        chld.add(Signal::SIGCHLD);
+        chld.thread_block().map_err(sys(|| "blocking SIGCHLD".into()))?;
+        let signals = SignalFd::with_flags(&chld, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .map_err(sys(|| "signalfd".into()))?;
+        Ok(Waiter { watch, signals })
+    }
+}
+
 /// Forks the command, waits for its end or the deadline while answering
 /// the connect watch and reaping every process that ends, then kills and
-/// reaps whatever is left.
-fn run_command(
+/// reaps whatever is left. In a warm slot (`slot`: the action's cgroup
+/// `tasks` files, open for writing), whose init outlives its actions, the
+/// command joins the cgroups itself and then gets an ipc namespace of its
+/// own, before anything else.
+pub(super) fn run_command(
     spec: &SandboxSpec,
-    stdout: std::os::fd::BorrowedFd<'_>,
-    stderr: std::os::fd::BorrowedFd<'_>,
+    (stdout, stderr): (std::os::fd::BorrowedFd<'_>, std::os::fd::BorrowedFd<'_>),
     deadline: Option<Instant>,
+    waiter: &Waiter,
+    slot: Option<&[OwnedFd]>,
 ) -> Result<Ended, String> {
     // Everything the child needs is prepared here, before the fork.
     let cwd = spec.work_dir.join(&spec.cwd);
@@ -555,22 +669,12 @@ fn run_command(
         cstrings(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().iter().map(String::as_str))?;
     let program_c = CString::new(program.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     let filters = filters_for(&spec.seccomp_deny)?;
-    // Installed here, in pid 1, so that the listener is ours and the
-    // command inherits the filter.
-    let watch = ConnectWatch::install()?;
-    // Ended children are announced on a signalfd; SIGCHLD is blocked from
-    // before the fork so that none is missed (the command unblocks it).
-    let mut chld = SigSet::empty();
-    chld.add(Signal::SIGCHLD);
-    chld.thread_block().map_err(sys(|| "blocking SIGCHLD".into()))?;
-    let signals = SignalFd::with_flags(&chld, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-        .map_err(sys(|| "signalfd".into()))?;
     let (error_read, error_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys(|| "pipe".into()))?;
     // SAFETY: init is single-threaded, so the child may run arbitrary code.
     match unsafe { fork() }.map_err(sys(|| "fork".into()))? {
         ForkResult::Child => {
             drop(error_read);
-            let command = Prepared { cwd: &cwd, program: &program_c, argv: &argv, env: &env, filters: &filters };
+            let command = Prepared { cwd: &cwd, program: &program_c, argv: &argv, env: &env, filters: &filters, slot };
             let error = exec_command(spec, &command, stdout, stderr);
             let _ = File::from(error_write).write_all(error.as_bytes());
             std::process::exit(127)
@@ -578,7 +682,7 @@ fn run_command(
         ForkResult::Parent { child } => {
             drop(error_write);
             let mut blocked = Vec::new();
-            let waited = wait_for(child, deadline, &signals, &watch, &mut blocked);
+            let waited = wait_for(child, deadline, waiter, &mut blocked);
             // Whatever the command left running dies now, before the
             // report: its outputs are final once the report is read.
             let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
@@ -602,12 +706,12 @@ fn run_command(
 fn wait_for(
     command: Pid,
     deadline: Option<Instant>,
-    signals: &SignalFd,
-    watch: &ConnectWatch,
+    waiter: &Waiter,
     blocked: &mut Vec<String>,
 ) -> Result<Option<WaitStatus>, String> {
     use nix::errno::Errno;
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let Waiter { watch, signals } = waiter;
     loop {
         loop {
             match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
@@ -692,6 +796,7 @@ struct Prepared<'a> {
     argv: &'a [CString],
     env: &'a [CString],
     filters: &'a Filters,
+    slot: Option<&'a [OwnedFd]>,
 }
 
 /// In the command's process: limits, identity, then execve. Returns only on
@@ -702,8 +807,18 @@ fn exec_command(
     stdout: std::os::fd::BorrowedFd<'_>,
     stderr: std::os::fd::BorrowedFd<'_>,
 ) -> String {
-    let Prepared { cwd, program, argv, env, filters } = *command;
+    let Prepared { cwd, program, argv, env, filters, slot } = *command;
     let result = (|| -> Result<(), String> {
+        if let Some(cgroups) = slot {
+            for procs in cgroups {
+                File::from(procs.try_clone().map_err(io(|| "joining the cgroup".into()))?)
+                    .write_all(b"0")
+                    .map_err(io(|| "joining the action's cgroup".into()))?;
+            }
+            // SysV objects and POSIX queues of this command die with it,
+            // not with the slot.
+            unshare(CloneFlags::CLONE_NEWIPC).map_err(sys(|| "unshare(CLONE_NEWIPC)".into()))?;
+        }
         let null = File::open("/dev/null").map_err(io(|| "opening /dev/null".into()))?;
         nix::unistd::dup2_stdin(&null).map_err(sys(|| "stdin".into()))?;
         nix::unistd::dup2_stdout(stdout).map_err(sys(|| "stdout".into()))?;

@@ -14,6 +14,8 @@
 mod helper;
 mod host_paths;
 mod netwatch;
+mod slot_init;
+mod slots;
 mod spec;
 
 use std::collections::HashMap;
@@ -60,6 +62,11 @@ pub struct Sandbox {
     /// Runs waiting for their init's `done` line, by run id.
     waiting: Waiting,
     next_run: std::sync::atomic::AtomicU64,
+    /// Idle warm slots by sandbox user, when runs use them
+    /// ([`Sandbox::with_warm_slots`]).
+    slots: Option<Mutex<HashMap<u32, slots::Slot>>>,
+    /// Set by [`Sandbox::close_slots`]: slots are not kept after it.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 type Waiting = Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>>;
@@ -129,7 +136,34 @@ impl Sandbox {
             cgroups: None,
             waiting: Waiting::default(),
             next_run: Default::default(),
+            slots: None,
+            closed: Default::default(),
         }
+    }
+
+    /// Ends every idle warm slot and keeps none from now on (a slot's root
+    /// holds the `/cas` mount through its root observer: call this before
+    /// unmounting it). Returns once their inits have exited.
+    pub async fn close_slots(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let idle: Vec<slots::Slot> = match &self.slots {
+            Some(slots) => slots.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, slot)| slot).collect(),
+            None => Vec::new(),
+        };
+        for slot in idle {
+            slot.close().await;
+        }
+    }
+
+    /// Runs actions in warm slots: one long-lived sandbox init per sandbox
+    /// user that builds its namespaces and root once and runs one action
+    /// after another, each in a working tree, `/tmp`, `/dev/shm`, cgroup and
+    /// ipc namespace of its own (ADR 0008). A slot that is not as clean as
+    /// a new one after an action (a process left, a mount it could not
+    /// remove, a time-out) is thrown away.
+    pub fn with_warm_slots(mut self) -> Self {
+        self.slots = Some(Mutex::default());
+        self
     }
 
     /// Gives every run a cgroup of its own under `cgroups`, with the memory
@@ -169,8 +203,9 @@ impl Sandbox {
         Ok(Zygote { _child: child, stdin, answers })
     }
 
-    /// Asks the zygote to start run `run_id`, which `spec_json` describes.
-    async fn start(&self, spec_json: &str, run_id: u64) -> Result<Running, SandboxError> {
+    /// Asks the zygote to start run `run_id`, which `spec_json` describes;
+    /// for a warm slot, also the number of its socket's descriptor in init.
+    async fn start(&self, spec_json: &str, run_id: u64) -> Result<(Running, Option<i32>), SandboxError> {
         let mut zygote = self.zygote.lock().await;
         let mut last_error = None;
         for _ in 0..2 {
@@ -201,10 +236,12 @@ impl Sandbox {
                     if let Some(why) = answer.strip_prefix("error ") {
                         return Err(SandboxError::Helper(why.to_owned()));
                     }
-                    let pid: i32 =
-                        answer.parse().map_err(|_| SandboxError::Helper(format!("the helper said {answer:?}")))?;
+                    let bad = || SandboxError::Helper(format!("the helper said {answer:?}"));
+                    let mut numbers = answer.split(' ').map(|n| n.parse::<i32>().map_err(|_| bad()));
+                    let pid = numbers.next().ok_or_else(bad)??;
+                    let fd = numbers.next().transpose()?;
                     // The zygote reaps this pid only after our next request, so it is still ours here.
-                    return Ok(Running { pidfd: pidfd_open(pid)?, finished: false });
+                    return Ok((Running { pidfd: pidfd_open(pid)?, finished: false }, fd));
                 }
                 Ok(None) => last_error = Some("the helper exited".to_owned()),
                 Err(e) => last_error = Some(e.to_string()),
@@ -240,9 +277,12 @@ impl Sandbox {
         let mut spec = spec.clone();
         spec.cgroup_procs = group.as_ref().map(|g| g.procs_files()).unwrap_or_default();
         spec.run_id = self.next_run.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (mut report, running) = match self.run_in_helper(&spec, &layout).await {
-            Ok((report, running)) => (Ok(report), Some(running)),
-            Err(e) => (Err(e), None),
+        let (mut report, running) = match &self.slots {
+            Some(slots) => (self.run_warm(slots, &spec, &layout).await, None),
+            None => match self.run_in_helper(&spec, &layout).await {
+                Ok((report, running)) => (Ok(report), Some(running)),
+                Err(e) => (Err(e), None),
+            },
         };
         if let (Ok(report), Some(group)) = (&mut report, &group) {
             let usage = group.usage();
@@ -255,7 +295,8 @@ impl Sandbox {
         }
         if let Some(group) = group {
             // Init reports before its own exit (the namespaces' tear-down):
-            // the group is removed once it is empty.
+            // the group is removed once it is empty. (A warm slot's action
+            // has no process left when the slot reports.)
             tokio::spawn(async move {
                 if let Some(running) = running {
                     let _ = tokio::time::timeout(HELPER_GRACE, running.exited()).await;
@@ -264,6 +305,51 @@ impl Sandbox {
             });
         }
         report
+    }
+
+    /// Runs `spec` in the warm slot of its user, made first if there is none
+    /// or the one there was built for another spec.
+    async fn run_warm(
+        &self,
+        slots: &Mutex<HashMap<u32, slots::Slot>>,
+        spec: &SandboxSpec,
+        layout: &ScratchLayout,
+    ) -> Result<RunReport, SandboxError> {
+        let idle = slots.lock().unwrap_or_else(|e| e.into_inner()).remove(&spec.uid);
+        let mut slot = match idle.filter(|slot| slot.fits(spec)) {
+            Some(slot) => slot,
+            None => {
+                let mut slot_spec = spec.clone();
+                slot_spec.warm = true;
+                let json = serde_json::to_string(&slot_spec).map_err(|e| helper_error("encoding the spec", &e))?;
+                let (init, fd) = self.start(&json, spec.run_id).await?;
+                let fd = fd.ok_or_else(|| SandboxError::Helper("the helper started no slot".into()))?;
+                slots::Slot::new(slot_spec, init, fd)?
+            }
+        };
+        let mut fds = vec![slots::detached_copy(&spec.input_root)?, slots::detached_copy(&layout.space)?];
+        for procs in &spec.cgroup_procs {
+            let file = std::fs::File::options().write(true).open(procs);
+            fds.push(file.map_err(|e| helper_error(&format!("opening {}", procs.display()), &e))?.into());
+        }
+        let ran = slot.run(spec, fds);
+        let reply = match spec.timeout_ms {
+            Some(ms) => tokio::time::timeout(Duration::from_millis(ms) + HELPER_GRACE, ran)
+                .await
+                .map_err(|_| SandboxError::Helper("the sandbox slot did not finish in time; killed".into()))??,
+            None => ran.await?,
+        };
+        match reply.unfit {
+            None if self.closed.load(std::sync::atomic::Ordering::SeqCst) => slot.close().await,
+            None => {
+                slots.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.uid, slot);
+            }
+            Some(why) => {
+                metrics::counter!("casbuild_sandbox_slots_discarded_total").increment(1);
+                tracing::debug!(uid = spec.uid, "a warm sandbox slot is discarded: {why}");
+            }
+        }
+        Ok(reply.report)
     }
 
     /// Runs `spec` through the zygote; returns the report and the run's init,
@@ -278,7 +364,7 @@ impl Sandbox {
         let (done, reported) = tokio::sync::oneshot::channel();
         self.waiting.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.run_id, done);
         let _unlisted = Unlist(&self.waiting, spec.run_id);
-        let mut running = self.start(&json, spec.run_id).await?;
+        let (mut running, _) = self.start(&json, spec.run_id).await?;
         // The report is complete when init says so, before the kernel has
         // torn its namespaces down; if init dies without saying so, its exit.
         let ended = async {

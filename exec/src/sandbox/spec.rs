@@ -115,6 +115,11 @@ pub struct SandboxSpec {
     /// `None`: the root is a plain tmpfs.
     #[serde(default)]
     pub root_lower: Option<PathBuf>,
+    /// Set by [`super::Sandbox::run`] when it asks the zygote for a warm
+    /// slot (see `slot`): a long-lived init that builds the root this spec
+    /// describes once and then runs one action after another in it.
+    #[serde(default)]
+    pub warm: bool,
 }
 
 impl SandboxSpec {
@@ -137,6 +142,7 @@ impl SandboxSpec {
             run_id: 0,
             seccomp_deny: Vec::new(),
             root_lower: None,
+            warm: false,
         }
     }
 
@@ -145,7 +151,8 @@ impl SandboxSpec {
     /// `dev`, `tmp` and `etc`.
     pub fn made_top_dirs(&self) -> std::collections::BTreeSet<String> {
         let fixed = ["proc", "dev", "tmp", "etc"].map(String::from);
-        top_name(&self.work_dir).into_iter().chain(fixed).collect()
+        let hidden = self.warm.then(|| HIDDEN.to_owned());
+        top_name(&self.work_dir).into_iter().chain(fixed).chain(hidden).collect()
     }
 
     /// Every name the sandbox's own set-up puts at the top of its root:
@@ -253,6 +260,11 @@ impl RunReport {
     }
 }
 
+/// The directory at the top of a warm slot's root (mode 0700, root's)
+/// where its init mounts each action's input root and scratch space before
+/// building the working tree from them.
+pub(crate) const HIDDEN: &str = ".casbuild";
+
 /// Files of one run inside its scratch directory.
 /// Everything the action writes is in `space` (a size-bounded tmpfs when
 /// the run has a scratch budget); the report is beside it, so that a full
@@ -275,11 +287,16 @@ pub(crate) struct ScratchLayout {
 
 impl ScratchLayout {
     pub fn new(scratch: &Path) -> Self {
-        let space = scratch.join(crate::scratch::SPACE);
         let root = match scratch.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent.join(".sandbox-root"),
             _ => scratch.join("root"),
         };
+        ScratchLayout::with_space(scratch.join(crate::scratch::SPACE), root, scratch.join("report.json"))
+    }
+
+    /// The layout of a scratch space seen at `space` (a warm slot's init
+    /// sees each action's at a fixed place of its own).
+    pub fn with_space(space: PathBuf, root: PathBuf, report: PathBuf) -> Self {
         ScratchLayout {
             tmp: space.join("tmp"),
             shm: space.join("shm"),
@@ -289,9 +306,19 @@ impl ScratchLayout {
             stdout: space.join("stdout"),
             stderr: space.join("stderr"),
             space,
-            report: scratch.join("report.json"),
+            report,
         }
     }
+}
+
+/// A warm slot's answer to one action: the report, and why the slot is not
+/// as clean as a new one (a process of the action left, a mount it could
+/// not remove, a time-out), if it is not; only a clean slot runs the next
+/// action.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct SlotReply {
+    pub report: RunReport,
+    pub unfit: Option<String>,
 }
 
 #[cfg(test)]

@@ -32,6 +32,9 @@ pub struct ExecArgs {
     /// run without).
     #[arg(long)]
     metrics: bool,
+    /// Start `casbuild up` with `--cold-sandboxes` (a new sandbox per action, no warm slots).
+    #[arg(long)]
+    cold_sandboxes: bool,
     /// Also run the actions through real coordinator and worker processes: one coordinator on its files,
     /// one on this PostgreSQL database, and two on it (see `docs/PERFORMANCE.md`).
     #[arg(long)]
@@ -182,8 +185,14 @@ fn ms(d: Duration) -> String {
 
 pub async fn bench_exec(args: ExecArgs) -> anyhow::Result<()> {
     let scratch = super::scratch_dir(args.runs.dir.as_deref())?;
-    let metrics: &[&str] = if args.metrics { &["--metrics-listen", "127.0.0.1:0"] } else { &[] };
-    let up = Up::start_with(&scratch.path().join("up"), args.runs.slots, metrics)?;
+    let mut flags = Vec::new();
+    if args.metrics {
+        flags.extend(["--metrics-listen", "127.0.0.1:0"]);
+    }
+    if args.cold_sandboxes {
+        flags.push("--cold-sandboxes");
+    }
+    let up = Up::start_with(&scratch.path().join("up"), args.runs.slots, &flags)?;
     let function = DigestFunction::Sha256;
     let options = RemoteStoreOptions::default();
     let store = RemoteStore::connect(&up.url, options).await?;
@@ -275,7 +284,8 @@ fn cores() -> usize {
 }
 
 /// CPU time (user and system) of the bench process, of `casbuild up`
-/// itself, and of its children (the sandbox zygote, with the runs it reaped).
+/// itself, and of its sandboxes (the zygote, with the runs it reaped, and
+/// the warm slots, with their commands).
 #[derive(Default)]
 pub(super) struct Cpu {
     pub(super) client: Duration,
@@ -297,18 +307,12 @@ pub(super) fn rusage(who: nix::sys::resource::UsageWho) -> Duration {
 impl Cpu {
     pub(super) fn now(up: u32) -> Cpu {
         let client = rusage(nix::sys::resource::UsageWho::RUSAGE_SELF);
-        // Children are listed per thread (the one that spawned them).
-        let threads = std::fs::read_dir(format!("/proc/{up}/task")).into_iter().flatten().flatten();
-        let children: Vec<String> = threads
-            .flat_map(|t| {
-                std::fs::read_to_string(t.path().join("children"))
-                    .unwrap_or_default()
-                    .split_whitespace()
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let sandboxes = children.iter().map(|pid| ticks(pid, true)).sum();
+        // The zygote with the runs it reaped, and the warm slots it has not
+        // reaped yet with the commands they reaped.
+        let sandboxes = children(&up.to_string())
+            .iter()
+            .map(|zygote| ticks(zygote, true) + children(zygote).iter().map(|slot| ticks(slot, true)).sum::<Duration>())
+            .sum();
         Cpu { client, server: ticks(&up.to_string(), false), sandboxes }
     }
 
@@ -317,6 +321,18 @@ impl Cpu {
         self.server += after.server.saturating_sub(before.server);
         self.sandboxes += after.sandboxes.saturating_sub(before.sandboxes);
     }
+}
+
+/// The pids of a process's living children.
+fn children(pid: &str) -> Vec<String> {
+    // Children are listed per thread (the one that spawned them).
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+    threads
+        .flat_map(|t| {
+            let listed = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            listed.split_whitespace().map(str::to_owned).collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// A process's CPU time from /proc (with that of the children it reaped).

@@ -1,0 +1,127 @@
+//! Warm sandbox slots, the owner's side (`slot_init` is the slot's).
+//!
+//! A slot is a long-lived sandbox init for one sandbox user: it keeps its
+//! namespaces and its read-only root, and gets for each action a detached
+//! copy of the input root and of the scratch space, and the action's
+//! cgroups, as descriptors over a socket. The slot says after each action
+//! whether it is as clean as a new one; one that is not exits, and the next
+//! action of that user gets a new slot.
+
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+
+use super::slot_init::{same_slot, MAX_FDS};
+use super::spec::{SandboxSpec, SlotReply};
+use super::{helper_error, Running, SandboxError};
+
+/// The largest reply taken from a slot (a report is a few hundred bytes).
+const MAX_REPLY: u64 = 1 << 20;
+
+/// A warm slot, idle or running one action.
+pub(super) struct Slot {
+    /// What it was built for.
+    spec: SandboxSpec,
+    socket: tokio::net::UnixStream,
+    /// Its init; dropping the slot kills it, and with it the namespaces.
+    _init: Running,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("uid", &self.spec.uid).finish_non_exhaustive()
+    }
+}
+
+impl Slot {
+    /// The slot whose init is `init`, built for `spec`, reached through the
+    /// socket that is descriptor `fd` in that init.
+    pub(super) fn new(spec: SandboxSpec, init: Running, fd: RawFd) -> Result<Self, SandboxError> {
+        // SAFETY: pidfd_getfd takes a pidfd we own, a descriptor number in
+        // that process and zero flags, and returns a new descriptor or -1.
+        let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, init.pidfd.get_ref().as_raw_fd(), fd, 0) };
+        if ours < 0 {
+            return Err(helper_error("taking the slot's socket", &std::io::Error::last_os_error()));
+        }
+        // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+        let socket = std::os::unix::net::UnixStream::from(unsafe { OwnedFd::from_raw_fd(ours as i32) });
+        let socket = socket
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(socket))
+            .map_err(|e| helper_error("the slot's socket", &e))?;
+        Ok(Slot { spec, socket, _init: init })
+    }
+
+    /// Whether the slot was built for what `spec` asks.
+    pub(super) fn fits(&self, spec: &SandboxSpec) -> bool {
+        same_slot(&self.spec, spec)
+    }
+
+    /// Runs `spec` in the slot: `fds` are the detached input root, the
+    /// detached scratch space and the action's cgroup files.
+    pub(super) async fn run(&mut self, spec: &SandboxSpec, fds: Vec<OwnedFd>) -> Result<SlotReply, SandboxError> {
+        if fds.len() > MAX_FDS {
+            return Err(SandboxError::Helper(format!("{} descriptors for one action", fds.len())));
+        }
+        let failed = |e: std::io::Error| helper_error("the sandbox slot", &e);
+        let body = serde_json::to_vec(spec).map_err(|e| helper_error("encoding the spec", &e))?;
+        let header = (body.len() as u64).to_le_bytes();
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let socket = &self.socket;
+        let sent = socket
+            .async_io(Interest::WRITABLE, || {
+                let rights = [ControlMessage::ScmRights(&raw)];
+                sendmsg::<()>(socket.as_raw_fd(), &[IoSlice::new(&header)], &rights, MsgFlags::MSG_NOSIGNAL, None)
+                    .map_err(std::io::Error::from)
+            })
+            .await
+            .map_err(failed)?;
+        drop(fds);
+        self.socket.write_all(&header[sent..]).await.map_err(failed)?;
+        self.socket.write_all(&body).await.map_err(failed)?;
+        // The slot answers once the action is over; a slot that died
+        // (killed, or it failed to start) closes the socket instead.
+        let length = self.socket.read_u64_le().await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => SandboxError::Helper("the sandbox slot ended without a report".into()),
+            _ => failed(e),
+        })?;
+        if length > MAX_REPLY {
+            return Err(SandboxError::Helper(format!("the sandbox slot sent a reply of {length} bytes")));
+        }
+        let mut reply = vec![0; length as usize];
+        self.socket.read_exact(&mut reply).await.map_err(failed)?;
+        serde_json::from_slice(&reply).map_err(|e| helper_error("decoding the slot's reply", &e))
+    }
+}
+
+impl Slot {
+    /// Ends an idle slot: its init reads the end of its socket and exits,
+    /// which takes its namespaces, and the mounts it holds, with it.
+    pub(super) async fn close(self) {
+        let Slot { socket, _init: init, .. } = self;
+        drop(socket);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), init.exited()).await;
+    }
+}
+
+/// A detached copy of the mount at `path` (only that mount, from `path`
+/// down), as a descriptor another mount namespace can attach.
+pub(super) fn detached_copy(path: &Path) -> Result<OwnedFd, SandboxError> {
+    const OPEN_TREE_CLONE: libc::c_uint = 0x1;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| helper_error(&format!("{}", path.display()), &e))?;
+    // SAFETY: open_tree reads one NUL-terminated string that outlives the
+    // call and returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c_path.as_ptr(), OPEN_TREE_CLONE | libc::O_CLOEXEC as u32)
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(helper_error(&format!("copying the mount of {}", path.display()), &e));
+    }
+    // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
