@@ -474,6 +474,16 @@ fn nothing_an_action_leaves_behind_reaches_the_next_action_in_its_warm_slot() {
     assert_eq!(output_text(&farm, &second, "files"), "/dev/shm:\n\n/tmp:\n", "a new /tmp and /dev/shm");
     assert_eq!(output_text(&farm, &second, "ipcs"), "0\n", "no SysV object of the first action");
     assert_eq!(output_text(&farm, &second, "mounts"), "0\n");
+
+    // A slot whose action timed out is thrown away: the next action of its
+    // user runs, in a new sandbox.
+    let hang = Attack { script: "sleep 600", timeout: Some(Duration::from_secs(1)), ..Default::default() };
+    let hung = farm.run(&hang);
+    assert!(status_message(&hung).contains("timed out"), "{}", status_message(&hung));
+    let after =
+        farm.run(&Attack { script: "readlink /proc/self/ns/mnt > mnt", outputs: &["mnt"], ..Default::default() });
+    assert_eq!(exit_code(&after), 0, "{after:?}\n{}", farm.stderr(&after));
+    assert_ne!(output_text(&farm, &after, "mnt"), output_text(&farm, &second, "mnt"), "a new slot after the time-out");
 }
 
 #[test]

@@ -9,7 +9,9 @@
 //!
 //! [`Sandbox::run`] is async and safe to call from a multi-threaded runtime:
 //! the namespace work happens in processes forked from a small helper (the
-//! zygote, see `helper`), never in the caller's threads.
+//! zygote, see `helper`), never in the caller's threads. With warm slots
+//! (`slots`, `slot_init`) one such process per sandbox user builds the
+//! namespaces and root once and runs one action after another.
 
 mod helper;
 mod host_paths;
