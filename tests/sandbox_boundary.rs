@@ -269,6 +269,9 @@ fn memory_scratch_and_time_are_bounded_with_clear_messages() {
         let response = farm.run(&Attack { script: &script, ..Default::default() });
         assert_ne!(exit_code(&response), 0, "{target}");
         assert!(response.message.contains("filled its 16 MiB of scratch space"), "{target}: {}", response.message);
+        // Run after the hog by the same sandbox user, so in its warm slot
+        // and cgroup: the hog's OOM kill is not counted again.
+        assert!(!response.message.contains("memory limit"), "{target}: {}", response.message);
     }
     let small = "head -c 4000000 /dev/zero > /tmp/small && echo ok > out";
     let response = farm.run(&Attack { script: small, outputs: &["out"], ..Default::default() });
@@ -446,30 +449,29 @@ fn output_text(farm: &Farm, response: &ExecuteResponse, path: &str) -> String {
 #[test]
 fn nothing_an_action_leaves_behind_reaches_the_next_action_in_its_warm_slot() {
     // One sandbox user: every action runs in the same warm slot.
-    let flags = ["--sandbox-uids", "2991100-2991100", "--slots", "1"];
+    let flags = ["--sandbox-uids", "2991300-2991300", "--slots", "1"];
     let Some(farm) = Farm::start_with("nothing_an_action_leaves_behind_reaches_the_next", &flags) else { return };
-    let leave = "readlink /proc/self/ns/mnt > mnt; readlink /proc/self/ns/ipc > ipc; \
+    // A slot is known by its init: the mount namespace and pid 1's start
+    // time (namespace numbers alone may be reused once one is freed).
+    let leave = "(readlink /proc/self/ns/mnt; cut -d' ' -f22 /proc/1/stat) > slot; \
                  setsid sleep 600 & nohup sleep 600 >/dev/null 2>&1 & \
                  echo left > /tmp/left; echo left > /dev/shm/left; \
                  ipcmk -M 4096 >/dev/null && ipcmk -Q >/dev/null && ipcs | grep -c '^0x' > ipcs; \
                  mkdir -p sub; if mount -t tmpfs t sub 2>/dev/null; then echo mounted > mount; else echo refused > mount; fi";
-    let outputs = ["mnt", "ipc", "ipcs", "mount"];
+    let outputs = ["slot", "ipcs", "mount"];
     let first = farm.run(&Attack { script: leave, outputs: &outputs, ..Default::default() });
     assert_eq!(exit_code(&first), 0, "{first:?}\n{}", farm.stderr(&first));
     assert_eq!(output_text(&farm, &first, "ipcs"), "2\n", "the first action made its IPC objects");
     assert_eq!(output_text(&farm, &first, "mount"), "refused\n");
 
-    let look = "readlink /proc/self/ns/mnt > mnt; readlink /proc/self/ns/ipc > ipc; \
+    let look = "(readlink /proc/self/ns/mnt; cut -d' ' -f22 /proc/1/stat) > slot; \
                 (cat /proc/[0-9]*/comm | grep -c '^sleep$' || true) > sleepers; \
                 ls -A /tmp /dev/shm > files; (ipcs | grep -c '^0x' || true) > ipcs; \
                 (grep -c ' /work/sub ' /proc/self/mountinfo || true) > mounts";
-    let outputs = ["mnt", "ipc", "sleepers", "files", "ipcs", "mounts"];
+    let outputs = ["slot", "sleepers", "files", "ipcs", "mounts"];
     let second = farm.run(&Attack { script: look, outputs: &outputs, ..Default::default() });
     assert_eq!(exit_code(&second), 0, "{second:?}\n{}", farm.stderr(&second));
-    // The same slot (its mount namespace) ran both, each command in an ipc
-    // namespace of its own.
-    assert_eq!(output_text(&farm, &first, "mnt"), output_text(&farm, &second, "mnt"), "the slot was reused");
-    assert_ne!(output_text(&farm, &first, "ipc"), output_text(&farm, &second, "ipc"));
+    assert_eq!(output_text(&farm, &first, "slot"), output_text(&farm, &second, "slot"), "the slot was reused");
     assert_eq!(output_text(&farm, &second, "sleepers"), "0\n", "no process of the first action is left");
     assert_eq!(output_text(&farm, &second, "files"), "/dev/shm:\n\n/tmp:\n", "a new /tmp and /dev/shm");
     assert_eq!(output_text(&farm, &second, "ipcs"), "0\n", "no SysV object of the first action");
@@ -480,17 +482,22 @@ fn nothing_an_action_leaves_behind_reaches_the_next_action_in_its_warm_slot() {
     let hang = Attack { script: "sleep 600", timeout: Some(Duration::from_secs(1)), ..Default::default() };
     let hung = farm.run(&hang);
     assert!(status_message(&hung).contains("timed out"), "{}", status_message(&hung));
-    let after =
-        farm.run(&Attack { script: "readlink /proc/self/ns/mnt > mnt", outputs: &["mnt"], ..Default::default() });
+    let script = "(readlink /proc/self/ns/mnt; cut -d' ' -f22 /proc/1/stat) > slot";
+    let after = farm.run(&Attack { script, outputs: &["slot"], ..Default::default() });
     assert_eq!(exit_code(&after), 0, "{after:?}\n{}", farm.stderr(&after));
-    assert_ne!(output_text(&farm, &after, "mnt"), output_text(&farm, &second, "mnt"), "a new slot after the time-out");
+    assert_ne!(
+        output_text(&farm, &after, "slot"),
+        output_text(&farm, &second, "slot"),
+        "a new slot after the time-out"
+    );
 }
 
 #[test]
 fn a_warm_slot_names_every_host_path_each_of_its_actions_looked_for() {
-    let flags = ["--sandbox-uids", "2991200-2991200", "--slots", "1"];
+    let flags = ["--sandbox-uids", "2991400-2991400", "--slots", "1"];
     let Some(farm) = Farm::start_with("a_warm_slot_names_every_host_path", &flags) else { return };
-    let attack = Attack { script: "readlink /proc/self/ns/mnt >&2; cat /home/alice/secret", ..Default::default() };
+    let script = "echo $(readlink /proc/self/ns/mnt; cut -d' ' -f22 /proc/1/stat) >&2; cat /home/alice/secret";
+    let attack = Attack { script, ..Default::default() };
     let mut namespaces = Vec::new();
     for _ in 0..2 {
         let response = farm.run(&attack);

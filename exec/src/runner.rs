@@ -190,6 +190,8 @@ struct Run<'a> {
     writable: Vec<String>,
     name: &'a str,
     instance: &'a str,
+    /// The sandbox user the command runs as, held by the caller.
+    uid: u32,
     /// Inputs being fetched ahead of the command's opens.
     prefetch: Option<Prefetch>,
 }
@@ -394,6 +396,11 @@ impl Runner {
         let name = format!("{}-{}", &action_digest.hash_hex()[..16], self.next.fetch_add(1, Ordering::Relaxed));
         let fetch_start = SystemTime::now();
         let scratch = self.config.scratch_root.join(&name);
+        // The sandbox user goes back to the pool only after the lease below
+        // has removed the scratch space: the next action of that user (in
+        // its warm slot, whose cgroup it reuses) must not find this one's
+        // scratch tmpfs still charged to the group.
+        let uid = self.uids.take().await?;
         // Unregisters and removes scratch space however the run ends, also
         // when this future is dropped (the operation was cancelled).
         let _lease = Lease { mount: &self.mount, name: &name, scratch: &scratch };
@@ -425,6 +432,7 @@ impl Runner {
             writable,
             name: &name,
             instance,
+            uid: uid.uid,
             prefetch,
         };
         let mut execution = self.run_registered(run).await?;
@@ -446,8 +454,20 @@ impl Runner {
     }
 
     async fn run_registered(&self, run: Run<'_>) -> Result<Execution, ActionError> {
-        let Run { store, action, command, function, input, input_root, scratch, writable, name, instance, prefetch } =
-            run;
+        let Run {
+            store,
+            action,
+            command,
+            function,
+            input,
+            input_root,
+            scratch,
+            writable,
+            name,
+            instance,
+            uid,
+            prefetch,
+        } = run;
         let mut spec = SandboxSpec::new(input, scratch, command.arguments.clone());
         spec.work_dir = PathBuf::from(DEFAULT_WORK_DIR);
         spec.cwd = command.working_directory.clone();
@@ -459,9 +479,8 @@ impl Runner {
         spec.limits = self.config.limits.clone();
         spec.seccomp_deny = self.config.seccomp_deny.clone();
         spec.timeout_ms = Some(self.timeout_of(action)?.as_millis() as u64);
-        let uid = self.uids.take().await?;
-        spec.uid = uid.uid;
-        let observer = self.root_observer(uid.uid, instance, function)?;
+        spec.uid = uid;
+        let observer = self.root_observer(uid, instance, function)?;
         spec.root_lower = Some(observer.0);
         spec.validate()?;
 

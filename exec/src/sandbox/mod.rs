@@ -30,7 +30,7 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-use crate::cgroup::{Cgroups, GroupLimits};
+use crate::cgroup::{ActionGroup, Cgroups, GroupLimits};
 pub use helper::helper_main;
 use spec::ScratchLayout;
 pub use spec::{relative_inside, Limits, RunReport, SandboxSpec, DEFAULT_TOOLCHAIN, DEFAULT_WORK_DIR};
@@ -105,21 +105,28 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         if !self.finished {
-            // SAFETY: pidfd_send_signal reads only its arguments: a pidfd we
-            // own (so the signal cannot reach a recycled pid), a signal number,
-            // a null siginfo and zero flags.
-            let ret = unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    self.pidfd.get_ref().as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
-            if ret != 0 {
-                tracing::debug!("killing a sandbox run: {}", std::io::Error::last_os_error());
-            }
+            self.kill();
+        }
+    }
+}
+
+impl Running {
+    /// Kills the run's init, and with it everything in its namespace.
+    fn kill(&self) {
+        // SAFETY: pidfd_send_signal reads only its arguments: a pidfd we
+        // own (so the signal cannot reach a recycled pid), a signal number,
+        // a null siginfo and zero flags.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.get_ref().as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if ret != 0 {
+            tracing::debug!("killing a sandbox run: {}", std::io::Error::last_os_error());
         }
     }
 }
@@ -267,44 +274,45 @@ impl Sandbox {
         if limits.max_scratch_bytes > 0 {
             mount_scratch(&layout.space, limits.max_scratch_bytes)?;
         }
-        let group = match &self.cgroups {
-            None => None,
-            Some(cgroups) => {
-                let run = spec.scratch.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let memory_bytes = if limits.max_memory_bytes == 0 { u64::MAX >> 1 } else { limits.max_memory_bytes };
-                let group_limits = GroupLimits { memory_bytes, processes: limits.max_processes };
-                Some(cgroups.create(&run, group_limits).map_err(SandboxError::Helper)?)
-            }
-        };
         let mut spec = spec.clone();
-        spec.cgroup_procs = group.as_ref().map(|g| g.procs_files()).unwrap_or_default();
         spec.run_id = self.next_run.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (mut report, running) = match &self.slots {
-            Some(slots) => (self.run_warm(slots, &spec, &layout).await, None),
-            None => match self.run_in_helper(&spec, &layout).await {
-                Ok((report, running)) => (Ok(report), Some(running)),
-                Err(e) => (Err(e), None),
-            },
+        let mut report = match &self.slots {
+            Some(slots) => self.run_warm(slots, &spec, &layout).await,
+            None => self.run_cold(&mut spec, &layout).await,
+        };
+        if let (Ok(report), true) = (&mut report, limits.max_scratch_bytes > 0) {
+            report.scratch_full = nix::sys::statvfs::statvfs(&layout.space)
+                .is_ok_and(|s| s.blocks_available().saturating_mul(s.fragment_size()) <= FULL_SLACK);
+        }
+        report
+    }
+
+    /// A cgroup named `name` with `spec`'s limits, when runs have cgroups.
+    fn group_for(&self, name: &str, spec: &SandboxSpec) -> Result<Option<ActionGroup>, SandboxError> {
+        let Some(cgroups) = &self.cgroups else { return Ok(None) };
+        let limits = &spec.limits;
+        let memory_bytes = if limits.max_memory_bytes == 0 { u64::MAX >> 1 } else { limits.max_memory_bytes };
+        let group_limits = GroupLimits { memory_bytes, processes: limits.max_processes };
+        cgroups.create(name, group_limits).map(Some).map_err(SandboxError::Helper)
+    }
+
+    /// Runs `spec` in a new sandbox (and a new cgroup) of its own.
+    async fn run_cold(&self, spec: &mut SandboxSpec, layout: &ScratchLayout) -> Result<RunReport, SandboxError> {
+        let run = spec.scratch.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let group = self.group_for(&run, spec)?;
+        spec.cgroup_procs = group.as_ref().map(|g| g.procs_files()).unwrap_or_default();
+        let (mut report, running) = match self.run_in_helper(spec, layout).await {
+            Ok((report, running)) => (Ok(report), Some(running)),
+            Err(e) => (Err(e), None),
         };
         if let (Ok(report), Some(group)) = (&mut report, &group) {
             let usage = group.usage();
             report.memory_exceeded = usage.oom_kills > 0;
             report.processes_exhausted = usage.fork_refusals > 0;
         }
-        if let (Ok(report), true) = (&mut report, limits.max_scratch_bytes > 0) {
-            report.scratch_full = nix::sys::statvfs::statvfs(&layout.space)
-                .is_ok_and(|s| s.blocks_available().saturating_mul(s.fragment_size()) <= FULL_SLACK);
-        }
         if let Some(group) = group {
-            // Init reports before its own exit (the namespaces' tear-down):
-            // the group is removed once it is empty. (A warm slot's action
-            // has no process left when the slot reports.)
-            tokio::spawn(async move {
-                if let Some(running) = running {
-                    let _ = tokio::time::timeout(HELPER_GRACE, running.exited()).await;
-                }
-                let _ = tokio::task::spawn_blocking(move || drop(group)).await;
-            });
+            // Init reports before its own exit (the namespaces' tear-down).
+            remove_when_empty(group, running);
         }
         report
     }
@@ -321,19 +329,24 @@ impl Sandbox {
         let mut slot = match idle.filter(|slot| slot.fits(spec)) {
             Some(slot) => slot,
             None => {
+                // The slot's cgroup serves all its actions: its limits are
+                // the spec's (a spec with others gets another slot).
+                let group = self.group_for(&format!("slot-{}", spec.uid), spec)?;
                 let mut slot_spec = spec.clone();
                 slot_spec.warm = true;
+                slot_spec.cgroup_procs = group.as_ref().map(|g| g.procs_files()).unwrap_or_default();
                 let json = serde_json::to_string(&slot_spec).map_err(|e| helper_error("encoding the spec", &e))?;
                 let (init, fd) = self.start(&json, spec.run_id).await?;
                 let fd = fd.ok_or_else(|| SandboxError::Helper("the helper started no slot".into()))?;
-                slots::Slot::new(slot_spec, init, fd)?
+                slots::Slot::new(slot_spec, init, fd, group)?
             }
         };
+        let mut spec = spec.clone();
+        spec.cgroup_procs = slot.procs_files();
+        let before = slot.usage();
         let mut fds = vec![slots::detached_copy(&spec.input_root)?, slots::detached_copy(&layout.space)?];
-        for procs in &spec.cgroup_procs {
-            let file = std::fs::File::options().write(true).open(procs);
-            fds.push(file.map_err(|e| helper_error(&format!("opening {}", procs.display()), &e))?.into());
-        }
+        fds.extend(slot.procs_fds()?);
+        let spec = &spec;
         let ran = slot.run(spec, fds);
         let reply = match spec.timeout_ms {
             Some(ms) => tokio::time::timeout(Duration::from_millis(ms) + HELPER_GRACE, ran)
@@ -341,6 +354,12 @@ impl Sandbox {
                 .map_err(|_| SandboxError::Helper("the sandbox slot did not finish in time; killed".into()))??,
             None => ran.await?,
         };
+        let mut report = reply.report;
+        // The group's counters add up over the slot's actions.
+        if let (Some(before), Some(after)) = (before, slot.usage()) {
+            report.memory_exceeded = after.oom_kills > before.oom_kills;
+            report.processes_exhausted = after.fork_refusals > before.fork_refusals;
+        }
         match reply.unfit {
             None if self.closed.load(std::sync::atomic::Ordering::SeqCst) => slot.close().await,
             None => {
@@ -351,7 +370,7 @@ impl Sandbox {
                 tracing::debug!(uid = spec.uid, "a warm sandbox slot is discarded: {why}");
             }
         }
-        Ok(reply.report)
+        Ok(report)
     }
 
     /// Runs `spec` through the zygote; returns the report and the run's init,
@@ -406,6 +425,24 @@ impl Sandbox {
     pub fn upper_path(spec: &SandboxSpec) -> PathBuf {
         ScratchLayout::new(&spec.scratch).upper
     }
+}
+
+/// Removes `group` once it is empty: at once, or when `init` (a run's, or
+/// a discarded slot's that was just killed) has exited, since every process
+/// of the group is gone by then.
+fn remove_when_empty(group: ActionGroup, init: Option<Running>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        drop(init);
+        drop(group);
+        return;
+    };
+    runtime.spawn(async move {
+        if let Some(mut init) = init {
+            let _ = tokio::time::timeout(HELPER_GRACE, init.exited()).await;
+            init.finished = true;
+        }
+        let _ = tokio::task::spawn_blocking(move || drop(group)).await;
+    });
 }
 
 /// Takes a run's entry out of the waiting list when the run is over,

@@ -9,14 +9,15 @@
 
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 
 use super::slot_init::{same_slot, MAX_FDS};
 use super::spec::{SandboxSpec, SlotReply};
-use super::{helper_error, Running, SandboxError};
+use super::{helper_error, remove_when_empty, Running, SandboxError};
+use crate::cgroup::{ActionGroup, GroupUsage};
 
 /// The largest reply taken from a slot (a report is a few hundred bytes).
 const MAX_REPLY: u64 = 1 << 20;
@@ -27,7 +28,10 @@ pub(super) struct Slot {
     spec: SandboxSpec,
     socket: tokio::net::UnixStream,
     /// Its init; dropping the slot kills it, and with it the namespaces.
-    _init: Running,
+    init: Option<Running>,
+    /// The cgroup its actions run in, one after another, and its `tasks`
+    /// (or `cgroup.procs`) files open for writing, handed to each action.
+    group: Option<(ActionGroup, Vec<OwnedFd>)>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -38,8 +42,25 @@ impl std::fmt::Debug for Slot {
 
 impl Slot {
     /// The slot whose init is `init`, built for `spec`, reached through the
-    /// socket that is descriptor `fd` in that init.
-    pub(super) fn new(spec: SandboxSpec, init: Running, fd: RawFd) -> Result<Self, SandboxError> {
+    /// socket that is descriptor `fd` in that init; its actions run in
+    /// `group`.
+    pub(super) fn new(
+        spec: SandboxSpec,
+        init: Running,
+        fd: RawFd,
+        group: Option<ActionGroup>,
+    ) -> Result<Self, SandboxError> {
+        let group = match group {
+            None => None,
+            Some(group) => {
+                let mut procs = Vec::new();
+                for path in group.procs_files() {
+                    let file = std::fs::File::options().write(true).open(&path);
+                    procs.push(file.map_err(|e| helper_error(&format!("opening {}", path.display()), &e))?.into());
+                }
+                Some((group, procs))
+            }
+        };
         // SAFETY: pidfd_getfd takes a pidfd we own, a descriptor number in
         // that process and zero flags, and returns a new descriptor or -1.
         let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, init.pidfd.get_ref().as_raw_fd(), fd, 0) };
@@ -52,12 +73,29 @@ impl Slot {
             .set_nonblocking(true)
             .and_then(|()| tokio::net::UnixStream::from_std(socket))
             .map_err(|e| helper_error("the slot's socket", &e))?;
-        Ok(Slot { spec, socket, _init: init })
+        Ok(Slot { spec, socket, init: Some(init), group })
     }
 
-    /// Whether the slot was built for what `spec` asks.
+    /// Whether the slot was built for what `spec` asks (its cgroup's
+    /// limits included).
     pub(super) fn fits(&self, spec: &SandboxSpec) -> bool {
-        same_slot(&self.spec, spec)
+        same_slot(&self.spec, spec) && self.spec.limits == spec.limits
+    }
+
+    /// The files of the slot's cgroups that a process writes to join them.
+    pub(super) fn procs_files(&self) -> Vec<PathBuf> {
+        self.group.as_ref().map(|(group, _)| group.procs_files()).unwrap_or_default()
+    }
+
+    /// Copies of the open `procs_files`, to hand to one action.
+    pub(super) fn procs_fds(&self) -> Result<Vec<OwnedFd>, SandboxError> {
+        let Some((_, procs)) = &self.group else { return Ok(Vec::new()) };
+        procs.iter().map(|fd| fd.try_clone().map_err(|e| helper_error("the slot's cgroup", &e))).collect()
+    }
+
+    /// The slot's cgroup counters so far (they add up over its actions).
+    pub(super) fn usage(&self) -> Option<GroupUsage> {
+        self.group.as_ref().map(|(group, _)| group.usage())
     }
 
     /// Runs `spec` in the slot: `fds` are the detached input root, the
@@ -100,10 +138,29 @@ impl Slot {
 impl Slot {
     /// Ends an idle slot: its init reads the end of its socket and exits,
     /// which takes its namespaces, and the mounts it holds, with it.
-    pub(super) async fn close(self) {
-        let Slot { socket, _init: init, .. } = self;
-        drop(socket);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), init.exited()).await;
+    pub(super) async fn close(mut self) {
+        let _ = self.socket.shutdown().await;
+        if let Some(init) = &mut self.init {
+            if tokio::time::timeout(std::time::Duration::from_secs(5), init.exited()).await.is_ok() {
+                init.finished = true;
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let init = self.init.take();
+        if let Some(init) = init.as_ref().filter(|init| !init.finished) {
+            init.kill();
+        }
+        match self.group.take() {
+            Some((group, procs)) => {
+                drop(procs);
+                remove_when_empty(group, init);
+            }
+            None => drop(init),
+        }
     }
 }
 
