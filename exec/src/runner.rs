@@ -129,6 +129,14 @@ pub struct Runner {
     observers: Mutex<HashSet<u32>>,
 }
 
+impl Drop for Runner {
+    /// A runner given up on (the worker failed to start) takes its tmpfs
+    /// off the scratch root too.
+    fn drop(&mut self) {
+        crate::scratch::unmount_root_tmpfs(&self.config.scratch_root);
+    }
+}
+
 /// Sandbox user ids not in use; an action holds one for its whole run.
 struct UidPool {
     free: std::sync::Mutex<Vec<u32>>,
@@ -204,6 +212,9 @@ impl Runner {
     /// A runner; removes scratch directories a killed worker left behind.
     pub fn new(config: RunnerConfig, mount: Arc<CasMount>, cas: Arc<dyn CasInstances>) -> Result<Self, ActionError> {
         crate::scratch::prepare_root(&config.scratch_root).map_err(ActionError::Unavailable)?;
+        if config.limits.max_scratch_bytes > 0 {
+            crate::scratch::mount_root_tmpfs(&config.scratch_root).map_err(ActionError::Unavailable)?;
+        }
         let (first, last) = config.uids;
         if first == 0 || last < first {
             return Err(ActionError::Unavailable(format!(
@@ -225,10 +236,13 @@ impl Runner {
         Ok(Runner { config, mount, cas, sandbox, uids, next: AtomicU64::new(1), profiles, observers: Mutex::default() })
     }
 
-    /// Ends the warm sandboxes (they hold the `/cas` mount): call before
-    /// unmounting it. Actions still running end theirs when they finish.
+    /// Ends the warm sandboxes (they hold the `/cas` mount; call this before
+    /// unmounting it) and takes the tmpfs off the scratch root. Actions
+    /// still running end theirs when they finish.
     pub async fn close(&self) {
         self.sandbox.close_slots().await;
+        let _ = tokio::task::spawn_blocking(crate::scratch::flush).await;
+        crate::scratch::unmount_root_tmpfs(&self.config.scratch_root);
     }
 
     /// The empty tree under the root of sandbox user `uid`'s sandboxes
