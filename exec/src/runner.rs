@@ -3,7 +3,7 @@
 //! sandbox over it, collect and upload outputs, and build the ActionResult —
 //! with a hermeticity report when the action fails.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -125,8 +125,8 @@ pub struct Runner {
     uids: UidPool,
     next: AtomicU64,
     profiles: Option<Arc<AccessProfiles>>,
-    /// Sandbox users whose root observer is registered on the mount.
-    observers: Mutex<HashSet<u32>>,
+    /// The root observer of each sandbox user, once registered on the mount.
+    observers: Mutex<HashMap<u32, PathBuf>>,
 }
 
 impl Drop for Runner {
@@ -258,18 +258,13 @@ impl Runner {
     ) -> Result<(PathBuf, String), ActionError> {
         let name = format!("sandbox-{uid}-root");
         let mut registered = self.observers.lock().unwrap_or_else(|e| e.into_inner());
-        let path = if registered.insert(uid) {
-            self.mount.register_in(&name, Some(instance), function.empty())
-        } else {
-            self.mount.clear_access_log(&name).map(|()| self.mount.mountpoint().join("inputs").join(&name))
+        let path = match registered.get(&uid) {
+            Some(path) => self.mount.clear_access_log(&name).map(|()| path.clone()),
+            None => self.mount.register_in(&name, Some(instance), function.empty()),
         };
-        match path {
-            Ok(path) => Ok((path, name)),
-            Err(e) => {
-                registered.remove(&uid);
-                Err(ActionError::Unavailable(e.to_string()))
-            }
-        }
+        let path = path.map_err(|e| ActionError::Unavailable(e.to_string()))?;
+        registered.insert(uid, path.clone());
+        Ok((path, name))
     }
 
     /// The action's timeout: its own, or the default; past the maximum it

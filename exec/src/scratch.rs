@@ -94,14 +94,8 @@ pub fn mount_root_tmpfs(root: &Path) -> Result<(), String> {
 /// (also one a killed worker left); any other file system mounted at
 /// `root` stays.
 pub fn unmount_root_tmpfs(root: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
     let Ok(root) = root.canonicalize() else { return };
-    let ours = info.lines().any(|line| {
-        let point = line.split(' ').nth(4).map(|field| PathBuf::from(unescape_mountinfo(field)));
-        // After the optional fields: ` - tmpfs casbuild-scratch rw,...`.
-        let source = line.split_once(" - ").map(|(_, tail)| tail.split(' ').take(2).collect::<Vec<_>>());
-        point.as_deref() == Some(root.as_path()) && source == Some(vec!["tmpfs", ROOT_SOURCE])
-    });
+    let ours = mounts().any(|m| m.point == root && m.fstype == "tmpfs" && m.source == ROOT_SOURCE);
     if ours {
         if let Err(e) = nix::mount::umount2(&root, nix::mount::MntFlags::MNT_DETACH) {
             tracing::warn!("unmounting the tmpfs over {}: {e}", root.display());
@@ -112,20 +106,43 @@ pub fn unmount_root_tmpfs(root: &Path) {
 /// Detaches every mount below `root` (scratch tmpfs of runs a killed worker
 /// left), deepest first.
 fn unmount_below(root: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
     let Ok(root) = root.canonicalize() else { return };
-    let mut below: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape_mountinfo(field)))
-        .filter(|point| point.starts_with(&root) && point != &root)
-        .collect();
+    let mut below: Vec<PathBuf> =
+        mounts().map(|m| m.point).filter(|point| point.starts_with(&root) && point != &root).collect();
     below.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for point in below {
         if let Err(e) = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH) {
             tracing::warn!("unmounting {}: {e}", point.display());
         }
     }
+}
+
+/// One line of this process's mount table.
+struct Mount {
+    point: PathBuf,
+    fstype: String,
+    source: String,
+}
+
+/// This process's mount table (`/proc/self/mountinfo`; empty if unreadable).
+fn mounts() -> impl Iterator<Item = Mount> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let table: Vec<Mount> = info
+        .lines()
+        .filter_map(|line| {
+            let point = line.split(' ').nth(4)?;
+            // After the optional fields: ` - FSTYPE SOURCE OPTIONS`.
+            let (_, tail) = line.split_once(" - ")?;
+            let mut tail = tail.split(' ');
+            let (fstype, source) = (tail.next()?, tail.next()?);
+            Some(Mount {
+                point: PathBuf::from(unescape_mountinfo(point)),
+                fstype: fstype.to_owned(),
+                source: unescape_mountinfo(source),
+            })
+        })
+        .collect();
+    table.into_iter()
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo` octal.

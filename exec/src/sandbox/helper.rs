@@ -284,6 +284,7 @@ fn run_in_namespaces(run: &Run<'_>, layout: &ScratchLayout, start: Instant) -> R
     }
     enter_namespaces(run)?;
     build_static_root(run, &layout.root)?;
+    // Its mounts go with the run's mount namespace.
     mount_working_tree(spec, &layout.root, &spec.input_root, layout)?;
     pivot_into(&layout.root)?;
     let setup_micros = start.elapsed().as_micros() as u64;
@@ -368,7 +369,6 @@ pub(super) fn build_static_root(run: &Run<'_>, root: &Path) -> Result<(), String
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(Some("tmpfs"), root, Some("tmpfs"), nosuid, Some("mode=0755,size=16m"))
         .map_err(sys(|| "mounting the root tmpfs".into()))?;
-    let hidden = root.join(HIDDEN);
     if let Some(lower) = &spec.root_lower {
         // The tmpfs becomes the upper layer of an overlay whose lower layer
         // observes every lookup the root cannot answer.
@@ -398,6 +398,7 @@ pub(super) fn build_static_root(run: &Run<'_>, root: &Path) -> Result<(), String
     if spec.warm {
         // Where a slot's init mounts each action's input root and scratch
         // space: root's alone, the command cannot even look inside.
+        let hidden = root.join(HIDDEN);
         for dir in [hidden.clone(), hidden.join("in"), hidden.join("run")] {
             std::fs::create_dir_all(&dir).map_err(io(|| format!("creating {}", dir.display())))?;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
@@ -428,13 +429,14 @@ pub(super) fn build_static_root(run: &Run<'_>, root: &Path) -> Result<(), String
 /// Mounts the action's working tree at the spec's work directory under
 /// `root`: an overlay of the input root (`lower`) under the upper layer of
 /// its scratch space (`layout`); makes the directories the command may
-/// write to; and gives it its own `/tmp` and `/dev/shm`.
+/// write to; and gives it its own `/tmp` and `/dev/shm`. Returns the mount
+/// points it used.
 pub(super) fn mount_working_tree(
     spec: &SandboxSpec,
     root: &Path,
     lower: &Path,
     layout: &ScratchLayout,
-) -> Result<(), String> {
+) -> Result<[PathBuf; 3], String> {
     for dir in [&layout.upper, &layout.overlay_work] {
         std::fs::create_dir_all(dir).map_err(io(|| format!("creating {}", dir.display())))?;
     }
@@ -466,20 +468,20 @@ pub(super) fn mount_working_tree(
     // size-bounded scratch tmpfs: one budget for everything the action writes.
     let none: Option<&str> = None;
     let bounded = spec.limits.max_scratch_bytes > 0;
-    for (dir, inside) in [(&layout.tmp, "tmp"), (&layout.shm, "dev/shm")] {
-        let target = root.join(inside);
+    let [tmp, shm] = ["tmp", "dev/shm"].map(|inside| root.join(inside));
+    for (dir, target, inside) in [(&layout.tmp, &tmp, "tmp"), (&layout.shm, &shm, "dev/shm")] {
         if bounded {
             std::fs::create_dir_all(dir).map_err(io(|| format!("creating {}", dir.display())))?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777))
                 .map_err(io(|| format!("chmod {}", dir.display())))?;
-            mount(Some(dir.as_path()), &target, none, MsFlags::MS_BIND, none)
+            mount(Some(dir.as_path()), target, none, MsFlags::MS_BIND, none)
                 .map_err(sys(|| format!("binding /{inside}")))?;
         } else {
-            mount(Some("tmpfs"), &target, Some("tmpfs"), nosuid, Some("mode=1777"))
+            mount(Some("tmpfs"), target, Some("tmpfs"), nosuid, Some("mode=1777"))
                 .map_err(sys(|| format!("mounting /{inside}")))?;
         }
     }
-    Ok(())
+    Ok([work, tmp, shm])
 }
 
 /// Makes `root` the process's root and lets go of the host's.

@@ -140,7 +140,7 @@ fn run_action(slot: &SandboxSpec, spec: &SandboxSpec, fds: Vec<OwnedFd>, waiter:
     let hidden = Path::new("/").join(HIDDEN);
     let (lower, space) = (hidden.join("in"), hidden.join("run"));
     let layout = ScratchLayout::with_space(space.clone(), PathBuf::from("/"), PathBuf::new());
-    let ran = (|| -> Result<RunReport, String> {
+    let ran = (|| -> Result<(RunReport, [PathBuf; 3]), String> {
         if !same_slot(slot, spec) {
             return Err("the action does not fit this slot (user, toolchain or root differ)".into());
         }
@@ -153,7 +153,7 @@ fn run_action(slot: &SandboxSpec, spec: &SandboxSpec, fds: Vec<OwnedFd>, waiter:
         attach(input, &lower)?;
         attach(scratch, &space)?;
         let (stdout, stderr) = create_outputs(&layout)?;
-        mount_working_tree(spec, Path::new("/"), &lower, &layout)?;
+        let mounted = mount_working_tree(spec, Path::new("/"), &lower, &layout)?;
         // The working tree, /tmp and /dev/shm hold their own references:
         // the trees go from the slot's view before the command starts.
         for dir in [&lower, &space] {
@@ -162,17 +162,17 @@ fn run_action(slot: &SandboxSpec, spec: &SandboxSpec, fds: Vec<OwnedFd>, waiter:
         let setup_micros = start.elapsed().as_micros() as u64;
         let deadline = spec.timeout_ms.map(|ms| start + std::time::Duration::from_millis(ms));
         let ended = run_command(spec, (stdout.as_fd(), stderr.as_fd()), deadline, waiter, Some(&cgroups))?;
-        Ok(report_of(ended, setup_micros, None))
+        Ok((report_of(ended, setup_micros, None), mounted))
     })();
-    let mut report = match ran {
-        Ok(report) => report,
+    let (mut report, mounted) = match ran {
+        Ok(ran) => ran,
         Err(e) => return SlotReply { report: failed(e), unfit: Some("the action's set-up failed".into()) },
     };
     report.wall_micros = start.elapsed().as_micros() as u64;
     // What the action mounted goes; the slot is fit for another action
     // only if that worked and nothing of the action is left running.
-    let unmounted = [spec.work_dir.as_path(), Path::new("/tmp"), Path::new("/dev/shm")]
-        .into_iter()
+    let unmounted = mounted
+        .iter()
         .map(|dir| umount2(dir, MntFlags::MNT_DETACH).map_err(|e| format!("unmounting {}: {e}", dir.display())))
         .collect::<Result<Vec<()>, String>>()
         .and_then(|_| forget_misses(slot));

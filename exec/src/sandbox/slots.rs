@@ -133,9 +133,7 @@ impl Slot {
         self.socket.read_exact(&mut reply).await.map_err(failed)?;
         serde_json::from_slice(&reply).map_err(|e| helper_error("decoding the slot's reply", &e))
     }
-}
 
-impl Slot {
     /// Ends an idle slot: its init reads the end of its socket and exits,
     /// which takes its namespaces, and the mounts it holds, with it.
     pub(super) async fn close(mut self) {
