@@ -453,22 +453,23 @@ fn nothing_an_action_leaves_behind_reaches_the_next_action_in_its_warm_slot() {
     let Some(farm) = Farm::start_with("nothing_an_action_leaves_behind_reaches_the_next", &flags) else { return };
     // A slot is known by its init: the mount namespace and pid 1's start
     // time (namespace numbers alone may be reused once one is freed).
-    let leave = "(readlink /proc/self/ns/mnt; cut -d' ' -f22 /proc/1/stat) > slot; \
+    let leave = "(readlink /proc/self/ns/mnt; cut -d' ' -f22 /proc/1/stat) > slot; wc -l < /proc/self/mountinfo > table; \
                  setsid sleep 600 & nohup sleep 600 >/dev/null 2>&1 & \
                  echo left > /tmp/left; echo left > /dev/shm/left; \
                  ipcmk -M 4096 >/dev/null && ipcmk -Q >/dev/null && ipcs | grep -c '^0x' > ipcs; \
                  mkdir -p sub; if mount -t tmpfs t sub 2>/dev/null; then echo mounted > mount; else echo refused > mount; fi";
-    let outputs = ["slot", "ipcs", "mount"];
+    let outputs = ["slot", "table", "ipcs", "mount"];
     let first = farm.run(&Attack { script: leave, outputs: &outputs, ..Default::default() });
     assert_eq!(exit_code(&first), 0, "{first:?}\n{}", farm.stderr(&first));
     assert_eq!(output_text(&farm, &first, "ipcs"), "2\n", "the first action made its IPC objects");
     assert_eq!(output_text(&farm, &first, "mount"), "refused\n");
 
-    let look = "(readlink /proc/self/ns/mnt; cut -d' ' -f22 /proc/1/stat) > slot; \
+    let look =
+        "(readlink /proc/self/ns/mnt; cut -d' ' -f22 /proc/1/stat) > slot; wc -l < /proc/self/mountinfo > table; \
                 (cat /proc/[0-9]*/comm | grep -c '^sleep$' || true) > sleepers; \
                 ls -A /tmp /dev/shm > files; (ipcs | grep -c '^0x' || true) > ipcs; \
                 (grep -c ' /work/sub ' /proc/self/mountinfo || true) > mounts";
-    let outputs = ["slot", "sleepers", "files", "ipcs", "mounts"];
+    let outputs = ["slot", "table", "sleepers", "files", "ipcs", "mounts"];
     let second = farm.run(&Attack { script: look, outputs: &outputs, ..Default::default() });
     assert_eq!(exit_code(&second), 0, "{second:?}\n{}", farm.stderr(&second));
     assert_eq!(output_text(&farm, &first, "slot"), output_text(&farm, &second, "slot"), "the slot was reused");
@@ -476,6 +477,9 @@ fn nothing_an_action_leaves_behind_reaches_the_next_action_in_its_warm_slot() {
     assert_eq!(output_text(&farm, &second, "files"), "/dev/shm:\n\n/tmp:\n", "a new /tmp and /dev/shm");
     assert_eq!(output_text(&farm, &second, "ipcs"), "0\n", "no SysV object of the first action");
     assert_eq!(output_text(&farm, &second, "mounts"), "0\n");
+    // The first action's working tree, /tmp and /dev/shm were unmounted
+    // before the second started (none stacked under the second's).
+    assert_eq!(output_text(&farm, &first, "table"), output_text(&farm, &second, "table"), "as many mounts as before");
 
     // A slot whose action timed out is thrown away: the next action of its
     // user runs, in a new sandbox.

@@ -84,6 +84,11 @@ pub struct ActionRequest {
     pub priority: i32,
     /// Told the host's name when a host starts running the action.
     pub started: Started,
+    /// Called by an executor when the action's command has ended, before
+    /// its outputs are uploaded and checked: the action's slot goes to the
+    /// next queued action then (the executor need not call it; its slot is
+    /// free at the latest when it returns).
+    pub ran: Ran,
     /// The Action and Command as stored, read while checking the inputs
     /// (empty when not read), so that the host need not fetch them again.
     pub encoded: Option<(Bytes, Bytes)>,
@@ -118,6 +123,33 @@ impl Started {
 impl std::fmt::Debug for Started {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Started")
+    }
+}
+
+/// The executor's signal that an action's command has ended ([`ActionRequest::ran`]).
+#[derive(Clone)]
+pub struct Ran(Arc<dyn Fn() + Send + Sync>);
+
+impl Ran {
+    /// Calls `f` when told.
+    pub fn new(f: impl Fn() + Send + Sync + 'static) -> Self {
+        Ran(Arc::new(f))
+    }
+
+    /// A signal nobody listens to.
+    pub fn ignored() -> Self {
+        Ran::new(|| {})
+    }
+
+    /// Reports that the action's command has ended.
+    pub fn on(&self) {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Ran {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ran")
     }
 }
 
@@ -466,7 +498,12 @@ impl Scheduler {
         };
         let waiting = Instant::now();
         metrics::gauge!("casbuild_actions_queued").increment(1.0);
-        let _slot = self.slots.acquire(job.priority).await;
+        // Held until the command has ended (`ran`) or the executor returns.
+        let slot = Arc::new(Mutex::new(Some(self.slots.acquire(job.priority).await)));
+        let ran = {
+            let slot = slot.clone();
+            Ran::new(move || drop(slot.lock().unwrap_or_else(|e| e.into_inner()).take()))
+        };
         metrics::gauge!("casbuild_actions_queued").decrement(1.0);
         metrics::histogram!("casbuild_queue_wait_seconds").record(waiting.elapsed().as_secs_f64());
         let state = job.clone();
@@ -485,12 +522,15 @@ impl Scheduler {
             platform,
             priority: job.priority,
             started,
+            ran,
             encoded,
             traceparent: casbuild_proto::trace::traceparent(&tracing::Span::current()),
         };
         tracing::debug!(queued_ms = waiting.elapsed().as_millis() as u64, "executing");
         let executing = Instant::now();
         let executed = self.executor.execute(request).await;
+        // The slot is free once the executor is done, whether or not it said `ran`.
+        drop(slot.lock().unwrap_or_else(|e| e.into_inner()).take());
         metrics::histogram!("casbuild_action_execution_seconds").record(executing.elapsed().as_secs_f64());
         match executed {
             Ok(executed) => {

@@ -606,6 +606,7 @@ mod tests {
             platform: vec![],
             priority: 0,
             started: Started::ignored(),
+            ran: crate::scheduler::Ran::ignored(),
             encoded: None,
             traceparent: String::new(),
         }

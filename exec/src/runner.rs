@@ -202,6 +202,8 @@ struct Run<'a> {
     uid: u32,
     /// Inputs being fetched ahead of the command's opens.
     prefetch: Option<Prefetch>,
+    /// Told when the command has ended.
+    ran: &'a (dyn Fn() + Send + Sync),
 }
 
 fn infra(what: &str) -> impl FnOnce(StoreError) -> ActionError + '_ {
@@ -327,7 +329,23 @@ impl Runner {
     /// action runs: a host whose sandbox cannot run (no namespaces, no
     /// cgroups, a seccomp list that forbids starting a program, a toolchain
     /// without `true`) is found before it takes work. `Err` says what failed.
+    /// If only a warm slot fails, the runner gives warm slots up and runs a
+    /// new sandbox per action (logged).
     pub async fn self_test(&self, instance: &str) -> Result<(), String> {
+        match self.run_true(instance).await {
+            Err(why) if self.sandbox.uses_warm_slots() => {
+                // Warm slots need a recent kernel (overlay layers given as
+                // descriptors); a new sandbox per action works without.
+                self.sandbox.give_up_warm_slots().await;
+                self.run_true(instance).await?;
+                tracing::warn!("warm sandbox slots do not work on this host ({why}); every action gets a new sandbox");
+                Ok(())
+            }
+            ran => ran,
+        }
+    }
+
+    async fn run_true(&self, instance: &str) -> Result<(), String> {
         use casbuild_proto::reapi::command::EnvironmentVariable;
         let function = DigestFunction::Sha256;
         let command = Command {
@@ -366,10 +384,23 @@ impl Runner {
         action_digest: &Digest,
         known: Option<(Bytes, Bytes)>,
     ) -> Result<Execution, ActionError> {
+        self.execute_known_then(instance, action_digest, known, &|| {}).await
+    }
+
+    /// [`Runner::execute_known`] that calls `ran` as soon as the command
+    /// has ended, before its outputs are collected and uploaded (so that a
+    /// scheduler can start the next command meanwhile).
+    pub async fn execute_known_then(
+        &self,
+        instance: &str,
+        action_digest: &Digest,
+        known: Option<(Bytes, Bytes)>,
+        ran: &(dyn Fn() + Send + Sync),
+    ) -> Result<Execution, ActionError> {
         use tracing::Instrument;
         let span = tracing::info_span!("run", action = %action_digest, instance, worker = %self.config.worker_name);
         let started = std::time::Instant::now();
-        let execution = self.execute_in_span(instance, action_digest, known).instrument(span.clone()).await;
+        let execution = self.execute_in_span(instance, action_digest, known, ran).instrument(span.clone()).await;
         let _entered = span.enter();
         let ms = started.elapsed().as_millis() as u64;
         match &execution {
@@ -384,6 +415,7 @@ impl Runner {
         instance: &str,
         action_digest: &Digest,
         known: Option<(Bytes, Bytes)>,
+        ran: &(dyn Fn() + Send + Sync),
     ) -> Result<Execution, ActionError> {
         let worker_start = SystemTime::now();
         let function = action_digest.function;
@@ -443,6 +475,7 @@ impl Runner {
             instance,
             uid: uid.uid,
             prefetch,
+            ran,
         };
         let mut execution = self.run_registered(run).await?;
         if let (Some(profiles), Some((key, known))) = (&self.profiles, profile) {
@@ -476,6 +509,7 @@ impl Runner {
             instance,
             uid,
             prefetch,
+            ran,
         } = run;
         let mut spec = SandboxSpec::new(input, scratch, command.arguments.clone());
         spec.work_dir = PathBuf::from(DEFAULT_WORK_DIR);
@@ -496,6 +530,7 @@ impl Runner {
         let exec_start = SystemTime::now();
         let report = self.sandbox.run(&spec).await.map_err(|e| ActionError::Unavailable(e.to_string()))?;
         let exec_done = SystemTime::now();
+        ran();
         // What the prefetch has not fetched yet is of no use now.
         drop(prefetch);
         // Inputs read while they streamed in were not verified yet: no result

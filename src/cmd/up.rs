@@ -63,7 +63,11 @@ impl ActionExecutor for LocalWorker {
     async fn execute(&self, request: ActionRequest) -> Result<Executed, ActionError> {
         let runner = self.runner.get().ok_or_else(|| ActionError::Unavailable("the worker is starting".into()))?;
         request.started.on(runner.worker_name());
-        let execution = runner.execute_known(&request.instance, &request.action, request.encoded).await?;
+        // The scheduler's slot is free for the next action once the command
+        // has ended; this action's outputs are uploaded meanwhile.
+        let ran = request.ran.clone();
+        let execution =
+            runner.execute_known_then(&request.instance, &request.action, request.encoded, &move || ran.on()).await?;
         Ok(Executed {
             result: execution.result,
             message: execution.message,

@@ -38,7 +38,7 @@ use crate::seccomp::Filters;
 
 use super::host_paths::{with_sandbox_name, HostPath, HostPaths};
 use super::netwatch::ConnectWatch;
-use super::spec::{RunReport, SandboxSpec, ScratchLayout, HIDDEN};
+use super::spec::{RunReport, SandboxSpec, ScratchLayout};
 
 /// Devices a sandbox gets, bound from the host.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
@@ -395,16 +395,6 @@ pub(super) fn build_static_root(run: &Run<'_>, root: &Path) -> Result<(), String
         mount(Some("overlay"), root, Some("overlay"), nosuid, Some(options.as_str()))
             .map_err(sys(|| format!("mounting the root overlay over {}", lower.display())))?;
     }
-    if spec.warm {
-        // Where a slot's init mounts each action's input root and scratch
-        // space: root's alone, the command cannot even look inside.
-        let hidden = root.join(HIDDEN);
-        for dir in [hidden.clone(), hidden.join("in"), hidden.join("run")] {
-            std::fs::create_dir_all(&dir).map_err(io(|| format!("creating {}", dir.display())))?;
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(io(|| format!("chmod {}", dir.display())))?;
-        }
-    }
     let work = under(root, &spec.work_dir);
     std::fs::create_dir_all(&work).map_err(io(|| format!("creating {}", work.display())))?;
 
@@ -450,20 +440,7 @@ pub(super) fn mount_working_tree(
     );
     mount(Some("overlay"), &work, Some("overlay"), nosuid, Some(options.as_str()))
         .map_err(sys(|| format!("mounting the overlay over {}", spec.input_root.display())))?;
-    // Inputs are read-only (0555) in the CAS; the command may write where its
-    // outputs go, in its working directory, and at the top of the tree.
-    // The input root may hold symlinks to anywhere (`out -> /etc`): these
-    // directories are made and handed over beneath the working tree only,
-    // never through a link, since the host's file system is still visible.
-    let tree = Beneath::open(&work).map_err(io(|| "opening the working tree".into()))?;
-    let writable = [String::new(), spec.cwd.clone()].into_iter().chain(spec.writable_dirs.iter().cloned());
-    for dir in writable {
-        let made = tree.create_dirs(&dir).map_err(io(|| {
-            let what = if dir == spec.cwd { "the working directory" } else { "an output's directory" };
-            format!("creating {what} {dir:?} in the working tree (it must be a real directory, not a link)")
-        }))?;
-        made.chown_chmod(spec.uid, spec.gid, 0o755).map_err(io(|| format!("handing {dir:?} to the command")))?;
-    }
+    hand_over_dirs(spec, &work)?;
     // With a scratch budget, /tmp and /dev/shm are directories of the run's
     // size-bounded scratch tmpfs: one budget for everything the action writes.
     let none: Option<&str> = None;
@@ -482,6 +459,26 @@ pub(super) fn mount_working_tree(
         }
     }
     Ok([work, tmp, shm])
+}
+
+/// Makes the directories the command may write to in the working tree
+/// mounted at `work` and gives them to its user. Inputs are read-only
+/// (0555) in the CAS; the command may write where its outputs go, in its
+/// working directory, and at the top of the tree. The input root may hold
+/// symlinks to anywhere (`out -> /etc`): these directories are made and
+/// handed over beneath the working tree only, never through a link, since
+/// the host's file system is still visible.
+pub(super) fn hand_over_dirs(spec: &SandboxSpec, work: &Path) -> Result<(), String> {
+    let tree = Beneath::open(work).map_err(io(|| "opening the working tree".into()))?;
+    let writable = [String::new(), spec.cwd.clone()].into_iter().chain(spec.writable_dirs.iter().cloned());
+    for dir in writable {
+        let made = tree.create_dirs(&dir).map_err(io(|| {
+            let what = if dir == spec.cwd { "the working directory" } else { "an output's directory" };
+            format!("creating {what} {dir:?} in the working tree (it must be a real directory, not a link)")
+        }))?;
+        made.chown_chmod(spec.uid, spec.gid, 0o755).map_err(io(|| format!("handing {dir:?} to the command")))?;
+    }
+    Ok(())
 }
 
 /// Makes `root` the process's root and lets go of the host's.

@@ -22,6 +22,7 @@ mod spec;
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -69,6 +70,8 @@ pub struct Sandbox {
     slots: Option<Mutex<HashMap<u32, slots::Slot>>>,
     /// Set by [`Sandbox::close_slots`]: slots are not kept after it.
     closed: std::sync::atomic::AtomicBool,
+    /// Set by [`Sandbox::give_up_warm_slots`]: every run gets a new sandbox.
+    cold: std::sync::atomic::AtomicBool,
 }
 
 type Waiting = Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>>;
@@ -131,6 +134,12 @@ impl Running {
     }
 }
 
+/// Counts and logs a warm slot given up (`why`); dropping it kills it.
+fn discarded(uid: u32, why: &str) {
+    metrics::counter!("casbuild_sandbox_slots_discarded_total").increment(1);
+    tracing::debug!(uid, "a warm sandbox slot is discarded: {why}");
+}
+
 fn helper_error(what: &str, e: &dyn std::fmt::Display) -> SandboxError {
     SandboxError::Helper(format!("{what}: {e}"))
 }
@@ -147,7 +156,22 @@ impl Sandbox {
             next_run: Default::default(),
             slots: None,
             closed: Default::default(),
+            cold: Default::default(),
         }
+    }
+
+    /// Whether runs use warm slots (and have not given them up).
+    pub fn uses_warm_slots(&self) -> bool {
+        self.slots.is_some() && !self.cold.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Builds a new sandbox for every run from now on, and ends the idle
+    /// warm slots: for a host whose kernel cannot build a slot's working
+    /// tree (it needs overlayfs to take its layers as descriptors of
+    /// detached mounts, which older kernels refuse).
+    pub async fn give_up_warm_slots(&self) {
+        self.cold.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.end_idle_slots().await;
     }
 
     /// Ends every idle warm slot and keeps none from now on (a slot's root
@@ -155,6 +179,10 @@ impl Sandbox {
     /// unmounting it). Returns once their inits have exited.
     pub async fn close_slots(&self) {
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.end_idle_slots().await;
+    }
+
+    async fn end_idle_slots(&self) {
         let idle: Vec<slots::Slot> = match &self.slots {
             Some(slots) => slots.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, slot)| slot).collect(),
             None => Vec::new(),
@@ -277,8 +305,8 @@ impl Sandbox {
         let mut spec = spec.clone();
         spec.run_id = self.next_run.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut report = match &self.slots {
-            Some(slots) => self.run_warm(slots, &spec, &layout).await,
-            None => self.run_cold(&mut spec, &layout).await,
+            Some(slots) if self.uses_warm_slots() => self.run_warm(slots, &spec, &layout).await,
+            _ => self.run_cold(&mut spec, &layout).await,
         };
         if let (Ok(report), true) = (&mut report, limits.max_scratch_bytes > 0) {
             report.scratch_full = nix::sys::statvfs::statvfs(&layout.space)
@@ -326,7 +354,14 @@ impl Sandbox {
         layout: &ScratchLayout,
     ) -> Result<RunReport, SandboxError> {
         let idle = slots.lock().unwrap_or_else(|e| e.into_inner()).remove(&spec.uid);
-        let mut slot = match idle.filter(|slot| slot.fits(spec)) {
+        let mut idle = idle.filter(|slot| slot.fits(spec));
+        if let Some(slot) = idle.as_mut() {
+            if let Err(why) = slot.settle().await {
+                discarded(spec.uid, &why);
+                idle = None;
+            }
+        }
+        let mut slot = match idle {
             Some(slot) => slot,
             None => {
                 // The slot's cgroup serves all its actions: its limits are
@@ -345,6 +380,16 @@ impl Sandbox {
         spec.cgroup_procs = slot.procs_files();
         let before = slot.usage();
         let mut fds = vec![slots::detached_copy(&spec.input_root)?, slots::detached_copy(&layout.space)?];
+        if spec.limits.max_scratch_bytes > 0 {
+            // /tmp and /dev/shm: directories of the size-bounded scratch
+            // space, one budget for everything the action writes.
+            for dir in [&layout.tmp, &layout.shm] {
+                std::fs::create_dir(dir)
+                    .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777)))
+                    .map_err(|e| helper_error(&format!("creating {}", dir.display()), &e))?;
+                fds.push(slots::detached_copy(dir)?);
+            }
+        }
         fds.extend(slot.procs_fds()?);
         let spec = &spec;
         let ran = slot.run(spec, fds);
@@ -365,10 +410,7 @@ impl Sandbox {
             None => {
                 slots.lock().unwrap_or_else(|e| e.into_inner()).insert(spec.uid, slot);
             }
-            Some(why) => {
-                metrics::counter!("casbuild_sandbox_slots_discarded_total").increment(1);
-                tracing::debug!(uid = spec.uid, "a warm sandbox slot is discarded: {why}");
-            }
+            Some(why) => discarded(spec.uid, &why),
         }
         Ok(report)
     }

@@ -3,9 +3,10 @@
 //! A slot is a long-lived sandbox init for one sandbox user: it keeps its
 //! namespaces and its read-only root, and gets for each action a detached
 //! copy of the input root and of the scratch space, and the action's
-//! cgroups, as descriptors over a socket. The slot says after each action
-//! whether it is as clean as a new one; one that is not exits, and the next
-//! action of that user gets a new slot.
+//! cgroups, as descriptors over a socket. The slot reports each action as
+//! soon as its processes are gone, and says after cleaning up whether it is
+//! as clean as a new one (while the owner collects the outputs); one that
+//! is not exits, and the next action of that user gets a new slot.
 
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -15,12 +16,16 @@ use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 
 use super::slot_init::{same_slot, MAX_FDS};
-use super::spec::{SandboxSpec, SlotReply};
+use super::spec::{SandboxSpec, SlotReply, SlotSettled};
 use super::{helper_error, remove_when_empty, Running, SandboxError};
 use crate::cgroup::{ActionGroup, GroupUsage};
 
 /// The largest reply taken from a slot (a report is a few hundred bytes).
 const MAX_REPLY: u64 = 1 << 20;
+
+/// How long a slot may take to clean up after an action before it is
+/// given up (killed) instead of reused.
+const SETTLE_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A warm slot, idle or running one action.
 pub(super) struct Slot {
@@ -32,6 +37,8 @@ pub(super) struct Slot {
     /// The cgroup its actions run in, one after another, and its `tasks`
     /// (or `cgroup.procs`) files open for writing, handed to each action.
     group: Option<(ActionGroup, Vec<OwnedFd>)>,
+    /// It has reported an action and not yet said whether it cleaned up.
+    settling: bool,
 }
 
 impl std::fmt::Debug for Slot {
@@ -73,7 +80,7 @@ impl Slot {
             .set_nonblocking(true)
             .and_then(|()| tokio::net::UnixStream::from_std(socket))
             .map_err(|e| helper_error("the slot's socket", &e))?;
-        Ok(Slot { spec, socket, init: Some(init), group })
+        Ok(Slot { spec, socket, init: Some(init), group, settling: false })
     }
 
     /// Whether the slot was built for what `spec` asks (its cgroup's
@@ -104,6 +111,9 @@ impl Slot {
         if fds.len() > MAX_FDS {
             return Err(SandboxError::Helper(format!("{} descriptors for one action", fds.len())));
         }
+        if self.settling {
+            return Err(SandboxError::Helper("the sandbox slot has not settled its last action".into()));
+        }
         let failed = |e: std::io::Error| helper_error("the sandbox slot", &e);
         let body = serde_json::to_vec(spec).map_err(|e| helper_error("encoding the spec", &e))?;
         let header = (body.len() as u64).to_le_bytes();
@@ -122,16 +132,38 @@ impl Slot {
         self.socket.write_all(&body).await.map_err(failed)?;
         // The slot answers once the action is over; a slot that died
         // (killed, or it failed to start) closes the socket instead.
+        let reply: SlotReply = self.receive("a report").await?;
+        self.settling = reply.unfit.is_none();
+        Ok(reply)
+    }
+
+    /// Waits until the slot has cleaned up after its last action; an error
+    /// says why it cannot run another.
+    pub(super) async fn settle(&mut self) -> Result<(), String> {
+        if !self.settling {
+            return Ok(());
+        }
+        let settled = tokio::time::timeout(SETTLE_TIME, self.receive::<SlotSettled>("its clean-up"))
+            .await
+            .map_err(|_| format!("it did not clean up within {} s", SETTLE_TIME.as_secs()))?
+            .map_err(|e| e.to_string())?;
+        self.settling = false;
+        settled.unfit.map_or(Ok(()), Err)
+    }
+
+    /// Reads one message of the slot's (`what` names it in errors).
+    async fn receive<T: serde::de::DeserializeOwned>(&mut self, what: &str) -> Result<T, SandboxError> {
+        let failed = |e: std::io::Error| helper_error("the sandbox slot", &e);
         let length = self.socket.read_u64_le().await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => SandboxError::Helper("the sandbox slot ended without a report".into()),
+            std::io::ErrorKind::UnexpectedEof => SandboxError::Helper(format!("the sandbox slot ended without {what}")),
             _ => failed(e),
         })?;
         if length > MAX_REPLY {
-            return Err(SandboxError::Helper(format!("the sandbox slot sent a reply of {length} bytes")));
+            return Err(SandboxError::Helper(format!("the sandbox slot sent a message of {length} bytes")));
         }
-        let mut reply = vec![0; length as usize];
-        self.socket.read_exact(&mut reply).await.map_err(failed)?;
-        serde_json::from_slice(&reply).map_err(|e| helper_error("decoding the slot's reply", &e))
+        let mut message = vec![0; length as usize];
+        self.socket.read_exact(&mut message).await.map_err(failed)?;
+        serde_json::from_slice(&message).map_err(|e| helper_error(&format!("decoding {what}"), &e))
     }
 
     /// Ends an idle slot: its init reads the end of its socket and exits,

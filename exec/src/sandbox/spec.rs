@@ -151,8 +151,7 @@ impl SandboxSpec {
     /// `dev`, `tmp` and `etc`.
     pub fn made_top_dirs(&self) -> std::collections::BTreeSet<String> {
         let fixed = ["proc", "dev", "tmp", "etc"].map(String::from);
-        let hidden = self.warm.then(|| HIDDEN.to_owned());
-        top_name(&self.work_dir).into_iter().chain(fixed).chain(hidden).collect()
+        top_name(&self.work_dir).into_iter().chain(fixed).collect()
     }
 
     /// Every name the sandbox's own set-up puts at the top of its root:
@@ -260,11 +259,6 @@ impl RunReport {
     }
 }
 
-/// The directory at the top of a warm slot's root (mode 0700, root's)
-/// where its init mounts each action's input root and scratch space before
-/// building the working tree from them.
-pub(crate) const HIDDEN: &str = ".casbuild";
-
 /// Files of one run inside its scratch directory.
 /// Everything the action writes is in `space` (a size-bounded tmpfs when
 /// the run has a scratch budget); the report is beside it, so that a full
@@ -311,13 +305,21 @@ impl ScratchLayout {
     }
 }
 
-/// A warm slot's answer to one action: the report, and why the slot is not
-/// as clean as a new one (a process of the action left, a mount it could
-/// not remove, a time-out), if it is not; only a clean slot runs the next
-/// action.
+/// A warm slot's first answer to one action, once its processes are gone:
+/// the report, and why the slot cannot run another action (a time-out, a
+/// command that could not start, a failed set-up), if it cannot. A slot
+/// that can sends a [`SlotSettled`] when it has cleaned up after the action.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub(crate) struct SlotReply {
     pub report: RunReport,
+    pub unfit: Option<String>,
+}
+
+/// A warm slot's second answer to an action: why the slot is not as clean
+/// as a new one after all (a process of the action left, a mount it could
+/// not remove), if it is not; only a clean slot runs the next action.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct SlotSettled {
     pub unfit: Option<String>,
 }
 
