@@ -6,8 +6,10 @@
 //!
 //! ```text
 //! owner → slot   u64 length, SandboxSpec (JSON); with it, descriptors: a
-//!                detached copy of the input root, one of the scratch space,
-//!                and the action's cgroup `tasks` files open for writing
+//!                detached copy of the input root, one of the scratch space
+//!                and, with a scratch budget, one each of that space's
+//!                `tmp` and `shm`; and the action's cgroup `tasks` files
+//!                open for writing
 //! slot → owner   u64 length, SlotReply (JSON): the report
 //! slot → owner   u64 length, SlotSettled (JSON), unless the reply said
 //!                the slot is unfit
@@ -17,13 +19,13 @@
 //! two trees without attaching either anywhere (the working tree's overlay
 //! takes its layers as descriptors; `/tmp` and `/dev/shm` are copies of
 //! directories of the scratch space), and runs the command, which joins the
-//! cgroups and gets an ipc namespace of its own. Afterwards it kills every process left and sends
-//! the report: the action's outputs are final. Only then does it clean up
-//! (unmount what the action had, make its root forget the action's misses,
-//! check that it is alone in its pid namespace), while the owner collects
-//! the outputs, and says whether that went through. A slot that timed out,
-//! could not start the command or failed any of this exits, and the owner
-//! starts a new one for the next action.
+//! cgroups and gets an ipc namespace of its own. Afterwards it kills every
+//! process left and sends the report: the action's outputs are final. Only
+//! then does it clean up (unmount what the action had, make its root forget
+//! the action's misses, check that it is alone in its pid namespace), while
+//! the owner collects the outputs, and says whether that went through. A
+//! slot that timed out, could not start the command or failed any of this
+//! exits, and the owner starts a new one for the next action.
 
 use std::fs::File;
 use std::io::{IoSliceMut, Read, Write};
@@ -43,7 +45,7 @@ use super::helper::{
 };
 use super::spec::{RunReport, SandboxSpec, ScratchLayout, SlotReply, SlotSettled};
 
-/// The most descriptors one request carries: two trees and the cgroups.
+/// The most descriptors one request carries: up to four trees and the cgroups.
 pub(super) const MAX_FDS: usize = 16;
 
 /// The largest request accepted (a spec with a long command line).
