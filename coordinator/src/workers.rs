@@ -27,7 +27,7 @@ use casbuild_proto::worker::lease_update::Update;
 use casbuild_proto::worker::workers_server::Workers;
 use casbuild_proto::worker::{
     CompleteRequest, CompleteResponse, HeartbeatRequest, HeartbeatResponse, Lease, LeaseUpdate, LeasesRequest,
-    LeaveRequest, LeaveResponse, RegisterRequest, RegisterResponse,
+    LeaveRequest, LeaveResponse, RanRequest, RanResponse, RegisterRequest, RegisterResponse,
 };
 use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
@@ -94,6 +94,9 @@ struct Worker {
     /// Leases it may hold at once by what it has shown (slow start).
     proven: u32,
     running: Vec<String>,
+    /// Those of `running` whose command has ended (the worker said so) and
+    /// whose outputs are on their way: they hold no slot.
+    finishing: Vec<String>,
     last_heartbeat: Instant,
     leases: Option<mpsc::Sender<Result<LeaseUpdate, Status>>>,
 }
@@ -108,8 +111,26 @@ impl Worker {
         platform.iter().all(|p| self.platform.contains(p))
     }
 
+    /// Leases whose command still runs.
+    fn busy(&self) -> u32 {
+        (self.running.len() - self.finishing.len()) as u32
+    }
+
+    /// Whether it may take another lease for `platform`: a free slot, and
+    /// no more than twice its capacity held in all (a worker that says
+    /// every command ended at once cannot take the whole queue).
     fn can_take(&self, platform: &[(String, String)]) -> bool {
-        self.leases.is_some() && (self.running.len() as u32) < self.effective() && self.offers(platform)
+        let effective = self.effective();
+        self.leases.is_some()
+            && self.busy() < effective
+            && (self.running.len() as u32) < effective.saturating_mul(2)
+            && self.offers(platform)
+    }
+
+    /// Forgets lease `lease_id` (completed or withdrawn).
+    fn release(&mut self, lease_id: &str) {
+        self.running.retain(|l| l != lease_id);
+        self.finishing.retain(|l| l != lease_id);
     }
 }
 
@@ -224,7 +245,7 @@ impl WorkerPool {
                 .iter()
                 .filter(|(_, w)| w.can_take(platform))
                 .min_by(|(_, a), (_, b)| {
-                    let ratio = |w: &Worker| w.running.len() as f64 / w.effective() as f64;
+                    let ratio = |w: &Worker| w.busy() as f64 / w.effective() as f64;
                     ratio(a).total_cmp(&ratio(b))
                 })
                 .map(|(id, _)| id.clone());
@@ -325,7 +346,7 @@ impl WorkerPool {
         };
         let Some((_, worker_id)) = pool.leased.remove(&lease_id) else { return };
         if let Some(worker) = pool.workers.get_mut(&worker_id) {
-            worker.running.retain(|l| *l != lease_id);
+            worker.release(&lease_id);
             if let Some(tx) = &worker.leases {
                 let _ = tx.try_send(Ok(LeaseUpdate { update: Some(Update::CancelLeaseId(lease_id)) }));
             }
@@ -503,6 +524,7 @@ impl Workers for WorkersService {
                 free_cpus: request.slots,
                 proven: INITIAL_CAPACITY,
                 running: Vec::new(),
+                finishing: Vec::new(),
                 last_heartbeat: Instant::now(),
                 leases: None,
             },
@@ -552,6 +574,25 @@ impl Workers for WorkersService {
         Ok(Response::new(LeaveResponse {}))
     }
 
+    async fn ran(&self, request: Request<RanRequest>) -> Result<Response<RanResponse>, Status> {
+        crate::auth::require_everywhere(&request, crate::auth::Permission::Work)?;
+        let request = request.into_inner();
+        let mut pool = self.pool.lock();
+        let Some((_, owner)) = pool.leased.get(&request.lease_id) else {
+            return Err(Status::not_found(format!("lease {} is not held (expired?)", request.lease_id)));
+        };
+        if *owner != request.worker_id {
+            return Err(Status::permission_denied("the lease belongs to another worker"));
+        }
+        let worker = session_worker(&mut pool, &request.worker_id, &request.session)?;
+        if !worker.finishing.contains(&request.lease_id) {
+            worker.finishing.push(request.lease_id);
+        }
+        worker.last_heartbeat = Instant::now();
+        WorkerPool::dispatch(&mut pool, self.pool.lease_time());
+        Ok(Response::new(RanResponse {}))
+    }
+
     async fn complete(&self, request: Request<CompleteRequest>) -> Result<Response<CompleteResponse>, Status> {
         crate::auth::require_everywhere(&request, crate::auth::Permission::Work)?;
         let request = request.into_inner();
@@ -566,7 +607,7 @@ impl Workers for WorkersService {
         }
         let delivered = matches!(request.outcome, Some(Outcome::ActionResult(_)));
         if let Some(worker) = pool.workers.get_mut(&owner) {
-            worker.running.retain(|l| *l != request.lease_id);
+            worker.release(&request.lease_id);
             worker.last_heartbeat = Instant::now();
             if delivered {
                 worker.proven = (worker.proven + 1).min(MAX_SLOTS);
@@ -755,6 +796,50 @@ mod tests {
         carried.sort();
         assert_eq!(carried[0], (vec![], vec![]), "over the bound: the worker fetches them");
         assert_eq!(carried[1], (small.0.to_vec(), small.1.to_vec()));
+        for task in waiting {
+            task.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_whose_command_ended_frees_its_slot_within_twice_the_capacity() {
+        let pool = WorkerPool::new(PoolConfig { heartbeat_interval: Duration::from_secs(60), ..Default::default() });
+        let service = WorkersService::new(pool.clone());
+        let mut stream = join(&service, "w", 1).await;
+        heartbeat(&service, "w", 1, 1).await;
+        let waiting: Vec<_> = (0..4)
+            .map(|i| {
+                let pool = pool.clone();
+                tokio::spawn(async move { pool.execute(action(i)).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let first = drain_leases(&mut stream);
+        assert_eq!(first.len(), 1, "one slot");
+        let ran =
+            |lease_id: &str, session: String| RanRequest { worker_id: "w".into(), session, lease_id: lease_id.into() };
+        let forged = service.ran(worker_request(ran(&first[0], "an-attackers-session".into()))).await.unwrap_err();
+        assert_eq!(forged.code(), Code::PermissionDenied);
+        let unknown = service.ran(worker_request(ran("no-such-lease", session("w")))).await.unwrap_err();
+        assert_eq!(unknown.code(), Code::NotFound);
+        assert!(drain_leases(&mut stream).is_empty(), "refused calls free nothing");
+
+        service.ran(worker_request(ran(&first[0], session("w")))).await.unwrap();
+        let second = drain_leases(&mut stream);
+        assert_eq!(second.len(), 1, "the slot takes the next lease while the first uploads");
+        // Saying the second ended too frees nothing: twice the capacity is held.
+        service.ran(worker_request(ran(&second[0], session("w")))).await.unwrap();
+        service.ran(worker_request(ran(&second[0], session("w")))).await.unwrap();
+        assert!(drain_leases(&mut stream).is_empty(), "at most twice the capacity");
+        let done = CompleteRequest {
+            worker_id: "w".into(),
+            lease_id: first[0].clone(),
+            outcome: Some(Outcome::ActionResult(ActionResult::default())),
+            session: session("w"),
+            ..Default::default()
+        };
+        service.complete(worker_request(done)).await.unwrap();
+        assert_eq!(drain_leases(&mut stream).len(), 1, "a completed lease makes room for one more");
         for task in waiting {
             task.abort();
         }

@@ -19,7 +19,7 @@ use casbuild_proto::worker::lease_update::Update;
 use casbuild_proto::worker::workers_client::WorkersClient;
 use casbuild_proto::worker::{
     CompleteRequest, HeartbeatRequest, Lease, LeaseError, LeaseUpdate, LeasesRequest, LeaveRequest, PlatformProperty,
-    RegisterRequest,
+    RanRequest, RegisterRequest,
 };
 use tokio::task::AbortHandle;
 use tonic::Code;
@@ -198,7 +198,22 @@ async fn heartbeat_loop(mut client: Client, register: RegisterRequest, interval:
     }
 }
 
-/// Runs one lease and reports it.
+/// Tells the coordinator, without waiting for its answer, that the lease's
+/// command has ended: its slot may take the next lease while the outputs
+/// are uploaded. A lost message only delays that until Complete.
+fn ran(client: &Client, id: &str, session: &str, lease_id: &str) -> impl Fn() + Send + Sync {
+    let request = RanRequest { worker_id: id.to_owned(), session: session.to_owned(), lease_id: lease_id.to_owned() };
+    let client = client.clone();
+    move || {
+        let (mut client, request) = (client.clone(), request.clone());
+        tokio::spawn(async move {
+            if let Err(status) = client.ran(request).await {
+                tracing::debug!("telling the coordinator a command ended: {}", status.message());
+            }
+        });
+    }
+}
+
 /// The Action and Command the lease carries, if it carries them (taken out
 /// of it, not copied).
 fn encoded(lease: &mut Lease) -> Option<(Bytes, Bytes)> {
@@ -206,6 +221,7 @@ fn encoded(lease: &mut Lease) -> Option<(Bytes, Bytes)> {
     (!action.is_empty() && !command.is_empty()).then(|| (Bytes::from(action), Bytes::from(command)))
 }
 
+/// Runs one lease and reports it.
 async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str, mut lease: Lease) {
     let action = lease.action_digest.as_ref().and_then(|d| {
         let function = DigestFunction::resolve(lease.digest_function, &d.hash).ok()?;
@@ -230,7 +246,11 @@ async fn run_lease(runner: &Runner, mut client: Client, id: &str, session: &str,
     casbuild_proto::trace::continue_trace(&span, &lease.traceparent);
     request.outcome = Some(match action {
         None => error(ActionError::Invalid("the lease has no valid action digest".into())),
-        Some(action) => match runner.execute_known(&lease.instance_name, &action, known).instrument(span).await {
+        Some(action) => match runner
+            .execute_known_then(&lease.instance_name, &action, known, &ran(&client, id, session, &lease.lease_id))
+            .instrument(span)
+            .await
+        {
             Ok(execution) => {
                 request.message = execution.message;
                 request.timed_out = execution.report.timed_out;
