@@ -678,6 +678,16 @@ mod tests {
         service.heartbeat(worker_request(beat)).await.unwrap();
     }
 
+    /// Executes actions 0..n on `pool`, each in a task of its own.
+    fn submit(pool: &Arc<WorkerPool>, n: u32) -> Vec<tokio::task::JoinHandle<Result<Executed, ActionError>>> {
+        (0..n)
+            .map(|i| {
+                let pool = pool.clone();
+                tokio::spawn(async move { pool.execute(action(i)).await })
+            })
+            .collect()
+    }
+
     /// Leases a stream has received so far (without waiting for more).
     fn drain(stream: &mut LeaseStream) -> usize {
         let mut n = 0;
@@ -696,12 +706,7 @@ mod tests {
         // Same slots, but the busy host has one idle CPU: its effective capacity is 1.
         heartbeat(&service, "roomy", 4, 4).await;
         heartbeat(&service, "busy", 4, 1).await;
-        let waiting: Vec<_> = (0..6)
-            .map(|i| {
-                let pool = pool.clone();
-                tokio::spawn(async move { pool.execute(action(i)).await })
-            })
-            .collect();
+        let waiting = submit(&pool, 6);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let (on_roomy, on_busy) = (drain(&mut roomy), drain(&mut busy));
         assert_eq!((on_roomy, on_busy), (4, 1), "filled up to effective capacity, the sixth waits");
@@ -735,12 +740,7 @@ mod tests {
         let mut stream = join(&service, "big", 1_000_000).await;
         heartbeat(&service, "big", 1_000_000, 1_000_000).await;
         assert_eq!(pool.lock().workers["big"].slots, MAX_SLOTS);
-        let waiting: Vec<_> = (0..20)
-            .map(|i| {
-                let pool = pool.clone();
-                tokio::spawn(async move { pool.execute(action(i)).await })
-            })
-            .collect();
+        let waiting = submit(&pool, 20);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let first = drain_leases(&mut stream);
         assert_eq!(first.len(), INITIAL_CAPACITY as usize);
@@ -807,12 +807,7 @@ mod tests {
         let service = WorkersService::new(pool.clone());
         let mut stream = join(&service, "w", 1).await;
         heartbeat(&service, "w", 1, 1).await;
-        let waiting: Vec<_> = (0..4)
-            .map(|i| {
-                let pool = pool.clone();
-                tokio::spawn(async move { pool.execute(action(i)).await })
-            })
-            .collect();
+        let waiting = submit(&pool, 4);
         tokio::time::sleep(Duration::from_millis(100)).await;
         let first = drain_leases(&mut stream);
         assert_eq!(first.len(), 1, "one slot");
