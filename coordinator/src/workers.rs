@@ -113,7 +113,7 @@ impl Worker {
 
     /// Leases whose command still runs.
     fn busy(&self) -> u32 {
-        (self.running.len() - self.finishing.len()) as u32
+        self.running.len().saturating_sub(self.finishing.len()) as u32
     }
 
     /// Whether it may take another lease for `platform`: a free slot, and
