@@ -72,15 +72,14 @@ fn parse_uids(text: &str) -> Result<(u32, u32), String> {
 }
 
 impl SandboxArgs {
-    /// Applies the flags to `config` for a host holding `actions` actions at
-    /// once (running, or set up and waiting to run).
-    pub fn apply(&self, config: &mut RunnerConfig, actions: u64) -> anyhow::Result<()> {
+    /// Applies the flags to `config` for a host running `slots` actions at once.
+    pub fn apply(&self, config: &mut RunnerConfig, slots: u64) -> anyhow::Result<()> {
         let (first, last) = self.sandbox_uids;
         let ids = u64::from(last - first) + 1;
-        if actions > ids {
+        if slots > ids {
             bail!(
-                "--sandbox-uids {first}-{last} has {ids} ids for {actions} actions at once: each action the worker \
-                 holds needs an id of its own"
+                "--sandbox-uids {first}-{last} has {ids} ids for {slots} slots: each running action needs an id of \
+                 its own"
             );
         }
         if self.default_timeout > self.max_timeout {
