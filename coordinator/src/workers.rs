@@ -476,6 +476,20 @@ fn session_worker<'a>(pool: &'a mut Pool, id: &str, session: &str) -> Result<&'a
     }
 }
 
+/// Whether lease `lease_id` is held by worker `worker_id` in session
+/// `session`: NOT_FOUND if nobody holds it, PERMISSION_DENIED if another
+/// worker or session does.
+fn check_lease(pool: &Pool, lease_id: &str, worker_id: &str, session: &str) -> Result<(), Status> {
+    let Some((_, owner)) = pool.leased.get(lease_id) else {
+        return Err(Status::not_found(format!("lease {lease_id} is not held (expired?)")));
+    };
+    let owns = owner == worker_id && pool.workers.get(owner).is_some_and(|w| w.session == session);
+    if !owns {
+        return Err(Status::permission_denied("the lease belongs to another worker session"));
+    }
+    Ok(())
+}
+
 fn missing_digests(function: DigestFunction, missing: &[casbuild_proto::reapi::Digest]) -> Vec<Digest> {
     missing.iter().filter_map(|d| Digest::from_proto(function, d).ok()).collect()
 }
@@ -578,12 +592,7 @@ impl Workers for WorkersService {
         crate::auth::require_everywhere(&request, crate::auth::Permission::Work)?;
         let request = request.into_inner();
         let mut pool = self.pool.lock();
-        let Some((_, owner)) = pool.leased.get(&request.lease_id) else {
-            return Err(Status::not_found(format!("lease {} is not held (expired?)", request.lease_id)));
-        };
-        if *owner != request.worker_id {
-            return Err(Status::permission_denied("the lease belongs to another worker"));
-        }
+        check_lease(&pool, &request.lease_id, &request.worker_id, &request.session)?;
         let worker = session_worker(&mut pool, &request.worker_id, &request.session)?;
         if !worker.finishing.contains(&request.lease_id) {
             worker.finishing.push(request.lease_id);
@@ -597,14 +606,8 @@ impl Workers for WorkersService {
         crate::auth::require_everywhere(&request, crate::auth::Permission::Work)?;
         let request = request.into_inner();
         let mut pool = self.pool.lock();
-        let Some((pending, owner)) = pool.leased.remove(&request.lease_id) else {
-            return Err(Status::not_found(format!("lease {} is not held (expired?)", request.lease_id)));
-        };
-        let owns = owner == request.worker_id && pool.workers.get(&owner).is_some_and(|w| w.session == request.session);
-        if !owns {
-            pool.leased.insert(request.lease_id.clone(), (pending, owner));
-            return Err(Status::permission_denied("the lease belongs to another worker session"));
-        }
+        check_lease(&pool, &request.lease_id, &request.worker_id, &request.session)?;
+        let (pending, owner) = pool.leased.remove(&request.lease_id).expect("checked above");
         let delivered = matches!(request.outcome, Some(Outcome::ActionResult(_)));
         if let Some(worker) = pool.workers.get_mut(&owner) {
             worker.release(&request.lease_id);

@@ -296,7 +296,7 @@ fn run_in_namespaces(run: &Run<'_>, layout: &ScratchLayout, start: Instant) -> R
 }
 
 /// The command's stdout and stderr files in its scratch space.
-pub(super) fn create_outputs(layout: &ScratchLayout) -> Result<(File, File), String> {
+fn create_outputs(layout: &ScratchLayout) -> Result<(File, File), String> {
     let stdout = File::create(&layout.stdout).map_err(|e| format!("creating {}: {e}", layout.stdout.display()))?;
     let stderr = File::create(&layout.stderr).map_err(|e| format!("creating {}: {e}", layout.stderr.display()))?;
     Ok((stdout, stderr))
@@ -419,14 +419,8 @@ pub(super) fn build_static_root(run: &Run<'_>, root: &Path) -> Result<(), String
 /// Mounts the action's working tree at the spec's work directory under
 /// `root`: an overlay of the input root (`lower`) under the upper layer of
 /// its scratch space (`layout`); makes the directories the command may
-/// write to; and gives it its own `/tmp` and `/dev/shm`. Returns the mount
-/// points it used.
-pub(super) fn mount_working_tree(
-    spec: &SandboxSpec,
-    root: &Path,
-    lower: &Path,
-    layout: &ScratchLayout,
-) -> Result<[PathBuf; 3], String> {
+/// write to; and gives it its own `/tmp` and `/dev/shm`.
+fn mount_working_tree(spec: &SandboxSpec, root: &Path, lower: &Path, layout: &ScratchLayout) -> Result<(), String> {
     for dir in [&layout.upper, &layout.overlay_work] {
         std::fs::create_dir_all(dir).map_err(io(|| format!("creating {}", dir.display())))?;
     }
@@ -445,20 +439,20 @@ pub(super) fn mount_working_tree(
     // size-bounded scratch tmpfs: one budget for everything the action writes.
     let none: Option<&str> = None;
     let bounded = spec.limits.max_scratch_bytes > 0;
-    let [tmp, shm] = ["tmp", "dev/shm"].map(|inside| root.join(inside));
-    for (dir, target, inside) in [(&layout.tmp, &tmp, "tmp"), (&layout.shm, &shm, "dev/shm")] {
+    for (dir, inside) in [(&layout.tmp, "tmp"), (&layout.shm, "dev/shm")] {
+        let target = root.join(inside);
         if bounded {
             std::fs::create_dir_all(dir).map_err(io(|| format!("creating {}", dir.display())))?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777))
                 .map_err(io(|| format!("chmod {}", dir.display())))?;
-            mount(Some(dir.as_path()), target, none, MsFlags::MS_BIND, none)
+            mount(Some(dir.as_path()), &target, none, MsFlags::MS_BIND, none)
                 .map_err(sys(|| format!("binding /{inside}")))?;
         } else {
-            mount(Some("tmpfs"), target, Some("tmpfs"), nosuid, Some("mode=1777"))
+            mount(Some("tmpfs"), &target, Some("tmpfs"), nosuid, Some("mode=1777"))
                 .map_err(sys(|| format!("mounting /{inside}")))?;
         }
     }
-    Ok([work, tmp, shm])
+    Ok(())
 }
 
 /// Makes the directories the command may write to in the working tree
@@ -810,9 +804,7 @@ fn exec_command(
     let result = (|| -> Result<(), String> {
         if let Some(cgroups) = slot {
             for procs in cgroups {
-                File::from(procs.try_clone().map_err(io(|| "joining the cgroup".into()))?)
-                    .write_all(b"0")
-                    .map_err(io(|| "joining the action's cgroup".into()))?;
+                nix::unistd::write(procs, b"0").map_err(sys(|| "joining the action's cgroup".into()))?;
             }
             // SysV objects and POSIX queues of this command die with it,
             // not with the slot.

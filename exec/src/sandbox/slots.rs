@@ -105,8 +105,10 @@ impl Slot {
         self.group.as_ref().map(|(group, _)| group.usage())
     }
 
-    /// Runs `spec` in the slot: `fds` are the detached input root, the
-    /// detached scratch space and the action's cgroup files.
+    /// Runs `spec` in the slot: `fds` are the detached input root and
+    /// scratch space (with a scratch budget, that space's `tmp` and `shm`
+    /// too) and the action's cgroup files. Returns the report; the slot
+    /// then cleans up, and [`Slot::settle`] says how that went.
     pub(super) async fn run(&mut self, spec: &SandboxSpec, fds: Vec<OwnedFd>) -> Result<SlotReply, SandboxError> {
         if fds.len() > MAX_FDS {
             return Err(SandboxError::Helper(format!("{} descriptors for one action", fds.len())));

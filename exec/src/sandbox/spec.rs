@@ -285,12 +285,7 @@ impl ScratchLayout {
             Some(parent) if !parent.as_os_str().is_empty() => parent.join(".sandbox-root"),
             _ => scratch.join("root"),
         };
-        ScratchLayout::with_space(scratch.join(crate::scratch::SPACE), root, scratch.join("report.json"))
-    }
-
-    /// The layout of a scratch space seen at `space` (a warm slot's init
-    /// sees each action's at a fixed place of its own).
-    pub fn with_space(space: PathBuf, root: PathBuf, report: PathBuf) -> Self {
+        let space = scratch.join(crate::scratch::SPACE);
         ScratchLayout {
             tmp: space.join("tmp"),
             shm: space.join("shm"),
@@ -300,7 +295,7 @@ impl ScratchLayout {
             stdout: space.join("stdout"),
             stderr: space.join("stderr"),
             space,
-            report,
+            report: scratch.join("report.json"),
         }
     }
 }
